@@ -1,0 +1,158 @@
+"""Command line: `cylindria serve | simulate` (argv -> Settings -> run)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .config import (
+    DEFAULT_COMFY_URL,
+    DEFAULT_DEV_SAVE_DIR,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    LOG_LEVELS,
+    MAX_GPUS,
+    ConfigError,
+    Settings,
+    load_settings,
+)
+
+log = logging.getLogger("cylindria")
+
+SERVE_FLAGS = ("host", "port", "comfy_url", "num_gpus", "dev_mode", "dev_save_dir",
+               "log_level", "insecure_no_auth")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cylindria", description="A job API in front of the ComfyUI instances "
+                                      "of a multi-GPU host.")
+    parser.add_argument("--version", action="version", version=f"cylindria {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the service (the default command)")
+    add_serve_flags(serve)
+
+    sim = sub.add_parser("simulate", help="run simulated ComfyUI instances, one per GPU")
+    sim.add_argument("--gpus", type=int, default=2, help="how many GPUs to simulate (1..8, "
+                     "default 2)")
+    sim.add_argument("--base-port", type=int, default=8188,
+                     help="port of GPU 0; GPU n listens on base port + n (default 8188)")
+    sim.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    sim.add_argument("--step-seconds", type=float, default=None,
+                     help="seconds per sampler step; 0 runs jobs instantly (default 0.25)")
+    sim.add_argument("--models", default=None,
+                     help="comma-separated checkpoint names the loader accepts")
+    sim.add_argument("--output-dir", type=Path, default=None,
+                     help="where images are written (default: a temporary folder)")
+    sim.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    return parser
+
+
+def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    # default=None everywhere: a flag left out must not hide the environment.
+    parser.add_argument("--host", default=None,
+                        help=f"address to listen on (default {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, default=None,
+                        help=f"port to listen on (default {DEFAULT_PORT})")
+    parser.add_argument("--comfy-url", dest="comfy_url", default=None,
+                        help="ComfyUI of GPU 0; GPU n is at its port + n "
+                             f"(env COMFYUI_BASE_URL, default {DEFAULT_COMFY_URL})")
+    parser.add_argument("--numberOfGpus", "--number-of-gpus", dest="num_gpus", type=int,
+                        default=None,
+                        help=f"GPUs behind this server, 1..{MAX_GPUS} "
+                             "(env CYLINDRIA_NUM_GPUS, default 1)")
+    parser.add_argument("--dev", dest="dev_mode", action="store_const", const=True,
+                        default=None,
+                        help="save every incoming workflow as JSON (env CYLINDRIA_DEV_MODE)")
+    parser.add_argument("--dev-save-dir", dest="dev_save_dir", default=None,
+                        help="where --dev saves workflows (env CYLINDRIA_DEV_SAVE_DIR, "
+                             f"default {DEFAULT_DEV_SAVE_DIR})")
+    parser.add_argument("--log-level", dest="log_level", choices=LOG_LEVELS, default=None,
+                        help="default info")
+    parser.add_argument("--insecure-no-auth", dest="insecure_no_auth",
+                        action="store_const", const=True, default=None,
+                        help="allow a non-loopback --host without CYLINDRIA_API_KEY")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not args or args[0].startswith("-") and args[0] not in ("-h", "--help", "--version"):
+        args = ["serve", *args]
+    ns = parser.parse_args(args)
+    if ns.command == "simulate":
+        return run_simulate(ns)
+    flags = {key: getattr(ns, key) for key in SERVE_FLAGS}
+    try:
+        settings = load_settings(flags)
+    except ConfigError as exc:
+        print(f"cylindria: error: {exc}", file=sys.stderr)
+        return 2
+    return run_serve(settings)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run_serve(settings: Settings) -> int:
+    from aiohttp import web
+
+    from .app import create_app
+
+    configure_logging(settings.log_level)
+    log.info("Cylindria %s on http://%s:%d, %d GPU(s): %s", __version__,
+             settings.host, settings.port, settings.num_gpus, ", ".join(settings.gpu_urls))
+    if not settings.api_key:
+        log.info("no CYLINDRIA_API_KEY set: the API is open to anyone who can reach %s",
+                 settings.host)
+    web.run_app(create_app(settings), host=settings.host, port=settings.port,
+                print=None, access_log=None if settings.log_level != "debug" else log)
+    return 0
+
+
+def run_simulate(ns: argparse.Namespace) -> int:
+    from .simulator import DEFAULT_MODELS, SimSettings, serve
+
+    configure_logging(ns.log_level)
+    if not 1 <= ns.gpus <= MAX_GPUS:
+        print(f"cylindria: error: --gpus must be between 1 and {MAX_GPUS} (got {ns.gpus})",
+              file=sys.stderr)
+        return 2
+    if not 1 <= ns.base_port <= 65535 - ns.gpus + 1:
+        print(f"cylindria: error: --base-port must be between 1 and {65536 - ns.gpus} "
+              f"(got {ns.base_port})", file=sys.stderr)
+        return 2
+    options: dict[str, object] = {"output_dir": ns.output_dir}
+    if ns.step_seconds is not None:
+        if ns.step_seconds < 0:
+            print("cylindria: error: --step-seconds must be 0 or more", file=sys.stderr)
+            return 2
+        options["step_seconds"] = ns.step_seconds
+    models = tuple(m.strip() for m in (ns.models or "").split(",") if m.strip())
+    options["models"] = models or DEFAULT_MODELS
+    settings = SimSettings(**options)  # type: ignore[arg-type]
+    try:
+        asyncio.run(_run_until_signal(serve(ns.host, ns.base_port, ns.gpus, settings)))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+async def _run_until_signal(coro: object) -> None:
+    task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        log.info("simulator stopped")

@@ -1,0 +1,190 @@
+"""Settings: the one place that reads flags and the environment, and checks them."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+DEFAULT_COMFY_URL = "http://127.0.0.1:8188"
+DEFAULT_PORT = 8000
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_DEV_SAVE_DIR = "./workflows_dev"
+MAX_GPUS = 8
+LOG_LEVELS = ("debug", "info", "warning", "error")
+TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
+
+
+class ConfigError(ValueError):
+    """A setting has a value Cylindria cannot start with; the message names it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """Intervals and timeouts; tests shrink them, operators rarely need to."""
+
+    connect_timeout: float = 3.0
+    request_timeout: float = 15.0
+    submit_timeout: float = 10.0
+    status_timeout: float = 1.8
+    status_cache_seconds: float = 1.0
+    poll_interval: float = 1.0
+    lost_grace: float = 5.0
+    reconnect_initial: float = 0.5
+    reconnect_max: float = 10.0
+    ws_heartbeat: float = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the service needs to start; built once, never changed."""
+
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    comfy_url: str = DEFAULT_COMFY_URL
+    num_gpus: int = 1
+    api_key: str | None = None
+    dev_mode: bool = False
+    dev_save_dir: Path = Path(DEFAULT_DEV_SAVE_DIR)
+    log_level: str = "info"
+    insecure_no_auth: bool = False
+    timing: Timing = field(default_factory=Timing)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def gpu_url(self, gpu_id: int) -> str:
+        """Base URL of the ComfyUI serving GPU `gpu_id`: the base URL's port + gpu_id."""
+        parts = urlsplit(self.comfy_url)
+        netloc = f"{_bracket(parts.hostname or '')}:{parts.port + gpu_id}"
+        return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+    @property
+    def gpu_urls(self) -> list[str]:
+        return [self.gpu_url(n) for n in range(self.num_gpus)]
+
+
+def _bracket(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _same_host(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    wildcard = {"0.0.0.0", "::", ""}
+    if a in wildcard or b in wildcard:
+        return True
+    return _is_loopback(a) and _is_loopback(b)
+
+
+def validate(s: Settings) -> None:
+    """Raise ConfigError with one line naming the setting and what is allowed."""
+    if not 1 <= s.num_gpus <= MAX_GPUS:
+        raise ConfigError(
+            f"numberOfGpus must be between 1 and {MAX_GPUS} (got {s.num_gpus})"
+        )
+    if not 1 <= s.port <= 65535:
+        raise ConfigError(f"port must be between 1 and 65535 (got {s.port})")
+    if s.log_level not in LOG_LEVELS:
+        raise ConfigError(
+            f"log-level must be one of {', '.join(LOG_LEVELS)} (got {s.log_level!r})"
+        )
+    parts = urlsplit(s.comfy_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(
+            "COMFYUI_BASE_URL / --comfy-url must look like http://HOST:PORT "
+            f"(got {s.comfy_url!r})"
+        )
+    try:
+        base_port = parts.port
+    except ValueError:
+        base_port = None
+    if base_port is None:
+        raise ConfigError(
+            "COMFYUI_BASE_URL / --comfy-url must include a port, e.g. http://127.0.0.1:8188 "
+            f"(got {s.comfy_url!r})"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigError(
+            f"COMFYUI_BASE_URL / --comfy-url must not carry a query or fragment (got {s.comfy_url!r})"
+        )
+    last = base_port + s.num_gpus - 1
+    if last > 65535:
+        raise ConfigError(
+            f"COMFYUI_BASE_URL port {base_port} with {s.num_gpus} GPUs needs ports up to "
+            f"{last}, past 65535; lower the base port"
+        )
+    if _same_host(parts.hostname, s.host) and base_port <= s.port <= last:
+        raise ConfigError(
+            f"COMFYUI_BASE_URL ports {base_port}..{last} include Cylindria's own "
+            f"{s.host}:{s.port}; point --comfy-url at ComfyUI (default port 8188) or "
+            "change --port"
+        )
+    if not _is_loopback(s.host) and not s.api_key and not s.insecure_no_auth:
+        raise ConfigError(
+            f"host {s.host} is reachable from other machines and CYLINDRIA_API_KEY is not "
+            "set: anyone could submit jobs to your GPUs. Set CYLINDRIA_API_KEY, or pass "
+            "--insecure-no-auth if the network is trusted"
+        )
+    if s.api_key is not None and not s.api_key.strip():
+        raise ConfigError("CYLINDRIA_API_KEY is set but empty; give it a value or unset it")
+
+
+def _int(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number (got {value!r})") from None
+
+
+def _bool(name: str, value: str) -> bool:
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise ConfigError(f"{name} must be one of 1/0, true/false, yes/no, on/off (got {value!r})")
+
+
+def load_settings(
+    flags: Mapping[str, object], environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Build Settings: a flag given on the command line wins over the environment,
+    which wins over the default. `flags` holds only the flags actually given."""
+    env = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+
+    if "COMFYUI_BASE_URL" in env:
+        values["comfy_url"] = env["COMFYUI_BASE_URL"].strip()
+    if "CYLINDRIA_NUM_GPUS" in env:
+        values["num_gpus"] = _int("CYLINDRIA_NUM_GPUS", env["CYLINDRIA_NUM_GPUS"])
+    if env.get("CYLINDRIA_API_KEY") is not None:
+        values["api_key"] = env["CYLINDRIA_API_KEY"]
+    if "CYLINDRIA_DEV_MODE" in env:
+        values["dev_mode"] = _bool("CYLINDRIA_DEV_MODE", env["CYLINDRIA_DEV_MODE"])
+    if env.get("CYLINDRIA_DEV_SAVE_DIR"):
+        values["dev_save_dir"] = Path(env["CYLINDRIA_DEV_SAVE_DIR"])
+
+    for key in ("host", "port", "comfy_url", "num_gpus", "dev_mode", "log_level",
+                "insecure_no_auth"):
+        if flags.get(key) is not None:
+            values[key] = flags[key]
+    if flags.get("dev_save_dir") is not None:
+        values["dev_save_dir"] = Path(str(flags["dev_save_dir"]))
+    if isinstance(values.get("comfy_url"), str):
+        values["comfy_url"] = str(values["comfy_url"]).rstrip("/")
+    return Settings(**values)  # type: ignore[arg-type]
+

@@ -1,0 +1,207 @@
+"""Per GPU: a self-healing websocket listener, and the queue/history poller behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Any
+
+import aiohttp
+import ujson
+
+from .comfy import sorted_queue
+from .config import Timing
+from .errors import BackendError
+from .gpus import Gpu
+from .registry import Registry, plan_nodes
+
+log = logging.getLogger(__name__)
+
+# ComfyUI sends full-size PNGs over the socket (SaveImageWebsocket): frames of
+# 8 MiB and more happen, past aiohttp's 4 MiB default.
+WS_MAX_MSG_SIZE = 256 * 1024 * 1024
+
+LOST_DETAIL = ("ComfyUI no longer knows this job: it is neither queued nor in its "
+               "history (ComfyUI was probably restarted). Submit it again.")
+
+
+def backoff_delays(initial: float, cap: float) -> Any:
+    """Capped exponential backoff with full jitter: 0..min(cap, initial * 2**n)."""
+    n = 0
+    while True:
+        yield random.uniform(initial / 2, min(cap, initial * 2 ** n))
+        n = min(n + 1, 30)
+
+
+class Dispatcher:
+    """Turns ComfyUI websocket messages of one GPU into registry updates."""
+
+    def __init__(self, gpu: Gpu, registry: Registry, wake_poller: asyncio.Event) -> None:
+        self.gpu = gpu
+        self.registry = registry
+        self.wake_poller = wake_poller
+
+    def handle_text(self, raw: str) -> None:
+        try:
+            msg = ujson.loads(raw)
+            kind = msg["type"]
+            data = msg.get("data") or {}
+            if not isinstance(data, dict):
+                raise TypeError("data is not an object")
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("gpu %d: skipping malformed frame (%s): %.200r",
+                        self.gpu.index, exc, raw)
+            return
+        try:
+            self.dispatch(kind, data)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("gpu %d: skipping %s frame with unexpected content (%s): %.200r",
+                        self.gpu.index, kind, exc, raw)
+
+    def dispatch(self, kind: str, data: dict[str, Any]) -> None:
+        reg = self.registry
+        pid = data.get("prompt_id")
+        if kind == "status":
+            remaining = data["status"]["exec_info"]["queue_remaining"]
+            self.gpu.queue_remaining = int(remaining)
+            self.wake_poller.set()
+        elif kind == "execution_start":
+            reg.on_start(pid)
+        elif kind == "execution_cached":
+            reg.on_cached(pid, data.get("nodes") or [])
+        elif kind == "executing":
+            node = data.get("node")
+            if node is None:
+                # The job's last message: history is written. Settle it now.
+                if reg.by_prompt(pid) is not None:
+                    self.wake_poller.set()
+            else:
+                reg.on_executing(pid, str(node), gpu_id=self.gpu.index)
+        elif kind == "progress":
+            reg.on_progress(pid, _str_or_none(data.get("node")), data["value"], data["max"])
+        elif kind == "executed":
+            reg.on_executed(pid, str(data["node"]), data.get("output"))
+        elif kind == "execution_success":
+            reg.on_success(pid)
+        elif kind == "execution_error":
+            if data.get("exception_type") == "ExecutionBlocked":
+                # Mid-run flow-control notice; the job carries on.
+                log.info("gpu %d: job %s blocked at node %s: %s", self.gpu.index, pid,
+                         data.get("node_id"), data.get("exception_message"))
+                return
+            reg.on_error(pid, data)
+        elif kind == "execution_interrupted":
+            reg.on_interrupted(pid, data)
+        # progress_state, feature_flags, logs and unknown types carry nothing we need.
+
+
+def _str_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+async def listen(gpu: Gpu, registry: Registry, session: aiohttp.ClientSession,
+                 timing: Timing, wake_poller: asyncio.Event) -> None:
+    """Keep one websocket open to this GPU's ComfyUI for the life of the process."""
+    assert gpu.comfy is not None
+    dispatcher = Dispatcher(gpu, registry, wake_poller)
+    url = gpu.comfy.ws_url(gpu.client_id)
+    delays = backoff_delays(timing.reconnect_initial, timing.reconnect_max)
+    failures = 0
+    while True:
+        try:
+            # `async with` closes the old socket before the loop opens a new one:
+            # ComfyUI mutes a newer socket when an older one with the same
+            # clientId closes after it.
+            async with session.ws_connect(
+                url, heartbeat=timing.ws_heartbeat, max_msg_size=WS_MAX_MSG_SIZE,
+                timeout=aiohttp.ClientWSTimeout(ws_close=timing.connect_timeout),
+                autoping=True,
+            ) as ws:
+                gpu.listener_connected = True
+                if failures:
+                    log.info("gpu %d: listener reconnected to %s", gpu.index, url)
+                else:
+                    log.info("gpu %d: listener connected to %s", gpu.index, url)
+                failures = 0
+                delays = backoff_delays(timing.reconnect_initial, timing.reconnect_max)
+                # Events sent while we were away are gone: reconcile by polling.
+                wake_poller.set()
+                async for msg in ws:
+                    if msg.type is aiohttp.WSMsgType.TEXT:
+                        dispatcher.handle_text(msg.data)
+                    elif msg.type is aiohttp.WSMsgType.BINARY:
+                        continue  # previews; nothing to keep
+                    elif msg.type is aiohttp.WSMsgType.ERROR:
+                        log.warning("gpu %d: websocket error: %s", gpu.index, ws.exception())
+                        break
+                log.warning("gpu %d: websocket closed by ComfyUI (code %s)", gpu.index,
+                            ws.close_code)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            failures += 1
+            level = logging.WARNING if failures in (1, 10) or failures % 100 == 0 else logging.DEBUG
+            log.log(level, "gpu %d: cannot reach %s (%s: %s); retrying", gpu.index, url,
+                    exc.__class__.__name__, exc)
+        finally:
+            gpu.listener_connected = False
+        await asyncio.sleep(next(delays))
+
+
+async def poll(gpu: Gpu, registry: Registry, timing: Timing, wake: asyncio.Event) -> None:
+    """The safety net under the websocket: while this GPU has jobs in flight, read
+    `/queue` about once per `poll_interval`, and settle every job the queue no
+    longer holds from `/history` (or fail it once ComfyUI has forgotten it)."""
+    while True:
+        try:
+            await asyncio.wait_for(wake.wait(), timeout=timing.poll_interval)
+        except TimeoutError:
+            pass
+        wake.clear()
+        if not registry.in_flight(gpu.index):
+            continue
+        try:
+            await poll_once(gpu, registry, timing)
+        except BackendError as exc:
+            log.debug("gpu %d: poll failed: %s", gpu.index, exc.message)
+
+
+async def poll_once(gpu: Gpu, registry: Registry, timing: Timing) -> None:
+    assert gpu.comfy is not None
+    # /queue before /history: ComfyUI moves a job from one to the other under one
+    # lock, so reading in this order never misses a job in between.
+    queue = await gpu.comfy.queue()
+    running, pending, outputs = sorted_queue(queue)
+    for pid, outs in outputs.items():
+        job = registry.by_prompt(pid)
+        if job is not None and job.planned_nodes is None:
+            item = _find_prompt(queue, pid)
+            if item is not None:
+                registry.set_plan(pid, plan_nodes(item, outs))
+    gone = registry.set_queue(gpu.index, running, pending)
+    for job in gone:
+        entry = await gpu.comfy.history(job.prompt_id)
+        if entry is not None:
+            registry.settle_from_history(job.prompt_id, entry)
+            continue
+        if job.missing_since is None:
+            registry.note_missing(job, timing.lost_grace, LOST_DETAIL)
+            continue
+        # Still nowhere after the grace period: ask /api/jobs to be sure it is not
+        # merely between the two reads.
+        if await gpu.comfy.job(job.prompt_id) is None:
+            if registry.note_missing(job, timing.lost_grace, LOST_DETAIL):
+                log.warning("gpu %d: job %s (prompt %s) lost by ComfyUI", gpu.index,
+                            job.job_id, job.prompt_id)
+
+
+def _find_prompt(queue: dict[str, Any], prompt_id: str) -> dict[str, Any] | None:
+    for item in (*queue.get("queue_running", []), *queue.get("queue_pending", [])):
+        if len(item) > 2 and item[1] == prompt_id and isinstance(item[2], dict):
+            return item[2]
+    return None
+
+
+async def cancel_and_wait(tasks: list[asyncio.Task[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,84 @@
+"""Settings: flags over environment over defaults, and one clear line per bad value."""
+
+from pathlib import Path
+
+import pytest
+
+from cylindria import cli
+from cylindria.config import ConfigError, Settings, load_settings
+
+
+def test_defaults():
+    s = load_settings({}, {})
+    assert (s.host, s.port, s.comfy_url, s.num_gpus) == ("127.0.0.1", 8000,
+                                                        "http://127.0.0.1:8188", 1)
+    assert s.api_key is None and s.dev_mode is False
+    assert s.dev_save_dir == Path("./workflows_dev")
+
+
+def test_environment_over_defaults_and_flags_over_environment():
+    env = {"COMFYUI_BASE_URL": "http://127.0.0.1:9000", "CYLINDRIA_NUM_GPUS": "4",
+           "CYLINDRIA_API_KEY": "k", "CYLINDRIA_DEV_MODE": "true",
+           "CYLINDRIA_DEV_SAVE_DIR": "/tmp/wf"}
+    s = load_settings({}, env)
+    assert (s.comfy_url, s.num_gpus, s.api_key, s.dev_mode, s.dev_save_dir) == (
+        "http://127.0.0.1:9000", 4, "k", True, Path("/tmp/wf"))
+    s = load_settings({"comfy_url": "http://127.0.0.1:7000/", "num_gpus": 2,
+                       "dev_save_dir": "/tmp/other"}, env)
+    assert (s.comfy_url, s.num_gpus, s.dev_save_dir) == ("http://127.0.0.1:7000", 2,
+                                                          Path("/tmp/other"))
+
+
+def test_gpu_n_is_the_base_port_plus_n():
+    s = Settings(comfy_url="http://127.0.0.1:8188", num_gpus=3)
+    assert s.gpu_urls == ["http://127.0.0.1:8188", "http://127.0.0.1:8189",
+                          "http://127.0.0.1:8190"]
+    assert Settings(comfy_url="http://[::1]:8188").gpu_url(0) == "http://[::1]:8188"
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [
+    ({"num_gpus": 0}, "numberOfGpus must be between 1 and 8"),
+    ({"num_gpus": 9}, "numberOfGpus must be between 1 and 8"),
+    ({"port": 0}, "port must be between 1 and 65535"),
+    ({"port": 70000}, "port must be between 1 and 65535"),
+    ({"comfy_url": "127.0.0.1:8188"}, "must look like http://HOST:PORT"),
+    ({"comfy_url": "http://127.0.0.1"}, "must include a port"),
+    ({"comfy_url": "http://127.0.0.1:7999", "num_gpus": 2}, "include Cylindria's own"),
+    ({"comfy_url": "http://localhost:8000"}, "include Cylindria's own"),
+    ({"host": "0.0.0.0"}, "CYLINDRIA_API_KEY is not set"),
+    ({"log_level": "loud"}, "log-level must be one of"),
+])
+def test_bad_values_name_the_setting_and_range(kwargs, words):
+    with pytest.raises(ConfigError, match=words):
+        Settings(**kwargs)
+
+
+def test_open_host_is_allowed_with_a_key_or_explicitly_insecure():
+    Settings(host="0.0.0.0", api_key="secret")
+    Settings(host="0.0.0.0", insecure_no_auth=True)
+
+
+def test_bad_environment_values_are_reported():
+    with pytest.raises(ConfigError, match="CYLINDRIA_NUM_GPUS must be a whole number"):
+        load_settings({}, {"CYLINDRIA_NUM_GPUS": "two"})
+    with pytest.raises(ConfigError, match="CYLINDRIA_DEV_MODE"):
+        load_settings({}, {"CYLINDRIA_DEV_MODE": "maybe"})
+
+
+def test_cli_accepts_both_spellings_of_the_gpu_flag():
+    parser = cli.build_parser()
+    assert parser.parse_args(["serve", "--numberOfGpus", "3"]).num_gpus == 3
+    assert parser.parse_args(["serve", "--number-of-gpus", "4"]).num_gpus == 4
+
+
+def test_cli_stops_with_one_clear_line(capsys, monkeypatch):
+    monkeypatch.delenv("CYLINDRIA_NUM_GPUS", raising=False)
+    assert cli.main(["serve", "--numberOfGpus", "9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["cylindria: error: numberOfGpus must be between 1 and 8 (got 9)"]
+
+
+def test_cli_refuses_open_host_without_key(capsys, monkeypatch):
+    monkeypatch.delenv("CYLINDRIA_API_KEY", raising=False)
+    assert cli.main(["--host", "0.0.0.0"]) == 2
+    assert "--insecure-no-auth" in capsys.readouterr().err

@@ -1,0 +1,212 @@
+"""Listening to ComfyUI: reconnection, lost events settled by polling, bad frames."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import ujson
+from aiohttp import web
+
+import workflows
+from conftest import wait_until
+from cylindria.gpus import Gpu
+from cylindria.keys import GPUS
+from cylindria.listeners import Dispatcher
+from cylindria.registry import JobState, Registry
+from test_api import job_status, put_job, wait_state
+
+
+async def test_listener_reconnects_after_comfyui_drops_it(start_cylindria, start_sims):
+    cluster = await start_sims(1)
+    client = await start_cylindria(cluster)
+    gpu = client.app[GPUS][0]
+    sockets_before = cluster.count(0, "GET", "/ws")
+    await cluster.sims[0].drop_sockets()
+    await wait_until(lambda: cluster.count(0, "GET", "/ws") > sockets_before,
+                     what="a new websocket")
+    await wait_until(lambda: gpu.listener_connected, what="reconnection")
+    status, _ = await put_job(client, "after-drop", workflows.quick())
+    assert status == 202
+    await wait_state(client, "after-drop", "completed")
+
+
+async def test_listener_backs_off_while_comfyui_refuses(start_cylindria, start_sims):
+    cluster = await start_sims(1)
+    client = await start_cylindria(cluster)
+    sim = cluster.sims[0]
+    sim.refuse_websockets(True)
+    await sim.drop_sockets()
+    gpu = client.app[GPUS][0]
+    await wait_until(lambda: not gpu.listener_connected, what="disconnect")
+    before = cluster.count(0, "GET", "/ws")
+    await asyncio.sleep(0.6)  # a window to count attempts in, not a wait for an effect
+    attempts = cluster.count(0, "GET", "/ws") - before
+    # reconnect_max is 0.2 s in tests: a handful of tries, not a busy loop.
+    assert 1 <= attempts <= 12, attempts
+    body = await (await client.get("/serverstatus")).json()
+    assert body["status"] == "degraded" and body["reachable"] is True
+    sim.refuse_websockets(False)
+    await wait_until(lambda: gpu.listener_connected, what="reconnection")
+
+
+async def test_job_finishing_while_listener_is_away_is_settled_by_polling(start_cylindria,
+                                                                          start_sims):
+    cluster = await start_sims(1)
+    sim = cluster.sims[0]
+    client = await start_cylindria(cluster)
+    gpu = client.app[GPUS][0]
+    sim.pause(at="tick")
+    await put_job(client, "unseen", workflows.txt2img(steps=3))
+    await wait_state(client, "unseen", "running")
+    sim.refuse_websockets(True)
+    await sim.drop_sockets()
+    await wait_until(lambda: not gpu.listener_connected, what="disconnect")
+    sim.resume()
+    body = await wait_state(client, "unseen", "completed")
+    assert not gpu.listener_connected
+    assert body["progress"] == 1.0
+    assert body["outputs"]["9"]["images"][0]["filename"].endswith(".png")
+    sim.refuse_websockets(False)
+
+
+async def test_job_failing_while_listener_is_away_is_settled_by_polling(start_cylindria,
+                                                                        start_sims):
+    cluster = await start_sims(1)
+    sim = cluster.sims[0]
+    client = await start_cylindria(cluster)
+    sim.pause(at="dequeue")
+    await put_job(client, "unseen-fail", workflows.fails_at_runtime())
+    sim.refuse_websockets(True)
+    await sim.drop_sockets()
+    await wait_until(lambda: not client.app[GPUS][0].listener_connected, what="disconnect")
+    sim.resume()
+    body = await wait_state(client, "unseen-fail", "failed")
+    assert body["error"]["node_type"] == "SaveImage"
+
+
+async def test_comfyui_restart_mid_job_fails_the_job_clearly(start_cylindria, start_sims):
+    cluster = await start_sims(1)
+    sim = cluster.sims[0]
+    client = await start_cylindria(cluster)
+    sim.pause(at="tick")
+    await put_job(client, "victim", workflows.txt2img(steps=5))
+    await put_job(client, "queued-victim", workflows.quick())
+    await wait_state(client, "victim", "running")
+    await sim.restart()
+    sim.resume()
+    for job_id in ("victim", "queued-victim"):
+        body = await wait_state(client, job_id, "failed")
+        assert "restarted" in body["detail"]
+        assert body["error"]["type"] == "lost"
+    await wait_until(lambda: client.app[GPUS][0].listener_connected, what="reconnect")
+    status, _ = await put_job(client, "after-restart", workflows.quick())
+    assert status == 202
+    await wait_state(client, "after-restart", "completed")
+
+
+async def test_reconnect_hint_keeps_tracking_the_running_job(start_cylindria, start_sims):
+    cluster = await start_sims(1)
+    sim = cluster.sims[0]
+    client = await start_cylindria(cluster)
+    gpu = client.app[GPUS][0]
+    sim.pause(at="tick")
+    await put_job(client, "hinted", workflows.txt2img(steps=3))
+    await wait_state(client, "hinted", "running")
+    await sim.drop_sockets()
+    await wait_until(lambda: not gpu.listener_connected, what="disconnect")
+    await wait_until(lambda: gpu.listener_connected, what="reconnect")
+    sim.resume()
+    body = await wait_state(client, "hinted", "completed")
+    assert body["progress"] == 1.0
+
+
+# -- the dispatcher, fed frames directly ------------------------------------------------
+
+def make_dispatcher() -> tuple[Dispatcher, Registry, Gpu]:
+    registry = Registry()
+    gpu = Gpu(index=0, url="http://127.0.0.1:1", client_id="c")
+    return Dispatcher(gpu, registry, asyncio.Event()), registry, gpu
+
+
+async def test_malformed_frames_are_logged_and_skipped(caplog):
+    dispatcher, registry, gpu = make_dispatcher()
+    job = registry.begin("j", 0, "p", "f", ["1", "2"])
+    registry.confirm(job)
+    with caplog.at_level(logging.WARNING):
+        for frame in ("not json", "[]", '{"no_type": 1}', '{"type": "status", "data": 5}',
+                      '{"type": "status", "data": {"status": {}}}',
+                      '{"type": "progress", "data": {"prompt_id": "p"}}',
+                      '{"type": "executed", "data": {"prompt_id": "p"}}'):
+            dispatcher.handle_text(frame)
+    assert caplog.text.count("skipping") == 7
+    dispatcher.handle_text(ujson.dumps({"type": "execution_start", "data": {"prompt_id": "p"}}))
+    dispatcher.handle_text(ujson.dumps({"type": "status", "data": {
+        "status": {"exec_info": {"queue_remaining": 3}}}}))
+    assert job.state is JobState.RUNNING and gpu.queue_remaining == 3
+
+
+async def test_execution_blocked_notice_does_not_end_the_job():
+    dispatcher, registry, _ = make_dispatcher()
+    job = registry.begin("j", 0, "p", "f", ["1"])
+    dispatcher.dispatch("execution_error", {"prompt_id": "p", "exception_type":
+                                            "ExecutionBlocked", "exception_message": "x"})
+    assert job.state is JobState.QUEUED
+    dispatcher.dispatch("execution_success", {"prompt_id": "p"})
+    assert job.state is JobState.COMPLETED
+
+
+async def test_frames_over_four_mib_do_not_break_the_listener(start_cylindria, aiohttp_server):
+    """A ComfyUI that sends a big preview (SaveImageWebsocket does) keeps its listener."""
+    sent = asyncio.Event()
+
+    async def ws_handler(request):
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str(ujson.dumps({"type": "status", "data": {
+            "status": {"exec_info": {"queue_remaining": 0}}, "sid": "x"}}))
+        await ws.send_bytes(b"\x00\x00\x00\x01\x00\x00\x00\x02" + b"\x89" * (9 * 1024 * 1024))
+        await ws.send_str("x" * (5 * 1024 * 1024))
+        await ws.send_str(ujson.dumps({"type": "status", "data": {
+            "status": {"exec_info": {"queue_remaining": 7}}}}))
+        sent.set()
+        async for _ in ws:
+            pass
+        return ws
+
+    async def system_stats(request):
+        return web.json_response({"system": {"comfyui_version": "0.8.0"}, "devices": []})
+
+    app = web.Application()
+    app.router.add_get("/ws", ws_handler)
+    app.router.add_get("/system_stats", system_stats)
+    server = await aiohttp_server(app)
+    client = await start_cylindria(comfy_url=f"http://127.0.0.1:{server.port}", num_gpus=1,
+                                   connect=False)
+    gpu = client.app[GPUS][0]
+    await wait_until(lambda: gpu.queue_remaining == 7, what="the frame after the big ones")
+    assert gpu.listener_connected
+    body = await job_status_or_none(client)
+    assert body is None
+
+
+async def job_status_or_none(client):
+    resp = await client.get("/jobstatus/none/")
+    return None if resp.status == 404 else await resp.json()
+
+
+async def test_job_status_shows_queued_detail(start_cylindria, start_sims):
+    cluster = await start_sims(1)
+    sim = cluster.sims[0]
+    client = await start_cylindria(cluster)
+    sim.pause(at="dequeue")
+    await put_job(client, "waiting", workflows.quick())
+    body = await wait_until(lambda: _if_pos(client, "waiting"), what="position")
+    assert body["state"] == "queued" and "position 1" in body["detail"]
+    sim.resume()
+    await wait_state(client, "waiting", "completed")
+
+
+async def _if_pos(client, job_id):
+    body = await job_status(client, job_id)
+    return body if body["queue_position"] == 1 else None

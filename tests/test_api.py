@@ -11,9 +11,10 @@ import pytest
 import ujson
 from aiohttp import web
 
+from cylindria.keys import GPUS, REGISTRY
+
 import workflows
 from conftest import wait_until
-from cylindria.keys import GPUS, REGISTRY
 
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -116,7 +115,7 @@ async def test_two_processes_end_to_end(procs, tmp_path):
         assert [s["gpu_id"] for s in states] == [0, 1]
         assert all(s["progress"] == 1.0 for s in states)
 
-        status, body = await get_json(session, f"{base}/jobstatus/e2e-0/")
+        status, _ = await get_json(session, f"{base}/jobstatus/e2e-0/")
         assert status == 401
 
         # The simulator process goes away: Cylindria says so, and keeps running.

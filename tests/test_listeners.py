@@ -8,12 +8,13 @@ import logging
 import ujson
 from aiohttp import web
 
-import workflows
-from conftest import wait_until
 from cylindria.gpus import Gpu
 from cylindria.keys import GPUS
 from cylindria.listeners import Dispatcher
 from cylindria.registry import JobState, Registry
+
+import workflows
+from conftest import wait_until
 from test_api import job_status, put_job, wait_state
 
 

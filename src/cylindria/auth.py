@@ -20,7 +20,10 @@ def key_matches(given: str | None, expected: str) -> bool:
     return hmac.compare_digest((given or "").encode(), expected.encode())
 
 
-def make_auth_middleware(api_key: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+
+
+def make_auth_middleware(api_key: str) -> Middleware:
     @web.middleware
     async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in OPEN_PATHS:

@@ -84,7 +84,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if not args or args[0].startswith("-") and args[0] not in ("-h", "--help", "--version"):
+    if not args or (args[0].startswith("-") and args[0] not in ("-h", "--help", "--version")):
         args = ["serve", *args]
     ns = parser.parse_args(args)
     if ns.command == "simulate":

@@ -119,7 +119,8 @@ def validate(s: Settings) -> None:
         )
     if parts.query or parts.fragment:
         raise ConfigError(
-            f"COMFYUI_BASE_URL / --comfy-url must not carry a query or fragment (got {s.comfy_url!r})"
+            "COMFYUI_BASE_URL / --comfy-url must not carry a query or fragment "
+            f"(got {s.comfy_url!r})"
         )
     last = base_port + s.num_gpus - 1
     if last > 65535:

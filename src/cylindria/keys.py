@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from .config import Settings
-    from .gpus import Gpu
-    from .registry import Registry
+from .config import Settings
+from .gpus import Gpu
+from .registry import Registry
 
-SETTINGS = web.AppKey["Settings"]("settings")
-REGISTRY = web.AppKey["Registry"]("registry")
-GPUS = web.AppKey["list[Gpu]"]("gpus")
+SETTINGS = web.AppKey("settings", Settings)
+REGISTRY = web.AppKey("registry", Registry)
+GPUS = web.AppKey("gpus", list[Gpu])
 # A one-element list: the session is created at startup, and app keys must not be
 # rebound after startup, so the holder is placed beforehand and filled in.
-SESSION = web.AppKey["list[aiohttp.ClientSession]"]("session")
-TASKS = web.AppKey["dict[str, asyncio.Task[None]]"]("tasks")
-SUBMISSIONS = web.AppKey["dict[str, asyncio.Future[object]]"]("submissions")
+SESSION = web.AppKey("session", list[aiohttp.ClientSession])
+TASKS = web.AppKey("tasks", dict[str, asyncio.Task[None]])
+# Submissions in flight, by job id: a concurrent PUT of the same job waits on it.
+SUBMISSIONS = web.AppKey("submissions", dict[str, asyncio.Future[None]])

@@ -152,8 +152,11 @@ async def poll(gpu: Gpu, registry: Registry, timing: Timing, wake: asyncio.Event
     `/queue` about once per `poll_interval`, and settle every job the queue no
     longer holds from `/history` (or fail it once ComfyUI has forgotten it)."""
     while True:
+        # asyncio.timeout rather than wait_for: on Python 3.11, wait_for can swallow
+        # a cancellation that races with the event, and teardown would hang.
         try:
-            await asyncio.wait_for(wake.wait(), timeout=timing.poll_interval)
+            async with asyncio.timeout(timing.poll_interval):
+                await wake.wait()
         except TimeoutError:
             pass
         wake.clear()

@@ -122,10 +122,6 @@ def png_bytes(width: int, height: int, rgb: tuple[int, int, int],
 
 # --- saving -----------------------------------------------------------------------------
 
-class SaveOutsideOutputError(Exception):
-    """SaveImage was asked to write outside its directory."""
-
-
 def save_image_path(prefix: str, base_dir: Path) -> tuple[Path, str, int, str]:
     """Where the next files for `prefix` go: (folder, file stem, first counter, subfolder).
 
@@ -139,7 +135,8 @@ def save_image_path(prefix: str, base_dir: Path) -> tuple[Path, str, int, str]:
     folder = os.path.abspath(os.path.join(base, subfolder))
     common = os.path.commonpath((base, folder))
     if common != base:
-        raise SaveOutsideOutputError(
+        # A plain Exception, so that exception_type reads "Exception" as in ComfyUI.
+        raise Exception(
             "**** ERROR: Saving image outside the output folder is not allowed."
             f"\n full_output_folder: {folder}"
             f"\n         output_dir: {base}"

@@ -1,4 +1,4 @@
-"""Test helpers for the ComfyUI simulator: a recording websocket listener and bounded waits."""
+"""Shared test support for the simulator: a recording websocket listener, waits, workflows."""
 
 from __future__ import annotations
 

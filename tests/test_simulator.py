@@ -393,6 +393,27 @@ async def test_counter_advances_even_on_refused_prompts(env):
     assert env.sim.number == 3
 
 
+async def test_huge_values_are_reported_not_crashed_on(env):
+    prompt = txt2img()
+    prompt["3"]["inputs"]["seed"] = 2**70
+    body = await env.submit(prompt, status=400)
+    error = body["node_errors"]["3"]["errors"][0]
+    assert error["type"] == "value_bigger_than_max"
+    assert error["extra_info"]["received_value"] == 2**70
+
+
+async def test_duplicate_number_and_id_is_500_but_still_queued(env):
+    env.sim.pause()
+    await env.submit(quick(color=13), prompt_id="dup", number=5)
+    resp = await env.post("/prompt", {"prompt": quick(color=14), "prompt_id": "dup",
+                                      "number": 5})
+    assert resp.status == 500
+    assert len((await env.get("/queue"))["queue_pending"]) == 2
+    env.sim.resume()
+    await wait_until(lambda: env.sim.queue_remaining == 0 and "dup" in env.sim.history)
+    assert list(env.sim.history) == ["dup"]
+
+
 async def test_values_are_coerced_and_ids_stringified(env):
     prompt = quick(color=9)
     prompt["1"]["inputs"]["width"] = "32"

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the service (the default command)")
     add_serve_flags(serve)
 
+    sub.add_parser("tester", help="open the desktop tester (a small Tkinter window)")
+
     sim = sub.add_parser("simulate", help="run simulated ComfyUI instances, one per GPU")
     sim.add_argument("--gpus", type=int, default=2, help="how many GPUs to simulate (1..8, "
                      "default 2)")
@@ -89,6 +91,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(args)
     if ns.command == "simulate":
         return run_simulate(ns)
+    if ns.command == "tester":
+        from .tester import main as tester_main
+
+        return tester_main()
     flags = {key: getattr(ns, key) for key in SERVE_FLAGS}
     try:
         settings = load_settings(flags)

@@ -108,6 +108,7 @@ async def listen(gpu: Gpu, registry: Registry, session: aiohttp.ClientSession,
     url = gpu.comfy.ws_url(gpu.client_id)
     delays = backoff_delays(timing.reconnect_initial, timing.reconnect_max)
     failures = 0
+    ever_connected = False
     while True:
         try:
             # `async with` closes the old socket before the loop opens a new one:
@@ -119,10 +120,9 @@ async def listen(gpu: Gpu, registry: Registry, session: aiohttp.ClientSession,
                 autoping=True,
             ) as ws:
                 gpu.listener_connected = True
-                if failures:
-                    log.info("gpu %d: listener reconnected to %s", gpu.index, url)
-                else:
-                    log.info("gpu %d: listener connected to %s", gpu.index, url)
+                log.info("gpu %d: listener %s to %s", gpu.index,
+                         "reconnected" if ever_connected else "connected", url)
+                ever_connected = True
                 failures = 0
                 delays = backoff_delays(timing.reconnect_initial, timing.reconnect_max)
                 # Events sent while we were away are gone: reconcile by polling.
@@ -139,9 +139,15 @@ async def listen(gpu: Gpu, registry: Registry, session: aiohttp.ClientSession,
                             ws.close_code)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             failures += 1
-            level = logging.WARNING if failures in (1, 10) or failures % 100 == 0 else logging.DEBUG
-            log.log(level, "gpu %d: cannot reach %s (%s: %s); retrying", gpu.index, url,
-                    exc.__class__.__name__, exc)
+            # Quiet while ComfyUI is still starting; loud once it stays away.
+            if failures == 1 and not ever_connected:
+                level = logging.INFO
+            elif failures in (1, 10) or failures % 100 == 0:
+                level = logging.WARNING
+            else:
+                level = logging.DEBUG
+            log.log(level, "gpu %d: cannot reach %s yet (%s); retrying with backoff",
+                    gpu.index, url, exc.__class__.__name__)
         finally:
             gpu.listener_connected = False
         await asyncio.sleep(next(delays))

@@ -48,7 +48,16 @@ INTERNAL_ERROR_TEXT = "500 Internal Server Error\n\nServer got itself in trouble
 JOB_STATUSES = ("pending", "in_progress", "completed", "failed")
 PAUSE_POINTS = ("dequeue", "node", "tick")
 
-_dumps = functools.partial(ujson.dumps, escape_forward_slashes=False)
+_ujson_dumps = functools.partial(ujson.dumps, escape_forward_slashes=False)
+
+
+def _dumps(data: Any) -> str:
+    try:
+        return _ujson_dumps(data)
+    except OverflowError:
+        # ujson stops at 64-bit integers and refuses NaN; Python's json, which ComfyUI
+        # uses, writes both.
+        return json.dumps(data)
 
 # (number, prompt_id, prompt, extra_data, outputs_to_execute, sensitive): heap-ordered
 # as a plain tuple, exactly like ComfyUI's queue, quirks included.
@@ -83,6 +92,11 @@ def _full_type_name(exc: BaseException) -> str:
 def _is_link(value: Any) -> bool:
     return (isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
             and isinstance(value[1], int))
+
+
+def _flag(body: Any, key: str) -> bool:
+    """`key in body and body[key]`, which also works when the body is not an object."""
+    return key in body and bool(body[key])
 
 
 def _error(kind: str, message: str, details: str) -> dict[str, Any]:
@@ -781,7 +795,7 @@ class ComfySimulator:
             number = float(body["number"])
         else:
             number = self._number
-            if body.get("front"):
+            if _flag(body, "front"):
                 number = -number
             self._number += 1
         if "prompt" not in body:
@@ -822,7 +836,7 @@ class ComfySimulator:
 
     async def post_queue(self, request: web.Request) -> web.Response:
         body = await request.json()
-        if body.get("clear"):
+        if _flag(body, "clear"):
             self._pending = []
             self._queue_updated()
         if "delete" in body:
@@ -886,7 +900,7 @@ class ComfySimulator:
 
     async def post_history(self, request: web.Request) -> web.Response:
         body = await request.json()
-        if body.get("clear"):
+        if _flag(body, "clear"):
             self._history = {}
         if "delete" in body:
             for prompt_id in body["delete"]:

@@ -8,8 +8,6 @@ import secrets
 from collections.abc import AsyncIterator
 
 import aiohttp
-import aiohttp_jinja2
-import jinja2
 import ujson
 from aiohttp import web
 
@@ -47,10 +45,7 @@ def create_app(settings: Settings) -> web.Application:
     app[TASKS] = {}
     app[SUBMISSIONS] = {}
 
-    aiohttp_jinja2.setup(
-        app, loader=jinja2.FileSystemLoader(str(dashboard.templates_dir())),
-        autoescape=jinja2.select_autoescape(["html", "xml"], default=True))
-    app.add_routes(dashboard.routes)
+    dashboard.setup(app)
     app.add_routes(api.routes)
 
     # Order matters: teardown runs in reverse, so listeners stop before the

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp_jinja2
+import jinja2
 from aiohttp import web
 
 from .keys import GPUS, REGISTRY
@@ -30,3 +31,11 @@ async def get_index(request: web.Request) -> dict[str, Any]:
     gpus = request.app[GPUS]
     jobs = list(request.app[REGISTRY].jobs.values())[-RECENT_JOBS:][::-1]
     return {"gpus": gpus, "jobs": jobs}
+
+
+def setup(app: web.Application) -> None:
+    """Templates and the dashboard's routes."""
+    aiohttp_jinja2.setup(
+        app, loader=jinja2.FileSystemLoader(str(templates_dir())),
+        autoescape=jinja2.select_autoescape(["html", "xml"], default=True))
+    app.add_routes(routes)

@@ -502,6 +502,7 @@ class ComfySimulator:
         await self._close_sockets()
 
     async def restart(self) -> None:
+        running = bool(self._tasks)
         await self._stop_tasks()
         self._number = 0
         self._pending = []
@@ -520,7 +521,9 @@ class ComfySimulator:
         await self._close_sockets()
         self._registry.clear()
         self._client_flags.clear()
-        self._start_tasks()
+        # Once the application is shut down, a restart must not bring the worker back.
+        if running:
+            self._start_tasks()
         log.info("simulated GPU %d restarted", self.gpu_index)
 
     def refuse_websockets(self, refuse: bool) -> None:

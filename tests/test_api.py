@@ -136,8 +136,11 @@ async def test_startjob_runs_to_completion(start_cylindria, start_sims):
     assert done["progress"] == 1.0
     assert done["prompt_id"] == body["prompt_id"]
     assert done["queue_position"] is None and done["error"] is None
-    images = done["outputs"]["3"]["images"]
-    assert images[0]["filename"].endswith(".png") and images[0]["subfolder"] == "cyl"
+    (image,) = done["outputs"]
+    assert image["node_id"] == "3" and image["kind"] == "image"
+    assert image["filename"].endswith(".png") and image["subfolder"] == "cyl"
+    assert image["type"] == "output" and image["url"] == "/joboutput/job-1/0"
+    assert done["outputs_reused"] is False
     for key in ("submitted_at", "updated_at", "started_at", "finished_at"):
         assert done[key].endswith("Z")
         datetime.fromisoformat(done[key].replace("Z", "+00:00"))
@@ -435,14 +438,14 @@ async def test_cached_rerun_completes_with_outputs(start_cylindria):
     await put_job(client, "run-b", wf)
     second = await wait_state(client, "run-b", "completed")
     assert second["progress"] == 1.0
-    assert second["outputs"] == first["outputs"]
+    assert [o["filename"] for o in second["outputs"]] == [o["filename"] for o in first["outputs"]]
 
 
 async def test_websocket_image_jobs_complete(start_cylindria):
     client = await start_cylindria()
     await put_job(client, "wsimg", workflows.websocket_images(batch=4))
     body = await wait_state(client, "wsimg", "completed")
-    assert body["outputs"] == {}
+    assert body["outputs"] == []
 
 
 # -- errors and auth ---------------------------------------------------------------------

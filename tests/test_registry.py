@@ -73,10 +73,59 @@ def test_cached_nodes_count_as_done_and_full_cache_marks_reuse(reg):
     job = begin(reg)
     reg.on_cached("p1", ["1", "2"])
     assert job.progress == pytest.approx(2 / 3, abs=1e-3)
+    reg.on_executed("p1", "3", {"images": [{"filename": "new.png"}]})
     assert not job.outputs_reused
     job2 = begin(reg, "j2", "p2")
     reg.on_cached("p2", ["1", "2", "3"])
+    reg.on_executed("p2", "3", {"images": [{"filename": "old.png"}]})
     assert job2.outputs_reused
+
+
+def test_outputs_are_normalised_with_urls(reg):
+    job = begin(reg)
+    reg.on_executed("p1", "3", {"images": [{"filename": "a.png", "subfolder": "s",
+                                            "type": "output"},
+                                           {"filename": "b.png", "subfolder": "",
+                                            "type": "temp"}],
+                                "animated": [False]})
+    reg.on_executed("p1", "2", {"text": ["hello"], "gifs": [{"filename": "c.gif"}]})
+    reg.on_executed("p1", "1", {"audio": [{"filename": "d.flac", "subfolder": "au",
+                                           "type": "output"}],
+                                "videos": [{"filename": "e.mp4", "type": "output"}]})
+    entries = job.to_status()["outputs"]
+    assert [(e["node_id"], e["kind"]) for e in entries] == [
+        ("3", "image"), ("3", "image"), ("2", "text"), ("2", "gif"), ("1", "audio"),
+        ("1", "video")]
+    assert entries[0] == {"node_id": "3", "kind": "image", "filename": "a.png",
+                          "subfolder": "s", "type": "output", "url": "/joboutput/j1/0"}
+    assert entries[2] == {"node_id": "2", "kind": "text", "text": "hello"}
+    assert entries[3]["subfolder"] == "" and entries[3]["type"] == "output"
+    assert entries[5]["url"] == "/joboutput/j1/5"
+
+
+def test_cancel_waits_for_comfyui_and_a_late_cancel_completes(reg):
+    queued, running, late = begin(reg, "q", "pq"), begin(reg, "r", "pr"), begin(reg, "l", "pl")
+    for job in (queued, running, late):
+        reg.request_cancel(job)
+        assert job.state in (JobState.QUEUED, JobState.RUNNING)
+    assert reg.confirm_removed(queued) and queued.state is JobState.CANCELLED
+    reg.on_start("pr")
+    reg.on_interrupted("pr", {"node_id": "3", "node_type": "KSampler"})
+    assert running.state is JobState.CANCELLED and "interrupted" in running.detail
+    reg.on_start("pl")
+    reg.on_success("pl")
+    assert late.state is JobState.COMPLETED and "too late" in late.detail
+    other = begin(reg, "o", "po")
+    assert not reg.confirm_removed(other) and other.state is JobState.QUEUED
+
+
+def test_page_is_newest_first_with_filters_and_cursor(reg):
+    jobs = [begin(reg, f"j{n}", f"p{n}") for n in range(5)]
+    reg.on_success("p1")
+    assert [j.job_id for j in reg.page(limit=2)] == ["j4", "j3"]
+    assert [j.job_id for j in reg.page(before=jobs[3].seq, limit=2)] == ["j2", "j1"]
+    assert [j.job_id for j in reg.page(states={"completed"})] == ["j1"]
+    assert reg.page(gpu_id=1) == []
 
 
 def test_terminal_state_never_goes_back(reg):

@@ -14,6 +14,7 @@ from typing import Any
 import ujson
 from aiohttp import web
 
+from .comfy import sorted_queue
 from .errors import (
     ApiError,
     BackendError,
@@ -27,7 +28,9 @@ from .errors import (
 )
 from .gpus import Gpu
 from .keys import GPUS, REGISTRY, SETTINGS, SUBMISSIONS
+from .placement import GpuDrained, choose_gpu
 from .registry import Job, JobConflict, JobState
+from .webhooks import check_callback_url
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +41,10 @@ JOB_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 # -- request parsing ---------------------------------------------------------
 
-def gpu_from_query(request: web.Request) -> Gpu:
+def gpu_from_query(request: web.Request, raw: str | None = None) -> Gpu:
     gpus = request.app[GPUS]
-    raw = request.query.get("GpuId", "0")
+    if raw is None:
+        raw = request.query.get("GpuId", "0")
     try:
         gpu_id = int(raw)
     except ValueError:
@@ -178,15 +182,23 @@ async def put_startjob(request: web.Request) -> web.Response:
     gpu_id: int | None = None
     try:
         job_id = job_id_from_path(request)
-        gpu = gpu_from_query(request)
-        gpu_id = gpu.index
+        callback = request.headers.get("X-Callback-Url")
+        if callback is not None:
+            callback = check_callback_url(callback)
         try:
             body = ujson.loads(await request.read())
         except ValueError:
             raise BadRequest("The body is not valid JSON. Send an API-format workflow as "
                              "a JSON object.") from None
         prompt, extra = split_workflow(body)
-        return await start_job(request.app, job_id, gpu, prompt, extra)
+        existing = request.app[REGISTRY].get(job_id)
+        if existing is not None and existing.state is not JobState.REJECTED:
+            # A repeat is answered from the record, wherever the job was placed.
+            gpu = request.app[GPUS][existing.gpu_id]
+        else:
+            gpu = await gpu_for_new_job(request)
+        gpu_id = gpu.index
+        return await start_job(request.app, job_id, gpu, prompt, extra, callback)
     except ApiError as exc:
         return startjob_error(job_id, gpu_id, exc)
 
@@ -195,7 +207,7 @@ def startjob_error(job_id: str, gpu_id: int | None, exc: ApiError,
                    **more: Any) -> web.Response:
     body = {"job_id": job_id, "accepted": False, "detail": exc.message, "gpu_id": gpu_id,
             "error": {"code": exc.code, "message": exc.message, **exc.extra}, **more}
-    return json_response(body, status=exc.status)
+    return json_response(body, status=exc.status, headers=exc.headers)
 
 
 def accepted_body(job: Job, detail: str) -> dict[str, Any]:
@@ -203,8 +215,22 @@ def accepted_body(job: Job, detail: str) -> dict[str, Any]:
             "gpu_id": job.gpu_id, "prompt_id": job.prompt_id, "state": job.state.value}
 
 
+async def gpu_for_new_job(request: web.Request) -> Gpu:
+    raw = request.query.get("GpuId")
+    default = request.app[SETTINGS].default_gpu
+    if raw is None:
+        raw = str(default)
+    if raw.strip().lower() == "auto":
+        return await choose_gpu(request.app)
+    gpu = gpu_from_query(request, raw)
+    if gpu.drained:
+        raise GpuDrained(f"GPU {gpu.index} is drained and takes no new jobs; use another "
+                         "GpuId, GpuId=auto, or POST /gpus/{n}/undrain.")
+    return gpu
+
+
 async def start_job(app: web.Application, job_id: str, gpu: Gpu, prompt: dict[str, Any],
-                    extra: dict[str, Any]) -> web.Response:
+                    extra: dict[str, Any], callback: str | None = None) -> web.Response:
     registry = app[REGISTRY]
     submissions = app[SUBMISSIONS]
     digest = fingerprint(prompt, extra)
@@ -227,7 +253,8 @@ async def start_job(app: web.Application, job_id: str, gpu: Gpu, prompt: dict[st
 
     prompt_id = str(uuid.uuid4())
     try:
-        job = registry.begin(job_id, gpu.index, prompt_id, digest, prompt.keys())
+        job = registry.begin(job_id, gpu.index, prompt_id, digest, prompt.keys(),
+                             callback_url=callback)
     except JobConflict as exc:
         # Another PUT of this job_id got in while we were asking ComfyUI.
         if exc.job.fingerprint != digest:
@@ -276,6 +303,9 @@ async def submit(app: web.Application, job: Job, gpu: Gpu, prompt: dict[str, Any
 
     if answer.accepted:
         registry.confirm(job, answer.body.get("node_errors") or None)
+        if job.cancel_requested_at is not None:
+            # Cancelled while ComfyUI was still answering the submission.
+            await cancel_on_comfy(app, job)
         log.info("job %s accepted on gpu %d as prompt %s", job.job_id, gpu.index,
                  job.prompt_id)
         body = accepted_body(job, job.detail)
@@ -358,3 +388,96 @@ async def save_dev_copy(directory: Path, job_id: str, prompt: dict[str, Any],
     except OSError as exc:
         log.error("dev mode: could not save the workflow of job %s to %s: %s", job_id, path,
                   exc)
+
+
+# -- listing and cancellation ------------------------------------------------------
+
+MAX_PAGE = 500
+
+
+@routes.get("/jobs/", name="jobs")
+async def get_jobs(request: web.Request) -> web.Response:
+    query = request.query
+    states: set[str] | None = None
+    if query.get("state"):
+        states = {s.strip() for s in query["state"].split(",") if s.strip()}
+        unknown = states - {s.value for s in JobState}
+        if unknown:
+            raise BadRequest(f"Unknown state(s) {', '.join(sorted(unknown))}; use "
+                             + ", ".join(s.value for s in JobState) + ".")
+    gpu_id = None
+    if query.get("gpu"):
+        gpu_id = gpu_from_query(request, query["gpu"]).index
+    limit = _int_param(query, "limit", 50, 1, MAX_PAGE)
+    before = _int_param(query, "before", None, 1, None)
+    jobs = request.app[REGISTRY].page(states=states, gpu_id=gpu_id, before=before,
+                                      limit=limit + 1)
+    more = len(jobs) > limit
+    jobs = jobs[:limit]
+    return json_response({
+        "jobs": [status_body(j) for j in jobs],
+        "next_before": jobs[-1].seq if more and jobs else None,
+    })
+
+
+def _int_param(query: Any, name: str, default: int | None, low: int,
+               high: int | None) -> int | None:
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f"of {low} or more"
+        raise BadRequest(f"{name} must be a whole number {bound} (got {raw!r}).")
+    return value
+
+
+@routes.post("/canceljob/{job_id}/", name="canceljob")
+async def post_canceljob(request: web.Request) -> web.Response:
+    job_id = job_id_from_path(request)
+    registry = request.app[REGISTRY]
+    job = registry.get(job_id)
+    if job is None:
+        raise JobNotFound(f"No job {job_id!r} is known here.", extra={"job_id": job_id})
+    if job.terminal:
+        body = status_body(job)
+        body["error"] = {"code": "job_finished",
+                         "message": f"Job {job_id!r} is already {job.state.value}; there is "
+                                    "nothing to cancel."}
+        return json_response(body, status=409)
+    registry.request_cancel(job)
+    if job.confirmed:
+        await cancel_on_comfy(request.app, job)
+    return json_response(status_body(job), status=202)
+
+
+async def cancel_on_comfy(app: web.Application, job: Job) -> None:
+    """Ask ComfyUI to drop or stop this one job, then read back what it did.
+
+    Deleting from the queue is harmless if the job already runs, and the interrupt
+    names the prompt, so no other job is ever touched. The job's state changes only
+    on ComfyUI's word: gone from its queue without a history entry, or reported
+    interrupted (or finished, if the cancel came too late).
+    """
+    gpu = app[GPUS][job.gpu_id]
+    registry = app[REGISTRY]
+    assert gpu.comfy is not None
+    try:
+        await gpu.comfy.delete_pending(job.prompt_id)
+        running, pending, _ = sorted_queue(await gpu.comfy.queue())
+        if job.prompt_id in running:
+            await gpu.comfy.interrupt(job.prompt_id)
+            return
+        if job.prompt_id in pending:
+            return
+        entry = await gpu.comfy.history(job.prompt_id)
+        if entry is not None:
+            registry.settle_from_history(job.prompt_id, entry)
+        else:
+            registry.confirm_removed(job)
+    except BackendError as exc:
+        # The poller keeps trying to settle the job; the cancel stays requested.
+        log.warning("cancel of job %s: ComfyUI did not answer (%s)", job.job_id, exc.message)

@@ -11,15 +11,17 @@ import aiohttp
 import ujson
 from aiohttp import web
 
-from . import api, dashboard
+from . import api, dashboard, events, outputs, placement
 from .auth import make_auth_middleware
 from .comfy import ComfyClient
 from .config import Settings
 from .errors import error_middleware
 from .gpus import Gpu
-from .keys import GPUS, REGISTRY, SESSION, SETTINGS, SUBMISSIONS, TASKS
+from .hub import EventHub
+from .keys import EVENTS, GPUS, REGISTRY, SESSION, SETTINGS, SUBMISSIONS, TASKS, WEBHOOKS
 from .listeners import cancel_and_wait, listen, poll
 from .registry import Registry
+from .webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,13 @@ def create_app(settings: Settings) -> web.Application:
         middlewares.append(make_auth_middleware(settings.api_key))
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
-    app[REGISTRY] = Registry()
+    registry = Registry()
+    app[REGISTRY] = registry
+    app[EVENTS] = EventHub(settings.event_buffer, api.status_body)
+    app[WEBHOOKS] = WebhookSender(registry, settings.webhook_secret, settings.timing,
+                                  api.status_body)
+    registry.subscribe(app[EVENTS].publish)
+    registry.subscribe(app[WEBHOOKS].on_change)
     # A fresh suffix per process: two Cylindrias on one ComfyUI must never share a
     # clientId (ComfyUI would mute one of them); stable across reconnects.
     instance = secrets.token_hex(4)
@@ -47,12 +55,34 @@ def create_app(settings: Settings) -> web.Application:
 
     dashboard.setup(app)
     app.add_routes(api.routes)
+    app.add_routes(outputs.routes)
+    app.add_routes(placement.routes)
+    app.add_routes(events.routes)
+    # Open event streams end at shutdown, so the server does not wait on them.
+    app.on_shutdown.append(close_event_streams)
 
     # Order matters: teardown runs in reverse, so listeners stop before the
     # session they use is closed.
     app.cleanup_ctx.append(client_session_ctx)
+    app.cleanup_ctx.append(webhooks_ctx)
     app.cleanup_ctx.append(listeners_ctx)
     return app
+
+
+async def close_event_streams(app: web.Application) -> None:
+    app[EVENTS].close()
+
+
+async def webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
+    sender = app[WEBHOOKS]
+    sender.session = app[SESSION][0]
+    if not app[SETTINGS].webhook_secret:
+        log.info("CYLINDRIA_WEBHOOK_SECRET is not set: webhooks are sent unsigned")
+    try:
+        yield
+    finally:
+        await sender.close()
+        sender.session = None
 
 
 async def client_session_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -26,7 +26,7 @@ from .config import (
 log = logging.getLogger("cylindria")
 
 SERVE_FLAGS = ("host", "port", "comfy_url", "num_gpus", "dev_mode", "dev_save_dir",
-               "log_level", "insecure_no_auth")
+               "log_level", "insecure_no_auth", "default_gpu")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,6 +76,9 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dev-save-dir", dest="dev_save_dir", default=None,
                         help="where --dev saves workflows (env CYLINDRIA_DEV_SAVE_DIR, "
                              f"default {DEFAULT_DEV_SAVE_DIR})")
+    parser.add_argument("--default-gpu", dest="default_gpu", default=None,
+                        help="what a missing GpuId means: a GPU number or 'auto' "
+                             "(env CYLINDRIA_DEFAULT_GPU, default 0)")
     parser.add_argument("--log-level", dest="log_level", choices=LOG_LEVELS, default=None,
                         help="default info")
     parser.add_argument("--insecure-no-auth", dest="insecure_no_auth",

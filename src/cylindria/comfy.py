@@ -111,6 +111,13 @@ class ComfyClient:
         _, data = await self._request("GET", "/system_stats", timeout=timeout)
         return data if isinstance(data, dict) else {}
 
+    async def delete_pending(self, prompt_id: str) -> None:
+        await self._request("POST", "/queue", json_body={"delete": [prompt_id]})
+
+    async def interrupt(self, prompt_id: str) -> None:
+        """Interrupt this prompt only if it is the one running (never a global one)."""
+        await self._request("POST", "/interrupt", json_body={"prompt_id": prompt_id})
+
     async def is_queued(self, prompt_id: str) -> bool:
         """Whether ComfyUI holds this prompt id: queued, running or in history."""
         queue = await self.queue()

@@ -37,6 +37,9 @@ class Timing:
     reconnect_initial: float = 0.5
     reconnect_max: float = 10.0
     ws_heartbeat: float = 15.0
+    sse_keepalive: float = 15.0
+    webhook_timeout: float = 10.0
+    webhook_backoff: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +55,10 @@ class Settings:
     dev_save_dir: Path = Path(DEFAULT_DEV_SAVE_DIR)
     log_level: str = "info"
     insecure_no_auth: bool = False
+    default_gpu: int | str = 0
+    webhook_secret: str | None = None
+    max_event_streams: int = 100
+    event_buffer: int = 1000
     timing: Timing = field(default_factory=Timing)
 
     def __post_init__(self) -> None:
@@ -140,6 +147,13 @@ def validate(s: Settings) -> None:
             "set: anyone could submit jobs to your GPUs. Set CYLINDRIA_API_KEY, or pass "
             "--insecure-no-auth if the network is trusted"
         )
+    if s.default_gpu != "auto" and (
+            not isinstance(s.default_gpu, int) or not 0 <= s.default_gpu < s.num_gpus):
+        raise ConfigError(
+            f"default-gpu must be 'auto' or a GPU number from 0 to {s.num_gpus - 1} "
+            f"(got {s.default_gpu!r})")
+    if s.max_event_streams < 1:
+        raise ConfigError(f"max_event_streams must be 1 or more (got {s.max_event_streams})")
     if s.api_key is not None and not s.api_key.strip():
         raise ConfigError("CYLINDRIA_API_KEY is set but empty; give it a value or unset it")
 
@@ -149,6 +163,16 @@ def _int(name: str, value: str) -> int:
         return int(value)
     except ValueError:
         raise ConfigError(f"{name} must be a whole number (got {value!r})") from None
+
+
+def parse_default_gpu(name: str, value: str) -> int | str:
+    word = value.strip().lower()
+    if word == "auto":
+        return "auto"
+    try:
+        return int(word)
+    except ValueError:
+        raise ConfigError(f"{name} must be 'auto' or a GPU number (got {value!r})") from None
 
 
 def _bool(name: str, value: str) -> bool:
@@ -176,6 +200,14 @@ def load_settings(
         values["api_key"] = env["CYLINDRIA_API_KEY"]
     if "CYLINDRIA_DEV_MODE" in env:
         values["dev_mode"] = _bool("CYLINDRIA_DEV_MODE", env["CYLINDRIA_DEV_MODE"])
+    if env.get("CYLINDRIA_WEBHOOK_SECRET"):
+        values["webhook_secret"] = env["CYLINDRIA_WEBHOOK_SECRET"]
+    if env.get("CYLINDRIA_DEFAULT_GPU"):
+        values["default_gpu"] = parse_default_gpu("CYLINDRIA_DEFAULT_GPU",
+                                                  env["CYLINDRIA_DEFAULT_GPU"])
+    if env.get("CYLINDRIA_MAX_EVENT_STREAMS"):
+        values["max_event_streams"] = _int("CYLINDRIA_MAX_EVENT_STREAMS",
+                                           env["CYLINDRIA_MAX_EVENT_STREAMS"])
     if env.get("CYLINDRIA_DEV_SAVE_DIR"):
         values["dev_save_dir"] = Path(env["CYLINDRIA_DEV_SAVE_DIR"])
 
@@ -183,6 +215,8 @@ def load_settings(
                 "insecure_no_auth"):
         if flags.get(key) is not None:
             values[key] = flags[key]
+    if flags.get("default_gpu") is not None:
+        values["default_gpu"] = parse_default_gpu("--default-gpu", str(flags["default_gpu"]))
     if flags.get("dev_save_dir") is not None:
         values["dev_save_dir"] = Path(str(flags["dev_save_dir"]))
     if isinstance(values.get("comfy_url"), str):

@@ -32,6 +32,7 @@ class Gpu:
     comfy: ComfyClient | None = None
     listener_connected: bool = False
     queue_remaining: int | None = None
+    drained: bool = False
     last_probe: Probe | None = None
     _probe_task: asyncio.Task[Probe] | None = None
 
@@ -70,7 +71,7 @@ class Gpu:
         """The `/serverstatus` body for this GPU."""
         reachable = probe.reachable
         body: dict[str, Any] = {
-            "status": "ok" if reachable and self.listener_connected else "degraded",
+            "status": "ok" if self.healthy(probe) else "degraded",
             "comfy_url": self.url,
             "reachable": reachable,
             "gpu_id": self.index,
@@ -90,3 +91,6 @@ class Gpu:
         if probe.error:
             body["detail"] = probe.error
         return body
+
+    def healthy(self, probe: Probe) -> bool:
+        return probe.reachable and self.listener_connected

@@ -9,7 +9,9 @@ from aiohttp import web
 
 from .config import Settings
 from .gpus import Gpu
+from .hub import EventHub
 from .registry import Registry
+from .webhooks import WebhookSender
 
 SETTINGS = web.AppKey("settings", Settings)
 REGISTRY = web.AppKey("registry", Registry)
@@ -20,3 +22,5 @@ SESSION = web.AppKey("session", list[aiohttp.ClientSession])
 TASKS = web.AppKey("tasks", dict[str, asyncio.Task[None]])
 # Submissions in flight, by job id: a concurrent PUT of the same job waits on it.
 SUBMISSIONS = web.AppKey("submissions", dict[str, asyncio.Future[None]])
+EVENTS = web.AppKey("events", EventHub)
+WEBHOOKS = web.AppKey("webhooks", WebhookSender)

@@ -192,6 +192,8 @@ async def poll_once(gpu: Gpu, registry: Registry, timing: Timing) -> None:
         if entry is not None:
             registry.settle_from_history(job.prompt_id, entry)
             continue
+        if registry.confirm_removed(job):
+            continue
         if job.missing_since is None:
             registry.note_missing(job, timing.lost_grace, LOST_DETAIL)
             continue

@@ -78,12 +78,44 @@ class Job:
     error: dict[str, Any] | None = None
     node_errors: dict[str, Any] | None = None
     outputs: dict[str, Any] = field(default_factory=dict)
-    outputs_reused: bool = False
+    cached_nodes: set[str] = field(default_factory=set)
     missing_since: datetime | None = None
+    seq: int = 0
+    cancel_requested_at: datetime | None = None
+    callback_url: str | None = None
+    webhook: dict[str, Any] | None = None
 
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL
+
+    @property
+    def outputs_reused(self) -> bool:
+        """ComfyUI served an output node from its cache: the files are an earlier run's."""
+        return any(node in self.cached_nodes for node in self.outputs)
+
+    def output_entries(self) -> list[dict[str, Any]]:
+        """Every file or text ComfyUI reported, in a stable order, one entry each."""
+        entries: list[dict[str, Any]] = []
+        for node_id, output in self.outputs.items():
+            if not isinstance(output, dict):
+                continue
+            for key, items in output.items():
+                kind = OUTPUT_KINDS.get(key)
+                if kind is None or not isinstance(items, list):
+                    continue
+                for item in items:
+                    if kind == "text":
+                        entries.append({"node_id": node_id, "kind": "text",
+                                        "text": item if isinstance(item, str) else str(item)})
+                    elif isinstance(item, dict) and isinstance(item.get("filename"), str):
+                        entries.append({
+                            "node_id": node_id, "kind": kind, "filename": item["filename"],
+                            "subfolder": str(item.get("subfolder") or ""),
+                            "type": str(item.get("type") or "output"),
+                            "url": f"/joboutput/{self.job_id}/{len(entries)}",
+                        })
+        return entries
 
     @property
     def progress(self) -> float:
@@ -116,8 +148,16 @@ class Job:
             "started_at": isoformat(self.started_at),
             "finished_at": isoformat(self.finished_at),
             "error": self.error,
-            "outputs": self.outputs,
+            "outputs": self.output_entries(),
+            "outputs_reused": self.outputs_reused,
+            "cancel_requested": self.cancel_requested_at is not None,
+            "webhook": self.webhook,
         }
+
+
+# ComfyUI's UI output keys and what each holds: files, or plain strings for text.
+OUTPUT_KINDS = {"images": "image", "gifs": "gif", "videos": "video", "video": "video",
+                "audio": "audio", "files": "file", "3d": "file", "text": "text"}
 
 
 def plan_nodes(prompt: dict[str, Any], outputs: Iterable[str]) -> frozenset[str]:
@@ -155,6 +195,7 @@ class Registry:
         self._clock = clock
         self._max_finished = max_finished
         self._subscribers: list[Listener] = []
+        self._seq = 0
 
     # -- lookup ---------------------------------------------------------------
 
@@ -182,18 +223,21 @@ class Registry:
     # -- submission -----------------------------------------------------------
 
     def begin(self, job_id: str, gpu_id: int, prompt_id: str, fingerprint: str,
-              nodes: Iterable[str]) -> Job:
+              nodes: Iterable[str], callback_url: str | None = None) -> Job:
         """Record a new submission before ComfyUI is asked, so that events for its
         prompt id that race ahead of the HTTP answer are never lost."""
         old = self.jobs.get(job_id)
         if old is not None:
             if old.state is not JobState.REJECTED:
                 raise JobConflict(old)
+            # Re-inserted below so that dict order stays submission order.
+            del self.jobs[job_id]
             self._by_prompt.pop(old.prompt_id, None)
         now = self._clock()
+        self._seq += 1
         job = Job(job_id=job_id, gpu_id=gpu_id, fingerprint=fingerprint,
                   prompt_id=prompt_id, nodes=frozenset(nodes), submitted_at=now,
-                  updated_at=now)
+                  updated_at=now, seq=self._seq, callback_url=callback_url)
         self.jobs[job_id] = job
         self._by_prompt[prompt_id] = job
         self._trim()
@@ -237,8 +281,7 @@ class Registry:
         self._start(job)
         cached = {str(n) for n in nodes} & job.nodes
         job.done_nodes |= cached
-        if cached and cached >= (job.planned_nodes or job.nodes):
-            job.outputs_reused = True
+        job.cached_nodes |= cached
         self._touch(job)
 
     def on_executing(self, prompt_id: str | None, node: str, gpu_id: int | None = None) -> None:
@@ -284,7 +327,11 @@ class Registry:
         if job is None:
             return
         if self._move(job, JobState.COMPLETED):
-            self._finish(job, "Completed.")
+            detail = "Completed."
+            if job.cancel_requested_at is not None:
+                detail = ("Completed: the cancel request came too late, ComfyUI had already "
+                          "finished the job.")
+            self._finish(job, detail)
 
     def on_error(self, prompt_id: str, data: dict[str, Any]) -> None:
         job = self.by_prompt(prompt_id)
@@ -303,11 +350,61 @@ class Registry:
         job = self.by_prompt(prompt_id)
         if job is None:
             return
+        if job.cancel_requested_at is not None:
+            if self._move(job, JobState.CANCELLED):
+                self._finish(job, "Cancelled: ComfyUI interrupted it at node "
+                                  f"{data.get('node_id')}.")
+            return
         if self._move(job, JobState.FAILED):
             job.error = {"type": "interrupted", "message": "Execution was interrupted.",
                          "node_id": data.get("node_id"), "node_type": data.get("node_type")}
             self._finish(job, f"Interrupted on ComfyUI at node {data.get('node_id')}; "
                               "Cylindria did not ask for it.")
+
+    # -- cancellation -----------------------------------------------------------
+
+    def request_cancel(self, job: Job) -> None:
+        """Note that the client asked to cancel; the state changes only when ComfyUI
+        confirms (the job left its queue, or it reported the interruption)."""
+        if job.terminal:
+            return
+        if job.cancel_requested_at is None:
+            job.cancel_requested_at = self._clock()
+            job.detail = "Cancel requested; waiting for ComfyUI to confirm."
+            self._touch(job)
+
+    def confirm_removed(self, job: Job) -> bool:
+        """ComfyUI's queue no longer holds a job whose cancel was asked, and it never
+        ran to history: it was deleted from the queue."""
+        if job.cancel_requested_at is None:
+            return False
+        if self._move(job, JobState.CANCELLED):
+            self._finish(job, "Cancelled: removed from ComfyUI's queue before it ran.")
+            return True
+        return False
+
+    def set_webhook(self, job: Job, **fields: Any) -> None:
+        job.webhook = {**(job.webhook or {}), **fields}
+        self._touch(job)
+
+    def page(self, *, states: set[str] | None = None, gpu_id: int | None = None,
+             before: int | None = None, limit: int = 50) -> list[Job]:
+        """Newest first, optionally filtered; `before` is a job's `seq` (a cursor)."""
+        found: list[Job] = []
+        for job in reversed(self.jobs.values()):
+            if before is not None and job.seq >= before:
+                continue
+            if states is not None and job.state.value not in states:
+                continue
+            if gpu_id is not None and job.gpu_id != gpu_id:
+                continue
+            found.append(job)
+            if len(found) >= limit:
+                break
+        return found
+
+    def load(self, gpu_id: int) -> int:
+        return sum(1 for j in self.jobs.values() if j.gpu_id == gpu_id and j.state in IN_FLIGHT)
 
     # -- reconciliation by polling -------------------------------------------
 

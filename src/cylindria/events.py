@@ -1,0 +1,75 @@
+"""`GET /events/`: live job changes as server-sent events, with resume."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import ujson
+from aiohttp import web
+
+from .errors import ApiError, BadRequest
+from .keys import EVENTS, REGISTRY, SETTINGS
+
+log = logging.getLogger(__name__)
+
+routes = web.RouteTableDef()
+
+
+class TooManyStreams(ApiError):
+    status = 429
+    code = "too_many_streams"
+
+
+def sse(event_id: int, data: str, event: str = "job") -> bytes:
+    return f"id: {event_id}\nevent: {event}\ndata: {data}\n\n".encode()
+
+
+@routes.get("/events/", name="events")
+async def get_events(request: web.Request) -> web.StreamResponse:
+    hub = request.app[EVENTS]
+    settings = request.app[SETTINGS]
+    job_id = request.query.get("job_id") or None
+    raw_last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    last_id: int | None = None
+    if raw_last:
+        try:
+            last_id = int(raw_last)
+        except ValueError:
+            raise BadRequest("Last-Event-ID must be an event id this stream sent "
+                             f"(a whole number), got {raw_last!r}.") from None
+    if hub.streams >= settings.max_event_streams:
+        raise TooManyStreams(
+            f"Too many event streams are open ({settings.max_event_streams}); retry later "
+            "or poll GET /jobstatus/{job_id}/.", headers={"Retry-After": "5"})
+    if job_id is not None and request.app[REGISTRY].get(job_id) is None:
+        log.debug("events: stream for job %s, not (yet) known", job_id)
+
+    sub, replay, complete = hub.subscribe(job_id, last_id)
+    try:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                           "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+        await resp.prepare(request)
+        await resp.write(b"retry: 2000\n\n")
+        if not complete:
+            # The gap is older than the buffer: tell the client to re-read state.
+            await resp.write(sse(hub.last_id, ujson.dumps(
+                {"detail": "Some events were missed; fetch the current state with "
+                           "GET /jobstatus/{job_id}/ or GET /jobs/."}), event="resync"))
+        for event_id, _, data in replay:
+            await resp.write(sse(event_id, data))
+        keepalive = settings.timing.sse_keepalive
+        while True:
+            try:
+                async with asyncio.timeout(keepalive):
+                    item = await sub.queue.get()
+            except TimeoutError:
+                await resp.write(b": keep-alive\n\n")
+                continue
+            if item is None:
+                break
+            await resp.write(sse(item[0], item[2]))
+        return resp
+    finally:
+        hub.unsubscribe(sub)

@@ -1,0 +1,95 @@
+"""The event hub: registry changes fanned out to live subscribers, recent ones kept."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ujson
+
+from .registry import Job
+
+log = logging.getLogger(__name__)
+
+# Per-client backlog: a client further behind than this is dropped, so one slow
+# reader never holds memory or time of the service.
+CLIENT_QUEUE = 256
+
+
+@dataclass(slots=True, eq=False)
+class Subscriber:
+    job_id: str | None
+    queue: asyncio.Queue[tuple[int, str, str] | None] = field(
+        default_factory=lambda: asyncio.Queue(CLIENT_QUEUE))
+    dropped: bool = False
+
+
+class EventHub:
+    """Fans registry changes out to SSE clients; keeps the last events for resume."""
+
+    def __init__(self, buffer: int, render: Callable[[Job], dict[str, Any]]) -> None:
+        self._recent: deque[tuple[int, str, str]] = deque(maxlen=buffer)
+        self._subscribers: set[Subscriber] = set()
+        self._next_id = 1
+        self._render = render
+        self.closed = False
+
+    @property
+    def streams(self) -> int:
+        return len(self._subscribers)
+
+    @property
+    def last_id(self) -> int:
+        return self._next_id - 1
+
+    def publish(self, job: Job) -> None:
+        event_id = self._next_id
+        self._next_id += 1
+        # Serialised once, whatever the number of clients.
+        event = (event_id, job.job_id, ujson.dumps(self._render(job)))
+        self._recent.append(event)
+        for sub in list(self._subscribers):
+            if sub.job_id is not None and sub.job_id != job.job_id:
+                continue
+            try:
+                sub.queue.put_nowait(event)
+            except asyncio.QueueFull:
+                self._drop(sub)
+
+    def _drop(self, sub: Subscriber) -> None:
+        sub.dropped = True
+        self._subscribers.discard(sub)
+        # Make room for the end marker so the stream notices at once.
+        while not sub.queue.empty():
+            sub.queue.get_nowait()
+        sub.queue.put_nowait(None)
+        log.info("events: dropped a client more than %d events behind", CLIENT_QUEUE)
+
+    def subscribe(self, job_id: str | None, last_event_id: int | None
+                  ) -> tuple[Subscriber, list[tuple[int, str, str]], bool]:
+        """A new subscriber, the buffered events it missed, and whether the gap since
+        `last_event_id` was fully covered by the buffer."""
+        sub = Subscriber(job_id)
+        replay: list[tuple[int, str, str]] = []
+        complete = True
+        if last_event_id is not None:
+            oldest = self._recent[0][0] if self._recent else self._next_id
+            complete = last_event_id >= oldest - 1
+            replay = [e for e in self._recent
+                      if e[0] > last_event_id and (job_id is None or e[1] == job_id)]
+        self._subscribers.add(sub)
+        return sub, replay, complete
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        self._subscribers.discard(sub)
+
+    def close(self) -> None:
+        self.closed = True
+        for sub in list(self._subscribers):
+            self._drop(sub)
+
+

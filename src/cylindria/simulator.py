@@ -1531,7 +1531,9 @@ async def serve(host: str, base_port: int, gpus: int, settings: SimSettings) -> 
             if settings.output_dir is not None:
                 gpu_settings = dataclasses.replace(
                     settings, output_dir=Path(settings.output_dir) / f"gpu{index}")
-            runner = web.AppRunner(ComfySimulator(gpu_settings, gpu_index=index).create_app())
+            # No access log: Cylindria polls once a second, which would drown the output.
+            runner = web.AppRunner(ComfySimulator(gpu_settings, gpu_index=index).create_app(),
+                                   access_log=None)
             await runner.setup()
             runners.append(runner)
             port = base_port + index

@@ -465,14 +465,37 @@ def concrete(path: str) -> str:
 
 
 async def test_every_route_but_healthz_needs_the_key(start_cylindria):
+    """Walks every route of the app without a key: only the routes listed here are
+    open, the dashboard's pages send the browser to the sign-in form, and every other
+    route answers 401 JSON."""
+    # The health check (load balancers know no secrets), the sign-in form, and the
+    # stylesheet and script the form uses.
+    open_routes = {
+        ("GET", "/healthz"): 200, ("HEAD", "/healthz"): 200,
+        ("GET", "/dashboard/login"): 200, ("HEAD", "/dashboard/login"): 200,
+        ("POST", "/dashboard/login"): 400,
+        ("GET", "/dashboard/static/dashboard.css"): 200,
+        ("HEAD", "/dashboard/static/dashboard.css"): 200,
+    }
+    sign_in_pages = {"/", "/dashboard/job/x", "/dashboard/logout"}
     client = await start_cylindria(api_key="s3cret")
+    seen_open = set()
     checked = 0
     for route in client.app.router.routes():
         info = route.resource.get_info()
-        path = concrete(info.get("path") or info.get("formatter"))
-        resp = await client.request(route.method, path)
-        if path == "/healthz":
-            assert resp.status == 200
+        if "prefix" in info:
+            path = info["prefix"] + "/dashboard.css"
+        else:
+            path = concrete(info.get("path") or info.get("formatter"))
+        resp = await client.request(route.method, path, allow_redirects=False)
+        if (route.method, path) in open_routes:
+            assert resp.status == open_routes[route.method, path], (route.method, path)
+            seen_open.add((route.method, path))
+            continue
+        if path in sign_in_pages:
+            assert resp.status == 303, (route.method, path)
+            assert resp.headers["Location"].startswith("/dashboard/login")
+            checked += 1
             continue
         assert resp.status == 401, (route.method, path)
         if route.method != "HEAD":
@@ -480,7 +503,8 @@ async def test_every_route_but_healthz_needs_the_key(start_cylindria):
             assert body["error"]["code"] == "unauthorized"
             assert "X-API-Key" in body["error"]["message"]
         checked += 1
-    assert checked >= 6
+    assert seen_open == set(open_routes)
+    assert checked >= 12
 
 
 async def test_the_right_key_opens_the_api_and_a_wrong_one_does_not(start_cylindria):

@@ -11,6 +11,7 @@ from .config import Settings
 from .gpus import Gpu
 from .hub import EventHub
 from .registry import Registry
+from .sessions import Sessions
 from .webhooks import WebhookSender
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -24,3 +25,4 @@ TASKS = web.AppKey("tasks", dict[str, asyncio.Task[None]])
 SUBMISSIONS = web.AppKey("submissions", dict[str, asyncio.Future[None]])
 EVENTS = web.AppKey("events", EventHub)
 WEBHOOKS = web.AppKey("webhooks", WebhookSender)
+SESSIONS = web.AppKey("sessions", Sessions)

@@ -1,0 +1,61 @@
+"""Dashboard sign-in sessions: random tokens with an expiry, kept in memory."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass, field
+
+SESSION_SECONDS = 12 * 3600
+MAX_SESSIONS = 1000
+
+
+@dataclass(slots=True)
+class Sessions:
+    """Signed-in browsers: random tokens with an expiry, held in this process only.
+
+    Only a SHA-256 digest of each token is kept, so neither a memory dump nor a
+    timing difference in the dict lookup tells anything about a live cookie. A
+    restart signs everybody out, which is the safe direction.
+    """
+
+    lifetime: float = SESSION_SECONDS
+    limit: int = MAX_SESSIONS
+    _expiry: dict[bytes, float] = field(default_factory=dict)
+
+    def start(self) -> str:
+        self._prune()
+        while len(self._expiry) >= self.limit:
+            # Dicts keep insertion order: the oldest session goes first.
+            del self._expiry[next(iter(self._expiry))]
+        token = secrets.token_urlsafe(32)
+        self._expiry[_digest(token)] = time.monotonic() + self.lifetime
+        return token
+
+    def valid(self, token: str | None) -> bool:
+        if not token:
+            return False
+        expiry = self._expiry.get(_digest(token))
+        if expiry is None:
+            return False
+        if expiry <= time.monotonic():
+            del self._expiry[_digest(token)]
+            return False
+        return True
+
+    def end(self, token: str | None) -> None:
+        if token:
+            self._expiry.pop(_digest(token), None)
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        for digest in [d for d, expiry in self._expiry.items() if expiry <= now]:
+            del self._expiry[digest]
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()

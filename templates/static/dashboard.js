@@ -1,0 +1,339 @@
+/* Cylindria dashboard: keeps the server-rendered page current from its JSON state feed.
+   Data is only ever written with textContent and setAttribute, never parsed as HTML. */
+"use strict";
+
+(function () {
+  const body = document.body;
+  const stateUrl = body.dataset.stateUrl;
+  if (!stateUrl) {
+    return;
+  }
+  const pollMs = Number(body.dataset.pollMs) || 1000;
+  // A hidden tab needs no second-by-second updates; it catches up when shown again.
+  const hiddenPollMs = pollMs * 5;
+  const requestTimeoutMs = 5000;
+  const live = document.querySelector('[data-field="live"]');
+  let timer = null;
+  let stopped = false;
+
+  function field(root, name) {
+    return root.querySelector('[data-field="' + name + '"]');
+  }
+
+  function setText(node, text) {
+    const value = text === null || text === undefined ? "" : String(text);
+    if (node && node.textContent !== value) {
+      node.textContent = value;
+    }
+  }
+
+  function show(node, visible) {
+    if (node) {
+      node.hidden = !visible;
+    }
+  }
+
+  function setHref(node, href) {
+    if (node && node.getAttribute("href") !== href) {
+      node.setAttribute("href", href);
+    }
+  }
+
+  // Swap the one class that starts with `prefix` (state-*, status-*).
+  function setVariant(node, prefix, value) {
+    if (!node) {
+      return;
+    }
+    for (const name of Array.from(node.classList)) {
+      if (name.startsWith(prefix) && name !== prefix + value) {
+        node.classList.remove(name);
+      }
+    }
+    node.classList.add(prefix + value);
+  }
+
+  function setBar(node, value, label) {
+    if (node) {
+      node.value = value;
+      setText(node, label);
+    }
+  }
+
+  function el(tag, attrs, children) {
+    const node = document.createElement(tag);
+    for (const [name, value] of Object.entries(attrs || {})) {
+      if (name === "text") {
+        node.textContent = value;
+      } else if (value !== null && value !== undefined && value !== false) {
+        node.setAttribute(name, value === true ? "" : String(value));
+      }
+    }
+    for (const child of children || []) {
+      node.appendChild(child);
+    }
+    return node;
+  }
+
+  function progressBox(state, barField, percentField) {
+    return el("div", {class: "progress"}, [
+      el("progress", {class: "bar state-" + state, "data-field": barField, max: "1"}),
+      el("span", {class: "pct", "data-field": percentField}),
+    ]);
+  }
+
+  // -- live indicator ------------------------------------------------------------------
+
+  function markLive(label) {
+    if (!live) {
+      return;
+    }
+    live.classList.remove("is-stale", "is-out");
+    live.classList.add("is-live");
+    setText(field(live, "live-label"), "Live · updated " + label);
+  }
+
+  function markStale() {
+    if (live) {
+      live.classList.remove("is-live");
+      live.classList.add("is-stale");
+      setText(field(live, "live-label"), "Connection lost · retrying");
+    }
+  }
+
+  function markSignedOut() {
+    if (live) {
+      live.classList.remove("is-live", "is-stale");
+      live.classList.add("is-out");
+      setText(field(live, "live-label"), "Signed out ·");
+      show(field(live, "signin"), true);
+    }
+  }
+
+  // -- the overview page ----------------------------------------------------------------
+
+  function updateGpu(card, gpu) {
+    setVariant(card, "status-", gpu.status);
+    const pill = field(card, "status");
+    setVariant(pill, "status-", gpu.status);
+    setText(pill, gpu.status_label);
+    show(field(card, "drained"), Boolean(gpu.drained));
+
+    const reachable = field(card, "reachable");
+    setText(reachable, gpu.reachable ? "reachable" : "unreachable");
+    reachable.classList.toggle("good", gpu.reachable);
+    reachable.classList.toggle("bad", !gpu.reachable);
+    const listener = field(card, "listener");
+    setText(listener, gpu.listener_connected ? "connected" : "disconnected");
+    listener.classList.toggle("good", gpu.listener_connected);
+    listener.classList.toggle("bad", !gpu.listener_connected);
+
+    setText(field(card, "queue"), gpu.queue_label);
+    setText(field(card, "vram"), gpu.vram_label);
+    const vram = field(card, "vram-bar");
+    show(vram, gpu.vram_fraction !== null);
+    if (gpu.vram_fraction !== null) {
+      vram.value = gpu.vram_fraction;
+    }
+    const device = [gpu.device_name, gpu.comfyui_version ? "ComfyUI " + gpu.comfyui_version : ""];
+    setText(field(card, "device"), device.filter(Boolean).join(" · "));
+    const problem = field(card, "problem");
+    setText(problem, gpu.problem);
+    show(problem, Boolean(gpu.problem));
+
+    const run = gpu.running;
+    show(field(card, "running-job"), Boolean(run));
+    show(field(card, "idle"), !run);
+    if (run) {
+      const link = field(card, "running-link");
+      setText(link, run.job_id);
+      setHref(link, run.url);
+      setBar(field(card, "running-bar"), run.progress, run.progress_label);
+      setText(field(card, "running-percent"), run.progress_label);
+      setText(field(card, "running-node"), run.node_label);
+    }
+  }
+
+  function makeRow(job) {
+    const tr = el("tr", {class: "job", "data-job": job.job_id}, [
+      el("td", {"data-label": "Job", class: "job-id"}, [
+        el("a", {class: "mono", "data-field": "link"}),
+      ]),
+      el("td", {"data-label": "GPU", "data-field": "gpu"}),
+      el("td", {"data-label": "State"}, [el("span", {class: "pill", "data-field": "state"})]),
+      el("td", {"data-label": "Progress", class: "progress-cell"}, [
+        progressBox(job.state, "bar", "percent"),
+        el("div", {class: "sub", "data-field": "node"}),
+      ]),
+      el("td", {"data-label": "Submitted", "data-field": "submitted", class: "nowrap"}),
+      el("td", {"data-label": "Duration", "data-field": "duration", class: "nowrap"}),
+      el("td", {"data-label": "Detail", class: "detail", "data-field": "detail"}),
+    ]);
+    return tr;
+  }
+
+  function fillRow(tr, job) {
+    tr.dataset.state = job.state;
+    const link = field(tr, "link");
+    setText(link, job.job_id);
+    setHref(link, job.url);
+    setText(field(tr, "gpu"), job.gpu_id);
+    const state = field(tr, "state");
+    setVariant(state, "state-", job.state);
+    setText(state, job.state_label);
+    const bar = field(tr, "bar");
+    setVariant(bar, "state-", job.state);
+    setBar(bar, job.progress, job.progress_label);
+    setText(field(tr, "percent"), job.progress_label);
+    setText(field(tr, "node"), job.node_label);
+    const submitted = field(tr, "submitted");
+    setText(submitted, job.submitted_label);
+    submitted.title = job.submitted_at;
+    setText(field(tr, "duration"), job.duration_label);
+    setText(field(tr, "detail"), job.detail);
+  }
+
+  function updateJobs(jobs) {
+    const tbody = document.querySelector('[data-field="jobs"]');
+    // Keyed by job id through a Map: ids never end up inside a CSS selector.
+    const rows = new Map();
+    for (const tr of Array.from(tbody.rows)) {
+      rows.set(tr.dataset.job, tr);
+    }
+    const kept = new Set();
+    let cursor = tbody.firstElementChild;
+    for (const job of jobs) {
+      const tr = rows.get(job.job_id) || makeRow(job);
+      fillRow(tr, job);
+      kept.add(tr);
+      if (tr === cursor) {
+        cursor = cursor.nextElementSibling;
+      } else {
+        tbody.insertBefore(tr, cursor);
+      }
+    }
+    for (const tr of rows.values()) {
+      if (!kept.has(tr)) {
+        tr.remove();
+      }
+    }
+    show(document.querySelector('[data-field="empty"]'), jobs.length === 0);
+  }
+
+  function renderOverview(state) {
+    setText(document.querySelector('[data-field="summary"]'), state.summary);
+    for (const gpu of state.gpus) {
+      const card = document.querySelector('[data-gpu="' + Number(gpu.gpu_id) + '"]');
+      if (card) {
+        updateGpu(card, gpu);
+      }
+    }
+    updateJobs(state.jobs);
+    markLive(state.generated_label);
+  }
+
+  // -- the job page ---------------------------------------------------------------------
+
+  function outputItem(o) {
+    let main;
+    if (o.thumbnail) {
+      main = el("a", {class: "thumb", href: o.url}, [
+        el("img", {src: o.url, alt: o.filename, loading: "lazy"}),
+      ]);
+    } else if (o.text !== null && o.text !== undefined) {
+      main = el("pre", {class: "text-output", text: o.text});
+    } else if (o.url) {
+      main = el("a", {class: "file mono", href: o.url, text: o.filename});
+    } else {
+      main = el("span", {class: "file mono", text: o.filename});
+    }
+    return el("li", {class: "output"}, [main, el("span", {class: "caption", text: o.caption})]);
+  }
+
+  function renderJob(job) {
+    for (const [name, text] of Object.entries(job.text)) {
+      setText(field(document, name), text);
+    }
+    setVariant(field(document, "state"), "state-", job.state);
+    const bar = field(document, "bar");
+    setVariant(bar, "state-", job.state);
+    setBar(bar, job.progress, job.progress_label);
+
+    const error = job.error;
+    show(document.querySelector('[data-section="error"]'), Boolean(error));
+    if (error) {
+      setText(field(document, "error-kind"), error.kind);
+      setText(field(document, "error-node"), error.node ? "in node " + error.node : "");
+      setText(field(document, "error-message"), error.message);
+      setText(field(document, "error-traceback"), error.traceback);
+      show(field(document, "error-traceback-box"), Boolean(error.traceback));
+    }
+    const nodeErrors = job.node_errors;
+    show(document.querySelector('[data-section="node-errors"]'), Boolean(nodeErrors));
+    if (nodeErrors) {
+      setText(field(document, "node-errors-summary"), nodeErrors.summary);
+      setText(field(document, "node-errors-raw"), nodeErrors.raw);
+    }
+
+    // Rebuild the outputs only when they change, so thumbnails do not reload.
+    const list = field(document, "outputs");
+    if (list.dataset.outputsKey !== job.outputs_key) {
+      list.replaceChildren(...job.outputs.map(outputItem));
+      list.dataset.outputsKey = job.outputs_key;
+    }
+    show(field(document, "outputs-empty"), job.outputs.length === 0);
+    setText(field(document, "raw"), job.status_json);
+    markLive(job.generated_label);
+    if (job.terminal) {
+      // A finished job never changes again.
+      stopped = true;
+      if (live) {
+        setText(field(live, "live-label"), "Finished · updated " + job.generated_label);
+      }
+    }
+  }
+
+  // -- polling ---------------------------------------------------------------------------
+
+  const render = body.dataset.page === "job" ? renderJob : renderOverview;
+
+  function schedule(delay) {
+    clearTimeout(timer);
+    if (!stopped) {
+      timer = setTimeout(poll, delay);
+    }
+  }
+
+  async function poll() {
+    const controller = new AbortController();
+    const abort = setTimeout(() => controller.abort(), requestTimeoutMs);
+    try {
+      const response = await fetch(stateUrl, {
+        credentials: "same-origin",
+        cache: "no-store",
+        headers: {Accept: "application/json"},
+        signal: controller.signal,
+      });
+      if (response.status === 401) {
+        stopped = true;
+        markSignedOut();
+        return;
+      }
+      if (!response.ok) {
+        throw new Error("HTTP " + response.status);
+      }
+      render(await response.json());
+    } catch (error) {
+      markStale();
+    } finally {
+      clearTimeout(abort);
+    }
+    schedule(document.hidden ? hiddenPollMs : pollMs);
+  }
+
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden) {
+      schedule(0);
+    }
+  });
+  schedule(0);
+})();

@@ -1,0 +1,383 @@
+"""The dashboard in a real headless Chromium, against the service and simulated GPUs."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ujson
+from aiohttp import ClientSession, DummyCookieJar
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from cylindria.keys import REGISTRY
+
+import workflows
+from conftest import wait_until
+
+CHROMIUM = Path("/usr/bin/chromium")
+LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update",
+               "--disable-sync"]
+# Generous bounds for a loaded 2-core machine; a passing run waits far less.
+WAIT_MS = 15_000
+expect.set_options(timeout=WAIT_MS)
+
+
+@pytest.fixture
+def chromium() -> Path:
+    # CI installs it; a missing browser must fail the run, never skip these tests.
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium package "
+                    "(apt-get install chromium) to run the dashboard's browser tests.")
+    return CHROMIUM
+
+
+@pytest.fixture
+async def browser(chromium: Path, start_cylindria) -> Any:
+    """Debian's Chromium, driven by Playwright. Set up after the service (it depends on
+    `start_cylindria`), so it closes first and no page polls a server being torn down."""
+    async with async_playwright() as pw:
+        launched = await pw.chromium.launch(executable_path=str(chromium), headless=True,
+                                            args=LAUNCH_ARGS)
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+async def open_page(browser: Browser, client, path: str = "/", *, width: int = 1280,
+                    height: int = 900, javascript: bool = True) -> Page:
+    context = await browser.new_context(viewport={"width": width, "height": height},
+                                        java_script_enabled=javascript)
+    page = await context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(f"uncaught: {exc}"))
+    # A CSP violation means some markup or script would silently not work.
+    page.on("console", lambda msg: problems.append(msg.text)
+            if "Content Security Policy" in msg.text else None)
+    page.problems = problems  # type: ignore[attr-defined]
+    await page.goto(url(client, path))
+    return page
+
+
+def url(client, path: str) -> str:
+    return str(client.make_url(path))
+
+
+async def shot(page: Page, tmp_path: Path, name: str) -> Path:
+    path = tmp_path / f"{name}.png"
+    await page.screenshot(path=str(path), full_page=True)
+    print(f"screenshot: {path}")
+    return path
+
+
+def assert_clean(page: Page) -> None:
+    assert page.problems == [], page.problems  # type: ignore[attr-defined]
+
+
+async def put_job(client, job_id: str, workflow: dict[str, Any], gpu: int | None = None,
+                  headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
+    params = {} if gpu is None else {"GpuId": str(gpu)}
+    resp = await client.put(f"/startjob/{job_id}/", params=params,
+                            data=ujson.dumps(workflow), headers=headers)
+    return resp.status, await resp.json()
+
+
+async def wait_job(client, job_id: str, *states: str) -> dict[str, Any]:
+    async def check() -> dict[str, Any] | None:
+        body = await (await client.get(f"/jobstatus/{job_id}/")).json()
+        return body if body["state"] in states else None
+    return await wait_until(check, 10, f"job {job_id} to be {states}")
+
+
+def row(page: Page, job_id: str):
+    return page.locator("tr.job").filter(has=page.locator(
+        "a[data-field=link]", has_text=job_id))
+
+
+async def bar_value(page: Page, job_id: str) -> float:
+    return float(await page.evaluate(
+        """id => [...document.querySelectorAll('tr.job')]
+                 .find(tr => tr.dataset.job === id).querySelector('progress').value""",
+        job_id))
+
+
+async def wait_bar_above(page: Page, job_id: str, floor: float) -> float:
+    await page.wait_for_function(
+        """([id, floor]) => {
+             const tr = [...document.querySelectorAll('tr.job')].find(r => r.dataset.job === id);
+             return tr && tr.querySelector('progress').value > floor;
+           }""", arg=[job_id, floor], timeout=WAIT_MS)
+    return await bar_value(page, job_id)
+
+
+# -- overview ------------------------------------------------------------------------
+
+async def test_first_paint_is_useful_without_javascript(browser, start_cylindria, start_sims,
+                                                        tmp_path):
+    cluster = await start_sims(2)
+    client = await start_cylindria(cluster)
+    await put_job(client, "before-load", workflows.quick(), gpu=1)
+    await wait_job(client, "before-load", "completed")
+    page = await open_page(browser, client, javascript=False)
+    await expect(page.locator("article.gpu")).to_have_count(2)
+    card = page.locator('article.gpu[data-gpu="1"]')
+    await expect(card.locator("[data-field=status]")).to_have_text("OK")
+    await expect(card).to_contain_text(str(cluster.base_port + 1))
+    await expect(card.locator("[data-field=vram]")).to_contain_text("GiB")
+    done = row(page, "before-load")
+    await expect(done.locator("[data-field=state]")).to_have_text("Completed")
+    await expect(done.locator("[data-field=percent]")).to_have_text("100%")
+    await expect(done.locator("[data-field=detail]")).to_have_text("Completed.")
+    await shot(page, tmp_path, "no-javascript")
+    assert_clean(page)
+
+
+async def test_jobs_appear_and_progress_moves_without_reload(browser, start_cylindria,
+                                                             start_sims, tmp_path):
+    cluster = await start_sims(2, step_seconds=0.01)
+    client = await start_cylindria(cluster)
+    page = await open_page(browser, client)
+    await expect(page.locator("[data-field=empty]")).to_be_visible()
+    await expect(page.locator("[data-field=live]")).to_have_class("live is-live")
+    await page.evaluate("window.__sameDocument = true")
+
+    sim = cluster.sims[0]
+    sim.pause(at="tick")
+    status, body = await put_job(client, "render-1", workflows.txt2img(steps=8), gpu=0)
+    assert status == 202, body
+    await asyncio.wait_for(sim.until_blocked(), 10)
+    job = row(page, "render-1")
+    await expect(job.locator("[data-field=state]")).to_have_text("Running")
+    await expect(job.locator("[data-field=state]")).to_have_class("pill state-running")
+    first = await wait_bar_above(page, "render-1", 0.0)
+    await expect(page.locator("[data-field=empty]")).to_be_hidden()
+    card = page.locator('article.gpu[data-gpu="0"]')
+    await expect(card.locator("[data-field=running-link]")).to_have_text("render-1")
+    await expect(card.locator("[data-field=running-node]")).to_contain_text("node 3")
+    await expect(page.locator('article.gpu[data-gpu="1"] [data-field=idle]')).to_be_visible()
+    await shot(page, tmp_path, "running")
+
+    # One more sampler step: the bar must move forward on its own.
+    sim.resume()
+    sim.pause(at="tick")
+    await asyncio.wait_for(sim.until_blocked(), 10)
+    second = await wait_bar_above(page, "render-1", first)
+    assert 0 < first < second < 1
+
+    status, _ = await put_job(client, "quick-2", workflows.quick(), gpu=1)
+    assert status == 202
+    sim.resume()
+    await expect(job.locator("[data-field=state]")).to_have_text("Completed")
+    await expect(job.locator("[data-field=percent]")).to_have_text("100%")
+    assert await bar_value(page, "render-1") == 1.0
+    await expect(row(page, "quick-2").locator("[data-field=state]")).to_have_text("Completed")
+    await expect(card.locator("[data-field=idle]")).to_be_visible()
+    # Newest first.
+    ids = await page.locator("tr.job").evaluate_all("rows => rows.map(r => r.dataset.job)")
+    assert ids == ["quick-2", "render-1"]
+    assert await page.evaluate("window.__sameDocument") is True
+    await shot(page, tmp_path, "completed")
+    assert_clean(page)
+
+
+async def test_a_stopped_gpu_turns_its_card_degraded(browser, start_cylindria, start_sims,
+                                                     tmp_path):
+    cluster = await start_sims(2)
+    client = await start_cylindria(cluster)
+    page = await open_page(browser, client)
+    gone = page.locator('article.gpu[data-gpu="1"]')
+    await expect(gone.locator("[data-field=status]")).to_have_text("OK")
+    await cluster.servers[1].close()
+    await expect(gone.locator("[data-field=status]")).to_have_text("Degraded")
+    await expect(gone).to_have_class("card gpu status-degraded")
+    await expect(gone.locator("[data-field=listener]")).to_have_text("disconnected")
+    await expect(gone.locator("[data-field=reachable]")).to_have_text("unreachable")
+    await expect(gone.locator("[data-field=problem]")).to_be_visible()
+    await expect(page.locator('article.gpu[data-gpu="0"] [data-field=status]')).to_have_text("OK")
+    await shot(page, tmp_path, "degraded")
+    assert_clean(page)
+
+
+async def test_a_narrow_window_stacks_the_table(browser, start_cylindria, start_sims,
+                                                tmp_path):
+    cluster = await start_sims(2)
+    client = await start_cylindria(cluster)
+    for n in range(3):
+        await put_job(client, f"phone-{n}", workflows.quick(), gpu=n % 2)
+    await put_job(client, "phone-bad", workflows.fails_at_runtime())
+    await wait_job(client, "phone-bad", "failed")
+    page = await open_page(browser, client, width=390, height=844)
+    await expect(row(page, "phone-bad").locator("[data-field=state]")).to_have_text("Failed")
+    assert await page.locator("table.jobs thead").is_hidden()
+    overflow = await page.evaluate(
+        "document.documentElement.scrollWidth - document.documentElement.clientWidth")
+    assert overflow <= 0
+    await shot(page, tmp_path, "narrow")
+    assert_clean(page)
+
+
+# -- job details ---------------------------------------------------------------------
+
+async def test_job_detail_shows_the_error_with_its_traceback(browser, start_cylindria,
+                                                             tmp_path):
+    client = await start_cylindria()
+    await put_job(client, "broken", workflows.fails_at_runtime())
+    failed = await wait_job(client, "broken", "failed")
+    page = await open_page(browser, client)
+    await row(page, "broken").locator("[data-field=link]").click()
+    await expect(page).to_have_url(url(client, "/dashboard/job/broken"))
+    await expect(page.locator("h2.job-title")).to_have_text("broken")
+    await expect(page.locator("[data-field=state]")).to_have_text("Failed")
+    error = page.locator('[data-section="error"]')
+    await expect(error).to_be_visible()
+    await expect(error.locator("[data-field=error-kind]")).to_have_text(failed["error"]["type"])
+    await expect(error.locator("[data-field=error-node]")).to_have_text("in node 2 (SaveImage)")
+    await expect(error.locator("[data-field=error-message]")).to_contain_text(
+        "outside the output folder")
+    traceback = await error.locator("[data-field=error-traceback]").text_content()
+    assert traceback and traceback.rstrip().endswith(failed["error"]["traceback"][-1].rstrip())
+    await expect(page.locator("[data-field=at-finished]")).to_have_text(failed["finished_at"])
+    await expect(page.locator("[data-field=outputs-empty]")).to_have_text("No outputs.")
+    await shot(page, tmp_path, "job-failed")
+    assert_clean(page)
+
+
+async def test_job_detail_follows_a_running_job_to_its_images(browser, start_cylindria,
+                                                              start_sims, tmp_path):
+    cluster = await start_sims(1, step_seconds=0.01)
+    client = await start_cylindria(cluster)
+    sim = cluster.sims[0]
+    sim.pause(at="tick")
+    await put_job(client, "picture", workflows.txt2img(steps=4))
+    await asyncio.wait_for(sim.until_blocked(), 10)
+    await wait_job(client, "picture", "running")
+    page = await open_page(browser, client, "/dashboard/job/picture")
+    await page.evaluate("window.__sameDocument = true")
+    await expect(page.locator("[data-field=state]")).to_have_text("Running")
+    await expect(page.locator("[data-field=node]")).to_contain_text("node 3 · step 1/4")
+    await expect(page.locator("[data-field=outputs-empty]")).to_have_text("No outputs yet.")
+    sim.resume()
+    await expect(page.locator("[data-field=state]")).to_have_text("Completed")
+    image = page.locator("ul.outputs img")
+    await expect(image).to_have_count(1)
+    status = await (await client.get("/jobstatus/picture/")).json()
+    entry = status["outputs"][0] if isinstance(status["outputs"], list) else None
+    if entry is not None and entry.get("url"):
+        await expect(image).to_have_attribute("src", entry["url"])
+        await expect(image).to_have_attribute("alt", entry["filename"])
+        # The thumbnail really loads: Cylindria streams it from the simulated ComfyUI.
+        await page.wait_for_function(
+            "() => { const i = document.querySelector('ul.outputs img');"
+            " return i && i.complete && i.naturalWidth > 0; }", timeout=WAIT_MS)
+    await expect(page.locator("[data-field=live]")).to_contain_text("Finished")
+    assert await page.evaluate("window.__sameDocument") is True
+    await shot(page, tmp_path, "job-completed")
+    assert_clean(page)
+
+
+async def test_unknown_job_detail_is_a_404_page(browser, start_cylindria, tmp_path):
+    client = await start_cylindria()
+    page = await open_page(browser, client, "/dashboard/job/never-submitted")
+    await expect(page.locator("h2")).to_have_text("Job not found")
+    await expect(page.locator("main")).to_contain_text("never-submitted")
+    resp = await client.get("/dashboard/job/never-submitted")
+    assert resp.status == 404
+    await shot(page, tmp_path, "job-unknown")
+    assert_clean(page)
+
+
+# -- escaping --------------------------------------------------------------------------
+
+HOSTILE_ID = '<img src=x onerror="window.__pwned=1">'
+HOSTILE_DETAIL = "<script>window.__pwned=2</script> & <b>bold</b>"
+
+
+async def test_markup_in_job_ids_and_details_renders_as_text(browser, start_cylindria,
+                                                             tmp_path):
+    client = await start_cylindria()
+    # The API refuses such ids; a job record can still hold any string, so the pages
+    # must never trust it.
+    registry = client.app[REGISTRY]
+    hostile = registry.begin(HOSTILE_ID, 0, "prompt-hostile", "fp", ["1"])
+    registry.reject(hostile, HOSTILE_DETAIL,
+                    error={"type": "<script>window.__pwned=3</script>",
+                           "message": "<i>not italic</i>"})
+    status, body = await put_job(
+        client, "bad-model", workflows.txt2img(ckpt="<script>window.__pwned=4</script>"))
+    assert status == 422, body
+
+    page = await open_page(browser, client)
+    hostile_row = page.locator("tr.job").filter(has_text="onerror")
+    await expect(hostile_row.locator("[data-field=link]")).to_have_text(HOSTILE_ID)
+    await expect(hostile_row.locator("[data-field=detail]")).to_have_text(HOSTILE_DETAIL)
+    await expect(row(page, "bad-model").locator("[data-field=state]")).to_have_text("Rejected")
+    # Wait for a live update to have rewritten the rows too.
+    await expect(page.locator("[data-field=live]")).to_contain_text("Live")
+    await expect(hostile_row.locator("[data-field=link]")).to_have_text(HOSTILE_ID)
+    assert await page.locator("main img").count() == 0
+    assert await page.locator("main b, main i").count() == 0
+    await shot(page, tmp_path, "escaping")
+
+    await hostile_row.locator("[data-field=link]").click()
+    await expect(page.locator("h2.job-title")).to_have_text(HOSTILE_ID)
+    await expect(page.locator("[data-field=error-kind]")).to_have_text(
+        "<script>window.__pwned=3</script>")
+    await expect(page.locator("[data-field=error-message]")).to_have_text("<i>not italic</i>")
+    await page.goto(url(client, "/dashboard/job/bad-model"))
+    for name in ("node-errors-summary", "node-errors-raw"):
+        await expect(page.locator(f"[data-field={name}]")).to_contain_text(
+            "<script>window.__pwned=4</script>")
+    assert await page.evaluate("typeof window.__pwned") == "undefined"
+    await shot(page, tmp_path, "escaping-detail")
+    assert_clean(page)
+
+
+# -- signing in ------------------------------------------------------------------------
+
+async def test_the_key_form_signs_in_and_out(browser, start_cylindria, tmp_path):
+    client = await start_cylindria(api_key="s3cret")
+    page = await open_page(browser, client)
+    await expect(page).to_have_url(url(client, "/dashboard/login?next=/"))
+    await shot(page, tmp_path, "login")
+
+    await page.fill("#key", "not-the-key")
+    async with page.expect_response(lambda r: r.request.method == "POST") as answer:
+        await page.click("button[type=submit]")
+    assert (await answer.value).status == 401
+    await expect(page.locator("[role=alert]")).to_have_text("That key is wrong. Try again.")
+    await shot(page, tmp_path, "login-wrong")
+
+    await page.fill("#key", "s3cret")
+    await page.click("button[type=submit]")
+    await expect(page).to_have_url(url(client, "/"))
+    await expect(page.locator("article.gpu")).to_have_count(1)
+    await expect(page.locator("[data-field=live]")).to_have_class("live is-live")
+    cookies = {c["name"]: c for c in await page.context.cookies()}
+    session = cookies["cylindria_session"]
+    assert session["httpOnly"] is True and session["sameSite"] == "Strict"
+    assert "s3cret" not in session["value"]
+
+    # The cookie alone opens the dashboard but never the JSON API.
+    jar_free = {"Cookie": f"cylindria_session={session['value']}"}
+    async with ClientSession(cookie_jar=DummyCookieJar()) as http:
+        for path in ("/serverstatus", "/jobstatus/x/", "/jobs/", "/gpus/"):
+            async with http.get(url(client, path), headers=jar_free) as resp:
+                assert resp.status == 401, path
+        async with http.put(url(client, "/startjob/x/"), headers=jar_free,
+                            data=ujson.dumps(workflows.quick())) as resp:
+            assert resp.status == 401
+        async with http.get(url(client, "/dashboard/state"), headers=jar_free) as resp:
+            assert resp.status == 200
+        await page.click("[data-field=signout]")
+        await expect(page).to_have_url(url(client, "/dashboard/login"))
+        await expect(page.locator("#key")).to_be_visible()
+        # Signing out ends the session on the server, not only in this browser.
+        async with http.get(url(client, "/dashboard/state"), headers=jar_free) as resp:
+            assert resp.status == 401
+    await page.goto(url(client, "/"))
+    await expect(page).to_have_url(url(client, "/dashboard/login?next=/"))
+    assert_clean(page)

@@ -342,6 +342,35 @@ async def test_timed_out_submission_that_was_queued_is_accepted_once(start_cylin
     assert cluster.count(0, "POST", "/prompt") == 1
 
 
+async def test_retry_after_an_unanswered_submission_adopts_the_first_attempt(
+        start_cylindria, start_sims):
+    """ComfyUI queued the job but neither answered nor could be asked in time: the job
+    is refused (504); a retry finds the first attempt and does not submit again."""
+    gate = asyncio.Event()
+    cluster = await start_sims(1, middlewares=(answer_late(gate),))
+    sim = cluster.sims[0]
+    client = await start_cylindria(cluster)
+    sim.pause(at="dequeue")
+    sim.hang_next(10, path="/queue")  # the poller may take some of these too
+    wf = workflows.quick()
+    try:
+        status, body = await put_job(client, "uncertain", wf)
+    finally:
+        gate.set()
+        sim.release_hangs()
+    assert status == 504 and body["accepted"] is False
+    assert "will check again" in body["detail"]
+    first = await job_status(client, "uncertain")
+    assert first["state"] == "rejected"
+    status, body = await put_job(client, "uncertain", wf)
+    assert status == 202, body
+    assert body["prompt_id"] == first["prompt_id"]
+    assert "after all" in body["detail"]
+    sim.resume()
+    await wait_state(client, "uncertain", "completed")
+    assert cluster.count(0, "POST", "/prompt") == 1
+
+
 async def test_dev_mode_saves_the_workflow(start_cylindria, tmp_path):
     save_dir = tmp_path / "saved"
     client = await start_cylindria(dev_mode=True, dev_save_dir=save_dir)

@@ -246,8 +246,8 @@ async def start_job(app: web.Application, job_id: str, gpu: Gpu, prompt: dict[st
             return repeat_response(registry.get(job_id) or existing)
         return repeat_response(existing)
 
-    if existing is not None and existing.error and existing.error.get("code") == "backend_timeout":
-        adopted = await adopt_uncertain(app, existing, gpu, digest, prompt)
+    if existing is not None and (existing.error or {}).get("code") == "backend_timeout":
+        adopted = await adopt_uncertain(app, existing, digest, prompt, callback)
         if adopted is not None:
             return adopted
 
@@ -351,11 +351,13 @@ async def reconcile_timeout(app: web.Application, job: Job, gpu: Gpu,
     return startjob_error(job.job_id, gpu.index, BackendTimeout(detail))
 
 
-async def adopt_uncertain(app: web.Application, old: Job, gpu: Gpu, digest: str,
-                          prompt: dict[str, Any]) -> web.Response | None:
+async def adopt_uncertain(app: web.Application, old: Job, digest: str,
+                          prompt: dict[str, Any], callback: str | None
+                          ) -> web.Response | None:
     """A PUT again after a timed-out submission: if ComfyUI did queue that attempt
-    after all, track it instead of submitting a second copy."""
-    if old.fingerprint != digest or old.gpu_id != gpu.index or gpu.comfy is None:
+    after all, track it (on the GPU it went to) instead of submitting a second copy."""
+    gpu = app[GPUS][old.gpu_id]
+    if old.fingerprint != digest or gpu.comfy is None:
         return None
     try:
         queued = await gpu.comfy.is_queued(old.prompt_id)
@@ -364,7 +366,8 @@ async def adopt_uncertain(app: web.Application, old: Job, gpu: Gpu, digest: str,
     if not queued:
         return None
     registry = app[REGISTRY]
-    job = registry.begin(old.job_id, gpu.index, old.prompt_id, digest, prompt.keys())
+    job = registry.begin(old.job_id, gpu.index, old.prompt_id, digest, prompt.keys(),
+                         callback_url=callback)
     registry.confirm(job)
     return json_response(accepted_body(
         job, "The earlier attempt reached ComfyUI after all; tracking it instead of "

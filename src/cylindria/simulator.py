@@ -536,6 +536,8 @@ class ComfySimulator:
         self._fail_rules.append(FaultRule(count, path))
 
     def release_hangs(self) -> None:
+        """Answer every hung request, and forget hang rules not used up yet."""
+        self._hang_rules.clear()
         self._hang_gate.set()
         # Later hangs wait on a fresh gate; the released requests already hold the old one.
         self._hang_gate = asyncio.Event()

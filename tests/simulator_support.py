@@ -10,6 +10,8 @@ from typing import Any
 import aiohttp
 import ujson
 
+import workflows
+
 WAIT = 10.0
 
 
@@ -129,18 +131,5 @@ def streamed(color: int = 0x102030, batch: int = 3) -> dict[str, Any]:
 
 def txt2img(steps: int = 4, seed: int = 42,
             ckpt: str = "v1-5-pruned-emaonly.safetensors") -> dict[str, Any]:
-    return {
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse at dusk",
-                                                         "clip": ["4", 1]}},
-        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512,
-                                                           "batch_size": 1}},
-        "3": {"class_type": "KSampler", "inputs": {
-            "seed": seed, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
-            "scheduler": "normal", "denoise": 1.0, "model": ["4", 0], "positive": ["6", 0],
-            "negative": ["7", 0], "latent_image": ["5", 0]}},
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0],
-                                                    "filename_prefix": "cyl/txt2img"}},
-    }
+    """The usual text-to-image chain, with a fixed seed so reruns can hit the cache."""
+    return workflows.txt2img(steps=steps, seed=seed, ckpt=ckpt)

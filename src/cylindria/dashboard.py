@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
-import json
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 
 import aiohttp_jinja2
 import jinja2
+import ujson
 from aiohttp import web
 
 from . import auth
@@ -45,6 +45,10 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
+
+
+def pretty_json(value: Any) -> str:
+    return ujson.dumps(value, indent=2, ensure_ascii=False, escape_forward_slashes=False)
 
 
 def templates_dir() -> Path:
@@ -286,7 +290,7 @@ def job_details(request: web.Request, job: Job) -> dict[str, Any]:
         **row,
         "generated_label": now.strftime("%H:%M:%S UTC"),
         "status": body,
-        "status_json": json.dumps(body, indent=2, ensure_ascii=False),
+        "status_json": pretty_json(body),
         # Plain text fields by the name of the element that shows them.
         "text": {
             "state": row["state_label"],
@@ -313,11 +317,11 @@ def job_details(request: web.Request, job: Job) -> dict[str, Any]:
         },
         "node_errors": None if node_errors is None else {
             "summary": "\n".join(node_error_lines(node_errors)),
-            "raw": json.dumps(node_errors, indent=2, ensure_ascii=False),
+            "raw": pretty_json(node_errors),
         },
         "outputs": outputs,
         # Lets the page tell whether the outputs changed without comparing them.
-        "outputs_key": hashlib.sha256(json.dumps(outputs, sort_keys=True).encode())
+        "outputs_key": hashlib.sha256(ujson.dumps(outputs, sort_keys=True).encode())
         .hexdigest()[:16],
     }
 

@@ -23,10 +23,9 @@ from .errors import (
     InvalidWorkflow,
     JobIdConflict,
     JobNotFound,
-    UnknownGpu,
     json_response,
 )
-from .gpus import Gpu
+from .gpus import Gpu, gpu_by_number
 from .keys import GPUS, REGISTRY, SETTINGS, SUBMISSIONS
 from .placement import GpuDrained, choose_gpu
 from .registry import Job, JobConflict, JobState
@@ -41,19 +40,11 @@ JOB_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 # -- request parsing ---------------------------------------------------------
 
-def gpu_from_query(request: web.Request, raw: str | None = None) -> Gpu:
-    gpus = request.app[GPUS]
+def gpu_from_query(request: web.Request, raw: str | None = None,
+                   name: str = "GpuId") -> Gpu:
     if raw is None:
         raw = request.query.get("GpuId", "0")
-    try:
-        gpu_id = int(raw)
-    except ValueError:
-        raise UnknownGpu(f"GpuId must be a whole number from 0 to {len(gpus) - 1} "
-                         f"(got {raw!r}).") from None
-    if not 0 <= gpu_id < len(gpus):
-        raise UnknownGpu(f"GpuId {gpu_id} does not exist: this server has {len(gpus)} "
-                         f"GPU(s), numbered 0 to {len(gpus) - 1}.")
-    return gpus[gpu_id]
+    return gpu_by_number(request.app[GPUS], raw, name)
 
 
 def job_id_from_path(request: web.Request) -> str:
@@ -410,7 +401,7 @@ async def get_jobs(request: web.Request) -> web.Response:
                              + ", ".join(s.value for s in JobState) + ".")
     gpu_id = None
     if query.get("gpu"):
-        gpu_id = gpu_from_query(request, query["gpu"]).index
+        gpu_id = gpu_from_query(request, query["gpu"], "gpu").index
     limit = _int_param(query, "limit", 50, 1, MAX_PAGE)
     before = _int_param(query, "before", None, 1, None)
     jobs = request.app[REGISTRY].page(states=states, gpu_id=gpu_id, before=before,

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import ujson
 from aiohttp import web
 
 from .errors import ApiError, BadRequest
-from .keys import EVENTS, REGISTRY, SETTINGS
-
-log = logging.getLogger(__name__)
+from .keys import EVENTS, SETTINGS
 
 routes = web.RouteTableDef()
 
@@ -42,9 +39,7 @@ async def get_events(request: web.Request) -> web.StreamResponse:
         raise TooManyStreams(
             f"Too many event streams are open ({settings.max_event_streams}); retry later "
             "or poll GET /jobstatus/{job_id}/.", headers={"Retry-After": "5"})
-    if job_id is not None and request.app[REGISTRY].get(job_id) is None:
-        log.debug("events: stream for job %s, not (yet) known", job_id)
-
+    # A job_id not known yet is fine: its events start when it is submitted.
     sub, replay, complete = hub.subscribe(job_id, last_id)
     try:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",

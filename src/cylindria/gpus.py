@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .comfy import ComfyClient
-from .errors import BackendError
+from .errors import BackendError, UnknownGpu
 
 log = logging.getLogger(__name__)
 
@@ -94,3 +94,16 @@ class Gpu:
 
     def healthy(self, probe: Probe) -> bool:
         return probe.reachable and self.listener_connected
+
+
+def gpu_by_number(gpus: list[Gpu], raw: str, name: str = "GpuId") -> Gpu:
+    """The GPU numbered `raw`; a clear 400 naming `name` and the range otherwise."""
+    try:
+        gpu_id = int(raw)
+    except ValueError:
+        raise UnknownGpu(f"{name} must be a whole number from 0 to {len(gpus) - 1} "
+                         f"(got {raw!r}).") from None
+    if not 0 <= gpu_id < len(gpus):
+        raise UnknownGpu(f"{name} {gpu_id} does not exist: this server has {len(gpus)} "
+                         f"GPU(s), numbered 0 to {len(gpus) - 1}.")
+    return gpus[gpu_id]

@@ -8,8 +8,8 @@ from typing import Any
 
 from aiohttp import web
 
-from .errors import ApiError, UnknownGpu, json_response
-from .gpus import Gpu
+from .errors import ApiError, json_response
+from .gpus import Gpu, gpu_by_number
 from .keys import GPUS, REGISTRY, SETTINGS
 from .registry import Registry
 
@@ -55,18 +55,6 @@ async def choose_gpu(app: web.Application) -> Gpu:
     return tied[next(_tiebreak) % len(tied)]
 
 
-def gpu_by_number(app: web.Application, raw: str) -> Gpu:
-    gpus = app[GPUS]
-    try:
-        n = int(raw)
-    except ValueError:
-        n = -1
-    if not 0 <= n < len(gpus):
-        raise UnknownGpu(f"GPU {raw!r} does not exist: this server has {len(gpus)} GPU(s), "
-                         f"numbered 0 to {len(gpus) - 1}.")
-    return gpus[n]
-
-
 async def gpu_overview(app: web.Application, gpu: Gpu) -> dict[str, Any]:
     timing = app[SETTINGS].timing
     registry = app[REGISTRY]
@@ -92,13 +80,13 @@ async def get_gpus(request: web.Request) -> web.Response:
 
 @routes.post("/gpus/{gpu_id}/drain", name="gpu_drain")
 async def post_gpu_drain(request: web.Request) -> web.Response:
-    gpu = gpu_by_number(request.app, request.match_info["gpu_id"])
+    gpu = gpu_by_number(request.app[GPUS], request.match_info["gpu_id"], "GPU")
     gpu.drained = True
     return json_response(await gpu_overview(request.app, gpu))
 
 
 @routes.post("/gpus/{gpu_id}/undrain", name="gpu_undrain")
 async def post_gpu_undrain(request: web.Request) -> web.Response:
-    gpu = gpu_by_number(request.app, request.match_info["gpu_id"])
+    gpu = gpu_by_number(request.app[GPUS], request.match_info["gpu_id"], "GPU")
     gpu.drained = False
     return json_response(await gpu_overview(request.app, gpu))

@@ -16,8 +16,7 @@ import ujson
 from aiohttp.test_utils import TestClient
 from simulator_support import WAIT, Listener, quick, streamed, txt2img, wait_until
 
-from cylindria import simulator
-from cylindria.simulator import DEFAULT_MODELS, ComfySimulator, SimSettings, serve
+from cylindria.simulator import DEFAULT_MODELS, ComfySimulator, SimSettings, engine, serve
 
 INTERNAL_ERROR = "500 Internal Server Error\n\nServer got itself in trouble"
 
@@ -551,7 +550,7 @@ async def test_streamed_output_is_never_cached(env):
 # --- history and jobs ----------------------------------------------------------------------
 
 async def test_history_eviction_and_paging(env, monkeypatch):
-    monkeypatch.setattr(simulator, "MAXIMUM_HISTORY_SIZE", 2)
+    monkeypatch.setattr(engine, "MAXIMUM_HISTORY_SIZE", 2)
     for n in range(5):
         body = await env.submit(quick(color=200 + n), prompt_id=f"h{n}")
         await env.history_of(body["prompt_id"])
@@ -916,7 +915,7 @@ def free_port_pair() -> int:
 async def test_serve_runs_one_simulator_per_gpu(tmp_path, caplog):
     base = free_port_pair()
     settings = SimSettings(step_seconds=0, output_dir=tmp_path)
-    with caplog.at_level("INFO", logger="cylindria.simulator"):
+    with caplog.at_level("INFO", logger="cylindria.simulator.server"):
         task = asyncio.create_task(serve("127.0.0.1", base, 2, settings))
         async with aiohttp.ClientSession() as session:
             async def stats(port: int) -> Any:

@@ -6,10 +6,10 @@ from pathlib import Path
 # This file lives in a checkout, so it runs that checkout's tester, whether or not (and
 # whichever version of) Cylindria is installed in the running Python.
 SRC = Path(__file__).resolve().parent / "src"
-if (SRC / "cylindria" / "tester.py").is_file():
+if (SRC / "cylindria" / "desktop.py").is_file():
     sys.path.insert(0, str(SRC))
 
-from cylindria.tester import main  # noqa: E402
+from cylindria.desktop import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

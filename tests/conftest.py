@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,52 +10,13 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from cylindria.addresses import free_port_run
 from cylindria.app import create_app
-from cylindria.config import Settings, Timing
-from cylindria.keys import GPUS
+from cylindria.appkeys import GPUS
+from cylindria.config import Settings
 from cylindria.simulator import ComfySimulator, SimSettings
 
-FAST = Timing(connect_timeout=1.0, request_timeout=2.0, submit_timeout=1.0,
-              status_timeout=0.5, status_cache_seconds=0.3, poll_interval=0.05,
-              lost_grace=0.3, reconnect_initial=0.02, reconnect_max=0.2, ws_heartbeat=5.0)
-
-
-async def wait_until(predicate: Callable[[], Any], timeout: float = 5.0,
-                     what: str = "condition") -> Any:
-    """Poll `predicate` (sync or async) until truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if isinstance(value, Awaitable):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-def consecutive_free_ports(count: int, host: str = "127.0.0.1") -> int:
-    """A base port such that base..base+count-1 are all free right now."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((host, 0))
-            base = probe.getsockname()[1]
-        if base + count > 65535:
-            continue
-        socks = []
-        try:
-            for n in range(count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind((host, base + n))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no run of free ports found")
+from helpers import FAST, wait_until
 
 
 @dataclass
@@ -91,7 +48,7 @@ def request_log(entries: list[tuple[str, str]]) -> Any:
 async def start_sims(aiohttp_server, tmp_path: Path):
     async def start(count: int = 1, *, middlewares: tuple[Any, ...] = (),
                     **sim_options: Any) -> Cluster:
-        base = consecutive_free_ports(count)
+        base = free_port_run(count)
         cluster = Cluster(base, [], [])
         for n in range(count):
             options = {"step_seconds": 0.0, "output_dir": tmp_path / f"sim-gpu{n}",
@@ -126,7 +83,3 @@ async def start_cylindria(start_sims, aiohttp_client):
                              what="listeners to connect")
         return client
     return start
-
-
-def with_timing(**changes: Any) -> Timing:
-    return replace(FAST, **changes)

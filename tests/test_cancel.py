@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import workflows
-from conftest import wait_until
-from test_api import job_status, put_job, wait_state
+from helpers import job_status, put_job, start_paused, wait_state, wait_until
 
 
 async def cancel(client, job_id):
@@ -53,11 +52,8 @@ async def test_cancel_that_comes_too_late_ends_completed(start_cylindria, start_
     cluster = await start_sims(1)
     sim = cluster.sims[0]
     client = await start_cylindria(cluster)
-    sim.pause(at="tick")
     # One image: its only progress tick is the job's last interrupt check.
-    await put_job(client, "late", workflows.websocket_images(batch=1))
-    await asyncio.wait_for(sim.until_blocked(), 5)
-    await wait_state(client, "late", "running")
+    await start_paused(client, sim, "late", workflows.websocket_images(batch=1))
     status, body = await cancel(client, "late")
     assert status == 202 and body["state"] == "running"
     sim.resume()
@@ -70,10 +66,7 @@ async def test_repeating_a_cancel_is_harmless(start_cylindria, start_sims):
     cluster = await start_sims(1)
     sim = cluster.sims[0]
     client = await start_cylindria(cluster)
-    sim.pause(at="tick")
-    await put_job(client, "twice", workflows.txt2img(steps=3))
-    await asyncio.wait_for(sim.until_blocked(), 5)
-    await wait_state(client, "twice", "running")
+    await start_paused(client, sim, "twice", workflows.txt2img(steps=3))
     first, _ = await cancel(client, "twice")
     second, body = await cancel(client, "twice")
     assert (first, second) == (202, 202)

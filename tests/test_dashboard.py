@@ -11,10 +11,10 @@ import ujson
 from aiohttp import ClientSession, DummyCookieJar
 from playwright.async_api import Browser, Page, async_playwright, expect
 
-from cylindria.keys import REGISTRY
+from cylindria.appkeys import REGISTRY
 
 import workflows
-from conftest import wait_until
+from helpers import put_job, start_paused, wait_state
 
 CHROMIUM = Path("/usr/bin/chromium")
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -78,21 +78,6 @@ def assert_clean(page: Page) -> None:
     assert page.problems == [], page.problems  # type: ignore[attr-defined]
 
 
-async def put_job(client, job_id: str, workflow: dict[str, Any], gpu: int | None = None,
-                  headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
-    params = {} if gpu is None else {"GpuId": str(gpu)}
-    resp = await client.put(f"/startjob/{job_id}/", params=params,
-                            data=ujson.dumps(workflow), headers=headers)
-    return resp.status, await resp.json()
-
-
-async def wait_job(client, job_id: str, *states: str) -> dict[str, Any]:
-    async def check() -> dict[str, Any] | None:
-        body = await (await client.get(f"/jobstatus/{job_id}/")).json()
-        return body if body["state"] in states else None
-    return await wait_until(check, 10, f"job {job_id} to be {states}")
-
-
 def row(page: Page, job_id: str):
     return page.locator("tr.job").filter(has=page.locator(
         "a[data-field=link]", has_text=job_id))
@@ -121,7 +106,7 @@ async def test_first_paint_is_useful_without_javascript(browser, start_cylindria
     cluster = await start_sims(2)
     client = await start_cylindria(cluster)
     await put_job(client, "before-load", workflows.quick(), gpu=1)
-    await wait_job(client, "before-load", "completed")
+    await wait_state(client, "before-load", "completed", timeout=10)
     page = await open_page(browser, client, javascript=False)
     await expect(page.locator("article.gpu")).to_have_count(2)
     card = page.locator('article.gpu[data-gpu="1"]')
@@ -146,10 +131,8 @@ async def test_jobs_appear_and_progress_moves_without_reload(browser, start_cyli
     await page.evaluate("window.__sameDocument = true")
 
     sim = cluster.sims[0]
-    sim.pause(at="tick")
-    status, body = await put_job(client, "render-1", workflows.txt2img(steps=8), gpu=0)
-    assert status == 202, body
-    await asyncio.wait_for(sim.until_blocked(), 10)
+    await start_paused(client, sim, "render-1", workflows.txt2img(steps=8), gpu=0,
+                       timeout=10)
     job = row(page, "render-1")
     await expect(job.locator("[data-field=state]")).to_have_text("Running")
     await expect(job.locator("[data-field=state]")).to_have_class("pill state-running")
@@ -209,7 +192,7 @@ async def test_a_narrow_window_stacks_the_table(browser, start_cylindria, start_
     for n in range(3):
         await put_job(client, f"phone-{n}", workflows.quick(), gpu=n % 2)
     await put_job(client, "phone-bad", workflows.fails_at_runtime())
-    await wait_job(client, "phone-bad", "failed")
+    await wait_state(client, "phone-bad", "failed", timeout=10)
     page = await open_page(browser, client, width=390, height=844)
     await expect(row(page, "phone-bad").locator("[data-field=state]")).to_have_text("Failed")
     assert await page.locator("table.jobs thead").is_hidden()
@@ -226,7 +209,7 @@ async def test_job_detail_shows_the_error_with_its_traceback(browser, start_cyli
                                                              tmp_path):
     client = await start_cylindria()
     await put_job(client, "broken", workflows.fails_at_runtime())
-    failed = await wait_job(client, "broken", "failed")
+    failed = await wait_state(client, "broken", "failed", timeout=10)
     page = await open_page(browser, client)
     await row(page, "broken").locator("[data-field=link]").click()
     await expect(page).to_have_url(url(client, "/dashboard/job/broken"))
@@ -251,10 +234,7 @@ async def test_job_detail_follows_a_running_job_to_its_images(browser, start_cyl
     cluster = await start_sims(1, step_seconds=0.01)
     client = await start_cylindria(cluster)
     sim = cluster.sims[0]
-    sim.pause(at="tick")
-    await put_job(client, "picture", workflows.txt2img(steps=4))
-    await asyncio.wait_for(sim.until_blocked(), 10)
-    await wait_job(client, "picture", "running")
+    await start_paused(client, sim, "picture", workflows.txt2img(steps=4), timeout=10)
     page = await open_page(browser, client, "/dashboard/job/picture")
     await page.evaluate("window.__sameDocument = true")
     await expect(page.locator("[data-field=state]")).to_have_text("Running")

@@ -7,13 +7,13 @@ import re
 import pytest
 import ujson
 
-from cylindria.auth import SESSION_COOKIE, safe_next
-from cylindria.dashboard import format_duration, output_entries
-from cylindria.keys import REGISTRY
-from cylindria.sessions import Sessions
+from cylindria.appkeys import REGISTRY
+from cylindria.dashboard.present import format_duration, output_view
+from cylindria.web.signins import COOKIE as SESSION_COOKIE
+from cylindria.web.signins import Signins, safe_next
 
 import workflows
-from conftest import wait_until
+from helpers import concrete, wait_until
 
 KEY = "s3cret"
 
@@ -32,16 +32,12 @@ def with_cookie(token: str) -> dict[str, str]:
     return {"Cookie": f"{SESSION_COOKIE}={token}"}
 
 
-def concrete(path: str) -> str:
-    return re.sub(r"\{[^}]+\}", "x", path)
-
-
 # -- sessions ---------------------------------------------------------------------------
 
 def test_sessions_are_random_expire_and_end(monkeypatch):
     clock = [1000.0]
-    monkeypatch.setattr("cylindria.sessions.time.monotonic", lambda: clock[0])
-    sessions = Sessions(lifetime=60, limit=3)
+    monkeypatch.setattr("cylindria.web.signins.time.monotonic", lambda: clock[0])
+    sessions = Signins(lifetime=60, limit=3)
     first, second = sessions.start(), sessions.start()
     assert first != second and len(first) >= 40
     assert sessions.valid(first) and sessions.valid(second)
@@ -55,7 +51,7 @@ def test_sessions_are_random_expire_and_end(monkeypatch):
 
 
 def test_sessions_are_bounded_oldest_first():
-    sessions = Sessions(limit=2)
+    sessions = Signins(limit=2)
     tokens = [sessions.start() for _ in range(3)]
     assert [sessions.valid(t) for t in tokens] == [False, True, True]
 
@@ -225,7 +221,7 @@ async def test_assets_are_served_by_cylindria_itself(start_cylindria):
 
 
 async def test_the_state_feed_is_bounded_and_newest_first(start_cylindria, monkeypatch):
-    monkeypatch.setattr("cylindria.dashboard.RECENT_JOBS", 5)
+    monkeypatch.setattr("cylindria.dashboard.views.RECENT_JOBS", 5)
     client = await start_cylindria()
     registry = client.app[REGISTRY]
     for n in range(8):
@@ -242,31 +238,26 @@ async def test_the_state_feed_is_bounded_and_newest_first(start_cylindria, monke
     assert state["summary"] == "1 GPU · 0 in flight · 8 jobs known"
 
 
-def test_outputs_render_from_either_shape():
-    raw = {"9": {"images": [{"filename": "a.png", "subfolder": "cyl", "type": "output"}],
-                 "animated": [False]},
-           "12": {"text": ["hello"]}}
-    entries = output_entries(raw)
-    assert [(e["node_id"], e["filename"], e["url"], e["thumbnail"]) for e in entries] == [
-        ("9", "a.png", None, False), ("12", "", None, False)]
-    assert entries[0]["caption"] == "node 9 · output · cyl/a.png"
-    assert entries[1]["text"] == "hello"
-    normalised = [
-        {"node_id": "9", "kind": "image", "filename": "a.png", "subfolder": "",
+def test_output_views_caption_files_and_show_images_as_thumbnails():
+    entries = [
+        {"node_id": "9", "kind": "image", "filename": "a.png", "subfolder": "cyl",
          "type": "output", "url": "/joboutput/j/0"},
         {"node_id": "10", "kind": "video", "filename": "b.mp4", "subfolder": "",
          "type": "output", "url": "/joboutput/j/1"},
-        {"node_id": "11", "kind": "image", "filename": "c.png", "subfolder": "",
-         "type": "output", "url": "javascript:alert(1)"},
+        {"node_id": "11", "kind": "file", "filename": "c.WEBP", "subfolder": "",
+         "type": "temp", "url": "/joboutput/j/2"},
         {"node_id": "12", "kind": "text", "text": "hi"},
     ]
-    entries = output_entries(normalised)
-    assert [(e["url"], e["thumbnail"]) for e in entries] == [
-        ("/joboutput/j/0", True), ("/joboutput/j/1", False), (None, False), (None, False)]
-    assert entries[3]["text"] == "hi"
+    views = [output_view(entry) for entry in entries]
+    assert [(v["url"], v["thumbnail"]) for v in views] == [
+        ("/joboutput/j/0", True), ("/joboutput/j/1", False), ("/joboutput/j/2", True),
+        (None, False)]
+    assert views[0]["caption"] == "node 9 · output · cyl/a.png"
+    assert views[2]["caption"] == "node 11 · temp · c.WEBP"
+    assert views[3]["text"] == "hi" and views[3]["caption"] == "node 12 · text"
 
 
-async def test_raw_outputs_show_names_and_normalised_ones_thumbnails(start_cylindria):
+async def test_job_page_shows_image_outputs_as_thumbnails(start_cylindria):
     client = await start_cylindria()
     registry = client.app[REGISTRY]
     job = registry.begin("shown", 0, "prompt-shown", "fp", ["9"])
@@ -275,10 +266,8 @@ async def test_raw_outputs_show_names_and_normalised_ones_thumbnails(start_cylin
                                      "type": "output"}]}}
     page = await (await client.get("/dashboard/job/shown")).text()
     body = (await (await client.get("/jobstatus/shown/")).json())["outputs"]
-    if isinstance(body, list) and body and body[0].get("url"):
-        assert f'<img src="{body[0]["url"]}" alt="named.png"' in page
-    else:
-        assert "named.png" in page and "<img" not in page
+    assert body[0]["url"] == "/joboutput/shown/0"
+    assert '<img src="/joboutput/shown/0" alt="named.png"' in page
 
 
 @pytest.mark.parametrize("seconds, label", [

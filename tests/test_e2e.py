@@ -2,50 +2,20 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from cylindria.addresses import free_port_run
+
 import workflows
-from conftest import consecutive_free_ports, wait_until
+from helpers import Proc, clean_env, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 CYLINDRIA = [sys.executable, "-m", "cylindria"]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CYLINDRIA_", "COMFYUI_"))}
-    env.update(extra)
-    return env
-
-
-class Proc:
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self.handle = log.open("wb")
-        self.popen = subprocess.Popen(args, env=env, stdout=self.handle,
-                                      stderr=subprocess.STDOUT)
-
-    def stop(self) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGINT)
-            try:
-                self.popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=5)
-        self.handle.close()
-        return self.popen.returncode
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
 
 
 @pytest.fixture
@@ -74,8 +44,8 @@ async def wait_http(session, url, proc: Proc, timeout=20.0):
 
 
 async def test_two_processes_end_to_end(procs, tmp_path):
-    sim_port = consecutive_free_ports(2)
-    port = consecutive_free_ports(1)
+    sim_port = free_port_run(2)
+    port = free_port_run(1)
     sim = Proc([*CYLINDRIA, "simulate", "--gpus", "2", "--base-port", str(sim_port),
                 "--step-seconds", "0.01", "--output-dir", str(tmp_path / "out")],
                clean_env(), tmp_path / "sim.log")
@@ -149,10 +119,8 @@ def test_plain_pip_install_ships_the_templates(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = venv / "bin" / "python"
-    started = time.monotonic()
     subprocess.run([str(py), "-m", "pip", "install", "--quiet", str(ROOT)], check=True,
                    timeout=600, capture_output=True)
-    assert time.monotonic() - started < 600
     probe = (
         "import asyncio, cylindria, cylindria.dashboard as d\n"
         "from aiohttp.test_utils import TestClient, TestServer\n"

@@ -9,12 +9,11 @@ import hmac
 import ujson
 from aiohttp import web
 
-from cylindria.hub import CLIENT_QUEUE, EventHub
-from cylindria.registry import Registry
+from cylindria.core.registry import Registry
+from cylindria.web.eventhub import CLIENT_QUEUE, EventHub
 
 import workflows
-from conftest import wait_until, with_timing
-from test_api import put_job, wait_state
+from helpers import put_job, wait_state, wait_until, with_timing
 
 # -- GET /jobs/ ------------------------------------------------------------------------------
 
@@ -172,13 +171,13 @@ async def test_stream_cap_is_429(start_cylindria):
 
 
 def _streams(client):
-    from cylindria.keys import EVENTS
+    from cylindria.appkeys import EVENTS
     return client.app[EVENTS].streams
 
 
 async def test_slow_client_is_dropped_without_holding_the_hub():
     registry = Registry()
-    hub = EventHub(100, lambda job: job.to_status())
+    hub = EventHub(100, lambda job: {"job_id": job.job_id, "state": job.state.value})
     registry.subscribe(hub.publish)
     slow, _, _ = hub.subscribe(None, None)
     fast, _, _ = hub.subscribe("j0", None)

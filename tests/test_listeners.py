@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import random
+import time
+from types import SimpleNamespace
+from typing import Any
 
 import ujson
 from aiohttp import web
 
-from cylindria.gpus import Gpu
-from cylindria.keys import GPUS
-from cylindria.listeners import Dispatcher
-from cylindria.registry import JobState, Registry
+from cylindria.appkeys import GPUS
+from cylindria.core.records import JobState
+from cylindria.core.registry import Registry
+from cylindria.upstream.listeners import Dispatcher, backoff_delays
 
 import workflows
-from conftest import wait_until
-from test_api import job_status, put_job, wait_state
+from helpers import job_status, put_job, start_paused, wait_state, wait_until, with_timing
 
 
 async def test_listener_reconnects_after_comfyui_drops_it(start_cylindria, start_sims):
@@ -32,19 +36,37 @@ async def test_listener_reconnects_after_comfyui_drops_it(start_cylindria, start
     await wait_state(client, "after-drop", "completed")
 
 
+def test_backoff_delays_grow_to_the_cap_with_jitter():
+    random.seed(7)
+    delays = list(itertools.islice(backoff_delays(0.1, 2.0), 40))
+    assert all(0.05 <= d <= 2.0 for d in delays)
+    # Each delay is drawn below its ceiling: 0.1, 0.2, 0.4 ... then the cap.
+    assert all(d <= min(2.0, 0.1 * 2 ** n) for n, d in enumerate(delays))
+    assert max(delays[10:]) > 1.0
+
+
 async def test_listener_backs_off_while_comfyui_refuses(start_cylindria, start_sims):
-    cluster = await start_sims(1)
-    client = await start_cylindria(cluster)
+    attempts: list[float] = []
+
+    @web.middleware
+    async def stamp(request, handler):
+        if request.path == "/ws":
+            attempts.append(time.monotonic())
+        return await handler(request)
+
+    cluster = await start_sims(1, middlewares=(stamp,))
+    client = await start_cylindria(cluster, timing=with_timing(reconnect_initial=0.1,
+                                                               reconnect_max=0.4))
     sim = cluster.sims[0]
     sim.refuse_websockets(True)
     await sim.drop_sockets()
     gpu = client.app[GPUS][0]
     await wait_until(lambda: not gpu.listener_connected, what="disconnect")
-    before = cluster.count(0, "GET", "/ws")
-    await asyncio.sleep(0.6)  # a window to count attempts in, not a wait for an effect
-    attempts = cluster.count(0, "GET", "/ws") - before
-    # reconnect_max is 0.2 s in tests: a handful of tries, not a busy loop.
-    assert 1 <= attempts <= 12, attempts
+    start = len(attempts)
+    await wait_until(lambda: len(attempts) >= start + 4, what="four refused reconnects")
+    gaps = [b - a for a, b in itertools.pairwise(attempts[start:])]
+    # Never a busy loop: every retry waits at least half the initial delay.
+    assert min(gaps) >= 0.05, gaps
     body = await (await client.get("/serverstatus")).json()
     assert body["status"] == "degraded" and body["reachable"] is True
     sim.refuse_websockets(False)
@@ -57,9 +79,7 @@ async def test_job_finishing_while_listener_is_away_is_settled_by_polling(start_
     sim = cluster.sims[0]
     client = await start_cylindria(cluster)
     gpu = client.app[GPUS][0]
-    sim.pause(at="tick")
-    await put_job(client, "unseen", workflows.txt2img(steps=3))
-    await wait_state(client, "unseen", "running")
+    await start_paused(client, sim, "unseen", workflows.txt2img(steps=3))
     sim.refuse_websockets(True)
     await sim.drop_sockets()
     await wait_until(lambda: not gpu.listener_connected, what="disconnect")
@@ -112,9 +132,7 @@ async def test_reconnect_hint_keeps_tracking_the_running_job(start_cylindria, st
     sim = cluster.sims[0]
     client = await start_cylindria(cluster)
     gpu = client.app[GPUS][0]
-    sim.pause(at="tick")
-    await put_job(client, "hinted", workflows.txt2img(steps=3))
-    await wait_state(client, "hinted", "running")
+    await start_paused(client, sim, "hinted", workflows.txt2img(steps=3))
     await sim.drop_sockets()
     await wait_until(lambda: not gpu.listener_connected, what="disconnect")
     await wait_until(lambda: gpu.listener_connected, what="reconnect")
@@ -125,9 +143,10 @@ async def test_reconnect_hint_keeps_tracking_the_running_job(start_cylindria, st
 
 # -- the dispatcher, fed frames directly ------------------------------------------------
 
-def make_dispatcher() -> tuple[Dispatcher, Registry, Gpu]:
+def make_dispatcher() -> tuple[Dispatcher, Registry, Any]:
     registry = Registry()
-    gpu = Gpu(index=0, url="http://127.0.0.1:1", client_id="c")
+    # The dispatcher reads a GPU's number and writes its queue length, nothing else.
+    gpu = SimpleNamespace(index=0, queue_remaining=None)
     return Dispatcher(gpu, registry, asyncio.Event()), registry, gpu
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-from cylindria.keys import GPUS
+from cylindria.appkeys import GPUS
 
 import workflows
-from conftest import wait_until
-from test_api import put_job, wait_state
+from helpers import put_job, wait_state, wait_until
 
 
 async def degrade(client, cluster, n):

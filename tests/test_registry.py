@@ -4,7 +4,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from cylindria.registry import JobConflict, JobState, Registry, plan_nodes
+from cylindria.core.records import JobState, isoformat
+from cylindria.core.registry import Registry
+from cylindria.core.workflow import plan_nodes
+from cylindria.errors import JobConflict
 
 
 class Clock:
@@ -37,12 +40,11 @@ def begin(reg: Registry, job_id: str = "j1", pid: str = "p1", nodes=("1", "2", "
 
 def test_new_job_is_queued_with_iso_timestamps(reg):
     job = begin(reg)
-    status = job.to_status()
-    assert status["state"] == "queued"
-    assert status["submitted_at"] == "2026-01-02T03:04:05.000Z"
-    assert status["progress"] == 0.0
-    assert status["prompt_id"] == "p1"
-    assert status["started_at"] is None and status["finished_at"] is None
+    assert job.state is JobState.QUEUED and job.detail == "Queued on ComfyUI."
+    assert isoformat(job.submitted_at) == "2026-01-02T03:04:05.000Z"
+    assert job.progress == 0.0
+    assert job.prompt_id == "p1"
+    assert job.started_at is None and job.finished_at is None
 
 
 def test_full_lifecycle_reaches_exactly_one_at_completion(reg, clock):
@@ -81,7 +83,7 @@ def test_cached_nodes_count_as_done_and_full_cache_marks_reuse(reg):
     assert job2.outputs_reused
 
 
-def test_outputs_are_normalised_with_urls(reg):
+def test_outputs_are_normalised_in_a_stable_order(reg):
     job = begin(reg)
     reg.on_executed("p1", "3", {"images": [{"filename": "a.png", "subfolder": "s",
                                             "type": "output"},
@@ -92,15 +94,15 @@ def test_outputs_are_normalised_with_urls(reg):
     reg.on_executed("p1", "1", {"audio": [{"filename": "d.flac", "subfolder": "au",
                                            "type": "output"}],
                                 "videos": [{"filename": "e.mp4", "type": "output"}]})
-    entries = job.to_status()["outputs"]
+    entries = job.output_entries()
     assert [(e["node_id"], e["kind"]) for e in entries] == [
         ("3", "image"), ("3", "image"), ("2", "text"), ("2", "gif"), ("1", "audio"),
         ("1", "video")]
     assert entries[0] == {"node_id": "3", "kind": "image", "filename": "a.png",
-                          "subfolder": "s", "type": "output", "url": "/joboutput/j1/0"}
+                          "subfolder": "s", "type": "output"}
     assert entries[2] == {"node_id": "2", "kind": "text", "text": "hello"}
     assert entries[3]["subfolder"] == "" and entries[3]["type"] == "output"
-    assert entries[5]["url"] == "/joboutput/j1/5"
+    assert entries[5]["filename"] == "e.mp4"
 
 
 def test_cancel_waits_for_comfyui_and_a_late_cancel_completes(reg):
@@ -157,7 +159,7 @@ def test_events_for_unknown_prompts_are_ignored(reg):
     reg.on_start("nope")
     reg.on_executing(None, "1", gpu_id=0)
     reg.on_success("nope")
-    assert reg.jobs == {}
+    assert len(reg) == 0
 
 
 def test_reconnect_hint_without_prompt_id_goes_to_the_gpus_running_job(reg):
@@ -251,13 +253,13 @@ def test_progress_uses_the_plan_when_known(reg):
 
 
 def test_oldest_finished_jobs_are_trimmed_first():
-    reg = Registry(max_finished=3)
+    reg = Registry(max_jobs=3)
     live = reg.begin("live", 0, "pl", "f", ["1"])
     for n in range(4):
         job = reg.begin(f"done{n}", 0, f"p{n}", "f", ["1"])
         reg.reject(job, "x")
-    assert "live" in reg.jobs and live.state is JobState.QUEUED
-    assert len(reg.jobs) <= 4 and "done0" not in reg.jobs
+    assert reg.get("live") is live and live.state is JobState.QUEUED
+    assert len(reg) <= 4 and reg.get("done0") is None
 
 
 def test_subscribers_see_every_change(reg):

@@ -6,7 +6,7 @@ import os
 import tracemalloc
 
 import workflows
-from test_api import job_status, put_job, wait_state
+from helpers import job_status, put_job, wait_state
 
 
 async def test_outputs_have_urls_that_serve_the_png(start_cylindria):
@@ -43,7 +43,8 @@ async def test_cached_rerun_reports_reused_outputs(start_cylindria):
     await put_job(client, "again", wf)
     second = await wait_state(client, "again", "completed")
     assert first["outputs_reused"] is False
-    assert second["outputs_reused"] is True
+    assert second["outputs_reused"] is True and second["progress"] == 1.0
+    assert [o["filename"] for o in second["outputs"]] == [o["filename"] for o in first["outputs"]]
     assert [e["filename"] for e in second["outputs"]] == [e["filename"] for e in first["outputs"]]
     assert second["outputs"][0]["url"] == "/joboutput/again/0"
     assert (await client.get(second["outputs"][0]["url"])).status == 200

@@ -14,9 +14,10 @@ import aiohttp
 import pytest
 import ujson
 from aiohttp.test_utils import TestClient
-from simulator_support import WAIT, Listener, quick, streamed, txt2img, wait_until
 
 from cylindria.simulator import DEFAULT_MODELS, ComfySimulator, SimSettings, engine, serve
+
+from simulator_support import WAIT, Listener, quick, streamed, txt2img, wait_until
 
 INTERNAL_ERROR = "500 Internal Server Error\n\nServer got itself in trouble"
 

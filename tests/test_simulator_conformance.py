@@ -14,9 +14,10 @@ import aiohttp
 import pytest
 import ujson
 from aiohttp.test_utils import TestServer
-from simulator_support import WAIT, Frame, Listener
 
 from cylindria.simulator import ComfySimulator, SimSettings
+
+from simulator_support import WAIT, Frame, Listener
 
 TRANSCRIPTS = Path(__file__).parent / "transcripts"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

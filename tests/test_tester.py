@@ -23,11 +23,12 @@ from typing import Any
 import pytest
 from PIL import ImageGrab
 
-from cylindria import tester
-from cylindria.tester import InputError, parse_target
+from cylindria import desktop as tester
+from cylindria.addresses import free_port_run
+from cylindria.desktop import InputError, parse_target
 
 import workflows
-from conftest import consecutive_free_ports
+from helpers import clean_env, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 CYLINDRIA = [sys.executable, "-m", "cylindria"]
@@ -35,24 +36,6 @@ API_KEY = "tester-key"
 # Generous bounds: on a loaded two-core machine a subprocess can take seconds to answer.
 START_TIMEOUT = 30.0
 PRESS_TIMEOUT = 15.0
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("CYLINDRIA_", "COMFYUI_"))
-           and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
-    env.update(extra)
-    return env
-
-
-def stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGINT) -> None:
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +112,8 @@ def wait_for(predicate: Callable[[], Any], what: str, procs: list[Any] = (),
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """`cylindria simulate` and `cylindria serve` (with an API key) as real processes."""
     work = tmp_path_factory.mktemp("service")
-    sim_port = consecutive_free_ports(1)
-    port = consecutive_free_ports(1)
+    sim_port = free_port_run(1)
+    port = free_port_run(1)
     started: list[tuple[subprocess.Popen[bytes], Path]] = []
     handles = []
     commands = [
@@ -328,7 +311,7 @@ def test_unknown_job_shows_the_404(make_app):
 
 
 def test_missing_server_is_a_message_and_the_window_stays_usable(make_app, service):
-    app = make_app(port=consecutive_free_ports(1))
+    app = make_app(port=free_port_run(1))
 
     shown = press(app, app.server_status_button)
 

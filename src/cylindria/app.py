@@ -1,69 +1,60 @@
-"""`create_app(settings)`: wiring only; all I/O starts in the cleanup contexts."""
+"""`create_app(settings)`: wiring only; every resource is made in a cleanup context."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 from collections.abc import AsyncIterator
 
-import aiohttp
-import ujson
 from aiohttp import web
 
-from . import api, dashboard, events, outputs, placement
-from .auth import make_auth_middleware
-from .comfy import ComfyClient
+from . import dashboard
+from .appkeys import EVENTS, GPUS, JOBS, REGISTRY, SETTINGS, SIGNINS, TASKS, WEBHOOKS
 from .config import Settings
-from .errors import error_middleware
-from .gpus import Gpu
-from .hub import EventHub
-from .keys import EVENTS, GPUS, REGISTRY, SESSION, SETTINGS, SUBMISSIONS, TASKS, WEBHOOKS
-from .listeners import cancel_and_wait, listen, poll
-from .registry import Registry
-from .webhooks import WebhookSender
+from .core.jobs import JobsService
+from .core.registry import Registry
+from .upstream.comfy import CallbackClient, ComfyClient, open_session
+from .upstream.gpus import Gpu
+from .upstream.listeners import cancel_and_wait, listen, poll
+from .upstream.webhooks import WebhookSender
+from .web import api, events, gpus, outputs, render
+from .web.auth import make_auth_middleware
+from .web.eventhub import EventHub
+from .web.middlewares import error_middleware
+from .web.signins import Signins
 
 log = logging.getLogger(__name__)
 
 # Workflows can embed images as base64; ComfyUI itself takes up to 100 MB.
 MAX_BODY_BYTES = 32 * 1024 * 1024
-# REST connections allowed per ComfyUI, on top of its one long-lived websocket.
-REST_CONNECTIONS_PER_GPU = 32
 
 
 def create_app(settings: Settings) -> web.Application:
+    signins = Signins()
     middlewares = [error_middleware]
     if settings.api_key:
-        middlewares.append(make_auth_middleware(settings.api_key))
+        middlewares.append(make_auth_middleware(settings.api_key, signins, "dashboard_login"))
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
+    app[SIGNINS] = signins
     registry = Registry()
     app[REGISTRY] = registry
-    app[EVENTS] = EventHub(settings.event_buffer, api.status_body)
-    app[WEBHOOKS] = WebhookSender(registry, settings.webhook_secret, settings.timing,
-                                  api.status_body)
+    app[EVENTS] = EventHub(settings.event_buffer,
+                           functools.partial(render.status_body, router=app.router))
     registry.subscribe(app[EVENTS].publish)
-    registry.subscribe(app[WEBHOOKS].on_change)
-    # A fresh suffix per process: two Cylindrias on one ComfyUI must never share a
-    # clientId (ComfyUI would mute one of them); stable across reconnects.
-    instance = secrets.token_hex(4)
-    app[GPUS] = [Gpu(index=n, url=settings.gpu_url(n), client_id=f"cylindria-{instance}-gpu{n}")
-                 for n in range(settings.num_gpus)]
-    app[SESSION] = []
     app[TASKS] = {}
-    app[SUBMISSIONS] = {}
 
     dashboard.setup(app)
-    app.add_routes(api.routes)
-    app.add_routes(outputs.routes)
-    app.add_routes(placement.routes)
-    app.add_routes(events.routes)
+    for module in (api, outputs, gpus, events):
+        app.add_routes(module.routes)
     # Open event streams end at shutdown, so the server does not wait on them.
     app.on_shutdown.append(close_event_streams)
 
-    # Order matters: teardown runs in reverse, so listeners stop before the
-    # session they use is closed.
-    app.cleanup_ctx.append(client_session_ctx)
+    # Teardown runs in reverse: listeners stop, then webhooks, then the session
+    # they all use is closed.
+    app.cleanup_ctx.append(upstream_ctx)
     app.cleanup_ctx.append(webhooks_ctx)
     app.cleanup_ctx.append(listeners_ctx)
     return app
@@ -73,52 +64,51 @@ async def close_event_streams(app: web.Application) -> None:
     app[EVENTS].close()
 
 
+async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The process's one ClientSession, each GPU's ComfyUI client, and the jobs service."""
+    settings = app[SETTINGS]
+    timing = settings.timing
+    # A fresh suffix per process: two Cylindrias on one ComfyUI must never share a
+    # clientId (ComfyUI would mute one of them); stable across reconnects.
+    instance = secrets.token_hex(4)
+    async with open_session(settings.num_gpus, timing) as session:
+        app[GPUS] = [Gpu(index=n, url=settings.gpu_url(n),
+                         client_id=f"cylindria-{instance}-gpu{n}",
+                         comfy=ComfyClient(session, settings.gpu_url(n), timing.request_timeout),
+                         timing=timing)
+                     for n in range(settings.num_gpus)]
+        app[JOBS] = JobsService(app[REGISTRY], app[GPUS], settings)
+        app[WEBHOOKS] = WebhookSender(app[REGISTRY], CallbackClient(session),
+                                      settings.webhook_secret, timing,
+                                      functools.partial(render.status_body, router=app.router))
+        try:
+            yield
+        finally:
+            for gpu in app[GPUS]:
+                await gpu.close()
+
+
 async def webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
     sender = app[WEBHOOKS]
-    sender.session = app[SESSION][0]
     if not app[SETTINGS].webhook_secret:
         log.info("CYLINDRIA_WEBHOOK_SECRET is not set: webhooks are sent unsigned")
+    app[REGISTRY].subscribe(sender.on_change)
     try:
         yield
     finally:
         await sender.close()
-        sender.session = None
-
-
-async def client_session_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    timing = settings.timing
-    per_gpu = REST_CONNECTIONS_PER_GPU + 1
-    connector = aiohttp.TCPConnector(limit=per_gpu * settings.num_gpus,
-                                     limit_per_host=per_gpu)
-    session = aiohttp.ClientSession(
-        connector=connector, json_serialize=ujson.dumps,
-        timeout=aiohttp.ClientTimeout(total=None, connect=timing.connect_timeout,
-                                      sock_connect=timing.connect_timeout))
-    app[SESSION].append(session)
-    for gpu in app[GPUS]:
-        gpu.comfy = ComfyClient(session, gpu.url, timing.request_timeout)
-    try:
-        yield
-    finally:
-        for gpu in app[GPUS]:
-            await gpu.close()
-        await session.close()
-        app[SESSION].clear()
 
 
 async def listeners_ctx(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    registry = app[REGISTRY]
-    session = app[SESSION][0]
+    """One websocket listener and one queue poller per GPU, each a named task."""
+    timing = app[SETTINGS].timing
     tasks = app[TASKS]
     for gpu in app[GPUS]:
         wake = asyncio.Event()
         tasks[f"listener-gpu{gpu.index}"] = asyncio.create_task(
-            listen(gpu, registry, session, settings.timing, wake),
-            name=f"listener-gpu{gpu.index}")
+            listen(gpu, app[REGISTRY], timing, wake), name=f"listener-gpu{gpu.index}")
         tasks[f"poller-gpu{gpu.index}"] = asyncio.create_task(
-            poll(gpu, registry, settings.timing, wake), name=f"poller-gpu{gpu.index}")
+            poll(gpu, app[JOBS], timing, wake), name=f"poller-gpu{gpu.index}")
     try:
         yield
     finally:

@@ -18,10 +18,10 @@ from .config import (
     DEFAULT_PORT,
     LOG_LEVELS,
     MAX_GPUS,
-    ConfigError,
     Settings,
     load_settings,
 )
+from .errors import ConfigError
 
 log = logging.getLogger("cylindria")
 
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command == "simulate":
         return run_simulate(ns)
     if ns.command == "tester":
-        from .tester import main as tester_main
+        from .desktop import main as tester_main
 
         return tester_main()
     flags = {key: getattr(ns, key) for key in SERVE_FLAGS}

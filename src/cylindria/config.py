@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
+
+from .addresses import bracket, is_loopback
+from .errors import ConfigError
 
 DEFAULT_COMFY_URL = "http://127.0.0.1:8188"
 DEFAULT_PORT = 8000
@@ -17,10 +19,6 @@ MAX_GPUS = 8
 LOG_LEVELS = ("debug", "info", "warning", "error")
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
-
-
-class ConfigError(ValueError):
-    """A setting has a value Cylindria cannot start with; the message names it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,25 +65,12 @@ class Settings:
     def gpu_url(self, gpu_id: int) -> str:
         """Base URL of the ComfyUI serving GPU `gpu_id`: the base URL's port + gpu_id."""
         parts = urlsplit(self.comfy_url)
-        netloc = f"{_bracket(parts.hostname or '')}:{parts.port + gpu_id}"
+        netloc = f"{bracket(parts.hostname or '')}:{parts.port + gpu_id}"
         return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
 
     @property
     def gpu_urls(self) -> list[str]:
         return [self.gpu_url(n) for n in range(self.num_gpus)]
-
-
-def _bracket(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
-
-
-def _is_loopback(host: str) -> bool:
-    if host in ("localhost", "localhost.localdomain"):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _same_host(a: str, b: str) -> bool:
@@ -94,7 +79,7 @@ def _same_host(a: str, b: str) -> bool:
     wildcard = {"0.0.0.0", "::", ""}
     if a in wildcard or b in wildcard:
         return True
-    return _is_loopback(a) and _is_loopback(b)
+    return is_loopback(a) and is_loopback(b)
 
 
 def validate(s: Settings) -> None:
@@ -141,7 +126,7 @@ def validate(s: Settings) -> None:
             f"{s.host}:{s.port}; point --comfy-url at ComfyUI (default port 8188) or "
             "change --port"
         )
-    if not _is_loopback(s.host) and not s.api_key and not s.insecure_no_auth:
+    if not is_loopback(s.host) and not s.api_key and not s.insecure_no_auth:
         raise ConfigError(
             f"host {s.host} is reachable from other machines and CYLINDRIA_API_KEY is not "
             "set: anyone could submit jobs to your GPUs. Set CYLINDRIA_API_KEY, or pass "

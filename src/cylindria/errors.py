@@ -1,28 +1,40 @@
-"""Domain errors and the one middleware that turns every error into JSON."""
+"""Every error class of the service: plain Python, mapped to HTTP answers by web.middlewares."""
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
-import ujson
-from aiohttp import web
 
-log = logging.getLogger(__name__)
+class ConfigError(ValueError):
+    """A setting has a value Cylindria cannot start with; the message names it."""
+
+
+class JobConflict(Exception):
+    """The registry holds this job id already, for a job that is not rejected."""
+
+    def __init__(self, job: Any) -> None:
+        super().__init__(job.job_id)
+        self.job = job
 
 
 class ApiError(Exception):
-    """An error with an HTTP status, a stable code and a sentence saying what to do."""
+    """An error with an HTTP status, a stable code and a sentence saying what to do.
+
+    `extra` goes into the JSON `error` object; `reply` holds fields that stand beside
+    it at the top of the body (a job's id, GPU and state, in answers about one job).
+    """
 
     status = 400
     code = "bad_request"
 
     def __init__(self, message: str, *, extra: dict[str, Any] | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None,
+                 reply: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.extra = extra or {}
         self.headers = headers
+        self.reply = reply or {}
 
 
 class BadRequest(ApiError):
@@ -35,6 +47,13 @@ class InvalidWorkflow(ApiError):
     code = "invalid_workflow"
 
 
+class WorkflowRejected(ApiError):
+    """ComfyUI's own validation refused the workflow."""
+
+    status = 422
+    code = "validation_failed"
+
+
 class Unauthorized(ApiError):
     status = 401
     code = "unauthorized"
@@ -45,14 +64,45 @@ class JobNotFound(ApiError):
     code = "job_not_found"
 
 
+class OutputNotFound(ApiError):
+    status = 404
+    code = "output_not_found"
+
+
 class JobIdConflict(ApiError):
     status = 409
     code = "job_id_conflict"
 
 
+class JobFinished(ApiError):
+    """The job is terminal already: nothing to cancel."""
+
+    status = 409
+    code = "job_finished"
+
+    def __init__(self, job: Any, message: str) -> None:
+        super().__init__(message)
+        self.job = job
+
+
+class GpuDrained(ApiError):
+    status = 409
+    code = "gpu_drained"
+
+
 class UnknownGpu(ApiError):
     status = 400
     code = "unknown_gpu"
+
+
+class TooManyStreams(ApiError):
+    status = 429
+    code = "too_many_streams"
+
+
+class NoGpuAvailable(ApiError):
+    status = 503
+    code = "no_gpu_available"
 
 
 class BackendError(ApiError):
@@ -70,45 +120,3 @@ class BackendUnavailable(BackendError):
 class BackendTimeout(BackendError):
     status = 504
     code = "backend_timeout"
-
-
-def json_response(data: Any, *, status: int = 200,
-                  headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(data, status=status, headers=headers, dumps=ujson.dumps)
-
-
-def error_body(code: str, message: str, **extra: Any) -> dict[str, Any]:
-    return {"error": {"code": code, "message": message, **extra}}
-
-
-_HTTP_HINTS = {
-    404: ("not_found", "No such endpoint. See the README for the API: GET /serverstatus, "
-                       "PUT /startjob/{job_id}/, GET /jobstatus/{job_id}/."),
-    405: ("method_not_allowed", "This endpoint does not take that method."),
-    413: ("payload_too_large", "The request body is too large."),
-}
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return json_response(error_body(exc.code, exc.message, **exc.extra),
-                             status=exc.status, headers=exc.headers)
-    except web.HTTPException as exc:
-        if exc.status < 400 or exc.content_type == "application/json":
-            raise
-        code, message = _HTTP_HINTS.get(exc.status, ("http_error", exc.reason))
-        if exc.status == 405:
-            allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ()) or ()))
-            message = f"{request.method} is not allowed here; use {allowed}."
-        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-        return json_response(error_body(code, message), status=exc.status, headers=headers)
-    except Exception:
-        # Unexpected: log it with the traceback, answer JSON rather than a bare 500.
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return json_response(
-            error_body("internal_error", "Cylindria hit an unexpected error; it is logged. "
-                                         "Retry, and report it if it persists."),
-            status=500)

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import asyncio
 
-import ujson
 from aiohttp import web
 
-from .errors import ApiError, BadRequest
-from .keys import EVENTS, SETTINGS
+from ..appkeys import EVENTS, SETTINGS
+from ..errors import TooManyStreams
+from ..jsonio import dumps
+from . import params
 
 routes = web.RouteTableDef()
 
-
-class TooManyStreams(ApiError):
-    status = 429
-    code = "too_many_streams"
+RESYNC = dumps({"detail": "Some events were missed; fetch the current state with "
+                          "GET /jobstatus/{job_id}/ or GET /jobs/."})
 
 
 def sse(event_id: int, data: str, event: str = "job") -> bytes:
@@ -27,14 +26,7 @@ async def get_events(request: web.Request) -> web.StreamResponse:
     hub = request.app[EVENTS]
     settings = request.app[SETTINGS]
     job_id = request.query.get("job_id") or None
-    raw_last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
-    last_id: int | None = None
-    if raw_last:
-        try:
-            last_id = int(raw_last)
-        except ValueError:
-            raise BadRequest("Last-Event-ID must be an event id this stream sent "
-                             f"(a whole number), got {raw_last!r}.") from None
+    last_id = params.last_event_id(request)
     if hub.streams >= settings.max_event_streams:
         raise TooManyStreams(
             f"Too many event streams are open ({settings.max_event_streams}); retry later "
@@ -49,9 +41,7 @@ async def get_events(request: web.Request) -> web.StreamResponse:
         await resp.write(b"retry: 2000\n\n")
         if not complete:
             # The gap is older than the buffer: tell the client to re-read state.
-            await resp.write(sse(hub.last_id, ujson.dumps(
-                {"detail": "Some events were missed; fetch the current state with "
-                           "GET /jobstatus/{job_id}/ or GET /jobs/."}), event="resync"))
+            await resp.write(sse(hub.last_id, RESYNC, event="resync"))
         for event_id, _, data in replay:
             await resp.write(sse(event_id, data))
         keepalive = settings.timing.sse_keepalive

@@ -1,4 +1,4 @@
-"""The event hub: registry changes fanned out to live subscribers, recent ones kept."""
+"""The event hub: fans registry changes out to live streams and keeps the recent ones."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import ujson
-
-from .registry import Job
+from ..core.records import Job
+from ..jsonio import dumps
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ class EventHub:
         event_id = self._next_id
         self._next_id += 1
         # Serialised once, whatever the number of clients.
-        event = (event_id, job.job_id, ujson.dumps(self._render(job)))
+        event = (event_id, job.job_id, dumps(self._render(job)))
         self._recent.append(event)
         for sub in list(self._subscribers):
             if sub.job_id is not None and sub.job_id != job.job_id:

@@ -1,181 +1,16 @@
-"""The job registry: job records in a dict, and the state machine that moves them."""
+"""The job registry: every job by id and prompt id, the state machine, and its queries."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from enum import StrEnum
+from datetime import datetime
 from typing import Any
 
+from ..errors import JobConflict
+from .records import IN_FLIGHT, TRANSITIONS, Job, JobState, error_summary, utcnow
+
 log = logging.getLogger(__name__)
-
-
-class JobState(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    REJECTED = "rejected"
-
-
-TERMINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED,
-                      JobState.REJECTED})
-IN_FLIGHT = frozenset({JobState.QUEUED, JobState.RUNNING})
-
-# Which state may follow which. Terminal states have no way out: a late or
-# duplicated ComfyUI event can never reopen a finished job.
-TRANSITIONS: dict[JobState, frozenset[JobState]] = {
-    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.COMPLETED, JobState.FAILED,
-                                JobState.CANCELLED, JobState.REJECTED}),
-    JobState.RUNNING: frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED}),
-    JobState.COMPLETED: frozenset(),
-    JobState.FAILED: frozenset(),
-    JobState.CANCELLED: frozenset(),
-    JobState.REJECTED: frozenset(),
-}
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def isoformat(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-class JobConflict(Exception):
-    """The job id is taken by a job with a different workflow."""
-
-    def __init__(self, job: Job) -> None:
-        super().__init__(job.job_id)
-        self.job = job
-
-
-@dataclass(slots=True, eq=False)
-class Job:
-    job_id: str
-    gpu_id: int
-    fingerprint: str
-    prompt_id: str
-    nodes: frozenset[str]
-    submitted_at: datetime
-    updated_at: datetime
-    state: JobState = JobState.QUEUED
-    confirmed: bool = False
-    detail: str = "Submitting to ComfyUI."
-    queue_position: int | None = None
-    current_node: str | None = None
-    node_progress: dict[str, Any] | None = None
-    done_nodes: set[str] = field(default_factory=set)
-    planned_nodes: frozenset[str] | None = None
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    error: dict[str, Any] | None = None
-    node_errors: dict[str, Any] | None = None
-    outputs: dict[str, Any] = field(default_factory=dict)
-    cached_nodes: set[str] = field(default_factory=set)
-    missing_since: datetime | None = None
-    seq: int = 0
-    cancel_requested_at: datetime | None = None
-    callback_url: str | None = None
-    webhook: dict[str, Any] | None = None
-
-    @property
-    def terminal(self) -> bool:
-        return self.state in TERMINAL
-
-    @property
-    def outputs_reused(self) -> bool:
-        """ComfyUI served an output node from its cache: the files are an earlier run's."""
-        return any(node in self.cached_nodes for node in self.outputs)
-
-    def output_entries(self) -> list[dict[str, Any]]:
-        """Every file or text ComfyUI reported, in a stable order, one entry each."""
-        entries: list[dict[str, Any]] = []
-        for node_id, output in self.outputs.items():
-            if not isinstance(output, dict):
-                continue
-            for key, items in output.items():
-                kind = OUTPUT_KINDS.get(key)
-                if kind is None or not isinstance(items, list):
-                    continue
-                for item in items:
-                    if kind == "text":
-                        entries.append({"node_id": node_id, "kind": "text",
-                                        "text": item if isinstance(item, str) else str(item)})
-                    elif isinstance(item, dict) and isinstance(item.get("filename"), str):
-                        entries.append({
-                            "node_id": node_id, "kind": kind, "filename": item["filename"],
-                            "subfolder": str(item.get("subfolder") or ""),
-                            "type": str(item.get("type") or "output"),
-                            "url": f"/joboutput/{self.job_id}/{len(entries)}",
-                        })
-        return entries
-
-    @property
-    def progress(self) -> float:
-        if self.state is JobState.COMPLETED:
-            return 1.0
-        plan = self.planned_nodes or self.nodes
-        if not plan:
-            return 0.0
-        done = len(self.done_nodes & plan)
-        fraction = 0.0
-        np = self.node_progress
-        if np and np.get("max") and np.get("node") not in self.done_nodes:
-            fraction = min(max(float(np["value"]) / float(np["max"]), 0.0), 1.0)
-        # Never report 1.0 before ComfyUI says the job succeeded.
-        return round(min((done + fraction) / len(plan), 0.999), 4)
-
-    def to_status(self) -> dict[str, Any]:
-        return {
-            "job_id": self.job_id,
-            "state": self.state.value,
-            "gpu_id": self.gpu_id,
-            "submitted_at": isoformat(self.submitted_at),
-            "updated_at": isoformat(self.updated_at),
-            "progress": self.progress,
-            "detail": self.detail,
-            "prompt_id": self.prompt_id,
-            "queue_position": self.queue_position,
-            "current_node": self.current_node,
-            "node_progress": self.node_progress,
-            "started_at": isoformat(self.started_at),
-            "finished_at": isoformat(self.finished_at),
-            "error": self.error,
-            "outputs": self.output_entries(),
-            "outputs_reused": self.outputs_reused,
-            "cancel_requested": self.cancel_requested_at is not None,
-            "webhook": self.webhook,
-        }
-
-
-# ComfyUI's UI output keys and what each holds: files, or plain strings for text.
-OUTPUT_KINDS = {"images": "image", "gifs": "gif", "videos": "video", "video": "video",
-                "audio": "audio", "files": "file", "3d": "file", "text": "text"}
-
-
-def plan_nodes(prompt: dict[str, Any], outputs: Iterable[str]) -> frozenset[str]:
-    """The nodes ComfyUI will run for `outputs`: the outputs and all their ancestors."""
-    seen: set[str] = set()
-    stack = [str(o) for o in outputs]
-    while stack:
-        node_id = stack.pop()
-        if node_id in seen or node_id not in prompt:
-            continue
-        seen.add(node_id)
-        node = prompt[node_id]
-        inputs = node.get("inputs") if isinstance(node, dict) else None
-        if isinstance(inputs, dict):
-            for value in inputs.values():
-                if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
-                    stack.append(value[0])
-    return frozenset(seen)
 
 
 Listener = Callable[[Job], None]
@@ -189,33 +24,65 @@ class Registry:
     """
 
     def __init__(self, clock: Callable[[], datetime] = utcnow,
-                 max_finished: int = 50_000) -> None:
-        self.jobs: dict[str, Job] = {}
+                 max_jobs: int = 50_000) -> None:
+        self._jobs: dict[str, Job] = {}
         self._by_prompt: dict[str, Job] = {}
         self._clock = clock
-        self._max_finished = max_finished
+        self._max_jobs = max_jobs
         self._subscribers: list[Listener] = []
         self._seq = 0
 
-    # -- lookup ---------------------------------------------------------------
+    def now(self) -> datetime:
+        return self._clock()
+
+    # -- lookup and queries ---------------------------------------------------------
 
     def get(self, job_id: str) -> Job | None:
-        return self.jobs.get(job_id)
+        return self._jobs.get(job_id)
 
     def by_prompt(self, prompt_id: str | None) -> Job | None:
         if prompt_id is None:
             return None
         return self._by_prompt.get(prompt_id)
 
+    def __len__(self) -> int:
+        return len(self._jobs)
+
     def in_flight(self, gpu_id: int | None = None) -> list[Job]:
-        return [j for j in self.jobs.values()
+        return [j for j in self._jobs.values()
                 if j.state in IN_FLIGHT and (gpu_id is None or j.gpu_id == gpu_id)]
 
+    def in_flight_count(self) -> int:
+        return sum(1 for j in self._jobs.values() if j.state in IN_FLIGHT)
+
+    def load(self, gpu_id: int) -> int:
+        """Jobs queued or running on this GPU."""
+        return len(self.in_flight(gpu_id))
+
+    def queued_count(self, gpu_id: int) -> int:
+        return sum(1 for j in self.in_flight(gpu_id) if j.state is JobState.QUEUED)
+
     def running_on(self, gpu_id: int) -> Job | None:
-        for job in self.jobs.values():
+        for job in self._jobs.values():
             if job.gpu_id == gpu_id and job.state is JobState.RUNNING:
                 return job
         return None
+
+    def page(self, *, states: set[str] | None = None, gpu_id: int | None = None,
+             before: int | None = None, limit: int = 50) -> list[Job]:
+        """Newest first, optionally filtered; `before` is a job's `seq` (a cursor)."""
+        found: list[Job] = []
+        for job in reversed(self._jobs.values()):
+            if before is not None and job.seq >= before:
+                continue
+            if states is not None and job.state.value not in states:
+                continue
+            if gpu_id is not None and job.gpu_id != gpu_id:
+                continue
+            found.append(job)
+            if len(found) >= limit:
+                break
+        return found
 
     def subscribe(self, listener: Listener) -> None:
         self._subscribers.append(listener)
@@ -226,19 +93,19 @@ class Registry:
               nodes: Iterable[str], callback_url: str | None = None) -> Job:
         """Record a new submission before ComfyUI is asked, so that events for its
         prompt id that race ahead of the HTTP answer are never lost."""
-        old = self.jobs.get(job_id)
+        old = self._jobs.get(job_id)
         if old is not None:
             if old.state is not JobState.REJECTED:
                 raise JobConflict(old)
             # Re-inserted below so that dict order stays submission order.
-            del self.jobs[job_id]
+            del self._jobs[job_id]
             self._by_prompt.pop(old.prompt_id, None)
         now = self._clock()
         self._seq += 1
         job = Job(job_id=job_id, gpu_id=gpu_id, fingerprint=fingerprint,
                   prompt_id=prompt_id, nodes=frozenset(nodes), submitted_at=now,
                   updated_at=now, seq=self._seq, callback_url=callback_url)
-        self.jobs[job_id] = job
+        self._jobs[job_id] = job
         self._by_prompt[prompt_id] = job
         self._trim()
         self._changed(job)
@@ -387,25 +254,6 @@ class Registry:
         job.webhook = {**(job.webhook or {}), **fields}
         self._touch(job)
 
-    def page(self, *, states: set[str] | None = None, gpu_id: int | None = None,
-             before: int | None = None, limit: int = 50) -> list[Job]:
-        """Newest first, optionally filtered; `before` is a job's `seq` (a cursor)."""
-        found: list[Job] = []
-        for job in reversed(self.jobs.values()):
-            if before is not None and job.seq >= before:
-                continue
-            if states is not None and job.state.value not in states:
-                continue
-            if gpu_id is not None and job.gpu_id != gpu_id:
-                continue
-            found.append(job)
-            if len(found) >= limit:
-                break
-        return found
-
-    def load(self, gpu_id: int) -> int:
-        return sum(1 for j in self.jobs.values() if j.gpu_id == gpu_id and j.state in IN_FLIGHT)
-
     # -- reconciliation by polling -------------------------------------------
 
     def set_queue(self, gpu_id: int, running: list[str], pending: list[str]) -> list[Job]:
@@ -441,6 +289,8 @@ class Registry:
         job = self.by_prompt(prompt_id)
         if job is not None and planned and job.planned_nodes != planned:
             job.planned_nodes = planned
+            # The plan is what progress counts against: a change subscribers see.
+            self._touch(job)
 
     def settle_from_history(self, prompt_id: str, entry: dict[str, Any]) -> None:
         """Settle a job from its ComfyUI history entry (events may have been lost)."""
@@ -508,7 +358,12 @@ class Registry:
         return False
 
     def _finish(self, job: Job, detail: str | None) -> None:
+        """The job ended on ComfyUI's word (not a refusal at submission): stamp it,
+        and owe its callback a delivery, announced with the same change."""
         job.finished_at = self._clock()
+        if job.callback_url is not None:
+            job.webhook = {"url": job.callback_url, "state": "pending", "attempts": 0,
+                           "last_error": None, "delivered_at": None}
         if job.started_at is None:
             job.started_at = job.finished_at
         job.queue_position = None
@@ -530,24 +385,10 @@ class Registry:
                 log.exception("registry subscriber failed on job %s", job.job_id)
 
     def _trim(self) -> None:
-        if len(self.jobs) <= self._max_finished:
+        if len(self._jobs) <= self._max_jobs:
             return
         # Dicts keep insertion order: drop the oldest finished jobs first.
-        excess = len(self.jobs) - self._max_finished
-        for job_id in [j.job_id for j in self.jobs.values() if j.terminal][:excess]:
-            old = self.jobs.pop(job_id)
+        excess = len(self._jobs) - self._max_jobs
+        for job_id in [j.job_id for j in self._jobs.values() if j.terminal][:excess]:
+            old = self._jobs.pop(job_id)
             self._by_prompt.pop(old.prompt_id, None)
-
-
-def error_summary(data: dict[str, Any]) -> dict[str, Any]:
-    """What a client needs of ComfyUI's execution_error (which can be megabytes)."""
-    traceback = data.get("traceback") or []
-    if isinstance(traceback, str):
-        traceback = [traceback]
-    return {
-        "type": data.get("exception_type"),
-        "message": str(data.get("exception_message", "")).strip(),
-        "node_id": data.get("node_id"),
-        "node_type": data.get("node_type"),
-        "traceback": [str(line) for line in traceback][-20:],
-    }

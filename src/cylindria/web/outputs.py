@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 
-import aiohttp
 from aiohttp import web
 
-from .errors import ApiError, BackendTimeout, BackendUnavailable, JobNotFound
-from .keys import GPUS, REGISTRY, SETTINGS
+from ..appkeys import GPUS, JOBS, SETTINGS
+from ..errors import BackendError, BackendUnavailable, OutputNotFound
+from .auth import Access, access
 
 log = logging.getLogger(__name__)
 
@@ -18,19 +18,15 @@ CHUNK = 256 * 1024
 # Headers of ComfyUI's answer that describe the file; passed on as they are.
 PASSED_HEADERS = ("Content-Type", "Content-Length", "Content-Disposition", "Content-Range",
                   "Accept-Ranges", "Last-Modified", "ETag")
-
-
-class OutputNotFound(ApiError):
-    status = 404
-    code = "output_not_found"
+# Headers of the client's request that make ComfyUI answer with part of a file, or none.
+CONDITIONAL_HEADERS = ("Range", "If-Range", "If-None-Match", "If-Modified-Since")
 
 
 @routes.get("/joboutput/{job_id}/{index}", name="joboutput")
+@access(Access.READ)
 async def get_joboutput(request: web.Request) -> web.StreamResponse:
     job_id = request.match_info["job_id"]
-    job = request.app[REGISTRY].get(job_id)
-    if job is None:
-        raise JobNotFound(f"No job {job_id!r} is known here.", extra={"job_id": job_id})
+    job = request.app[JOBS].find(job_id)
     entries = job.output_entries()
     raw = request.match_info["index"]
     if not raw.isdigit() or int(raw) >= len(entries):
@@ -42,20 +38,14 @@ async def get_joboutput(request: web.Request) -> web.StreamResponse:
         return web.Response(text=entry["text"], content_type="text/plain")
 
     gpu = request.app[GPUS][job.gpu_id]
-    assert gpu.comfy is not None
-    timing = request.app[SETTINGS].timing
     params = {"filename": entry["filename"], "subfolder": entry["subfolder"],
               "type": entry["type"]}
-    headers = {}
-    for name in ("Range", "If-Range", "If-None-Match", "If-Modified-Since"):
-        if name in request.headers:
-            headers[name] = request.headers[name]
-    # No total timeout: a large file may take long; a stalled read still ends.
-    timeout = aiohttp.ClientTimeout(total=None, sock_read=timing.request_timeout)
+    headers = {name: request.headers[name] for name in CONDITIONAL_HEADERS
+               if name in request.headers}
     resp: web.StreamResponse | None = None
     try:
-        async with gpu.comfy.session.get(gpu.comfy.url("/view"), params=params,
-                                         headers=headers, timeout=timeout) as upstream:
+        async with gpu.comfy.view(params, headers,
+                                  request.app[SETTINGS].timing.request_timeout) as upstream:
             if upstream.status == 404:
                 raise OutputNotFound(
                     f"ComfyUI on GPU {gpu.index} no longer has {entry['filename']!r} "
@@ -73,14 +63,10 @@ async def get_joboutput(request: web.Request) -> web.StreamResponse:
                 await resp.write(chunk)
             await resp.write_eof()
             return resp
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        if resp is not None and resp.prepared:
-            # Headers are gone already: all we can do is cut the body short.
-            log.warning("job %s output %s: ComfyUI stopped mid-file (%s)", job_id, raw, exc)
-            return resp
-        if isinstance(exc, aiohttp.ClientError):
-            raise BackendUnavailable(
-                f"ComfyUI on GPU {gpu.index} is unreachable ({exc}); the file cannot be "
-                "fetched now.") from None
-        raise BackendTimeout(f"ComfyUI on GPU {gpu.index} stalled while sending "
-                             f"{entry['filename']!r}.") from None
+    except BackendError as exc:
+        if resp is None or not resp.prepared:
+            raise
+        # Headers are gone already: all that can be done is to cut the body short.
+        log.warning("job %s output %s: ComfyUI stopped mid-file (%s)", job_id, raw,
+                    exc.message)
+        return resp

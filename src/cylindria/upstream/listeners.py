@@ -10,20 +10,13 @@ from typing import Any
 import aiohttp
 import ujson
 
-from .comfy import sorted_queue
-from .config import Timing
-from .errors import BackendError
+from ..config import Timing
+from ..core.jobs import JobsService
+from ..core.registry import Registry
+from ..errors import BackendError
 from .gpus import Gpu
-from .registry import Registry, plan_nodes
 
 log = logging.getLogger(__name__)
-
-# ComfyUI sends full-size PNGs over the socket (SaveImageWebsocket): frames of
-# 8 MiB and more happen, past aiohttp's 4 MiB default.
-WS_MAX_MSG_SIZE = 256 * 1024 * 1024
-
-LOST_DETAIL = ("ComfyUI no longer knows this job: it is neither queued nor in its "
-               "history (ComfyUI was probably restarted). Submit it again.")
 
 
 def backoff_delays(initial: float, cap: float) -> Any:
@@ -100,12 +93,10 @@ def _str_or_none(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-async def listen(gpu: Gpu, registry: Registry, session: aiohttp.ClientSession,
-                 timing: Timing, wake_poller: asyncio.Event) -> None:
+async def listen(gpu: Gpu, registry: Registry, timing: Timing,
+                 wake_poller: asyncio.Event) -> None:
     """Keep one websocket open to this GPU's ComfyUI for the life of the process."""
-    assert gpu.comfy is not None
     dispatcher = Dispatcher(gpu, registry, wake_poller)
-    url = gpu.comfy.ws_url(gpu.client_id)
     delays = backoff_delays(timing.reconnect_initial, timing.reconnect_max)
     failures = 0
     ever_connected = False
@@ -114,14 +105,11 @@ async def listen(gpu: Gpu, registry: Registry, session: aiohttp.ClientSession,
             # `async with` closes the old socket before the loop opens a new one:
             # ComfyUI mutes a newer socket when an older one with the same
             # clientId closes after it.
-            async with session.ws_connect(
-                url, heartbeat=timing.ws_heartbeat, max_msg_size=WS_MAX_MSG_SIZE,
-                timeout=aiohttp.ClientWSTimeout(ws_close=timing.connect_timeout),
-                autoping=True,
-            ) as ws:
+            async with gpu.comfy.websocket(gpu.client_id, heartbeat=timing.ws_heartbeat,
+                                           close_timeout=timing.connect_timeout) as ws:
                 gpu.listener_connected = True
                 log.info("gpu %d: listener %s to %s", gpu.index,
-                         "reconnected" if ever_connected else "connected", url)
+                         "reconnected" if ever_connected else "connected", gpu.url)
                 ever_connected = True
                 failures = 0
                 delays = backoff_delays(timing.reconnect_initial, timing.reconnect_max)
@@ -147,16 +135,16 @@ async def listen(gpu: Gpu, registry: Registry, session: aiohttp.ClientSession,
             else:
                 level = logging.DEBUG
             log.log(level, "gpu %d: cannot reach %s yet (%s); retrying with backoff",
-                    gpu.index, url, exc.__class__.__name__)
+                    gpu.index, gpu.url, exc.__class__.__name__)
         finally:
             gpu.listener_connected = False
         await asyncio.sleep(next(delays))
 
 
-async def poll(gpu: Gpu, registry: Registry, timing: Timing, wake: asyncio.Event) -> None:
-    """The safety net under the websocket: while this GPU has jobs in flight, read
-    `/queue` about once per `poll_interval`, and settle every job the queue no
-    longer holds from `/history` (or fail it once ComfyUI has forgotten it)."""
+async def poll(gpu: Gpu, jobs: JobsService, timing: Timing, wake: asyncio.Event) -> None:
+    """The safety net under the websocket: while this GPU has jobs in flight, reconcile
+    them with ComfyUI's queue and history about once per `poll_interval`, and at once
+    when the listener says something changed."""
     while True:
         # asyncio.timeout rather than wait_for: on Python 3.11, wait_for can swallow
         # a cancellation that races with the event, and teardown would hang.
@@ -166,50 +154,12 @@ async def poll(gpu: Gpu, registry: Registry, timing: Timing, wake: asyncio.Event
         except TimeoutError:
             pass
         wake.clear()
-        if not registry.in_flight(gpu.index):
+        if not jobs.registry.load(gpu.index):
             continue
         try:
-            await poll_once(gpu, registry, timing)
+            await jobs.reconcile(gpu)
         except BackendError as exc:
             log.debug("gpu %d: poll failed: %s", gpu.index, exc.message)
-
-
-async def poll_once(gpu: Gpu, registry: Registry, timing: Timing) -> None:
-    assert gpu.comfy is not None
-    # /queue before /history: ComfyUI moves a job from one to the other under one
-    # lock, so reading in this order never misses a job in between.
-    queue = await gpu.comfy.queue()
-    running, pending, outputs = sorted_queue(queue)
-    for pid, outs in outputs.items():
-        job = registry.by_prompt(pid)
-        if job is not None and job.planned_nodes is None:
-            item = _find_prompt(queue, pid)
-            if item is not None:
-                registry.set_plan(pid, plan_nodes(item, outs))
-    gone = registry.set_queue(gpu.index, running, pending)
-    for job in gone:
-        entry = await gpu.comfy.history(job.prompt_id)
-        if entry is not None:
-            registry.settle_from_history(job.prompt_id, entry)
-            continue
-        if registry.confirm_removed(job):
-            continue
-        if job.missing_since is None:
-            registry.note_missing(job, timing.lost_grace, LOST_DETAIL)
-            continue
-        # Still nowhere after the grace period: ask /api/jobs to be sure it is not
-        # merely between the two reads.
-        if await gpu.comfy.job(job.prompt_id) is None:
-            if registry.note_missing(job, timing.lost_grace, LOST_DETAIL):
-                log.warning("gpu %d: job %s (prompt %s) lost by ComfyUI", gpu.index,
-                            job.job_id, job.prompt_id)
-
-
-def _find_prompt(queue: dict[str, Any], prompt_id: str) -> dict[str, Any] | None:
-    for item in (*queue.get("queue_running", []), *queue.get("queue_pending", [])):
-        if len(item) > 2 and item[1] == prompt_id and isinstance(item[2], dict):
-            return item[2]
-    return None
 
 
 async def cancel_and_wait(tasks: list[asyncio.Task[Any]]) -> None:

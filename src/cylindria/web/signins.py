@@ -1,4 +1,4 @@
-"""Dashboard sign-in sessions: random tokens with an expiry, kept in memory."""
+"""Dashboard sign-ins: random tokens with an expiry, and the cookie that carries them."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import secrets
 import time
 from dataclasses import dataclass, field
 
-SESSION_SECONDS = 12 * 3600
-MAX_SESSIONS = 1000
+from aiohttp import web
+
+SIGNIN_SECONDS = 12 * 3600
+MAX_SIGNINS = 1000
+COOKIE = "cylindria_session"
 
 
 @dataclass(slots=True)
-class Sessions:
+class Signins:
     """Signed-in browsers: random tokens with an expiry, held in this process only.
 
     Only a SHA-256 digest of each token is kept, so neither a memory dump nor a
@@ -20,14 +23,14 @@ class Sessions:
     restart signs everybody out, which is the safe direction.
     """
 
-    lifetime: float = SESSION_SECONDS
-    limit: int = MAX_SESSIONS
+    lifetime: float = SIGNIN_SECONDS
+    limit: int = MAX_SIGNINS
     _expiry: dict[bytes, float] = field(default_factory=dict)
 
     def start(self) -> str:
         self._prune()
         while len(self._expiry) >= self.limit:
-            # Dicts keep insertion order: the oldest session goes first.
+            # Dicts keep insertion order: the oldest sign-in goes first.
             del self._expiry[next(iter(self._expiry))]
         token = secrets.token_urlsafe(32)
         self._expiry[_digest(token)] = time.monotonic() + self.lifetime
@@ -59,3 +62,27 @@ class Sessions:
 
 def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
+
+
+def signed_in(request: web.Request, signins: Signins) -> bool:
+    return signins.valid(request.cookies.get(COOKIE))
+
+
+def sign_in(request: web.Request, response: web.StreamResponse, signins: Signins) -> None:
+    response.set_cookie(COOKIE, signins.start(), max_age=int(signins.lifetime), path="/",
+                        httponly=True, samesite="Strict", secure=request.secure)
+
+
+def sign_out(request: web.Request, response: web.StreamResponse, signins: Signins) -> None:
+    signins.end(request.cookies.get(COOKIE))
+    response.del_cookie(COOKIE, path="/", httponly=True, samesite="Strict",
+                        secure=request.secure)
+
+
+def safe_next(target: str | None) -> str | None:
+    """`target` if it is a path on this server, else None: never an open redirect."""
+    if not target or not target.startswith("/") or target.startswith("//"):
+        return None
+    if "\\" in target or any(ord(c) < 0x20 for c in target):
+        return None
+    return target

@@ -1,0 +1,26 @@
+"""Every typed key under which state lives on the application."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from .config import Settings
+from .core.jobs import JobsService
+from .core.registry import Registry
+from .upstream.gpus import Gpu
+from .upstream.webhooks import WebhookSender
+from .web.eventhub import EventHub
+from .web.signins import Signins
+
+SETTINGS = web.AppKey("settings", Settings)
+REGISTRY = web.AppKey("registry", Registry)
+EVENTS = web.AppKey("events", EventHub)
+SIGNINS = web.AppKey("signins", Signins)
+# Set during start-up, once the ClientSession they use exists.
+GPUS = web.AppKey("gpus", list[Gpu])
+JOBS = web.AppKey("jobs", JobsService)
+WEBHOOKS = web.AppKey("webhooks", WebhookSender)
+# Background tasks by name: each GPU's listener and poller.
+TASKS = web.AppKey("tasks", dict[str, asyncio.Task[None]])

@@ -1,0 +1,1 @@
+"""The decisions, in plain Python: registry and state machine, workflows, jobs, placement."""

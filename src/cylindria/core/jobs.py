@@ -1,0 +1,307 @@
+"""The jobs service: the one place that decides what a submission, a cancel or a
+ComfyUI queue reading does to the registry."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from ..config import Settings
+from ..errors import (
+    ApiError,
+    BackendError,
+    BackendTimeout,
+    GpuDrained,
+    JobConflict,
+    JobFinished,
+    JobIdConflict,
+    JobNotFound,
+    NoGpuAvailable,
+    WorkflowRejected,
+)
+from . import placement
+from .ports import GpuPort, QueueSnapshot
+from .records import Job, JobState
+from .registry import Registry
+from .workflow import fingerprint, rejection_detail, save_copy
+
+log = logging.getLogger(__name__)
+
+LOST_DETAIL = ("ComfyUI no longer knows this job: it is neither queued nor in its "
+               "history (ComfyUI was probably restarted). Submit it again.")
+
+
+class Verdict(StrEnum):
+    ACCEPTED = "accepted"  # submitted now (or found queued after all)
+    REPEATED = "repeated"  # the same PUT again: nothing submitted
+    REFUSED = "refused"  # the same PUT again, of a job ComfyUI refused
+
+
+@dataclass(slots=True, frozen=True)
+class Outcome:
+    job: Job
+    verdict: Verdict
+    detail: str
+
+
+class JobsService:
+    """Submissions, duplicate PUTs, timeouts, adoption, cancels and reconciliation."""
+
+    def __init__(self, registry: Registry, gpus: Sequence[GpuPort], settings: Settings) -> None:
+        self.registry = registry
+        self.gpus = gpus
+        self.settings = settings
+        # Submissions in flight, by job id: a concurrent PUT of the same job waits on it.
+        self._submissions: dict[str, asyncio.Future[None]] = {}
+
+    # -- lookups ------------------------------------------------------------------
+
+    def gpu(self, raw: str, name: str = "GpuId") -> GpuPort:
+        return self.gpus[placement.gpu_number(raw, len(self.gpus), name)]
+
+    def find(self, job_id: str, advice: str = "") -> Job:
+        job = self.registry.get(job_id)
+        if job is None:
+            raise JobNotFound(f"No job {job_id!r} is known here.{advice}",
+                              extra={"job_id": job_id})
+        return job
+
+    def load(self, gpu: GpuPort) -> int:
+        return placement.load(self.registry.load(gpu.index), gpu.queue_remaining)
+
+    def drain(self, gpu: GpuPort, drained: bool) -> None:
+        gpu.drained = drained
+
+    # -- submission -----------------------------------------------------------------
+
+    async def start(self, job_id: str, gpu_choice: str | None, prompt: dict[str, Any],
+                    extra: dict[str, Any], callback: str | None = None) -> Outcome:
+        """Submit a job, or answer a repeat of it from the record. `gpu_choice` is the
+        request's GpuId: a number, "auto", or None for the configured default."""
+        existing = self.registry.get(job_id)
+        if existing is not None and existing.state is not JobState.REJECTED:
+            # A repeat is answered from the record, wherever the job was placed.
+            gpu = self.gpus[existing.gpu_id]
+        else:
+            gpu = await self._place(gpu_choice)
+        try:
+            return await self._start(job_id, gpu, prompt, extra, callback)
+        except ApiError as exc:
+            exc.reply.setdefault("gpu_id", gpu.index)
+            raise
+
+    async def _place(self, choice: str | None) -> GpuPort:
+        raw = str(self.settings.default_gpu) if choice is None else choice
+        if raw.strip().lower() == "auto":
+            return await self._least_loaded()
+        gpu = self.gpu(raw)
+        if gpu.drained:
+            raise GpuDrained(f"GPU {gpu.index} is drained and takes no new jobs; use another "
+                             "GpuId, GpuId=auto, or POST /gpus/{n}/undrain.")
+        return gpu
+
+    async def _least_loaded(self) -> GpuPort:
+        """The healthy, undrained GPU with the least work; ties rotate."""
+        candidates = [g for g in self.gpus if not g.drained]
+        health = await asyncio.gather(*(g.is_healthy() for g in candidates))
+        healthy = [g for g, ok in zip(candidates, health, strict=True) if ok]
+        if not healthy:
+            drained = len(self.gpus) - len(candidates)
+            raise NoGpuAvailable(
+                "No GPU can take a job now: none is reachable with its listener connected"
+                + (f" ({drained} drained)" if drained else "") + ". Retry shortly.",
+                headers={"Retry-After": "5"})
+        return placement.least_loaded(healthy, self.load)
+
+    async def _start(self, job_id: str, gpu: GpuPort, prompt: dict[str, Any],
+                     extra: dict[str, Any], callback: str | None) -> Outcome:
+        registry = self.registry
+        digest = fingerprint(prompt, extra)
+        existing = registry.get(job_id)
+        if existing is not None and existing.state is not JobState.REJECTED:
+            if existing.fingerprint != digest:
+                raise _conflict(existing)
+            pending = self._submissions.get(job_id)
+            if pending is not None:
+                # The same PUT is in flight: answer with its outcome, never submit twice.
+                await asyncio.shield(pending)
+                return _repeat(registry.get(job_id) or existing)
+            return _repeat(existing)
+
+        if existing is not None and (existing.error or {}).get("code") == "backend_timeout":
+            adopted = await self._adopt_uncertain(existing, digest, prompt, callback)
+            if adopted is not None:
+                return adopted
+
+        try:
+            job = registry.begin(job_id, gpu.index, str(uuid.uuid4()), digest, prompt.keys(),
+                                 callback_url=callback)
+        except JobConflict as exc:
+            # Another PUT of this job_id got in while ComfyUI was being asked.
+            if exc.job.fingerprint != digest:
+                raise _conflict(exc.job) from None
+            return _repeat(exc.job)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._submissions[job_id] = done
+        try:
+            if self.settings.dev_mode:
+                await save_copy(self.settings.dev_save_dir, job_id, prompt, extra)
+            return await self._submit(job, gpu, prompt, extra)
+        finally:
+            self._submissions.pop(job_id, None)
+            done.set_result(None)
+
+    async def _submit(self, job: Job, gpu: GpuPort, prompt: dict[str, Any],
+                      extra: dict[str, Any]) -> Outcome:
+        registry = self.registry
+        try:
+            answer = await gpu.comfy.submit(prompt, extra, gpu.client_id, job.prompt_id,
+                                            timeout=self.settings.timing.submit_timeout)
+        except BackendTimeout as exc:
+            return await self._after_timeout(job, gpu, exc)
+        except BackendError as exc:
+            registry.reject(job, exc.message, error={"code": exc.code, "message": exc.message})
+            raise
+
+        if answer.accepted:
+            registry.confirm(job, answer.body.get("node_errors") or None)
+            if job.cancel_requested_at is not None:
+                # Cancelled while ComfyUI was still answering the submission.
+                await self._cancel_upstream(job)
+            log.info("job %s accepted on gpu %d as prompt %s", job.job_id, gpu.index,
+                     job.prompt_id)
+            return Outcome(job, Verdict.ACCEPTED, job.detail)
+
+        detail = rejection_detail(answer.body)
+        node_errors = answer.body.get("node_errors") or {}
+        comfy_error = answer.body.get("error") if isinstance(answer.body.get("error"), dict) else {}
+        registry.reject(job, detail, node_errors=node_errors or None,
+                        error={"code": WorkflowRejected.code, **comfy_error})
+        raise WorkflowRejected(detail, reply={"node_errors": node_errors,
+                                              "comfy_error": comfy_error})
+
+    async def _after_timeout(self, job: Job, gpu: GpuPort, exc: BackendTimeout) -> Outcome:
+        """POST /prompt timed out: ComfyUI may have queued the job before it stalled.
+        Ask it, so the job is neither lost (queued but unknown to us) nor run twice."""
+        try:
+            queued = await _knows(gpu, job.prompt_id)
+        except BackendError as again:
+            log.warning("job %s: submission timed out and ComfyUI cannot be asked (%s)",
+                        job.job_id, again.message)
+            queued = None
+        if queued:
+            self.registry.confirm(job)
+            log.info("job %s: submission timed out but ComfyUI had queued prompt %s",
+                     job.job_id, job.prompt_id)
+            return Outcome(job, Verdict.ACCEPTED,
+                           "ComfyUI was slow to answer, but it had queued the job.")
+        detail = exc.message
+        if queued is None:
+            detail += (" Cylindria could not check whether ComfyUI queued it; a PUT of the "
+                       "same job_id later will check again before submitting anything.")
+        self.registry.reject(job, detail, error={"code": exc.code, "message": detail})
+        raise BackendTimeout(detail)
+
+    async def _adopt_uncertain(self, old: Job, digest: str, prompt: dict[str, Any],
+                               callback: str | None) -> Outcome | None:
+        """A PUT again after a timed-out submission: if ComfyUI did queue that attempt
+        after all, track it (on the GPU it went to) instead of submitting a second copy."""
+        if old.fingerprint != digest:
+            return None
+        gpu = self.gpus[old.gpu_id]
+        try:
+            if not await _knows(gpu, old.prompt_id):
+                return None
+        except BackendError:
+            return None
+        job = self.registry.begin(old.job_id, gpu.index, old.prompt_id, digest, prompt.keys(),
+                                  callback_url=callback)
+        self.registry.confirm(job)
+        return Outcome(job, Verdict.ACCEPTED,
+                       "The earlier attempt reached ComfyUI after all; tracking it instead of "
+                       "submitting again.")
+
+    # -- cancellation -------------------------------------------------------------------
+
+    async def cancel(self, job_id: str) -> Job:
+        """Ask for a job to stop; its state changes only on ComfyUI's word."""
+        job = self.find(job_id)
+        if job.terminal:
+            raise JobFinished(job, f"Job {job_id!r} is already {job.state.value}; there is "
+                                   "nothing to cancel.")
+        self.registry.request_cancel(job)
+        if job.confirmed:
+            await self._cancel_upstream(job)
+        return job
+
+    async def _cancel_upstream(self, job: Job) -> None:
+        """Drop the job from ComfyUI's queue, read back what ComfyUI did, and interrupt it
+        if it is running. The interrupt names the prompt, so no other job is touched."""
+        gpu = self.gpus[job.gpu_id]
+        try:
+            await gpu.comfy.delete_pending(job.prompt_id)
+            snapshot = await self.reconcile(gpu)
+            if job.prompt_id in snapshot.running:
+                await gpu.comfy.interrupt(job.prompt_id)
+        except BackendError as exc:
+            # The poller keeps trying to settle the job; the cancel stays requested.
+            log.warning("cancel of job %s: ComfyUI did not answer (%s)", job.job_id,
+                        exc.message)
+
+    # -- reconciliation -------------------------------------------------------------------
+
+    async def reconcile(self, gpu: GpuPort) -> QueueSnapshot:
+        """Bring this GPU's in-flight jobs in line with ComfyUI: one `/queue` reading,
+        then `/history` for each job the queue no longer holds, which is settled from
+        it, confirmed cancelled, or failed as lost once ComfyUI has forgotten it."""
+        registry = self.registry
+        # /queue before /history: ComfyUI moves a job from one to the other under one
+        # lock, so reading in this order never misses a job in between.
+        snapshot = await gpu.comfy.queue()
+        for prompt_id in snapshot.graphs:
+            job = registry.by_prompt(prompt_id)
+            if job is not None and job.planned_nodes is None:
+                registry.set_plan(prompt_id, snapshot.plan(prompt_id) or frozenset())
+        grace = self.settings.timing.lost_grace
+        for job in registry.set_queue(gpu.index, snapshot.running, snapshot.pending):
+            entry = await gpu.comfy.history(job.prompt_id)
+            if entry is not None:
+                registry.settle_from_history(job.prompt_id, entry)
+            elif registry.confirm_removed(job):
+                continue
+            elif job.missing_since is None:
+                registry.note_missing(job, grace, LOST_DETAIL)
+            # Still nowhere after the grace period: ask /api/jobs to be sure it is not
+            # merely between the two reads.
+            elif (await gpu.comfy.job(job.prompt_id) is None
+                  and registry.note_missing(job, grace, LOST_DETAIL)):
+                log.warning("gpu %d: job %s (prompt %s) lost by ComfyUI", gpu.index,
+                            job.job_id, job.prompt_id)
+        return snapshot
+
+
+async def _knows(gpu: GpuPort, prompt_id: str) -> bool:
+    """Whether ComfyUI holds this prompt id: queued, running or in history."""
+    if (await gpu.comfy.queue()).holds(prompt_id):
+        return True
+    return await gpu.comfy.job(prompt_id) is not None
+
+
+def _conflict(job: Job) -> JobIdConflict:
+    return JobIdConflict(
+        f"Job {job.job_id!r} already exists with a different workflow (state "
+        f"{job.state.value}). Use a new job_id for a new workflow.",
+        reply={"gpu_id": job.gpu_id, "state": job.state.value})
+
+
+def _repeat(job: Job) -> Outcome:
+    if job.state is JobState.REJECTED:
+        return Outcome(job, Verdict.REFUSED, job.detail)
+    return Outcome(job, Verdict.REPEATED,
+                   f"Job {job.job_id!r} was already accepted with this workflow; nothing was "
+                   f"submitted again. It is {job.state.value}.")

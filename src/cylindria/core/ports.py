@@ -1,0 +1,63 @@
+"""What the core needs of the outside: a ComfyUI's calls and their answers, and a GPU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .workflow import plan_nodes
+
+
+@dataclass(slots=True)
+class Submitted:
+    """ComfyUI's answer to POST /prompt: accepted (200) or refused (400)."""
+
+    accepted: bool
+    body: dict[str, Any]
+
+
+@dataclass(slots=True)
+class QueueSnapshot:
+    """One reading of ComfyUI's `/queue`: prompt ids running, and pending in run order."""
+
+    running: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    # Per prompt id: (its graph, the output nodes ComfyUI will execute).
+    graphs: dict[str, tuple[dict[str, Any], list[str]]] = field(default_factory=dict)
+
+    def holds(self, prompt_id: str) -> bool:
+        return prompt_id in self.running or prompt_id in self.pending
+
+    def plan(self, prompt_id: str) -> frozenset[str] | None:
+        """The nodes ComfyUI will run for this prompt, when the queue says."""
+        found = self.graphs.get(prompt_id)
+        return None if found is None else plan_nodes(*found)
+
+
+class ComfyApi(Protocol):
+    """The calls the core makes to one ComfyUI; errors are BackendError subclasses."""
+
+    async def submit(self, prompt: dict[str, Any], extra_data: dict[str, Any],
+                     client_id: str, prompt_id: str, timeout: float) -> Submitted: ...
+
+    async def queue(self) -> QueueSnapshot: ...
+
+    async def history(self, prompt_id: str) -> dict[str, Any] | None: ...
+
+    async def job(self, prompt_id: str) -> dict[str, Any] | None: ...
+
+    async def delete_pending(self, prompt_id: str) -> None: ...
+
+    async def interrupt(self, prompt_id: str) -> None: ...
+
+
+class GpuPort(Protocol):
+    """One GPU as the core sees it."""
+
+    index: int
+    client_id: str
+    drained: bool
+    queue_remaining: int | None
+    comfy: ComfyApi
+
+    async def is_healthy(self) -> bool: ...

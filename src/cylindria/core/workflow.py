@@ -1,0 +1,146 @@
+"""Workflows: parsing a request body, fingerprints, the node plan, and ComfyUI's verdicts."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import ujson
+
+from ..errors import BadRequest, InvalidWorkflow
+
+log = logging.getLogger(__name__)
+
+
+def parse_body(raw: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(prompt, extra_data) from the bytes of a PUT /startjob body."""
+    try:
+        body = ujson.loads(raw)
+    except ValueError:
+        raise BadRequest("The body is not valid JSON. Send an API-format workflow as "
+                         "a JSON object.") from None
+    return split_workflow(body)
+
+
+def split_workflow(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(prompt, extra_data) from a bare API-format graph or ComfyUI's envelope."""
+    if not isinstance(body, dict):
+        raise BadRequest("The body must be a JSON object: an API-format workflow "
+                         f"(got a JSON {type(body).__name__}).")
+    if looks_like_ui_export(body) or looks_like_ui_export(body.get("prompt")):
+        raise InvalidWorkflow(
+            "This is a UI-format workflow (it has 'nodes' and 'links'). ComfyUI cannot run "
+            "it as is: in ComfyUI, use Workflow > Export (API) and send that file.")
+    if "prompt" in body:
+        prompt = body["prompt"]
+        extra = body.get("extra_data", {})
+        if extra is None:
+            extra = {}
+        if not isinstance(extra, dict):
+            raise BadRequest("'extra_data' must be a JSON object.")
+    else:
+        prompt, extra = body, {}
+    if not isinstance(prompt, dict):
+        raise BadRequest("'prompt' must be a JSON object mapping node ids to nodes.")
+    if not prompt:
+        raise InvalidWorkflow("The workflow has no nodes. Send an API-format workflow "
+                              "with at least one output node (e.g. SaveImage).")
+    for node_id, node in prompt.items():
+        if not isinstance(node, dict) or not isinstance(node.get("class_type"), str):
+            raise InvalidWorkflow(
+                f"Node {node_id!r} is not an API-format node: each node must be an object "
+                "with a 'class_type' string and an 'inputs' object. Export the workflow "
+                "with Workflow > Export (API).", extra={"node_id": node_id})
+        if not isinstance(node.get("inputs", {}), dict):
+            raise InvalidWorkflow(f"Node {node_id!r} ({node['class_type']}): 'inputs' must "
+                                  "be an object.", extra={"node_id": node_id})
+    # Cylindria routes ComfyUI's events by its own client id; a client's would steal them.
+    extra = {k: v for k, v in extra.items() if k != "client_id"}
+    return prompt, extra
+
+
+def looks_like_ui_export(value: Any) -> bool:
+    return isinstance(value, dict) and "nodes" in value and "links" in value
+
+
+def fingerprint(prompt: dict[str, Any], extra: dict[str, Any]) -> str:
+    """Equal for the same workflow however its keys are ordered."""
+    canonical = ujson.dumps({"prompt": prompt, "extra_data": extra}, sort_keys=True,
+                            ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def plan_nodes(prompt: dict[str, Any], outputs: Iterable[str]) -> frozenset[str]:
+    """The nodes ComfyUI will run for `outputs`: the outputs and all their ancestors."""
+    seen: set[str] = set()
+    stack = [str(o) for o in outputs]
+    while stack:
+        node_id = stack.pop()
+        if node_id in seen or node_id not in prompt:
+            continue
+        seen.add(node_id)
+        node = prompt[node_id]
+        inputs = node.get("inputs") if isinstance(node, dict) else None
+        if isinstance(inputs, dict):
+            for value in inputs.values():
+                if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                    stack.append(value[0])
+    return frozenset(seen)
+
+
+def node_error_lines(node_errors: dict[str, Any]) -> list[str]:
+    """One readable line per failing input of ComfyUI's node_errors; the details name
+    the bad value."""
+    lines: list[str] = []
+    for node_id, info in node_errors.items():
+        if not isinstance(info, dict):
+            continue
+        class_type = info.get("class_type", "?")
+        for err in info.get("errors") or []:
+            if not isinstance(err, dict):
+                continue
+            extra = err.get("extra_info") if isinstance(err.get("extra_info"), dict) else {}
+            input_name = extra.get("input_name") or err.get("details") or "?"
+            line = (f"node {node_id} ({class_type}) input '{input_name}': "
+                    f"{err.get('message') or 'invalid'}")
+            if err.get("details") and err["details"] != input_name:
+                line += f" ({err['details']})"
+            lines.append(line)
+    return lines
+
+
+def rejection_detail(body: dict[str, Any]) -> str:
+    """The sentence for a workflow ComfyUI refused, from its 400 answer to /prompt."""
+    error = body.get("error") if isinstance(body.get("error"), dict) else {}
+    node_errors = body.get("node_errors") if isinstance(body.get("node_errors"), dict) else {}
+    lines = node_error_lines(node_errors)
+    if lines:
+        return f"ComfyUI rejected the workflow: {'; '.join(lines)}."
+    message = str(error.get("message") or "validation failed")
+    details = str(error.get("details") or "")
+    return f"ComfyUI rejected the workflow: {message}" + (f" ({details})." if details else "")
+
+
+async def save_copy(directory: Path, job_id: str, prompt: dict[str, Any],
+                    extra: dict[str, Any]) -> None:
+    """Keep the workflow as a pretty JSON file (dev mode); a failure is logged only."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    path = directory / f"{stamp}_{job_id}.json"
+    document = {"prompt": prompt, "extra_data": extra} if extra else prompt
+    text = ujson.dumps(document, indent=2, ensure_ascii=False, escape_forward_slashes=False)
+
+    def write() -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n", encoding="utf-8")
+
+    try:
+        await asyncio.to_thread(write)
+        log.info("dev mode: saved the workflow of job %s to %s", job_id, path)
+    except OSError as exc:
+        log.error("dev mode: could not save the workflow of job %s to %s: %s", job_id, path,
+                  exc)

@@ -1,0 +1,208 @@
+"""What the dashboard shows: GPU cards, job rows and job details, with ready-made labels."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from pathlib import PurePosixPath
+from typing import Any
+
+import ujson
+from aiohttp import web
+
+from ..core.records import Job, JobState, isoformat
+from ..core.workflow import node_error_lines
+from ..jsonio import dumps
+from ..upstream.gpus import Gpu
+from ..web import render
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"})
+STATE_LABELS = {state: state.value.capitalize() for state in JobState}
+
+
+def pretty_json(value: Any) -> str:
+    return ujson.dumps(value, indent=2, ensure_ascii=False, escape_forward_slashes=False)
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    seconds = max(seconds, 0.0)
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def format_moment(moment: datetime | None, now: datetime) -> str:
+    if moment is None:
+        return "—"
+    if moment.date() == now.date():
+        return moment.strftime("%H:%M:%S")
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_bytes(count: float) -> str:
+    return f"{count / 2**30:.1f} GiB"
+
+
+def duration_of(job: Job, now: datetime) -> tuple[float | None, str]:
+    """(seconds, label): run time once started, waiting time while queued."""
+    if job.started_at is not None:
+        end = job.finished_at or now
+        seconds = (end - job.started_at).total_seconds()
+        return seconds, format_duration(seconds)
+    if job.state is JobState.QUEUED:
+        seconds = (now - job.submitted_at).total_seconds()
+        return None, f"waiting {format_duration(seconds)}"
+    return None, "—"
+
+
+def node_label(job: Job) -> str:
+    if job.current_node is None:
+        return ""
+    label = f"node {job.current_node}"
+    np = job.node_progress
+    if np and np.get("max") and np.get("node") in (None, job.current_node):
+        label += f" · step {_number(np.get('value'))}/{_number(np.get('max'))}"
+    return label
+
+
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, int | float) else str(value)
+
+
+def job_row(router: web.UrlDispatcher, job: Job, now: datetime) -> dict[str, Any]:
+    """One job as the pages show it: raw values plus ready-made labels, so the
+    server's first paint and the browser's updates read exactly the same."""
+    seconds, duration = duration_of(job, now)
+    return {
+        "job_id": job.job_id,
+        "url": str(router["dashboard_job"].url_for(job_id=job.job_id)),
+        "gpu_id": job.gpu_id,
+        "state": job.state.value,
+        "state_label": STATE_LABELS[job.state],
+        "terminal": job.terminal,
+        "progress": job.progress,
+        "progress_label": f"{int(job.progress * 100)}%",
+        "current_node": job.current_node,
+        "node_label": node_label(job),
+        "submitted_at": isoformat(job.submitted_at),
+        "submitted_label": format_moment(job.submitted_at, now),
+        "duration_seconds": seconds,
+        "duration_label": duration,
+        "detail": job.detail,
+    }
+
+
+def gpu_card(router: web.UrlDispatcher, gpu: Gpu, status: dict[str, Any],
+             running: Job | None, now: datetime) -> dict[str, Any]:
+    devices = status.get("devices") or []
+    device = devices[0] if devices else {}
+    total, free = device.get("vram_total"), device.get("vram_free")
+    has_vram = isinstance(total, int | float) and isinstance(free, int | float) and total > 0
+    used = total - free if has_vram else None
+    return {
+        "gpu_id": gpu.index,
+        "comfy_url": gpu.url,
+        "status": status["status"],
+        "status_label": "OK" if status["status"] == "ok" else "Degraded",
+        "drained": gpu.drained,
+        "reachable": status["reachable"],
+        "listener_connected": status["listener_connected"],
+        "queue_remaining": status["queue_remaining"],
+        "queue_label": ("unknown" if status["queue_remaining"] is None
+                        else str(status["queue_remaining"])),
+        "problem": status.get("detail") or "",
+        "comfyui_version": status.get("comfyui_version") or "",
+        "device_name": device.get("name") or "",
+        "vram_used": used,
+        "vram_total": total if has_vram else None,
+        "vram_fraction": round(used / total, 4) if has_vram else None,
+        "vram_label": (f"{format_bytes(used)} / {format_bytes(total)}" if has_vram
+                       else "not reported"),
+        "running": job_row(router, running, now) if running is not None else None,
+    }
+
+
+def output_view(entry: dict[str, Any]) -> dict[str, Any]:
+    """One entry of a status body's `outputs`, as the job page shows it."""
+    node = str(entry.get("node_id") or "")
+    if entry["kind"] == "text":
+        return {"node_id": node, "kind": "text", "text": str(entry.get("text") or ""),
+                "filename": "", "subfolder": "", "type": "", "url": None,
+                "thumbnail": False, "caption": f"node {node} · text" if node else "text"}
+    filename, subfolder, kind = entry["filename"], entry["subfolder"], entry["kind"]
+    where = f"{subfolder}/{filename}" if subfolder else filename
+    url = entry.get("url")
+    return {
+        "node_id": node,
+        "kind": kind,
+        "filename": filename,
+        "subfolder": subfolder,
+        "type": entry["type"],
+        "url": url,
+        "thumbnail": url is not None and (
+            kind == "image" or PurePosixPath(filename).suffix.lower() in IMAGE_SUFFIXES),
+        "text": None,
+        "caption": " · ".join(part for part in (f"node {node}" if node else "",
+                                                 entry["type"], where) if part),
+    }
+
+
+def job_details(router: web.UrlDispatcher, job: Job, now: datetime) -> dict[str, Any]:
+    error = job.error or None
+    node_errors = job.node_errors or None
+    row = job_row(router, job, now)
+    position = job.queue_position
+    body = render.status_body(job, router)
+    outputs = [output_view(entry) for entry in body["outputs"]]
+    return {
+        **row,
+        "generated_label": now.strftime("%H:%M:%S UTC"),
+        "status": body,
+        "status_json": pretty_json(body),
+        # Plain text fields by the name of the element that shows them.
+        "text": {
+            "state": row["state_label"],
+            "percent": row["progress_label"],
+            "detail": job.detail,
+            "gpu": f"GPU {job.gpu_id}",
+            "queue": ("—" if position is None else "running" if position == 0
+                      else str(position)),
+            "node": row["node_label"] or "—",
+            "duration": row["duration_label"],
+            "prompt": job.prompt_id,
+            "at-submitted": isoformat(job.submitted_at) or "—",
+            "at-started": isoformat(job.started_at) or "—",
+            "at-finished": isoformat(job.finished_at) or "—",
+            "at-updated": isoformat(job.updated_at) or "—",
+            "outputs-empty": "No outputs." if job.terminal else "No outputs yet.",
+        },
+        "error": None if error is None else {
+            "kind": str(error.get("type") or error.get("code") or "error"),
+            "message": str(error.get("message") or ""),
+            "node": _node_of(error),
+            "traceback": "\n".join(str(line).rstrip("\n")
+                                   for line in error.get("traceback") or []),
+        },
+        "node_errors": None if node_errors is None else {
+            "summary": "\n".join(node_error_lines(node_errors)),
+            "raw": pretty_json(node_errors),
+        },
+        "outputs": outputs,
+        # Lets the page tell whether the outputs changed without comparing them.
+        "outputs_key": hashlib.sha256(dumps(outputs).encode()).hexdigest()[:16],
+    }
+
+
+def _node_of(error: dict[str, Any]) -> str:
+    if error.get("node_id") is None:
+        return ""
+    kind = error.get("node_type")
+    return f"{error['node_id']} ({kind})" if kind else str(error["node_id"])

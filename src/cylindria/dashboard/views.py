@@ -1,0 +1,173 @@
+"""The dashboard's pages and live-update feeds, and its sign-in form."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from ..appkeys import GPUS, JOBS, REGISTRY, SETTINGS, SIGNINS
+from ..core.records import Job, isoformat
+from ..errors import JobNotFound
+from ..jsonio import json_response
+from ..web import auth, render, signins
+from ..web.auth import Access, access
+from . import present
+
+log = logging.getLogger(__name__)
+
+routes = web.RouteTableDef()
+
+RECENT_JOBS = 50
+# How often the pages ask for fresh state; the probe behind it is cached for about as
+# long (Timing.status_cache_seconds), so faster polling would show nothing new.
+POLL_MILLISECONDS = 1000
+
+# Every asset is served by Cylindria itself; no inline script or style is needed, so
+# nothing injected into a page could run even if escaping were ever missed.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+async def dashboard_state(request: web.Request) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    router = request.app.router
+    registry = request.app[REGISTRY]
+    gpus = request.app[GPUS]
+    # Probes are cached and shared with /serverstatus, so a poll costs at most one
+    # upstream call per GPU per cache period, and they run side by side.
+    probes = await asyncio.gather(*(gpu.probe() for gpu in gpus))
+    cards = [present.gpu_card(router, gpu, render.gpu_status(gpu, probe),
+                              registry.running_on(gpu.index), now)
+             for gpu, probe in zip(gpus, probes, strict=True)]
+    known = len(registry)
+    return {
+        "generated_at": isoformat(now),
+        "generated_label": now.strftime("%H:%M:%S UTC"),
+        "summary": (f"{len(cards)} GPU{'s' if len(cards) != 1 else ''} · "
+                    f"{registry.in_flight_count()} in flight · "
+                    f"{known} job{'s' if known != 1 else ''} known"),
+        "recent_limit": RECENT_JOBS,
+        "gpus": cards,
+        "jobs": [present.job_row(router, job, now)
+                 for job in registry.page(limit=RECENT_JOBS)],
+    }
+
+
+def find_job(request: web.Request) -> Job:
+    # A plain lookup: ids that the API would refuse simply are not found.
+    return request.app[JOBS].find(request.match_info["job_id"])
+
+
+def job_details(request: web.Request, job: Job) -> dict[str, Any]:
+    return present.job_details(request.app.router, job, datetime.now(UTC))
+
+
+def page_context(request: web.Request, **values: Any) -> dict[str, Any]:
+    return {"keyed": bool(request.app[SETTINGS].api_key), "signout": True,
+            "poll_ms": POLL_MILLISECONDS, **values}
+
+
+def page(template: str, request: web.Request, context: dict[str, Any],
+         status: int = 200) -> web.Response:
+    response = aiohttp_jinja2.render_template(template, request, context, status=status)
+    response.headers.update(SECURITY_HEADERS)
+    return response
+
+
+def see_other(location: str) -> web.Response:
+    # A plain response rather than a raised HTTPSeeOther, so it can carry cookies.
+    return web.Response(status=303, headers={"Location": location, **SECURITY_HEADERS})
+
+
+def feed(data: Any) -> web.Response:
+    return json_response(data, headers={"Cache-Control": "no-store"})
+
+
+def login_form(request: web.Request, target: str, message: str,
+               status: int) -> web.Response:
+    return page("login.html", request, page_context(request, next=target, message=message,
+                                                    signout=False), status=status)
+
+
+# -- handlers --------------------------------------------------------------------------
+
+@routes.get("/", name="index")
+@access(Access.PAGE)
+async def get_index(request: web.Request) -> web.Response:
+    state = await dashboard_state(request)
+    return page("index.html", request, page_context(request, state=state))
+
+
+@routes.get("/dashboard/state", name="dashboard_state")
+@access(Access.FEED)
+async def get_dashboard_state(request: web.Request) -> web.Response:
+    return feed(await dashboard_state(request))
+
+
+@routes.get("/dashboard/job/{job_id}", name="dashboard_job")
+@access(Access.PAGE)
+async def get_dashboard_job(request: web.Request) -> web.Response:
+    try:
+        job = find_job(request)
+    except JobNotFound:
+        context = page_context(request, job=None, job_id=request.match_info["job_id"])
+        return page("job.html", request, context, status=404)
+    return page("job.html", request, page_context(request, job=job_details(request, job)))
+
+
+@routes.get("/dashboard/job/{job_id}/state", name="dashboard_job_state")
+@access(Access.FEED)
+async def get_dashboard_job_state(request: web.Request) -> web.Response:
+    return feed(job_details(request, find_job(request)))
+
+
+@routes.get("/dashboard/login", name="dashboard_login")
+@access(Access.OPEN)
+async def get_login(request: web.Request) -> web.Response:
+    target = signins.safe_next(request.query.get("next"))
+    if (not request.app[SETTINGS].api_key
+            or signins.signed_in(request, request.app[SIGNINS])):
+        return see_other(target or str(request.app.router["index"].url_for()))
+    return login_form(request, target or "", "", 200)
+
+
+@routes.post("/dashboard/login", name="dashboard_login")
+@access(Access.OPEN)
+async def post_login(request: web.Request) -> web.Response:
+    form = await request.post()
+    target = signins.safe_next(str(form.get("next") or "")) or str(
+        request.app.router["index"].url_for())
+    api_key = request.app[SETTINGS].api_key
+    if not api_key:
+        return see_other(target)
+    given = str(form.get("key") or "")
+    if not given:
+        return login_form(request, target, "Enter the key this server was started with.",
+                          400)
+    if not auth.key_matches(given, api_key):
+        log.warning("dashboard sign-in with a wrong key from %s", request.remote)
+        return login_form(request, target, "That key is wrong. Try again.", 401)
+    response = see_other(target)
+    signins.sign_in(request, response, request.app[SIGNINS])
+    log.info("dashboard sign-in from %s", request.remote)
+    return response
+
+
+@routes.post("/dashboard/logout", name="dashboard_logout")
+@access(Access.PAGE)
+async def post_logout(request: web.Request) -> web.Response:
+    response = see_other(str(request.app.router["dashboard_login"].url_for()))
+    if request.app[SETTINGS].api_key:
+        signins.sign_out(request, response, request.app[SIGNINS])
+    return response

@@ -1,0 +1,1 @@
+"""Everything that talks out: the ComfyUI client, GPUs, listeners, webhooks."""

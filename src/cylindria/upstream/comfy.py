@@ -1,0 +1,203 @@
+"""The one HTTP client: every call out over the process's shared session (ComfyUI's
+REST, files and websocket, and webhook POSTs)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import ujson
+
+from ..config import Timing
+from ..core.ports import QueueSnapshot, Submitted
+from ..errors import BackendError, BackendTimeout, BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+# REST connections allowed per ComfyUI, on top of its one long-lived websocket.
+REST_CONNECTIONS_PER_GPU = 32
+# ComfyUI sends full-size PNGs over the socket (SaveImageWebsocket): frames of
+# 8 MiB and more happen, past aiohttp's 4 MiB default.
+WS_MAX_MSG_SIZE = 256 * 1024 * 1024
+
+
+@contextlib.asynccontextmanager
+async def open_session(num_gpus: int, timing: Timing) -> AsyncIterator[aiohttp.ClientSession]:
+    """The process's one ClientSession, closed on exit; sized so that each GPU's
+    websocket never starves its REST calls of connections."""
+    per_gpu = REST_CONNECTIONS_PER_GPU + 1
+    connector = aiohttp.TCPConnector(limit=per_gpu * num_gpus, limit_per_host=per_gpu)
+    session = aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=None, connect=timing.connect_timeout,
+                                      sock_connect=timing.connect_timeout))
+    try:
+        yield session
+    finally:
+        await session.close()
+
+
+class ComfyClient:
+    """One ComfyUI instance. Transport failures become BackendUnavailable (502) or
+    BackendTimeout (504); answers Cylindria does not understand, BackendError."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str,
+                 request_timeout: float) -> None:
+        self._session = session
+        self.base_url = base_url.rstrip("/")
+        self.timeout = aiohttp.ClientTimeout(total=request_timeout)
+
+    def url(self, path: str) -> str:
+        return f"{self.base_url}{path}"
+
+    @contextlib.contextmanager
+    def _transport_errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except TimeoutError:
+            raise BackendTimeout(
+                f"ComfyUI at {self.base_url} did not answer {what} in time; it may be busy "
+                "or hung. Retry later.") from None
+        except aiohttp.ClientError as exc:
+            raise BackendUnavailable(
+                f"ComfyUI at {self.base_url} is unreachable ({exc.__class__.__name__}: "
+                f"{exc}); check that it runs.") from None
+
+    async def _request(self, method: str, path: str, *, json_body: Any = None,
+                       timeout: float | None = None,
+                       ok: tuple[int, ...] = (200,)) -> tuple[int, Any]:
+        """One request; returns (status, parsed JSON or None)."""
+        kwargs: dict[str, Any] = {}
+        if json_body is not None:
+            kwargs["data"] = ujson.dumps(json_body)
+            kwargs["headers"] = {"Content-Type": "application/json"}
+        client_timeout = (aiohttp.ClientTimeout(total=timeout) if timeout is not None
+                          else self.timeout)
+        with self._transport_errors(f"{method} {path}"):
+            async with self._session.request(method, self.url(path), timeout=client_timeout,
+                                             **kwargs) as resp:
+                raw = await resp.read()
+                if resp.status not in ok:
+                    text = raw.decode("utf-8", "replace").strip()[:500]
+                    raise BackendError(
+                        f"ComfyUI at {self.base_url} answered {method} {path} with HTTP "
+                        f"{resp.status}: {text or '(empty body)'}",
+                        extra={"upstream_status": resp.status})
+                if not raw or resp.content_type != "application/json":
+                    return resp.status, None
+                try:
+                    return resp.status, ujson.loads(raw)
+                except ValueError:
+                    raise BackendError(
+                        f"ComfyUI at {self.base_url} sent invalid JSON for {method} {path}."
+                    ) from None
+
+    async def submit(self, prompt: dict[str, Any], extra_data: dict[str, Any],
+                     client_id: str, prompt_id: str, timeout: float) -> Submitted:
+        body: dict[str, Any] = {"prompt": prompt, "client_id": client_id,
+                                "prompt_id": prompt_id}
+        if extra_data:
+            body["extra_data"] = extra_data
+        status, data = await self._request("POST", "/prompt", json_body=body,
+                                           timeout=timeout, ok=(200, 400))
+        if not isinstance(data, dict):
+            raise BackendError(f"ComfyUI at {self.base_url} answered POST /prompt with "
+                               f"HTTP {status} and no JSON body.")
+        return Submitted(accepted=status == 200, body=data)
+
+    async def queue(self) -> QueueSnapshot:
+        _, data = await self._request("GET", "/queue")
+        return parse_queue(data if isinstance(data, dict) else {})
+
+    async def history(self, prompt_id: str) -> dict[str, Any] | None:
+        """The history entry, or None while ComfyUI has none (unknown, pending, running)."""
+        _, data = await self._request("GET", f"/history/{prompt_id}")
+        if isinstance(data, dict):
+            entry = data.get(prompt_id)
+            if isinstance(entry, dict):
+                return entry
+        return None
+
+    async def job(self, prompt_id: str) -> dict[str, Any] | None:
+        """`/api/jobs/{id}`: None for 404 (ComfyUI has never heard of it, or forgot)."""
+        status, data = await self._request("GET", f"/api/jobs/{prompt_id}", ok=(200, 404))
+        if status == 404:
+            return None
+        return data if isinstance(data, dict) else {}
+
+    async def system_stats(self, timeout: float) -> dict[str, Any]:
+        _, data = await self._request("GET", "/system_stats", timeout=timeout)
+        return data if isinstance(data, dict) else {}
+
+    async def delete_pending(self, prompt_id: str) -> None:
+        await self._request("POST", "/queue", json_body={"delete": [prompt_id]})
+
+    async def interrupt(self, prompt_id: str) -> None:
+        """Interrupt this prompt only if it is the one running (never a global one)."""
+        await self._request("POST", "/interrupt", json_body={"prompt_id": prompt_id})
+
+    @contextlib.asynccontextmanager
+    async def view(self, params: dict[str, str], headers: dict[str, str],
+                   read_timeout: float) -> AsyncIterator[aiohttp.ClientResponse]:
+        """ComfyUI's answer to GET /view, to be streamed by the caller; a failure while
+        reading its body raises the same errors as the request itself."""
+        # No total timeout: a large file may take long; a stalled read still ends.
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=read_timeout)
+        with self._transport_errors("GET /view"):
+            async with self._session.get(self.url("/view"), params=params, headers=headers,
+                                         timeout=timeout) as resp:
+                yield resp
+
+    def websocket(self, client_id: str, heartbeat: float, close_timeout: float
+                  ) -> contextlib.AbstractAsyncContextManager[aiohttp.ClientWebSocketResponse]:
+        """The event socket; ComfyUI sends a client's events to the socket registered
+        with its clientId."""
+        scheme = "wss" if self.base_url.startswith("https") else "ws"
+        url = f"{scheme}{self.base_url[self.base_url.index(':'):]}/ws?clientId={client_id}"
+        return self._session.ws_connect(
+            url, heartbeat=heartbeat, max_msg_size=WS_MAX_MSG_SIZE, autoping=True,
+            timeout=aiohttp.ClientWSTimeout(ws_close=close_timeout))
+
+
+def parse_queue(raw: dict[str, Any]) -> QueueSnapshot:
+    """ComfyUI's `/queue` body as a snapshot. Its pending heap comes as stored, not in
+    run order: sorted here by number, then prompt id, as its heap orders them."""
+    running_items = [item for item in raw.get("queue_running", []) if _is_item(item)]
+    pending_items = [item for item in raw.get("queue_pending", []) if _is_item(item)]
+    pending_items.sort(key=lambda item: (_number(item[0]), str(item[1])))
+    graphs: dict[str, tuple[dict[str, Any], list[str]]] = {}
+    for item in (*running_items, *pending_items):
+        if len(item) > 4 and isinstance(item[2], dict) and isinstance(item[4], list):
+            graphs[str(item[1])] = (item[2], [str(o) for o in item[4]])
+    return QueueSnapshot(running=[str(item[1]) for item in running_items],
+                         pending=[str(item[1]) for item in pending_items], graphs=graphs)
+
+
+def _is_item(item: Any) -> bool:
+    return isinstance(item, list | tuple) and len(item) > 1
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+class CallbackClient:
+    """POSTs to the callback URLs clients gave, over the same session."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str],
+                   timeout: float) -> int:
+        """The HTTP status of the answer; transport failures raise aiohttp.ClientError,
+        TimeoutError or OSError."""
+        async with self._session.post(url, data=body, headers=headers,
+                                      timeout=aiohttp.ClientTimeout(total=timeout),
+                                      allow_redirects=False) as resp:
+            return resp.status

@@ -1,0 +1,76 @@
+"""One record per GPU: its ComfyUI client, its listener's view of it, and a shared probe."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import Timing
+from ..errors import BackendError
+from .comfy import ComfyClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Probe:
+    """The outcome of one `/system_stats` call."""
+
+    reachable: bool
+    checked_at: float
+    stats: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass(slots=True, eq=False)
+class Gpu:
+    index: int
+    url: str
+    client_id: str
+    comfy: ComfyClient
+    timing: Timing
+    listener_connected: bool = False
+    queue_remaining: int | None = None
+    drained: bool = False
+    last_probe: Probe | None = None
+    _probe_task: asyncio.Task[Probe] | None = None
+
+    async def probe(self) -> Probe:
+        """A recent probe of ComfyUI, sharing one call among concurrent askers.
+
+        A burst of status requests costs at most one upstream request per
+        `status_cache_seconds`; a hung ComfyUI costs the caller at most `status_timeout`.
+        """
+        last = self.last_probe
+        if (last is not None
+                and time.monotonic() - last.checked_at < self.timing.status_cache_seconds):
+            return last
+        if self._probe_task is None or self._probe_task.done():
+            self._probe_task = asyncio.create_task(self._run_probe(),
+                                                   name=f"probe-gpu{self.index}")
+        # shield: one caller giving up must not cancel the probe the others wait on.
+        return await asyncio.shield(self._probe_task)
+
+    async def _run_probe(self) -> Probe:
+        try:
+            stats = await self.comfy.system_stats(timeout=self.timing.status_timeout)
+            probe = Probe(reachable=True, checked_at=time.monotonic(), stats=stats)
+        except BackendError as exc:
+            probe = Probe(reachable=False, checked_at=time.monotonic(), error=exc.message)
+        self.last_probe = probe
+        return probe
+
+    def healthy(self, probe: Probe) -> bool:
+        return probe.reachable and self.listener_connected
+
+    async def is_healthy(self) -> bool:
+        return self.healthy(await self.probe())
+
+    async def close(self) -> None:
+        task = self._probe_task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -1,0 +1,87 @@
+"""Webhooks: POST a finished job's status to its callback URL, signed, with retries."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import ujson
+
+from ..config import Timing
+from ..core.records import Job, isoformat, utcnow
+from ..core.registry import Registry
+from .comfy import CallbackClient
+
+log = logging.getLogger(__name__)
+
+RETRIES = 3
+MAX_CONCURRENT = 16
+SIGNATURE_HEADER = "X-Cylindria-Signature"
+
+
+def sign(secret: str, body: bytes) -> str:
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+class WebhookSender:
+    """A registry subscriber: delivers each job whose webhook the registry marked
+    pending, each delivery in its own task so a slow or dead endpoint never delays
+    another job's."""
+
+    def __init__(self, registry: Registry, client: CallbackClient, secret: str | None,
+                 timing: Timing, render: Callable[[Job], dict[str, Any]]) -> None:
+        self.registry = registry
+        self.client = client
+        self.secret = secret
+        self.timing = timing
+        self.render = render
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT)
+
+    def on_change(self, job: Job) -> None:
+        if (job.webhook is None or job.webhook.get("state") != "pending"
+                or job.job_id in self._tasks):
+            return
+        task = asyncio.get_running_loop().create_task(self.deliver(job, job.webhook["url"]),
+                                                      name=f"webhook-{job.job_id}")
+        # Kept until done, and cancelled at shutdown by close().
+        self._tasks[job.job_id] = task
+        task.add_done_callback(lambda _: self._tasks.pop(job.job_id, None))
+
+    async def deliver(self, job: Job, url: str) -> None:
+        body = ujson.dumps(self.render(job)).encode()
+        headers = {"Content-Type": "application/json", "User-Agent": "cylindria-webhook"}
+        if self.secret:
+            headers[SIGNATURE_HEADER] = sign(self.secret, body)
+        error = None
+        for attempt in range(1, RETRIES + 2):
+            if attempt > 1:
+                await asyncio.sleep(self.timing.webhook_backoff * 2 ** (attempt - 2))
+            try:
+                async with self._slots:
+                    status = await self.client.post(url, body, headers,
+                                                    self.timing.webhook_timeout)
+                if 200 <= status < 300:
+                    self.registry.set_webhook(job, state="delivered", attempts=attempt,
+                                              last_error=None,
+                                              delivered_at=isoformat(utcnow()))
+                    log.info("webhook for job %s delivered to %s", job.job_id, url)
+                    return
+                error = f"HTTP {status}"
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                error = f"{exc.__class__.__name__}: {exc}"[:300]
+            state = "retrying" if attempt <= RETRIES else "failed"
+            self.registry.set_webhook(job, state=state, attempts=attempt, last_error=error)
+            log.warning("webhook for job %s to %s failed (attempt %d of %d): %s", job.job_id,
+                        url, attempt, RETRIES + 1, error)
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

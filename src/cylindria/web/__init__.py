@@ -1,0 +1,1 @@
+"""The HTTP API: thin handlers, their parameters, and the rendering of every body."""

@@ -1,0 +1,79 @@
+"""The JSON API's job routes: health, server status, submission, status, listing, cancel."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..appkeys import GPUS, JOBS, REGISTRY
+from ..core.workflow import parse_body
+from ..errors import ApiError, JobFinished
+from ..jsonio import json_response
+from . import params, render
+from .auth import Access, access
+
+routes = web.RouteTableDef()
+
+DEFAULT_PAGE = 50
+MAX_PAGE = 500
+
+
+@routes.get("/healthz", name="healthz")
+@access(Access.OPEN)
+async def get_healthz(request: web.Request) -> web.Response:
+    gpus = request.app[GPUS]
+    return json_response({
+        "status": "ok",
+        "gpus": len(gpus),
+        "listeners_connected": sum(g.listener_connected for g in gpus),
+    })
+
+
+@routes.get("/serverstatus", name="serverstatus")
+async def get_serverstatus(request: web.Request) -> web.Response:
+    gpu = params.gpu(request, request.query.get("GpuId", "0"))
+    return json_response(render.gpu_status(gpu, await gpu.probe()))
+
+
+@routes.get("/jobstatus/{job_id}/", name="jobstatus")
+async def get_jobstatus(request: web.Request) -> web.Response:
+    job_id = params.job_id(request)
+    job = request.app[JOBS].find(
+        job_id, f" Submit it with PUT /startjob/{job_id}/ first.")
+    return json_response(render.status_body(job, request.app.router))
+
+
+@routes.put("/startjob/{job_id}/", name="startjob")
+async def put_startjob(request: web.Request) -> web.Response:
+    job_id = request.match_info["job_id"]
+    try:
+        job_id = params.job_id(request)
+        callback = params.callback_url(request)
+        prompt, extra = parse_body(await request.read())
+        outcome = await request.app[JOBS].start(job_id, request.query.get("GpuId"), prompt,
+                                                extra, callback)
+    except ApiError as exc:
+        raise render.startjob_refusal(job_id, exc) from None
+    return render.startjob_reply(outcome)
+
+
+@routes.get("/jobs/", name="jobs")
+async def get_jobs(request: web.Request) -> web.Response:
+    query = request.query
+    states = params.states(query)
+    gpu_id = params.gpu(request, query["gpu"], "gpu").index if query.get("gpu") else None
+    limit = params.whole_number(query, "limit", 1, MAX_PAGE) or DEFAULT_PAGE
+    before = params.whole_number(query, "before", 1, None)
+    jobs = request.app[REGISTRY].page(states=states, gpu_id=gpu_id, before=before,
+                                      limit=limit + 1)
+    return json_response(render.jobs_page(jobs[:limit], len(jobs) > limit,
+                                          request.app.router))
+
+
+@routes.post("/canceljob/{job_id}/", name="canceljob")
+async def post_canceljob(request: web.Request) -> web.Response:
+    try:
+        job = await request.app[JOBS].cancel(params.job_id(request))
+    except JobFinished as exc:
+        exc.reply = render.status_body(exc.job, request.app.router)
+        raise
+    return json_response(render.status_body(job, request.app.router), status=202)

@@ -1,0 +1,89 @@
+"""The API key check, and which routes a dashboard sign-in may open instead."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from enum import Enum
+from typing import TypeVar
+
+from aiohttp import web
+
+from ..errors import Unauthorized
+from .signins import Signins, signed_in
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
+H = TypeVar("H", bound=Handler)
+
+
+class Access(Enum):
+    """What opens a route besides the API key; each handler declares its own."""
+
+    KEY = "key"  # the X-API-Key header only: the JSON API
+    OPEN = "open"  # nothing: health checks, the sign-in form and its assets
+    PAGE = "page"  # a sign-in; without one a browser is sent to the sign-in form
+    FEED = "feed"  # a sign-in; without one, 401 JSON (a page's live-update feed)
+    READ = "read"  # a sign-in, for GET and HEAD only (files shown in a page as <img>)
+
+
+ACCESS_ATTRIBUTE = "cylindria_access"
+
+
+def access(level: Access) -> Callable[[H], H]:
+    def mark(handler: H) -> H:
+        setattr(handler, ACCESS_ATTRIBUTE, level)
+        return handler
+    return mark
+
+
+def route_access(request: web.Request) -> Access:
+    # Static assets (stylesheet, script) are the public project's own files.
+    if isinstance(request.match_info.route.resource, web.StaticResource):
+        return Access.OPEN
+    # Routing has already happened; unknown paths get a handler without a mark.
+    return getattr(request.match_info.handler, ACCESS_ATTRIBUTE, Access.KEY)
+
+
+def key_matches(given: str | None, expected: str) -> bool:
+    return hmac.compare_digest((given or "").encode(), expected.encode())
+
+
+def sign_in_opens(level: Access, method: str) -> bool:
+    """Whether a valid sign-in cookie opens a route of this level for this method.
+
+    Never the JSON API: API clients send the header, and a browser's ambient
+    credentials must not be usable there.
+    """
+    if level is Access.READ:
+        # The cookie is SameSite=Strict, so other sites still cannot use it.
+        return method in ("GET", "HEAD")
+    return level in (Access.PAGE, Access.FEED)
+
+
+def make_auth_middleware(api_key: str, signins: Signins, login: str) -> Middleware:
+    """`login` names the route of the sign-in form."""
+
+    @web.middleware
+    async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        level = route_access(request)
+        if level is Access.OPEN:
+            return await handler(request)
+        given = request.headers.get("X-API-Key")
+        if key_matches(given, api_key):
+            return await handler(request)
+        if sign_in_opens(level, request.method) and signed_in(request, signins):
+            return await handler(request)
+        if level is Access.PAGE and given is None:
+            target = request.app.router[login].url_for()
+            if request.method in ("GET", "HEAD"):
+                target = target.with_query(next=request.path_qs)
+            raise web.HTTPSeeOther(location=str(target))
+        what = "wrong" if given else "missing"
+        message = (f"The X-API-Key header is {what}. Send the key this server was "
+                   "started with (CYLINDRIA_API_KEY) in an X-API-Key header.")
+        if level is Access.FEED:
+            message += " In a browser, sign in to the dashboard again."
+        raise Unauthorized(message, headers={"WWW-Authenticate": 'ApiKey header="X-API-Key"'})
+
+    return auth_middleware

@@ -1,0 +1,43 @@
+"""`/gpus/`: every GPU's status and load, and draining a GPU of new jobs."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from aiohttp import web
+
+from ..appkeys import GPUS, JOBS
+from ..jsonio import json_response
+from ..upstream.gpus import Gpu
+from . import params, render
+
+routes = web.RouteTableDef()
+
+
+async def overview(app: web.Application, gpu: Gpu) -> dict[str, Any]:
+    jobs = app[JOBS]
+    return render.gpu_overview(gpu, await gpu.probe(), jobs.registry.running_on(gpu.index),
+                               jobs.registry.queued_count(gpu.index), jobs.load(gpu))
+
+
+@routes.get("/gpus/", name="gpus")
+async def get_gpus(request: web.Request) -> web.Response:
+    bodies = await asyncio.gather(*(overview(request.app, g) for g in request.app[GPUS]))
+    return json_response({"gpus": list(bodies)})
+
+
+@routes.post("/gpus/{gpu_id}/drain", name="gpu_drain")
+async def post_gpu_drain(request: web.Request) -> web.Response:
+    return await set_drained(request, True)
+
+
+@routes.post("/gpus/{gpu_id}/undrain", name="gpu_undrain")
+async def post_gpu_undrain(request: web.Request) -> web.Response:
+    return await set_drained(request, False)
+
+
+async def set_drained(request: web.Request, drained: bool) -> web.Response:
+    gpu = params.gpu(request, request.match_info["gpu_id"], "GPU")
+    request.app[JOBS].drain(gpu, drained)
+    return json_response(await overview(request.app, gpu))

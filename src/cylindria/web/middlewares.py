@@ -1,0 +1,53 @@
+"""The one middleware that turns every error into a JSON answer, and logs the 5xx ones."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from ..errors import ApiError
+from ..jsonio import json_response
+from .render import error_body
+
+log = logging.getLogger(__name__)
+
+_HTTP_HINTS = {
+    404: ("not_found", "No such endpoint. See the README for the API: GET /serverstatus, "
+                       "PUT /startjob/{job_id}/, GET /jobstatus/{job_id}/."),
+    405: ("method_not_allowed", "This endpoint does not take that method."),
+    413: ("payload_too_large", "The request body is too large."),
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        if exc.status >= 500:
+            # Method and path (which holds the job id), never headers: they carry the key.
+            log.warning("%s %s answered %d %s (job %s): %s", request.method, request.path,
+                        exc.status, exc.code, request.match_info.get("job_id", "-"),
+                        exc.message)
+        return json_response(error_body(exc), status=exc.status, headers=exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        code, message = _HTTP_HINTS.get(exc.status, ("http_error", exc.reason))
+        if exc.status == 405:
+            allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ()) or ()))
+            message = f"{request.method} is not allowed here; use {allowed}."
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        return json_response(_error(code, message), status=exc.status, headers=headers)
+    except Exception:
+        # Unexpected: log it with the traceback, answer JSON rather than a bare 500.
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return json_response(_error("internal_error", "Cylindria hit an unexpected error; "
+                                    "it is logged. Retry, and report it if it persists."),
+                             status=500)
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message}}

@@ -1,0 +1,81 @@
+"""Reading a request's path, query and headers into checked values, with clear 400s."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from ..appkeys import GPUS
+from ..core.placement import gpu_number
+from ..core.records import JobState
+from ..errors import BadRequest
+from ..upstream.gpus import Gpu
+
+JOB_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+MAX_CALLBACK_URL = 2048
+
+
+def job_id(request: web.Request) -> str:
+    value = request.match_info["job_id"]
+    if not JOB_ID_RE.match(value):
+        raise BadRequest("job_id must be 1 to 128 characters of letters, digits, '.', '_' "
+                         f"or '-' (got {value[:140]!r}).")
+    return value
+
+
+def gpu(request: web.Request, raw: str, name: str = "GpuId") -> Gpu:
+    gpus = request.app[GPUS]
+    return gpus[gpu_number(raw, len(gpus), name)]
+
+
+def callback_url(request: web.Request) -> str | None:
+    url = request.headers.get("X-Callback-Url")
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if (parts.scheme not in ("http", "https") or not parts.hostname
+            or len(url) > MAX_CALLBACK_URL):
+        raise BadRequest("X-Callback-Url must be an absolute http:// or https:// URL "
+                         f"(got {url[:200]!r}).")
+    return url
+
+
+def states(query: Mapping[str, str]) -> set[str] | None:
+    if not query.get("state"):
+        return None
+    wanted = {s.strip() for s in query["state"].split(",") if s.strip()}
+    unknown = wanted - {s.value for s in JobState}
+    if unknown:
+        raise BadRequest(f"Unknown state(s) {', '.join(sorted(unknown))}; use "
+                         + ", ".join(s.value for s in JobState) + ".")
+    return wanted
+
+
+def whole_number(query: Mapping[str, str], name: str, low: int,
+                 high: int | None) -> int | None:
+    """The query value `name` within [low, high], or None when it is absent or empty."""
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f"of {low} or more"
+        raise BadRequest(f"{name} must be a whole number {bound} (got {raw!r}).")
+    return value
+
+
+def last_event_id(request: web.Request) -> int | None:
+    raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise BadRequest("Last-Event-ID must be an event id this stream sent "
+                         f"(a whole number), got {raw!r}.") from None

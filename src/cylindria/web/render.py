@@ -1,0 +1,129 @@
+"""Every JSON body the API sends: job status, /startjob replies, GPU status, listings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from ..core.jobs import Outcome, Verdict
+from ..core.records import Job, isoformat
+from ..errors import ApiError
+from ..jsonio import json_response
+from ..upstream.gpus import Gpu, Probe
+
+
+def output_url(router: web.UrlDispatcher, job_id: str, index: int) -> str:
+    return str(router["joboutput"].url_for(job_id=job_id, index=str(index)))
+
+
+def outputs(job: Job, router: web.UrlDispatcher) -> list[dict[str, Any]]:
+    """The job's outputs; each file with the URL that serves it."""
+    entries = job.output_entries()
+    for index, entry in enumerate(entries):
+        if entry["kind"] != "text":
+            entry["url"] = output_url(router, job.job_id, index)
+    return entries
+
+
+def status_body(job: Job, router: web.UrlDispatcher) -> dict[str, Any]:
+    """The `/jobstatus` body, also sent by events and webhooks."""
+    body = {
+        "job_id": job.job_id,
+        "state": job.state.value,
+        "gpu_id": job.gpu_id,
+        "submitted_at": isoformat(job.submitted_at),
+        "updated_at": isoformat(job.updated_at),
+        "progress": job.progress,
+        "detail": job.detail,
+        "prompt_id": job.prompt_id,
+        "queue_position": job.queue_position,
+        "current_node": job.current_node,
+        "node_progress": job.node_progress,
+        "started_at": isoformat(job.started_at),
+        "finished_at": isoformat(job.finished_at),
+        "error": job.error,
+        "outputs": outputs(job, router),
+        "outputs_reused": job.outputs_reused,
+        "cancel_requested": job.cancel_requested_at is not None,
+        "webhook": job.webhook,
+    }
+    if job.node_errors:
+        body["node_errors"] = job.node_errors
+    return body
+
+
+def job_reply(job_id: str, accepted: bool, detail: str, gpu_id: int | None,
+              **fields: Any) -> dict[str, Any]:
+    """The shape of every `/startjob` answer, accepted or not."""
+    return {"job_id": job_id, "accepted": accepted, "detail": detail, "gpu_id": gpu_id,
+            **fields}
+
+
+def startjob_reply(outcome: Outcome) -> web.Response:
+    job = outcome.job
+    if outcome.verdict is Verdict.REFUSED:
+        return json_response(job_reply(job.job_id, False, outcome.detail, job.gpu_id,
+                                       state=job.state.value), status=422)
+    body = job_reply(job.job_id, True, outcome.detail, job.gpu_id, prompt_id=job.prompt_id,
+                     state=job.state.value)
+    if outcome.verdict is Verdict.ACCEPTED:
+        if job.node_errors:
+            body["node_errors"] = job.node_errors
+        return json_response(body, status=202)
+    return json_response(body, status=200)
+
+
+def startjob_refusal(job_id: str, exc: ApiError) -> ApiError:
+    """`exc`, carrying the fields of a `/startjob` answer beside its error object."""
+    fields = dict(exc.reply)
+    exc.reply = job_reply(job_id, False, exc.message, fields.pop("gpu_id", None), **fields)
+    return exc
+
+
+def error_body(exc: ApiError) -> dict[str, Any]:
+    return {**exc.reply, "error": {"code": exc.code, "message": exc.message, **exc.extra}}
+
+
+def gpu_status(gpu: Gpu, probe: Probe) -> dict[str, Any]:
+    """The `/serverstatus` body for one GPU."""
+    reachable = probe.reachable
+    body: dict[str, Any] = {
+        "status": "ok" if gpu.healthy(probe) else "degraded",
+        "comfy_url": gpu.url,
+        "reachable": reachable,
+        "gpu_id": gpu.index,
+        "listener_connected": gpu.listener_connected,
+        "queue_remaining": gpu.queue_remaining,
+    }
+    system = probe.stats.get("system") if reachable else None
+    if isinstance(system, dict) and system.get("comfyui_version"):
+        body["comfyui_version"] = system["comfyui_version"]
+    devices = probe.stats.get("devices") if reachable else None
+    if isinstance(devices, list):
+        body["devices"] = [
+            {"name": d.get("name"), "vram_total": d.get("vram_total"),
+             "vram_free": d.get("vram_free")}
+            for d in devices if isinstance(d, dict)
+        ]
+    if probe.error:
+        body["detail"] = probe.error
+    return body
+
+
+def gpu_overview(gpu: Gpu, probe: Probe, running: Job | None, queued: int,
+                 load: int) -> dict[str, Any]:
+    """One GPU in `GET /gpus/`: its status, running job, queue and load."""
+    body = gpu_status(gpu, probe)
+    body["running_job"] = None if running is None else {
+        "job_id": running.job_id, "progress": running.progress,
+        "current_node": running.current_node}
+    body["queue_depth"] = queued
+    body["load"] = load
+    body["drained"] = gpu.drained
+    return body
+
+
+def jobs_page(jobs: list[Job], more: bool, router: web.UrlDispatcher) -> dict[str, Any]:
+    return {"jobs": [status_body(j, router) for j in jobs],
+            "next_before": jobs[-1].seq if more and jobs else None}

@@ -261,9 +261,10 @@ async def test_job_page_shows_image_outputs_as_thumbnails(start_cylindria):
     client = await start_cylindria()
     registry = client.app[REGISTRY]
     job = registry.begin("shown", 0, "prompt-shown", "fp", ["9"])
-    registry.reject(job, "test")
-    job.outputs = {"9": {"images": [{"filename": "named.png", "subfolder": "",
-                                     "type": "output"}]}}
+    registry.confirm(job)
+    registry.on_executed("prompt-shown", "9", {"images": [
+        {"filename": "named.png", "subfolder": "", "type": "output"}]})
+    registry.on_success("prompt-shown")
     page = await (await client.get("/dashboard/job/shown")).text()
     body = (await (await client.get("/jobstatus/shown/")).json())["outputs"]
     assert body[0]["url"] == "/joboutput/shown/0"

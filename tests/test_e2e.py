@@ -51,7 +51,8 @@ async def test_two_processes_end_to_end(procs, tmp_path):
                clean_env(), tmp_path / "sim.log")
     procs.append(sim)
     serve = Proc([*CYLINDRIA, "serve", "--port", str(port), "--numberOfGpus", "2",
-                  "--comfy-url", f"http://127.0.0.1:{sim_port}"],
+                  "--comfy-url", f"http://127.0.0.1:{sim_port}",
+                  "--state-file", str(tmp_path / "state.sqlite3")],
                  clean_env(CYLINDRIA_API_KEY="k"), tmp_path / "serve.log")
     procs.append(serve)
     base = f"http://127.0.0.1:{port}"

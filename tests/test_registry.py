@@ -252,14 +252,23 @@ def test_progress_uses_the_plan_when_known(reg):
     assert job.progress == pytest.approx(1 / 3, abs=1e-3)
 
 
-def test_oldest_finished_jobs_are_trimmed_first():
-    reg = Registry(max_jobs=3)
+def test_finished_jobs_beyond_the_memory_bound_leave_once_the_journal_has_them(clock):
+    reg = Registry(clock=clock, memory_jobs=3)
     live = reg.begin("live", 0, "pl", "f", ["1"])
-    for n in range(4):
+    done = []
+    for n in range(5):
         job = reg.begin(f"done{n}", 0, f"p{n}", "f", ["1"])
         reg.reject(job, "x")
-    assert reg.get("live") is live and live.state is JobState.QUEUED
-    assert len(reg) <= 4 and reg.get("done0") is None
+        done.append(job)
+    assert len(reg) == 6 and reg.evicted_through == 0
+    reg.saved([(job, job.version) for job in done[:2]])
+    assert reg.get("done0") is None and reg.get("done1") is None
+    assert reg.get("done2") is done[2] and reg.evicted_through == done[1].seq
+    reg.saved([(job, job.version) for job in done])
+    assert len(reg) == 4 and reg.get("live") is live and live.state is JobState.QUEUED
+    assert [j.job_id for j in reg.page(limit=10)] == ["done4", "done3", "done2", "live"]
+    assert [j.job_id for j in reg.page(limit=10, floor=reg.evicted_through)] == [
+        "done4", "done3", "done2"]
 
 
 def test_subscribers_see_every_change(reg):

@@ -120,7 +120,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         ([*CYLINDRIA, "simulate", "--gpus", "1", "--base-port", str(sim_port),
           "--step-seconds", "0", "--output-dir", str(work / "out")], clean_env(), "sim.log"),
         ([*CYLINDRIA, "serve", "--port", str(port), "--comfy-url",
-          f"http://127.0.0.1:{sim_port}"], clean_env(CYLINDRIA_API_KEY=API_KEY), "serve.log"),
+          f"http://127.0.0.1:{sim_port}", "--no-state"], clean_env(CYLINDRIA_API_KEY=API_KEY),
+         "serve.log"),
     ]
     try:
         for args, env, log_name in commands:

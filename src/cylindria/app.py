@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import secrets
 from collections.abc import AsyncIterator
 
 from aiohttp import web
 
 from . import dashboard
-from .appkeys import EVENTS, GPUS, JOBS, REGISTRY, SETTINGS, SIGNINS, TASKS, WEBHOOKS
+from .appkeys import EVENTS, GPUS, JOBS, JOURNAL, REGISTRY, SETTINGS, SIGNINS, TASKS, WEBHOOKS
 from .config import Settings
 from .core.jobs import JobsService
 from .core.registry import Registry
+from .store.journal import Journal, open_journal
 from .upstream.comfy import CallbackClient, ComfyClient, open_session
 from .upstream.gpus import Gpu
 from .upstream.listeners import cancel_and_wait, listen, poll
@@ -39,10 +39,10 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[SETTINGS] = settings
     app[SIGNINS] = signins
-    registry = Registry()
+    registry = Registry(memory_jobs=settings.memory_jobs)
     app[REGISTRY] = registry
     app[EVENTS] = EventHub(settings.event_buffer,
-                           functools.partial(render.status_body, router=app.router))
+                           functools.partial(render.status_bytes, router=app.router))
     registry.subscribe(app[EVENTS].publish)
     app[TASKS] = {}
 
@@ -52,10 +52,11 @@ def create_app(settings: Settings) -> web.Application:
     # Open event streams end at shutdown, so the server does not wait on them.
     app.on_shutdown.append(close_event_streams)
 
-    # Teardown runs in reverse: listeners stop, then webhooks, then the session
-    # they all use is closed.
+    # Teardown runs in reverse: listeners stop, then webhooks and housekeeping, then
+    # the session they all use is closed, and last the journal.
     app.cleanup_ctx.append(upstream_ctx)
     app.cleanup_ctx.append(webhooks_ctx)
+    app.cleanup_ctx.append(housekeeping_ctx)
     app.cleanup_ctx.append(listeners_ctx)
     return app
 
@@ -65,27 +66,41 @@ async def close_event_streams(app: web.Application) -> None:
 
 
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The process's one ClientSession, each GPU's ComfyUI client, and the jobs service."""
+    """The journal and what it kept, the process's one ClientSession, each GPU's
+    ComfyUI client, and the jobs service."""
     settings = app[SETTINGS]
     timing = settings.timing
-    # A fresh suffix per process: two Cylindrias on one ComfyUI must never share a
-    # clientId (ComfyUI would mute one of them); stable across reconnects.
-    instance = secrets.token_hex(4)
-    async with open_session(settings.num_gpus, timing) as session:
-        app[GPUS] = [Gpu(index=n, url=settings.gpu_url(n),
-                         client_id=f"cylindria-{instance}-gpu{n}",
-                         comfy=ComfyClient(session, settings.gpu_url(n), timing.request_timeout),
-                         timing=timing)
-                     for n in range(settings.num_gpus)]
-        app[JOBS] = JobsService(app[REGISTRY], app[GPUS], settings)
-        app[WEBHOOKS] = WebhookSender(app[REGISTRY], CallbackClient(session),
-                                      settings.webhook_secret, timing,
-                                      functools.partial(render.status_body, router=app.router))
-        try:
-            yield
-        finally:
-            for gpu in app[GPUS]:
-                await gpu.close()
+    registry = app[REGISTRY]
+    journal, loaded = await open_journal(settings.state_file, settings.memory_jobs,
+                                         registry.saved, settings.state_sync_full)
+    app[JOURNAL] = journal
+    registry.subscribe(journal.note)
+    log.info("jobs are kept in %s: %d job(s) held, %d loaded into memory, %d in flight",
+             journal.name, loaded.held, len(loaded.jobs),
+             sum(not job.terminal for job in loaded.jobs))
+    try:
+        async with open_session(settings.num_gpus, timing) as session:
+            # The clientId is the state file's: after a restart, ComfyUI sends the events
+            # of earlier prompts to the new listeners; two Cylindrias never share one.
+            app[GPUS] = [Gpu(index=n, url=settings.gpu_url(n),
+                             client_id=f"cylindria-{loaded.install_id}-gpu{n}",
+                             comfy=ComfyClient(session, settings.gpu_url(n),
+                                               timing.request_timeout),
+                             timing=timing)
+                         for n in range(settings.num_gpus)]
+            app[JOBS] = JobsService(registry, app[GPUS], settings, journal)
+            app[JOBS].restore(loaded.jobs, loaded.last_seq, loaded.evicted_through)
+            app[WEBHOOKS] = WebhookSender(registry, CallbackClient(session),
+                                          settings.webhook_secret, timing,
+                                          functools.partial(render.status_bytes,
+                                                            router=app.router))
+            try:
+                yield
+            finally:
+                for gpu in app[GPUS]:
+                    await gpu.close()
+    finally:
+        await journal.close()
 
 
 async def webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -93,10 +108,38 @@ async def webhooks_ctx(app: web.Application) -> AsyncIterator[None]:
     if not app[SETTINGS].webhook_secret:
         log.info("CYLINDRIA_WEBHOOK_SECRET is not set: webhooks are sent unsigned")
     app[REGISTRY].subscribe(sender.on_change)
+    sender.resume(app[REGISTRY].webhooks_due())
     try:
         yield
     finally:
         await sender.close()
+
+
+async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
+    """One task that drops finished jobs past their retention, from the journal and
+    from memory."""
+    settings = app[SETTINGS]
+    task = asyncio.create_task(housekeep(app[REGISTRY], app[JOURNAL], settings),
+                               name="housekeeping")
+    try:
+        yield
+    finally:
+        await cancel_and_wait([task])
+
+
+async def housekeep(registry: Registry, journal: Journal, settings: Settings) -> None:
+    while True:
+        cutoff = registry.retention_cutoff(settings.retention_days)
+        pruned = await journal.prune(cutoff)
+        # In steps of a few hundred, so other work goes on in between.
+        while True:
+            if not registry.evict(retain_after=cutoff):
+                break
+            await asyncio.sleep(0)
+        if pruned:
+            log.info("dropped %d job(s) finished more than %g day(s) ago", pruned,
+                     settings.retention_days)
+        await asyncio.sleep(settings.timing.housekeeping_interval)
 
 
 async def listeners_ctx(app: web.Application) -> AsyncIterator[None]:

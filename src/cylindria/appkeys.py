@@ -9,6 +9,7 @@ from aiohttp import web
 from .config import Settings
 from .core.jobs import JobsService
 from .core.registry import Registry
+from .store.journal import Journal
 from .upstream.gpus import Gpu
 from .upstream.webhooks import WebhookSender
 from .web.eventhub import EventHub
@@ -21,6 +22,7 @@ SIGNINS = web.AppKey("signins", Signins)
 # Set during start-up, once the ClientSession they use exists.
 GPUS = web.AppKey("gpus", list[Gpu])
 JOBS = web.AppKey("jobs", JobsService)
+JOURNAL = web.AppKey("journal", Journal)
 WEBHOOKS = web.AppKey("webhooks", WebhookSender)
 # Background tasks by name: each GPU's listener and poller.
 TASKS = web.AppKey("tasks", dict[str, asyncio.Task[None]])

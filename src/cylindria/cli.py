@@ -16,17 +16,18 @@ from .config import (
     DEFAULT_DEV_SAVE_DIR,
     DEFAULT_HOST,
     DEFAULT_PORT,
+    DEFAULT_STATE_FILE,
     LOG_LEVELS,
     MAX_GPUS,
     Settings,
     load_settings,
 )
-from .errors import ConfigError
+from .errors import ConfigError, StateFileError
 
 log = logging.getLogger("cylindria")
 
 SERVE_FLAGS = ("host", "port", "comfy_url", "num_gpus", "dev_mode", "dev_save_dir",
-               "log_level", "insecure_no_auth", "default_gpu")
+               "log_level", "insecure_no_auth", "default_gpu", "state_file", "no_state")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +82,12 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                              "(env CYLINDRIA_DEFAULT_GPU, default 0)")
     parser.add_argument("--log-level", dest="log_level", choices=LOG_LEVELS, default=None,
                         help="default info")
+    state = parser.add_mutually_exclusive_group()
+    state.add_argument("--state-file", dest="state_file", default=None,
+                       help="where jobs are kept across restarts (env CYLINDRIA_STATE_FILE, "
+                            f"default {DEFAULT_STATE_FILE})")
+    state.add_argument("--no-state", dest="no_state", action="store_const", const=True,
+                       default=None, help="keep jobs in memory only: a restart forgets them")
     parser.add_argument("--insecure-no-auth", dest="insecure_no_auth",
                         action="store_const", const=True, default=None,
                         help="allow a non-loopback --host without CYLINDRIA_API_KEY")
@@ -123,8 +130,12 @@ def run_serve(settings: Settings) -> int:
     if not settings.api_key:
         log.info("no CYLINDRIA_API_KEY set: the API is open to anyone who can reach %s",
                  settings.host)
-    web.run_app(create_app(settings), host=settings.host, port=settings.port,
-                print=None, access_log=None if settings.log_level != "debug" else log)
+    try:
+        web.run_app(create_app(settings), host=settings.host, port=settings.port,
+                    print=None, access_log=None if settings.log_level != "debug" else log)
+    except StateFileError as exc:
+        print(f"cylindria: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

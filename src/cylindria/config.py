@@ -15,6 +15,11 @@ DEFAULT_COMFY_URL = "http://127.0.0.1:8188"
 DEFAULT_PORT = 8000
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_DEV_SAVE_DIR = "./workflows_dev"
+DEFAULT_STATE_FILE = "./cylindria-state.sqlite3"
+DEFAULT_RETENTION_DAYS = 7.0
+DEFAULT_MEMORY_JOBS = 10_000
+# Test hooks that stop the process at a chosen point, to show what a restart recovers.
+FAULTS = frozenset({"crash-before-submit", "crash-after-submit"})
 MAX_GPUS = 8
 LOG_LEVELS = ("debug", "info", "warning", "error")
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
@@ -38,6 +43,8 @@ class Timing:
     sse_keepalive: float = 15.0
     webhook_timeout: float = 10.0
     webhook_backoff: float = 1.0
+    # How often finished jobs past retention are pruned.
+    housekeeping_interval: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +64,14 @@ class Settings:
     webhook_secret: str | None = None
     max_event_streams: int = 100
     event_buffer: int = 1000
+    # None keeps everything in memory only (--no-state); the command line's default is
+    # DEFAULT_STATE_FILE.
+    state_file: Path | None = None
+    state_sync_full: bool = False
+    retention_days: float = DEFAULT_RETENTION_DAYS
+    memory_jobs: int = DEFAULT_MEMORY_JOBS
+    retry_lost: int = 0
+    faults: frozenset[str] = frozenset()
     timing: Timing = field(default_factory=Timing)
 
     def __post_init__(self) -> None:
@@ -139,6 +154,17 @@ def validate(s: Settings) -> None:
             f"(got {s.default_gpu!r})")
     if s.max_event_streams < 1:
         raise ConfigError(f"max_event_streams must be 1 or more (got {s.max_event_streams})")
+    if not s.retention_days > 0:
+        raise ConfigError("CYLINDRIA_RETENTION_DAYS must be a number of days above 0 "
+                          f"(got {s.retention_days})")
+    if s.memory_jobs < 0:
+        raise ConfigError(f"CYLINDRIA_MEMORY_JOBS must be 0 or more (got {s.memory_jobs})")
+    if s.retry_lost < 0:
+        raise ConfigError(f"CYLINDRIA_RETRY_LOST must be 0 or more (got {s.retry_lost})")
+    unknown = s.faults - FAULTS
+    if unknown:
+        raise ConfigError(f"CYLINDRIA_FAULTS knows {', '.join(sorted(FAULTS))} (got "
+                          f"{', '.join(sorted(unknown))})")
     if s.api_key is not None and not s.api_key.strip():
         raise ConfigError("CYLINDRIA_API_KEY is set but empty; give it a value or unset it")
 
@@ -148,6 +174,13 @@ def _int(name: str, value: str) -> int:
         return int(value)
     except ValueError:
         raise ConfigError(f"{name} must be a whole number (got {value!r})") from None
+
+
+def _float(name: str, value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number (got {value!r})") from None
 
 
 def parse_default_gpu(name: str, value: str) -> int | str:
@@ -195,6 +228,22 @@ def load_settings(
                                            env["CYLINDRIA_MAX_EVENT_STREAMS"])
     if env.get("CYLINDRIA_DEV_SAVE_DIR"):
         values["dev_save_dir"] = Path(env["CYLINDRIA_DEV_SAVE_DIR"])
+    values["state_file"] = Path(env.get("CYLINDRIA_STATE_FILE") or DEFAULT_STATE_FILE)
+    if env.get("CYLINDRIA_STATE_SYNC"):
+        sync = env["CYLINDRIA_STATE_SYNC"].strip().lower()
+        if sync not in ("normal", "full"):
+            raise ConfigError(f"CYLINDRIA_STATE_SYNC must be normal or full (got {sync!r})")
+        values["state_sync_full"] = sync == "full"
+    if env.get("CYLINDRIA_RETENTION_DAYS"):
+        values["retention_days"] = _float("CYLINDRIA_RETENTION_DAYS",
+                                          env["CYLINDRIA_RETENTION_DAYS"])
+    if env.get("CYLINDRIA_MEMORY_JOBS"):
+        values["memory_jobs"] = _int("CYLINDRIA_MEMORY_JOBS", env["CYLINDRIA_MEMORY_JOBS"])
+    if env.get("CYLINDRIA_RETRY_LOST"):
+        values["retry_lost"] = _int("CYLINDRIA_RETRY_LOST", env["CYLINDRIA_RETRY_LOST"])
+    if env.get("CYLINDRIA_FAULTS"):
+        values["faults"] = frozenset(f.strip() for f in env["CYLINDRIA_FAULTS"].split(",")
+                                     if f.strip())
 
     for key in ("host", "port", "comfy_url", "num_gpus", "dev_mode", "log_level",
                 "insecure_no_auth"):
@@ -204,6 +253,10 @@ def load_settings(
         values["default_gpu"] = parse_default_gpu("--default-gpu", str(flags["default_gpu"]))
     if flags.get("dev_save_dir") is not None:
         values["dev_save_dir"] = Path(str(flags["dev_save_dir"]))
+    if flags.get("state_file") is not None:
+        values["state_file"] = Path(str(flags["state_file"]))
+    if flags.get("no_state"):
+        values["state_file"] = None
     if isinstance(values.get("comfy_url"), str):
         values["comfy_url"] = str(values["comfy_url"]).rstrip("/")
     return Settings(**values)  # type: ignore[arg-type]

@@ -85,6 +85,13 @@ class JobFinished(ApiError):
         self.job = job
 
 
+class NotRetryable(ApiError):
+    """Only a failed, cancelled or rejected job can run again."""
+
+    status = 409
+    code = "not_retryable"
+
+
 class GpuDrained(ApiError):
     status = 409
     code = "gpu_drained"
@@ -120,3 +127,14 @@ class BackendUnavailable(BackendError):
 class BackendTimeout(BackendError):
     status = 504
     code = "backend_timeout"
+
+
+class StateUnavailable(ApiError):
+    """The journal cannot write: no new job is accepted until it can."""
+
+    status = 503
+    code = "state_unavailable"
+
+
+class StateFileError(Exception):
+    """The state file cannot be used at start-up; the message names it and what to do."""

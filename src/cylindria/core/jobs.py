@@ -1,12 +1,13 @@
-"""The jobs service: the one place that decides what a submission, a cancel or a
-ComfyUI queue reading does to the registry."""
+"""The jobs service: the one place that decides what a submission, a retry or a cancel
+does, with the registry in memory and the journal behind it."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -22,18 +23,23 @@ from ..errors import (
     JobIdConflict,
     JobNotFound,
     NoGpuAvailable,
+    NotRetryable,
+    StateUnavailable,
     WorkflowRejected,
 )
 from . import placement
-from .ports import GpuPort, QueueSnapshot
-from .records import Job, JobState
+from .ports import GpuPort, QueueSnapshot, Store
+from .records import RETRYABLE, Job, JobState
 from .registry import Registry
-from .workflow import fingerprint, rejection_detail, save_copy
+from .workflow import canonical, fingerprint, from_canonical, rejection_detail, save_copy
 
 log = logging.getLogger(__name__)
 
-LOST_DETAIL = ("ComfyUI no longer knows this job: it is neither queued nor in its "
-               "history (ComfyUI was probably restarted). Submit it again.")
+RESTART_DETAIL = ("Cylindria restarted; re-checking this job with ComfyUI (it is still "
+                  "queued or running there, finished, or lost).")
+
+# Exit status of a process stopped by a fault hook (CYLINDRIA_FAULTS).
+FAULT_EXIT = 70
 
 
 class Verdict(StrEnum):
@@ -50,12 +56,15 @@ class Outcome:
 
 
 class JobsService:
-    """Submissions, duplicate PUTs, timeouts, adoption, cancels and reconciliation."""
+    """Submissions, duplicate PUTs, timeouts, adoption, retries and cancels; reading
+    jobs from memory or the journal; reconciliation with ComfyUI, at restart too."""
 
-    def __init__(self, registry: Registry, gpus: Sequence[GpuPort], settings: Settings) -> None:
+    def __init__(self, registry: Registry, gpus: Sequence[GpuPort], settings: Settings,
+                 store: Store) -> None:
         self.registry = registry
         self.gpus = gpus
         self.settings = settings
+        self.store = store
         # Submissions in flight, by job id: a concurrent PUT of the same job waits on it.
         self._submissions: dict[str, asyncio.Future[None]] = {}
 
@@ -64,12 +73,26 @@ class JobsService:
     def gpu(self, raw: str, name: str = "GpuId") -> GpuPort:
         return self.gpus[placement.gpu_number(raw, len(self.gpus), name)]
 
-    def find(self, job_id: str, advice: str = "") -> Job:
-        job = self.registry.get(job_id)
+    async def find(self, job_id: str, advice: str = "") -> Job:
+        """The job from memory, or from the journal when memory no longer holds it."""
+        job = self.registry.get(job_id) or await self.store.fetch(job_id)
         if job is None:
             raise JobNotFound(f"No job {job_id!r} is known here.{advice}",
                               extra={"job_id": job_id})
         return job
+
+    async def page(self, states: Iterable[str] | None, gpu_id: int | None,
+                   before: int | None, limit: int) -> list[Job]:
+        """Newest first: from memory down to where it holds every finished job, then on
+        from the journal."""
+        floor = self.registry.evicted_through
+        found = self.registry.page(states=states, gpu_id=gpu_id, before=before,
+                                   limit=limit, floor=floor)
+        upper = floor + 1 if before is None else min(before, floor + 1)
+        if len(found) < limit and upper > 1:
+            for job in await self.store.page(states, gpu_id, upper, limit - len(found)):
+                found.append(self.registry.get(job.job_id) or job)
+        return found
 
     def load(self, gpu: GpuPort) -> int:
         return placement.load(self.registry.load(gpu.index), gpu.queue_remaining)
@@ -83,27 +106,28 @@ class JobsService:
                     extra: dict[str, Any], callback: str | None = None) -> Outcome:
         """Submit a job, or answer a repeat of it from the record. `gpu_choice` is the
         request's GpuId: a number, "auto", or None for the configured default."""
-        existing = self.registry.get(job_id)
+        existing = self.registry.get(job_id) or await self.store.fetch(job_id)
         if existing is not None and existing.state is not JobState.REJECTED:
             # A repeat is answered from the record, wherever the job was placed.
-            gpu = self.gpus[existing.gpu_id]
+            gpu, auto = self.gpus[existing.gpu_id], existing.auto
         else:
-            gpu = await self._place(gpu_choice)
+            gpu, auto = await self._place(gpu_choice)
         try:
-            return await self._start(job_id, gpu, prompt, extra, callback)
+            return await self._start(job_id, gpu, auto, prompt, extra, callback, existing)
         except ApiError as exc:
             exc.reply.setdefault("gpu_id", gpu.index)
             raise
 
-    async def _place(self, choice: str | None) -> GpuPort:
+    async def _place(self, choice: str | None) -> tuple[GpuPort, bool]:
+        """The GPU for a new attempt, and whether it was chosen by `auto`."""
         raw = str(self.settings.default_gpu) if choice is None else choice
         if raw.strip().lower() == "auto":
-            return await self._least_loaded()
+            return await self._least_loaded(), True
         gpu = self.gpu(raw)
         if gpu.drained:
             raise GpuDrained(f"GPU {gpu.index} is drained and takes no new jobs; use another "
                              "GpuId, GpuId=auto, or POST /gpus/{n}/undrain.")
-        return gpu
+        return gpu, False
 
     async def _least_loaded(self) -> GpuPort:
         """The healthy, undrained GPU with the least work; ties rotate."""
@@ -118,11 +142,12 @@ class JobsService:
                 headers={"Retry-After": "5"})
         return placement.least_loaded(healthy, self.load)
 
-    async def _start(self, job_id: str, gpu: GpuPort, prompt: dict[str, Any],
-                     extra: dict[str, Any], callback: str | None) -> Outcome:
+    async def _start(self, job_id: str, gpu: GpuPort, auto: bool, prompt: dict[str, Any],
+                     extra: dict[str, Any], callback: str | None,
+                     existing: Job | None) -> Outcome:
         registry = self.registry
-        digest = fingerprint(prompt, extra)
-        existing = registry.get(job_id)
+        workflow = canonical(prompt, extra)
+        digest = fingerprint(workflow)
         if existing is not None and existing.state is not JobState.REJECTED:
             if existing.fingerprint != digest:
                 raise _conflict(existing)
@@ -132,15 +157,17 @@ class JobsService:
                 await asyncio.shield(pending)
                 return _repeat(registry.get(job_id) or existing)
             return _repeat(existing)
+        self.store.ensure_writable()
 
         if existing is not None and (existing.error or {}).get("code") == "backend_timeout":
-            adopted = await self._adopt_uncertain(existing, digest, prompt, callback)
+            adopted = await self._adopt_uncertain(existing, digest, workflow, prompt, callback)
             if adopted is not None:
                 return adopted
 
+        self.store.remember_workflow(job_id, workflow)
         try:
             job = registry.begin(job_id, gpu.index, str(uuid.uuid4()), digest, prompt.keys(),
-                                 callback_url=callback)
+                                 callback_url=callback, auto=auto)
         except JobConflict as exc:
             # Another PUT of this job_id got in while ComfyUI was being asked.
             if exc.job.fingerprint != digest:
@@ -151,14 +178,22 @@ class JobsService:
         try:
             if self.settings.dev_mode:
                 await save_copy(self.settings.dev_save_dir, job_id, prompt, extra)
-            return await self._submit(job, gpu, prompt, extra)
+            return await self.submit(job, gpu, prompt, extra)
         finally:
             self._submissions.pop(job_id, None)
             done.set_result(None)
 
-    async def _submit(self, job: Job, gpu: GpuPort, prompt: dict[str, Any],
-                      extra: dict[str, Any]) -> Outcome:
+    async def submit(self, job: Job, gpu: GpuPort, prompt: dict[str, Any],
+                     extra: dict[str, Any]) -> Outcome:
+        """Send a recorded attempt to ComfyUI: the journal holds it first, so a crash can
+        never leave a prompt in ComfyUI that Cylindria does not know."""
         registry = self.registry
+        try:
+            await self.store.durable(job)
+        except StateUnavailable as exc:
+            registry.reject(job, exc.message, error={"code": exc.code, "message": exc.message})
+            raise
+        self._fault("crash-before-submit")
         try:
             answer = await gpu.comfy.submit(prompt, extra, gpu.client_id, job.prompt_id,
                                             timeout=self.settings.timing.submit_timeout)
@@ -167,6 +202,7 @@ class JobsService:
         except BackendError as exc:
             registry.reject(job, exc.message, error={"code": exc.code, "message": exc.message})
             raise
+        self._fault("crash-after-submit")
 
         if answer.accepted:
             registry.confirm(job, answer.body.get("node_errors") or None)
@@ -175,6 +211,7 @@ class JobsService:
                 await self._cancel_upstream(job)
             log.info("job %s accepted on gpu %d as prompt %s", job.job_id, gpu.index,
                      job.prompt_id)
+            await self._settled(job)
             return Outcome(job, Verdict.ACCEPTED, job.detail)
 
         detail = rejection_detail(answer.body)
@@ -184,6 +221,16 @@ class JobsService:
                         error={"code": WorkflowRejected.code, **comfy_error})
         raise WorkflowRejected(detail, reply={"node_errors": node_errors,
                                               "comfy_error": comfy_error})
+
+    async def _settled(self, job: Job) -> None:
+        """Wait for the accepted state to be on disk before answering. If the journal
+        fails now, the submission itself is on disk already: after a crash the job is
+        found in ComfyUI and followed, so the answer stays a yes."""
+        try:
+            await self.store.durable(job)
+        except StateUnavailable:
+            log.warning("job %s: accepted by ComfyUI, but its accepted state could not be "
+                        "written; it was recorded as submitted", job.job_id)
 
     async def _after_timeout(self, job: Job, gpu: GpuPort, exc: BackendTimeout) -> Outcome:
         """POST /prompt timed out: ComfyUI may have queued the job before it stalled.
@@ -198,6 +245,7 @@ class JobsService:
             self.registry.confirm(job)
             log.info("job %s: submission timed out but ComfyUI had queued prompt %s",
                      job.job_id, job.prompt_id)
+            await self._settled(job)
             return Outcome(job, Verdict.ACCEPTED,
                            "ComfyUI was slow to answer, but it had queued the job.")
         detail = exc.message
@@ -207,8 +255,8 @@ class JobsService:
         self.registry.reject(job, detail, error={"code": exc.code, "message": detail})
         raise BackendTimeout(detail)
 
-    async def _adopt_uncertain(self, old: Job, digest: str, prompt: dict[str, Any],
-                               callback: str | None) -> Outcome | None:
+    async def _adopt_uncertain(self, old: Job, digest: str, workflow: str,
+                               prompt: dict[str, Any], callback: str | None) -> Outcome | None:
         """A PUT again after a timed-out submission: if ComfyUI did queue that attempt
         after all, track it (on the GPU it went to) instead of submitting a second copy."""
         if old.fingerprint != digest:
@@ -219,18 +267,51 @@ class JobsService:
                 return None
         except BackendError:
             return None
+        self.store.remember_workflow(old.job_id, workflow)
         job = self.registry.begin(old.job_id, gpu.index, old.prompt_id, digest, prompt.keys(),
-                                  callback_url=callback)
+                                  callback_url=callback, auto=old.auto)
         self.registry.confirm(job)
+        await self._settled(job)
         return Outcome(job, Verdict.ACCEPTED,
                        "The earlier attempt reached ComfyUI after all; tracking it instead of "
                        "submitting again.")
+
+    # -- retries ----------------------------------------------------------------------
+
+    async def retry(self, job_id: str, gpu_choice: str | None = None,
+                    automatic: bool = False) -> Outcome:
+        """Run a failed, cancelled or rejected job's stored workflow again, under the
+        same job id, as a new attempt. Without `gpu_choice` it is placed as the job
+        was: on its GPU, or by `auto`."""
+        job = await self.find(job_id)
+        _check_retryable(job)
+        workflow = await self.store.workflow(job_id)
+        if workflow is None:
+            raise NotRetryable(f"Job {job_id!r} has no stored workflow to run again (it was "
+                               "refused before it could be recorded); submit it with PUT "
+                               f"/startjob/{job_id}/.", reply={"gpu_id": job.gpu_id})
+        if gpu_choice is None:
+            gpu_choice = "auto" if job.auto else str(job.gpu_id)
+        gpu, auto = await self._place(gpu_choice)
+        _check_retryable(job)  # a concurrent retry may have started meanwhile
+        if self.registry.get(job_id) is None:
+            self.registry.restore([job])
+        job.auto = auto
+        self.registry.retry(job, gpu.index, str(uuid.uuid4()), automatic=automatic)
+        log.info("job %s: attempt %d on gpu %d%s", job_id, job.attempt, gpu.index,
+                 " (automatic, after it was lost)" if automatic else "")
+        prompt, extra = from_canonical(workflow)
+        try:
+            return await self.submit(job, gpu, prompt, extra)
+        except ApiError as exc:
+            exc.reply.setdefault("gpu_id", gpu.index)
+            raise
 
     # -- cancellation -------------------------------------------------------------------
 
     async def cancel(self, job_id: str) -> Job:
         """Ask for a job to stop; its state changes only on ComfyUI's word."""
-        job = self.find(job_id)
+        job = await self.find(job_id)
         if job.terminal:
             raise JobFinished(job, f"Job {job_id!r} is already {job.state.value}; there is "
                                    "nothing to cancel.")
@@ -253,12 +334,36 @@ class JobsService:
             log.warning("cancel of job %s: ComfyUI did not answer (%s)", job.job_id,
                         exc.message)
 
-    # -- reconciliation -------------------------------------------------------------------
+    # -- reconciliation and restarts ----------------------------------------------------
+
+    def restore(self, jobs: list[Job], last_seq: int, evicted_through: int) -> None:
+        """Take in the jobs the journal kept. Those in flight are re-checked with ComfyUI
+        by the next reconciliation of their GPU; until then their detail says so."""
+        lost: list[Job] = []
+        for job in jobs:
+            if not job.terminal:
+                job.unverified = True
+                job.detail = RESTART_DETAIL
+                if job.gpu_id >= len(self.gpus):
+                    lost.append(job)
+        self.registry.restore(jobs, last_seq, evicted_through)
+        for job in lost:
+            self.registry.lose(job, f"Cylindria restarted with {len(self.gpus)} GPU(s), so "
+                                    f"GPU {job.gpu_id}, where this job ran, is not followed "
+                                    f"any more. Run it again with POST /retryjob/{job.job_id}/.")
+
+    def unreachable(self, gpu: GpuPort) -> None:
+        """The GPU's ComfyUI did not answer a reconciliation."""
+        for job in self.registry.unverified(gpu.index):
+            self.registry.set_detail(job, f"Cylindria restarted and GPU {gpu.index}'s ComfyUI "
+                                          "does not answer yet; the job stays in flight until "
+                                          "it does.")
 
     async def reconcile(self, gpu: GpuPort) -> QueueSnapshot:
         """Bring this GPU's in-flight jobs in line with ComfyUI: one `/queue` reading,
         then `/history` for each job the queue no longer holds, which is settled from
-        it, confirmed cancelled, or failed as lost once ComfyUI has forgotten it."""
+        it, confirmed cancelled, or failed as lost once ComfyUI has forgotten it (and
+        run again if CYLINDRIA_RETRY_LOST allows)."""
         registry = self.registry
         # /queue before /history: ComfyUI moves a job from one to the other under one
         # lock, so reading in this order never misses a job in between.
@@ -275,14 +380,30 @@ class JobsService:
             elif registry.confirm_removed(job):
                 continue
             elif job.missing_since is None:
-                registry.note_missing(job, grace, LOST_DETAIL)
+                registry.note_missing(job, grace, _lost_detail(job))
             # Still nowhere after the grace period: ask /api/jobs to be sure it is not
             # merely between the two reads.
             elif (await gpu.comfy.job(job.prompt_id) is None
-                  and registry.note_missing(job, grace, LOST_DETAIL)):
+                  and registry.note_missing(job, grace, _lost_detail(job))):
                 log.warning("gpu %d: job %s (prompt %s) lost by ComfyUI", gpu.index,
                             job.job_id, job.prompt_id)
+                await self._after_lost(job)
         return snapshot
+
+    async def _after_lost(self, job: Job) -> None:
+        if job.automatic_retries >= self.settings.retry_lost:
+            return
+        try:
+            await self.retry(job.job_id, automatic=True)
+        except ApiError as exc:
+            log.warning("job %s: automatic retry after it was lost failed: %s", job.job_id,
+                        exc.message)
+
+    def _fault(self, name: str) -> None:
+        if name in self.settings.faults:
+            log.critical("fault %s: stopping the process now, as CYLINDRIA_FAULTS asks",
+                         name)
+            os._exit(FAULT_EXIT)
 
 
 async def _knows(gpu: GpuPort, prompt_id: str) -> bool:
@@ -290,6 +411,22 @@ async def _knows(gpu: GpuPort, prompt_id: str) -> bool:
     if (await gpu.comfy.queue()).holds(prompt_id):
         return True
     return await gpu.comfy.job(prompt_id) is not None
+
+
+def _lost_detail(job: Job) -> str:
+    retry = f"Run it again with POST /retryjob/{job.job_id}/."
+    if not job.confirmed:
+        return ("Cylindria stopped while submitting this job, and ComfyUI has no trace of "
+                f"it: it never received it, or was restarted since. {retry}")
+    return ("ComfyUI no longer knows this job: it is neither queued nor in its history "
+            f"(ComfyUI was probably restarted). {retry}")
+
+
+def _check_retryable(job: Job) -> None:
+    if job.state not in RETRYABLE:
+        raise NotRetryable(
+            f"Job {job.job_id!r} is {job.state.value}; only a failed, cancelled or rejected "
+            "job can run again.", reply={"gpu_id": job.gpu_id, "state": job.state.value})
 
 
 def _conflict(job: Job) -> JobIdConflict:
@@ -302,6 +439,8 @@ def _conflict(job: Job) -> JobIdConflict:
 def _repeat(job: Job) -> Outcome:
     if job.state is JobState.REJECTED:
         return Outcome(job, Verdict.REFUSED, job.detail)
-    return Outcome(job, Verdict.REPEATED,
-                   f"Job {job.job_id!r} was already accepted with this workflow; nothing was "
-                   f"submitted again. It is {job.state.value}.")
+    detail = (f"Job {job.job_id!r} was already accepted with this workflow; nothing was "
+              f"submitted again. It is {job.state.value}.")
+    if job.state in RETRYABLE:
+        detail += f" To run it again, POST /retryjob/{job.job_id}/."
+    return Outcome(job, Verdict.REPEATED, detail)

@@ -1,10 +1,12 @@
-"""What the core needs of the outside: a ComfyUI's calls and their answers, and a GPU."""
+"""What the core needs of the outside: a ComfyUI's calls and answers, a GPU, the journal."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .records import Job
 from .workflow import plan_nodes
 
 
@@ -61,3 +63,21 @@ class GpuPort(Protocol):
     comfy: ComfyApi
 
     async def is_healthy(self) -> bool: ...
+
+
+class Store(Protocol):
+    """The journal behind the registry, as the jobs service uses it."""
+
+    def ensure_writable(self) -> None:
+        """Raise StateUnavailable while the journal cannot write."""
+
+    def remember_workflow(self, job_id: str, workflow: str) -> None: ...
+
+    async def durable(self, job: Job) -> None: ...
+
+    async def fetch(self, job_id: str) -> Job | None: ...
+
+    async def workflow(self, job_id: str) -> str | None: ...
+
+    async def page(self, states: Iterable[str] | None, gpu_id: int | None, before: int,
+                   limit: int) -> list[Job]: ...

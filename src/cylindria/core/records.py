@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -20,9 +20,11 @@ class JobState(StrEnum):
 TERMINAL = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED,
                       JobState.REJECTED})
 IN_FLIGHT = frozenset({JobState.QUEUED, JobState.RUNNING})
+# A finished job in one of these states may run again, as a new attempt.
+RETRYABLE = frozenset({JobState.FAILED, JobState.CANCELLED, JobState.REJECTED})
 
 # Which state may follow which. Terminal states have no way out: a late or
-# duplicated ComfyUI event can never reopen a finished job.
+# duplicated ComfyUI event can never reopen a finished job (only a retry can).
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.COMPLETED, JobState.FAILED,
                                 JobState.CANCELLED, JobState.REJECTED}),
@@ -46,6 +48,12 @@ def isoformat(moment: datetime | None) -> str | None:
 
 @dataclass(slots=True, eq=False)
 class Job:
+    """One job: its current attempt in full, earlier attempts in summary.
+
+    Fields that most jobs never use stay None, so a finished record is small.
+    `version` counts changes; `saved_version` is the last one the journal holds.
+    """
+
     job_id: str
     gpu_id: int
     fingerprint: str
@@ -53,25 +61,37 @@ class Job:
     nodes: frozenset[str]
     submitted_at: datetime
     updated_at: datetime
+    seq: int = 0
     state: JobState = JobState.QUEUED
     confirmed: bool = False
     detail: str = "Submitting to ComfyUI."
+    # Placed by GpuId=auto: a new attempt may go to another GPU.
+    auto: bool = False
+    attempt: int = 1
+    automatic_retries: int = 0
+    earlier_attempts: list[dict[str, Any]] | None = None
     queue_position: int | None = None
     current_node: str | None = None
     node_progress: dict[str, Any] | None = None
-    done_nodes: set[str] = field(default_factory=set)
+    done_nodes: set[str] | None = None
     planned_nodes: frozenset[str] | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
     error: dict[str, Any] | None = None
     node_errors: dict[str, Any] | None = None
-    outputs: dict[str, Any] = field(default_factory=dict)
-    cached_nodes: set[str] = field(default_factory=set)
+    outputs: dict[str, Any] | None = None
+    cached_nodes: set[str] | None = None
     missing_since: datetime | None = None
-    seq: int = 0
     cancel_requested_at: datetime | None = None
     callback_url: str | None = None
     webhook: dict[str, Any] | None = None
+    # Loaded from the journal at start-up and not yet checked against ComfyUI.
+    unverified: bool = False
+    version: int = 0
+    saved_version: int = -1
+    # The serialized status body and the version it was made for.
+    body: bytes | None = None
+    body_version: int = -1
 
     @property
     def terminal(self) -> bool:
@@ -80,13 +100,14 @@ class Job:
     @property
     def outputs_reused(self) -> bool:
         """ComfyUI served an output node from its cache: the files are an earlier run's."""
-        return any(node in self.cached_nodes for node in self.outputs)
+        return bool(self.outputs and self.cached_nodes
+                    and any(node in self.cached_nodes for node in self.outputs))
 
     def output_entries(self) -> list[dict[str, Any]]:
         """Every file or text ComfyUI reported, in a stable order, one entry each; an
         entry's place in the list is its index under /joboutput."""
         entries: list[dict[str, Any]] = []
-        for node_id, output in self.outputs.items():
+        for node_id, output in (self.outputs or {}).items():
             if not isinstance(output, dict):
                 continue
             for key, items in output.items():
@@ -112,14 +133,23 @@ class Job:
         plan = self.planned_nodes or self.nodes
         if not plan:
             return 0.0
-        done = len(self.done_nodes & plan)
+        done_nodes = self.done_nodes or set()
+        done = len(done_nodes & plan)
         fraction = 0.0
         np = self.node_progress
-        if np and np.get("max") and np.get("node") not in self.done_nodes:
+        if np and np.get("max") and np.get("node") not in done_nodes:
             fraction = min(max(float(np["value"]) / float(np["max"]), 0.0), 1.0)
         # Never report 1.0 before ComfyUI says the job succeeded.
         return round(min((done + fraction) / len(plan), 0.999), 4)
 
+    def attempt_summary(self) -> dict[str, Any]:
+        """The current attempt as it stands in the `attempts` list."""
+        return {"attempt": self.attempt, "prompt_id": self.prompt_id, "gpu_id": self.gpu_id,
+                "state": self.state.value, "submitted_at": isoformat(self.submitted_at),
+                "finished_at": isoformat(self.finished_at), "error": self.error}
+
+    def attempts(self) -> list[dict[str, Any]]:
+        return [*(self.earlier_attempts or ()), self.attempt_summary()]
 
 
 # ComfyUI's UI output keys and what each holds: files, or plain strings for text.
@@ -139,3 +169,53 @@ def error_summary(data: dict[str, Any]) -> dict[str, Any]:
         "node_type": data.get("node_type"),
         "traceback": [str(line) for line in traceback][-20:],
     }
+
+
+# -- the journal's form of a record -------------------------------------------------
+
+_TIMES = ("submitted_at", "updated_at", "started_at", "finished_at", "missing_since",
+          "cancel_requested_at")
+_SETS = ("done_nodes", "cached_nodes")
+_PLAIN = ("job_id", "gpu_id", "fingerprint", "prompt_id", "seq", "confirmed", "detail",
+          "auto", "attempt", "automatic_retries", "earlier_attempts", "queue_position",
+          "current_node", "node_progress", "error", "node_errors", "outputs", "callback_url",
+          "webhook")
+
+
+def to_record(job: Job) -> dict[str, Any]:
+    """A plain, JSON-ready copy of the job: taken on the event loop, written elsewhere."""
+    record: dict[str, Any] = {"state": job.state.value, "nodes": sorted(job.nodes)}
+    for name in _PLAIN:
+        value = getattr(job, name)
+        if value is not None:
+            record[name] = value
+    for name in _TIMES:
+        moment = getattr(job, name)
+        if moment is not None:
+            record[name] = moment.timestamp()
+    for name in _SETS:
+        values = getattr(job, name)
+        if values:
+            record[name] = sorted(values)
+    if job.planned_nodes is not None:
+        record["planned_nodes"] = sorted(job.planned_nodes)
+    if job.outputs is not None:
+        # A copy: the journal serializes it on another thread while this one goes on.
+        record["outputs"] = dict(job.outputs)
+    if job.webhook is not None:
+        record["webhook"] = dict(job.webhook)
+    return record
+
+
+def from_record(record: dict[str, Any]) -> Job:
+    values: dict[str, Any] = {name: record[name] for name in _PLAIN if name in record}
+    for name in _TIMES:
+        if record.get(name) is not None:
+            values[name] = datetime.fromtimestamp(record[name], UTC)
+    for name in _SETS:
+        if record.get(name):
+            values[name] = set(record[name])
+    if record.get("planned_nodes") is not None:
+        values["planned_nodes"] = frozenset(record["planned_nodes"])
+    return Job(state=JobState(record["state"]), nodes=frozenset(record.get("nodes") or ()),
+               **values)

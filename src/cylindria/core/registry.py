@@ -1,36 +1,54 @@
-"""The job registry: every job by id and prompt id, the state machine, and its queries."""
+"""The job registry: the jobs in memory, indexed, and the only place that changes them."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
-from datetime import datetime
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 from ..errors import JobConflict
-from .records import IN_FLIGHT, TRANSITIONS, Job, JobState, error_summary, utcnow
+from .indexes import SeqIndex, SeqList
+from .machine import JobMachine
+from .records import IN_FLIGHT, TERMINAL, TRANSITIONS, Job, JobState, utcnow
 
 log = logging.getLogger(__name__)
 
-
 Listener = Callable[[Job], None]
 
+# Finished jobs kept in memory by default; older ones are answered from the journal.
+MEMORY_JOBS = 10_000
 
-class Registry:
-    """Every job Cylindria knows, by job id and by ComfyUI prompt id.
 
-    All mutation goes through methods that enforce the state machine and stamp
-    `updated_at`; each change is announced to subscribers (a journal, live views).
+class Registry(JobMachine):
+    """Every job in memory, by job id, prompt id, state, GPU and submission order.
+
+    Memory holds every job in flight and the most recent finished ones; the journal
+    behind it holds them all. Every operation a request or an event makes costs
+    O(1) or O(log n) in the number of jobs held. All mutation goes through methods
+    that enforce the state machine and stamp `updated_at`; each change is announced
+    to subscribers (the journal, live views, webhooks).
     """
 
     def __init__(self, clock: Callable[[], datetime] = utcnow,
-                 max_jobs: int = 50_000) -> None:
-        self._jobs: dict[str, Job] = {}
-        self._by_prompt: dict[str, Job] = {}
+                 memory_jobs: int = MEMORY_JOBS) -> None:
         self._clock = clock
-        self._max_jobs = max_jobs
+        self._memory_jobs = memory_jobs
         self._subscribers: list[Listener] = []
         self._seq = 0
+        self._jobs: dict[str, Job] = {}
+        self._by_prompt: dict[str, Job] = {}
+        self._by_seq: dict[int, Job] = {}
+        self._all = SeqList()
+        self._finished = SeqList()
+        self._states = SeqIndex()
+        self._gpus = SeqIndex()
+        self._flight: dict[int, dict[str, Job]] = {}
+        self._running: dict[int, dict[str, Job]] = {}
+        self._counts: Counter[JobState] = Counter()
+        # Every finished job with a higher sequence number is in memory.
+        self._evicted_through = 0
 
     def now(self) -> datetime:
         return self._clock()
@@ -48,68 +66,115 @@ class Registry:
     def __len__(self) -> int:
         return len(self._jobs)
 
-    def in_flight(self, gpu_id: int | None = None) -> list[Job]:
-        return [j for j in self._jobs.values()
-                if j.state in IN_FLIGHT and (gpu_id is None or j.gpu_id == gpu_id)]
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    @property
+    def evicted_through(self) -> int:
+        """Finished jobs up to this sequence number may live only in the journal."""
+        return self._evicted_through
+
+    def in_flight(self, gpu_id: int) -> list[Job]:
+        return list(self._flight.get(gpu_id, {}).values())
 
     def in_flight_count(self) -> int:
-        return sum(1 for j in self._jobs.values() if j.state in IN_FLIGHT)
+        return sum(len(jobs) for jobs in self._flight.values())
 
     def load(self, gpu_id: int) -> int:
         """Jobs queued or running on this GPU."""
-        return len(self.in_flight(gpu_id))
+        return len(self._flight.get(gpu_id, ()))
 
     def queued_count(self, gpu_id: int) -> int:
-        return sum(1 for j in self.in_flight(gpu_id) if j.state is JobState.QUEUED)
+        return self.load(gpu_id) - len(self._running.get(gpu_id, ()))
 
     def running_on(self, gpu_id: int) -> Job | None:
-        for job in self._jobs.values():
-            if job.gpu_id == gpu_id and job.state is JobState.RUNNING:
-                return job
-        return None
+        running = self._running.get(gpu_id)
+        return next(iter(running.values())) if running else None
 
-    def page(self, *, states: set[str] | None = None, gpu_id: int | None = None,
-             before: int | None = None, limit: int = 50) -> list[Job]:
-        """Newest first, optionally filtered; `before` is a job's `seq` (a cursor)."""
+    def counts(self) -> dict[str, int]:
+        return {state.value: self._counts[state] for state in JobState}
+
+    def unverified(self, gpu_id: int) -> list[Job]:
+        return [job for job in self.in_flight(gpu_id) if job.unverified]
+
+    def page(self, *, states: Iterable[str] | None = None, gpu_id: int | None = None,
+             before: int | None = None, limit: int = 50, floor: int = 0) -> list[Job]:
+        """Newest first, optionally filtered, with sequence numbers below `before` and
+        above `floor`; walks only the index that fits the filter."""
+        wanted = None if states is None else {JobState(s) for s in states}
+        seqs: Iterator[int]
+        keep: Callable[[Job], bool] = lambda job: True  # noqa: E731
+        if wanted is not None and gpu_id is not None:
+            if self._gpus.size([gpu_id]) <= self._states.size(wanted):
+                seqs = self._gpus.newest([gpu_id], before)
+                keep = lambda job: job.state in wanted  # noqa: E731
+            else:
+                seqs = self._states.newest(wanted, before)
+                keep = lambda job: job.gpu_id == gpu_id  # noqa: E731
+        elif wanted is not None:
+            seqs = self._states.newest(wanted, before)
+        elif gpu_id is not None:
+            seqs = self._gpus.newest([gpu_id], before)
+        else:
+            seqs = self._all.newest(before)
         found: list[Job] = []
-        for job in reversed(self._jobs.values()):
-            if before is not None and job.seq >= before:
-                continue
-            if states is not None and job.state.value not in states:
-                continue
-            if gpu_id is not None and job.gpu_id != gpu_id:
-                continue
-            found.append(job)
-            if len(found) >= limit:
+        for seq in seqs:
+            if seq <= floor or len(found) >= limit:
                 break
+            job = self._by_seq[seq]
+            if keep(job):
+                found.append(job)
         return found
 
     def subscribe(self, listener: Listener) -> None:
         self._subscribers.append(listener)
 
-    # -- submission -----------------------------------------------------------
+    # -- submission and retries ---------------------------------------------------
 
     def begin(self, job_id: str, gpu_id: int, prompt_id: str, fingerprint: str,
-              nodes: Iterable[str], callback_url: str | None = None) -> Job:
+              nodes: Iterable[str], callback_url: str | None = None,
+              auto: bool = False) -> Job:
         """Record a new submission before ComfyUI is asked, so that events for its
         prompt id that race ahead of the HTTP answer are never lost."""
         old = self._jobs.get(job_id)
         if old is not None:
             if old.state is not JobState.REJECTED:
                 raise JobConflict(old)
-            # Re-inserted below so that dict order stays submission order.
-            del self._jobs[job_id]
-            self._by_prompt.pop(old.prompt_id, None)
+            self._remove(old)
         now = self._clock()
         self._seq += 1
         job = Job(job_id=job_id, gpu_id=gpu_id, fingerprint=fingerprint,
                   prompt_id=prompt_id, nodes=frozenset(nodes), submitted_at=now,
-                  updated_at=now, seq=self._seq, callback_url=callback_url)
-        self._jobs[job_id] = job
-        self._by_prompt[prompt_id] = job
-        self._trim()
-        self._changed(job)
+                  updated_at=now, seq=self._seq, callback_url=callback_url, auto=auto)
+        self._insert(job)
+        self._touch(job)
         return job
+
+    def retry(self, job: Job, gpu_id: int, prompt_id: str, automatic: bool = False) -> None:
+        """Start a new attempt of a finished job under the same job id: a new prompt
+        id, perhaps another GPU; the attempt that ended is kept in summary."""
+        self._remove(job)
+        job.earlier_attempts = [*(job.earlier_attempts or ()), job.attempt_summary()]
+        job.attempt += 1
+        if automatic:
+            job.automatic_retries += 1
+        self._seq += 1
+        job.seq = self._seq
+        job.gpu_id = gpu_id
+        job.prompt_id = prompt_id
+        job.submitted_at = self._clock()
+        job.state = JobState.QUEUED
+        job.confirmed = False
+        job.detail = f"Submitting attempt {job.attempt} to ComfyUI."
+        for name in ("queue_position", "current_node", "node_progress", "done_nodes",
+                     "planned_nodes", "started_at", "finished_at", "error", "node_errors",
+                     "outputs", "cached_nodes", "missing_since", "cancel_requested_at",
+                     "webhook"):
+            setattr(job, name, None)
+        job.unverified = False
+        self._insert(job)
+        self._touch(job)
 
     def confirm(self, job: Job, node_errors: dict[str, Any] | None = None) -> None:
         job.confirmed = True
@@ -132,212 +197,106 @@ class Registry:
             job.queue_position = None
             self._touch(job)
 
-    # -- events from ComfyUI --------------------------------------------------
-
-    def on_start(self, prompt_id: str) -> None:
-        job = self.by_prompt(prompt_id)
-        if job is None:
-            return
-        self._start(job)
-        self._touch(job)
-
-    def on_cached(self, prompt_id: str, nodes: Iterable[str]) -> None:
-        job = self.by_prompt(prompt_id)
-        if job is None or job.terminal:
-            return
-        self._start(job)
-        cached = {str(n) for n in nodes} & job.nodes
-        job.done_nodes |= cached
-        job.cached_nodes |= cached
-        self._touch(job)
-
-    def on_executing(self, prompt_id: str | None, node: str, gpu_id: int | None = None) -> None:
-        job = self.by_prompt(prompt_id)
-        if job is None and prompt_id is None and gpu_id is not None:
-            # The reconnect hint carries no prompt id: it is about the GPU's running job.
-            job = self.running_on(gpu_id)
-        if job is None or job.terminal:
-            return
-        self._start(job)
-        if job.current_node is not None and job.current_node != node:
-            job.done_nodes.add(job.current_node)
-        job.current_node = node
-        if job.node_progress and job.node_progress.get("node") != node:
-            job.node_progress = None
-        job.detail = f"Running node {node}."
-        self._touch(job)
-
-    def on_progress(self, prompt_id: str, node: str | None, value: float, maximum: float) -> None:
-        job = self.by_prompt(prompt_id)
-        if job is None or job.terminal:
-            return
-        self._start(job)
-        if node is not None and job.current_node != node:
-            if job.current_node is not None:
-                job.done_nodes.add(job.current_node)
-            job.current_node = node
-        job.node_progress = {"node": node, "value": value, "max": maximum}
-        self._touch(job)
-
-    def on_executed(self, prompt_id: str, node: str, output: Any) -> None:
-        job = self.by_prompt(prompt_id)
-        if job is None or job.terminal:
-            return
-        self._start(job)
-        job.done_nodes.add(node)
-        if output is not None:
-            job.outputs[node] = output
-        self._touch(job)
-
-    def on_success(self, prompt_id: str) -> None:
-        job = self.by_prompt(prompt_id)
-        if job is None:
-            return
-        if self._move(job, JobState.COMPLETED):
-            detail = "Completed."
-            if job.cancel_requested_at is not None:
-                detail = ("Completed: the cancel request came too late, ComfyUI had already "
-                          "finished the job.")
-            self._finish(job, detail)
-
-    def on_error(self, prompt_id: str, data: dict[str, Any]) -> None:
-        job = self.by_prompt(prompt_id)
-        if job is None:
-            return
-        if self._move(job, JobState.FAILED):
-            job.error = error_summary(data)
-            message = str(data.get("exception_message", "")).strip()
-            node = data.get("node_id")
-            kind = data.get("node_type")
-            job.detail = (f"Failed in node {node} ({kind}): {message}" if node is not None
-                          else f"Failed: {message}")
-            self._finish(job, None)
-
-    def on_interrupted(self, prompt_id: str, data: dict[str, Any]) -> None:
-        job = self.by_prompt(prompt_id)
-        if job is None:
-            return
-        if job.cancel_requested_at is not None:
-            if self._move(job, JobState.CANCELLED):
-                self._finish(job, "Cancelled: ComfyUI interrupted it at node "
-                                  f"{data.get('node_id')}.")
-            return
-        if self._move(job, JobState.FAILED):
-            job.error = {"type": "interrupted", "message": "Execution was interrupted.",
-                         "node_id": data.get("node_id"), "node_type": data.get("node_type")}
-            self._finish(job, f"Interrupted on ComfyUI at node {data.get('node_id')}; "
-                              "Cylindria did not ask for it.")
-
-    # -- cancellation -----------------------------------------------------------
-
-    def request_cancel(self, job: Job) -> None:
-        """Note that the client asked to cancel; the state changes only when ComfyUI
-        confirms (the job left its queue, or it reported the interruption)."""
-        if job.terminal:
-            return
-        if job.cancel_requested_at is None:
-            job.cancel_requested_at = self._clock()
-            job.detail = "Cancel requested; waiting for ComfyUI to confirm."
-            self._touch(job)
-
-    def confirm_removed(self, job: Job) -> bool:
-        """ComfyUI's queue no longer holds a job whose cancel was asked, and it never
-        ran to history: it was deleted from the queue."""
-        if job.cancel_requested_at is None:
-            return False
-        if self._move(job, JobState.CANCELLED):
-            self._finish(job, "Cancelled: removed from ComfyUI's queue before it ran.")
-            return True
-        return False
-
     def set_webhook(self, job: Job, **fields: Any) -> None:
         job.webhook = {**(job.webhook or {}), **fields}
         self._touch(job)
 
-    # -- reconciliation by polling -------------------------------------------
-
-    def set_queue(self, gpu_id: int, running: list[str], pending: list[str]) -> list[Job]:
-        """Apply one `/queue` reading (pending already in execution order).
-
-        Returns the in-flight jobs of this GPU that the queue no longer holds:
-        they finished (look in history) or were lost.
-        """
-        positions = {pid: 0 for pid in running}
-        for n, pid in enumerate(pending, start=1):
-            positions.setdefault(pid, n)
-        gone: list[Job] = []
-        for job in self.in_flight(gpu_id):
-            pos = positions.get(job.prompt_id)
-            if pos is None:
-                if job.confirmed:
-                    gone.append(job)
-                continue
-            job.missing_since = None
-            changed = job.queue_position != pos
-            job.queue_position = pos
-            if pos == 0:
-                changed |= self._start(job)
-            elif job.state is JobState.QUEUED:
-                detail = f"Queued on ComfyUI, position {pos}."
-                changed |= job.detail != detail
-                job.detail = detail
-            if changed:
-                self._touch(job)
-        return gone
-
-    def set_plan(self, prompt_id: str, planned: frozenset[str]) -> None:
-        job = self.by_prompt(prompt_id)
-        if job is not None and planned and job.planned_nodes != planned:
-            job.planned_nodes = planned
-            # The plan is what progress counts against: a change subscribers see.
+    def set_detail(self, job: Job, detail: str) -> None:
+        if job.detail != detail:
+            job.detail = detail
             self._touch(job)
 
-    def settle_from_history(self, prompt_id: str, entry: dict[str, Any]) -> None:
-        """Settle a job from its ComfyUI history entry (events may have been lost)."""
-        job = self.by_prompt(prompt_id)
-        if job is None or job.terminal:
-            return
-        outputs = entry.get("outputs")
-        if isinstance(outputs, dict):
-            for node, output in outputs.items():
-                job.outputs.setdefault(str(node), output)
-        status = entry.get("status") or {}
-        messages = status.get("messages") or []
-        names = [m[0] for m in messages if isinstance(m, list | tuple) and m]
-        for name, payload in (m for m in messages if isinstance(m, list | tuple) and len(m) == 2):
-            if name == "execution_cached" and isinstance(payload, dict):
-                self.on_cached(prompt_id, payload.get("nodes") or [])
-        if status.get("status_str") == "success" or status.get("completed") is True:
-            self.on_success(prompt_id)
-            return
-        terminal = dict(messages[-1][1]) if messages and len(messages[-1]) == 2 else {}
-        if names and names[-1] == "execution_interrupted":
-            self.on_interrupted(prompt_id, terminal)
-        elif names and names[-1] == "execution_error":
-            self.on_error(prompt_id, terminal)
-        else:
-            self.on_error(prompt_id, {"exception_message": "ComfyUI recorded the job as "
-                                      f"{status.get('status_str', 'unfinished')!r}."})
+    # -- the journal's side -------------------------------------------------------
 
-    def note_missing(self, job: Job, grace_seconds: float, detail: str) -> bool:
-        """The job is neither queued nor in history. After `grace_seconds` of that,
-        fail it with `detail`. Returns True when it was failed."""
-        now = self._clock()
-        if job.terminal:
-            return False
-        if job.missing_since is None:
-            job.missing_since = now
-            return False
-        if (now - job.missing_since).total_seconds() < grace_seconds:
-            return False
-        if self._move(job, JobState.FAILED):
-            job.error = {"type": "lost", "message": detail, "node_id": None,
-                         "node_type": None}
-            self._finish(job, detail)
-            return True
-        return False
+    def restore(self, jobs: Iterable[Job], last_seq: int = 0,
+                evicted_through: int = 0) -> None:
+        """Take in jobs read from the journal, silently: nothing about them changed.
+        `evicted_through`: finished jobs up to it stay in the journal only."""
+        for job in jobs:
+            old = self._jobs.get(job.job_id)
+            if old is not None:
+                self._remove(old)
+            job.saved_version = job.version
+            self._insert(job)
+        self._seq = max(self._seq, last_seq)
+        self._evicted_through = max(self._evicted_through, evicted_through)
+
+    def saved(self, versions: Iterable[tuple[Job, int]]) -> None:
+        """The journal now holds these versions of these jobs: finished ones beyond the
+        memory bound may go."""
+        count = 0
+        for job, version in versions:
+            count += 1
+            if version > job.saved_version:
+                job.saved_version = version
+        self.evict(batch=count + 100)
+
+    def webhooks_due(self) -> list[Job]:
+        """Finished jobs in memory whose webhook was not delivered yet (after a restart)."""
+        return [job for job in self._jobs.values()
+                if job.webhook is not None and job.webhook.get("state") in ("pending",
+                                                                            "retrying")]
+
+    def evict(self, retain_after: datetime | None = None, batch: int = 500) -> int:
+        """Forget up to `batch` finished jobs the journal holds: the oldest beyond the
+        memory bound, and any finished before `retain_after`. Returns how many."""
+        evicted = 0
+        while evicted < batch:
+            seq = self._finished.first()
+            if seq is None:
+                break
+            job = self._by_seq[seq]
+            expired = (retain_after is not None and job.finished_at is not None
+                       and job.finished_at < retain_after)
+            if len(self._finished) <= self._memory_jobs and not expired:
+                break
+            if job.saved_version < job.version:
+                break  # wait for the journal
+            self._remove(job)
+            self._evicted_through = max(self._evicted_through, seq)
+            evicted += 1
+        return evicted
+
+    def retention_cutoff(self, days: float) -> datetime:
+        return self._clock() - timedelta(days=days)
 
     # -- internals ------------------------------------------------------------
+
+    def _insert(self, job: Job) -> None:
+        self._jobs[job.job_id] = job
+        self._by_prompt[job.prompt_id] = job
+        self._by_seq[job.seq] = job
+        self._all.add(job.seq)
+        self._gpus.add(job.gpu_id, job.seq)
+        self._enter(job, job.state)
+
+    def _remove(self, job: Job) -> None:
+        self._leave(job, job.state)
+        self._gpus.discard(job.gpu_id, job.seq)
+        self._all.discard(job.seq)
+        self._by_seq.pop(job.seq, None)
+        if self._by_prompt.get(job.prompt_id) is job:
+            del self._by_prompt[job.prompt_id]
+        if self._jobs.get(job.job_id) is job:
+            del self._jobs[job.job_id]
+
+    def _enter(self, job: Job, state: JobState) -> None:
+        self._counts[state] += 1
+        self._states.add(state, job.seq)
+        if state in IN_FLIGHT:
+            self._flight.setdefault(job.gpu_id, {})[job.job_id] = job
+            if state is JobState.RUNNING:
+                self._running.setdefault(job.gpu_id, {})[job.job_id] = job
+        elif state in TERMINAL:
+            self._finished.add(job.seq)
+
+    def _leave(self, job: Job, state: JobState) -> None:
+        self._counts[state] -= 1
+        self._states.discard(state, job.seq)
+        self._flight.get(job.gpu_id, {}).pop(job.job_id, None)
+        self._running.get(job.gpu_id, {}).pop(job.job_id, None)
+        if state in TERMINAL:
+            self._finished.discard(job.seq)
 
     def _move(self, job: Job, new: JobState) -> bool:
         if new is job.state:
@@ -345,50 +304,16 @@ class Registry:
         if new not in TRANSITIONS[job.state]:
             log.debug("job %s: ignoring %s -> %s", job.job_id, job.state, new)
             return False
+        self._leave(job, job.state)
         job.state = new
+        self._enter(job, new)
         return True
-
-    def _start(self, job: Job) -> bool:
-        if job.state is JobState.QUEUED and self._move(job, JobState.RUNNING):
-            job.started_at = self._clock()
-            job.queue_position = 0
-            job.missing_since = None
-            job.detail = "Running."
-            return True
-        return False
-
-    def _finish(self, job: Job, detail: str | None) -> None:
-        """The job ended on ComfyUI's word (not a refusal at submission): stamp it,
-        and owe its callback a delivery, announced with the same change."""
-        job.finished_at = self._clock()
-        if job.callback_url is not None:
-            job.webhook = {"url": job.callback_url, "state": "pending", "attempts": 0,
-                           "last_error": None, "delivered_at": None}
-        if job.started_at is None:
-            job.started_at = job.finished_at
-        job.queue_position = None
-        job.node_progress = None
-        job.current_node = None
-        if detail is not None:
-            job.detail = detail
-        self._touch(job)
 
     def _touch(self, job: Job) -> None:
         job.updated_at = self._clock()
-        self._changed(job)
-
-    def _changed(self, job: Job) -> None:
+        job.version += 1
         for listener in self._subscribers:
             try:
                 listener(job)
             except Exception:
                 log.exception("registry subscriber failed on job %s", job.job_id)
-
-    def _trim(self) -> None:
-        if len(self._jobs) <= self._max_jobs:
-            return
-        # Dicts keep insertion order: drop the oldest finished jobs first.
-        excess = len(self._jobs) - self._max_jobs
-        for job_id in [j.job_id for j in self._jobs.values() if j.terminal][:excess]:
-            old = self._jobs.pop(job_id)
-            self._by_prompt.pop(old.prompt_id, None)

@@ -68,11 +68,20 @@ def looks_like_ui_export(value: Any) -> bool:
     return isinstance(value, dict) and "nodes" in value and "links" in value
 
 
-def fingerprint(prompt: dict[str, Any], extra: dict[str, Any]) -> str:
-    """Equal for the same workflow however its keys are ordered."""
-    canonical = ujson.dumps({"prompt": prompt, "extra_data": extra}, sort_keys=True,
-                            ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+def canonical(prompt: dict[str, Any], extra: dict[str, Any]) -> str:
+    """The workflow as the journal keeps it: the same text however its keys are ordered."""
+    return ujson.dumps({"prompt": prompt, "extra_data": extra}, sort_keys=True,
+                       ensure_ascii=False, escape_forward_slashes=False)
+
+
+def fingerprint(text: str) -> str:
+    """Equal for equal workflows: a digest of their canonical text."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def from_canonical(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    document = ujson.loads(text)
+    return document["prompt"], document["extra_data"]
 
 
 def plan_nodes(prompt: dict[str, Any], outputs: Iterable[str]) -> frozenset[str]:

@@ -64,9 +64,9 @@ async def dashboard_state(request: web.Request) -> dict[str, Any]:
     }
 
 
-def find_job(request: web.Request) -> Job:
+async def find_job(request: web.Request) -> Job:
     # A plain lookup: ids that the API would refuse simply are not found.
-    return request.app[JOBS].find(request.match_info["job_id"])
+    return await request.app[JOBS].find(request.match_info["job_id"])
 
 
 def job_details(request: web.Request, job: Job) -> dict[str, Any]:
@@ -119,7 +119,7 @@ async def get_dashboard_state(request: web.Request) -> web.Response:
 @access(Access.PAGE)
 async def get_dashboard_job(request: web.Request) -> web.Response:
     try:
-        job = find_job(request)
+        job = await find_job(request)
     except JobNotFound:
         context = page_context(request, job=None, job_id=request.match_info["job_id"])
         return page("job.html", request, context, status=404)
@@ -129,7 +129,7 @@ async def get_dashboard_job(request: web.Request) -> web.Response:
 @routes.get("/dashboard/job/{job_id}/state", name="dashboard_job_state")
 @access(Access.FEED)
 async def get_dashboard_job_state(request: web.Request) -> web.Response:
-    return feed(job_details(request, find_job(request)))
+    return feed(job_details(request, await find_job(request)))
 
 
 @routes.get("/dashboard/login", name="dashboard_login")

@@ -7,10 +7,8 @@ import hashlib
 import hmac
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import aiohttp
-import ujson
 
 from ..config import Timing
 from ..core.records import Job, isoformat, utcnow
@@ -22,6 +20,8 @@ log = logging.getLogger(__name__)
 RETRIES = 3
 MAX_CONCURRENT = 16
 SIGNATURE_HEADER = "X-Cylindria-Signature"
+# Webhook states that still owe a delivery.
+DUE = frozenset({"pending", "retrying"})
 
 
 def sign(secret: str, body: bytes) -> str:
@@ -34,7 +34,7 @@ class WebhookSender:
     another job's."""
 
     def __init__(self, registry: Registry, client: CallbackClient, secret: str | None,
-                 timing: Timing, render: Callable[[Job], dict[str, Any]]) -> None:
+                 timing: Timing, render: Callable[[Job], bytes]) -> None:
         self.registry = registry
         self.client = client
         self.secret = secret
@@ -44,7 +44,7 @@ class WebhookSender:
         self._slots = asyncio.Semaphore(MAX_CONCURRENT)
 
     def on_change(self, job: Job) -> None:
-        if (job.webhook is None or job.webhook.get("state") != "pending"
+        if (job.webhook is None or job.webhook.get("state") not in DUE
                 or job.job_id in self._tasks):
             return
         task = asyncio.get_running_loop().create_task(self.deliver(job, job.webhook["url"]),
@@ -53,8 +53,13 @@ class WebhookSender:
         self._tasks[job.job_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(job.job_id, None))
 
+    def resume(self, jobs: list[Job]) -> None:
+        """Deliver what an earlier run of the process did not get to."""
+        for job in jobs:
+            self.on_change(job)
+
     async def deliver(self, job: Job, url: str) -> None:
-        body = ujson.dumps(self.render(job)).encode()
+        body = self.render(job)
         headers = {"Content-Type": "application/json", "User-Agent": "cylindria-webhook"}
         if self.secret:
             headers[SIGNATURE_HEADER] = sign(self.secret, body)

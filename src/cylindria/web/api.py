@@ -1,10 +1,10 @@
-"""The JSON API's job routes: health, server status, submission, status, listing, cancel."""
+"""The JSON API's job routes: health, server status, submit, status, list, cancel, retry."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from ..appkeys import GPUS, JOBS, REGISTRY
+from ..appkeys import GPUS, JOBS
 from ..core.workflow import parse_body
 from ..errors import ApiError, JobFinished
 from ..jsonio import json_response
@@ -37,9 +37,9 @@ async def get_serverstatus(request: web.Request) -> web.Response:
 @routes.get("/jobstatus/{job_id}/", name="jobstatus")
 async def get_jobstatus(request: web.Request) -> web.Response:
     job_id = params.job_id(request)
-    job = request.app[JOBS].find(
+    job = await request.app[JOBS].find(
         job_id, f" Submit it with PUT /startjob/{job_id}/ first.")
-    return json_response(render.status_body(job, request.app.router))
+    return render.status_response(job, request.app.router)
 
 
 @routes.put("/startjob/{job_id}/", name="startjob")
@@ -63,10 +63,8 @@ async def get_jobs(request: web.Request) -> web.Response:
     gpu_id = params.gpu(request, query["gpu"], "gpu").index if query.get("gpu") else None
     limit = params.whole_number(query, "limit", 1, MAX_PAGE) or DEFAULT_PAGE
     before = params.whole_number(query, "before", 1, None)
-    jobs = request.app[REGISTRY].page(states=states, gpu_id=gpu_id, before=before,
-                                      limit=limit + 1)
-    return json_response(render.jobs_page(jobs[:limit], len(jobs) > limit,
-                                          request.app.router))
+    jobs = await request.app[JOBS].page(states, gpu_id, before, limit + 1)
+    return render.jobs_page(jobs[:limit], len(jobs) > limit, request.app.router)
 
 
 @routes.post("/canceljob/{job_id}/", name="canceljob")
@@ -76,4 +74,15 @@ async def post_canceljob(request: web.Request) -> web.Response:
     except JobFinished as exc:
         exc.reply = render.status_body(exc.job, request.app.router)
         raise
-    return json_response(render.status_body(job, request.app.router), status=202)
+    return render.status_response(job, request.app.router, status=202)
+
+
+@routes.post("/retryjob/{job_id}/", name="retryjob")
+async def post_retryjob(request: web.Request) -> web.Response:
+    job_id = request.match_info["job_id"]
+    try:
+        job_id = params.job_id(request)
+        outcome = await request.app[JOBS].retry(job_id, request.query.get("GpuId"))
+    except ApiError as exc:
+        raise render.startjob_refusal(job_id, exc) from None
+    return render.startjob_reply(outcome)

@@ -7,10 +7,8 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..core.records import Job
-from ..jsonio import dumps
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +20,7 @@ CLIENT_QUEUE = 256
 @dataclass(slots=True, eq=False)
 class Subscriber:
     job_id: str | None
-    queue: asyncio.Queue[tuple[int, str, str] | None] = field(
+    queue: asyncio.Queue[tuple[int, str, bytes] | None] = field(
         default_factory=lambda: asyncio.Queue(CLIENT_QUEUE))
     dropped: bool = False
 
@@ -30,8 +28,8 @@ class Subscriber:
 class EventHub:
     """Fans registry changes out to SSE clients; keeps the last events for resume."""
 
-    def __init__(self, buffer: int, render: Callable[[Job], dict[str, Any]]) -> None:
-        self._recent: deque[tuple[int, str, str]] = deque(maxlen=buffer)
+    def __init__(self, buffer: int, render: Callable[[Job], bytes]) -> None:
+        self._recent: deque[tuple[int, str, bytes]] = deque(maxlen=buffer)
         self._subscribers: set[Subscriber] = set()
         self._next_id = 1
         self._render = render
@@ -49,7 +47,7 @@ class EventHub:
         event_id = self._next_id
         self._next_id += 1
         # Serialised once, whatever the number of clients.
-        event = (event_id, job.job_id, dumps(self._render(job)))
+        event = (event_id, job.job_id, self._render(job))
         self._recent.append(event)
         for sub in list(self._subscribers):
             if sub.job_id is not None and sub.job_id != job.job_id:
@@ -69,15 +67,16 @@ class EventHub:
         log.info("events: dropped a client more than %d events behind", CLIENT_QUEUE)
 
     def subscribe(self, job_id: str | None, last_event_id: int | None
-                  ) -> tuple[Subscriber, list[tuple[int, str, str]], bool]:
+                  ) -> tuple[Subscriber, list[tuple[int, str, bytes]], bool]:
         """A new subscriber, the buffered events it missed, and whether the gap since
         `last_event_id` was fully covered by the buffer."""
         sub = Subscriber(job_id)
-        replay: list[tuple[int, str, str]] = []
+        replay: list[tuple[int, str, bytes]] = []
         complete = True
         if last_event_id is not None:
             oldest = self._recent[0][0] if self._recent else self._next_id
-            complete = last_event_id >= oldest - 1
+            # An id above the last one sent comes from before a restart: resync too.
+            complete = oldest - 1 <= last_event_id <= self.last_id
             replay = [e for e in self._recent
                       if e[0] > last_event_id and (job_id is None or e[1] == job_id)]
         self._subscribers.add(sub)

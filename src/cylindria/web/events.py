@@ -14,11 +14,11 @@ from . import params
 routes = web.RouteTableDef()
 
 RESYNC = dumps({"detail": "Some events were missed; fetch the current state with "
-                          "GET /jobstatus/{job_id}/ or GET /jobs/."})
+                          "GET /jobstatus/{job_id}/ or GET /jobs/."}).encode()
 
 
-def sse(event_id: int, data: str, event: str = "job") -> bytes:
-    return f"id: {event_id}\nevent: {event}\ndata: {data}\n\n".encode()
+def sse(event_id: int, data: bytes, event: str = "job") -> bytes:
+    return f"id: {event_id}\nevent: {event}\ndata: ".encode() + data + b"\n\n"
 
 
 @routes.get("/events/", name="events")

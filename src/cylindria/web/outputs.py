@@ -26,7 +26,7 @@ CONDITIONAL_HEADERS = ("Range", "If-Range", "If-None-Match", "If-Modified-Since"
 @access(Access.READ)
 async def get_joboutput(request: web.Request) -> web.StreamResponse:
     job_id = request.match_info["job_id"]
-    job = request.app[JOBS].find(job_id)
+    job = await request.app[JOBS].find(job_id)
     entries = job.output_entries()
     raw = request.match_info["index"]
     if not raw.isdigit() or int(raw) >= len(entries):

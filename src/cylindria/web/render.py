@@ -9,7 +9,7 @@ from aiohttp import web
 from ..core.jobs import Outcome, Verdict
 from ..core.records import Job, isoformat
 from ..errors import ApiError
-from ..jsonio import json_response
+from ..jsonio import dumps, json_response
 from ..upstream.gpus import Gpu, Probe
 
 
@@ -47,10 +47,25 @@ def status_body(job: Job, router: web.UrlDispatcher) -> dict[str, Any]:
         "outputs_reused": job.outputs_reused,
         "cancel_requested": job.cancel_requested_at is not None,
         "webhook": job.webhook,
+        "attempt": job.attempt,
+        "attempts": job.attempts(),
     }
     if job.node_errors:
         body["node_errors"] = job.node_errors
     return body
+
+
+def status_bytes(job: Job, router: web.UrlDispatcher) -> bytes:
+    """The status body serialized, made once per version of the job."""
+    if job.body is None or job.body_version != job.version:
+        job.body = dumps(status_body(job, router)).encode()
+        job.body_version = job.version
+    return job.body
+
+
+def status_response(job: Job, router: web.UrlDispatcher, status: int = 200) -> web.Response:
+    return web.Response(body=status_bytes(job, router), status=status,
+                        content_type="application/json")
 
 
 def job_reply(job_id: str, accepted: bool, detail: str, gpu_id: int | None,
@@ -61,12 +76,13 @@ def job_reply(job_id: str, accepted: bool, detail: str, gpu_id: int | None,
 
 
 def startjob_reply(outcome: Outcome) -> web.Response:
+    """The answer to PUT /startjob and POST /retryjob."""
     job = outcome.job
     if outcome.verdict is Verdict.REFUSED:
         return json_response(job_reply(job.job_id, False, outcome.detail, job.gpu_id,
                                        state=job.state.value), status=422)
     body = job_reply(job.job_id, True, outcome.detail, job.gpu_id, prompt_id=job.prompt_id,
-                     state=job.state.value)
+                     state=job.state.value, attempt=job.attempt)
     if outcome.verdict is Verdict.ACCEPTED:
         if job.node_errors:
             body["node_errors"] = job.node_errors
@@ -124,6 +140,9 @@ def gpu_overview(gpu: Gpu, probe: Probe, running: Job | None, queued: int,
     return body
 
 
-def jobs_page(jobs: list[Job], more: bool, router: web.UrlDispatcher) -> dict[str, Any]:
-    return {"jobs": [status_body(j, router) for j in jobs],
-            "next_before": jobs[-1].seq if more and jobs else None}
+def jobs_page(jobs: list[Job], more: bool, router: web.UrlDispatcher) -> web.Response:
+    """A page of `GET /jobs/`, joined from each job's serialized status."""
+    cursor = jobs[-1].seq if more and jobs else None
+    body = (b'{"jobs":[' + b",".join(status_bytes(j, router) for j in jobs)
+            + b'],"next_before":' + dumps(cursor).encode() + b"}")
+    return web.Response(body=body, content_type="application/json")

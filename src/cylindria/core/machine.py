@@ -1,0 +1,285 @@
+"""How ComfyUI's word moves a job: its events, a cancel, and what reconciliation finds."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import Any
+
+from .records import Job, JobState, error_summary
+
+log = logging.getLogger(__name__)
+
+
+class JobMachine:
+    """The state machine's moves; the registry, which subclasses it, stores the jobs,
+    keeps the indexes a move changes, and announces every change."""
+
+    _clock: Callable[[], datetime]
+
+    def by_prompt(self, prompt_id: str | None) -> Job | None:
+        raise NotImplementedError
+
+    def running_on(self, gpu_id: int) -> Job | None:
+        raise NotImplementedError
+
+    def in_flight(self, gpu_id: int) -> list[Job]:
+        raise NotImplementedError
+
+    def _move(self, job: Job, new: JobState) -> bool:
+        raise NotImplementedError
+
+    def _touch(self, job: Job) -> None:
+        raise NotImplementedError
+
+    # -- events from ComfyUI --------------------------------------------------
+
+    def on_start(self, prompt_id: str) -> None:
+        job = self.by_prompt(prompt_id)
+        if job is None:
+            return
+        self._start(job)
+        self._touch(job)
+
+    def on_cached(self, prompt_id: str, nodes: Iterable[str]) -> None:
+        job = self.by_prompt(prompt_id)
+        if job is None or job.terminal:
+            return
+        self._start(job)
+        cached = {str(n) for n in nodes} & job.nodes
+        if cached:
+            job.done_nodes = (job.done_nodes or set()) | cached
+            job.cached_nodes = (job.cached_nodes or set()) | cached
+        self._touch(job)
+
+    def on_executing(self, prompt_id: str | None, node: str, gpu_id: int | None = None) -> None:
+        job = self.by_prompt(prompt_id)
+        if job is None and prompt_id is None and gpu_id is not None:
+            # The reconnect hint carries no prompt id: it is about the GPU's running job.
+            job = self.running_on(gpu_id)
+        if job is None or job.terminal:
+            return
+        self._start(job)
+        if job.current_node is not None and job.current_node != node:
+            _mark_done(job, job.current_node)
+        job.current_node = node
+        if job.node_progress and job.node_progress.get("node") != node:
+            job.node_progress = None
+        job.detail = f"Running node {node}."
+        self._touch(job)
+
+    def on_progress(self, prompt_id: str, node: str | None, value: float, maximum: float) -> None:
+        job = self.by_prompt(prompt_id)
+        if job is None or job.terminal:
+            return
+        self._start(job)
+        if node is not None and job.current_node != node:
+            if job.current_node is not None:
+                _mark_done(job, job.current_node)
+            job.current_node = node
+        job.node_progress = {"node": node, "value": value, "max": maximum}
+        self._touch(job)
+
+    def on_executed(self, prompt_id: str, node: str, output: Any) -> None:
+        job = self.by_prompt(prompt_id)
+        if job is None or job.terminal:
+            return
+        self._start(job)
+        _mark_done(job, node)
+        if output is not None:
+            job.outputs = {**(job.outputs or {}), node: output}
+        self._touch(job)
+
+    def on_success(self, prompt_id: str) -> None:
+        job = self.by_prompt(prompt_id)
+        if job is None:
+            return
+        if self._move(job, JobState.COMPLETED):
+            detail = "Completed."
+            if job.cancel_requested_at is not None:
+                detail = ("Completed: the cancel request came too late, ComfyUI had already "
+                          "finished the job.")
+            self._finish(job, detail)
+
+    def on_error(self, prompt_id: str, data: dict[str, Any]) -> None:
+        job = self.by_prompt(prompt_id)
+        if job is None:
+            return
+        if self._move(job, JobState.FAILED):
+            job.error = error_summary(data)
+            message = str(data.get("exception_message", "")).strip()
+            node = data.get("node_id")
+            kind = data.get("node_type")
+            job.detail = (f"Failed in node {node} ({kind}): {message}" if node is not None
+                          else f"Failed: {message}")
+            self._finish(job, None)
+
+    def on_interrupted(self, prompt_id: str, data: dict[str, Any]) -> None:
+        job = self.by_prompt(prompt_id)
+        if job is None:
+            return
+        if job.cancel_requested_at is not None:
+            if self._move(job, JobState.CANCELLED):
+                self._finish(job, "Cancelled: ComfyUI interrupted it at node "
+                                  f"{data.get('node_id')}.")
+            return
+        if self._move(job, JobState.FAILED):
+            job.error = {"type": "interrupted", "message": "Execution was interrupted.",
+                         "node_id": data.get("node_id"), "node_type": data.get("node_type")}
+            self._finish(job, f"Interrupted on ComfyUI at node {data.get('node_id')}; "
+                              "Cylindria did not ask for it.")
+
+    # -- cancellation -----------------------------------------------------------
+
+    def request_cancel(self, job: Job) -> None:
+        """Note that the client asked to cancel; the state changes only when ComfyUI
+        confirms (the job left its queue, or it reported the interruption)."""
+        if job.terminal:
+            return
+        if job.cancel_requested_at is None:
+            job.cancel_requested_at = self._clock()
+            job.detail = "Cancel requested; waiting for ComfyUI to confirm."
+            self._touch(job)
+
+    def confirm_removed(self, job: Job) -> bool:
+        """ComfyUI's queue no longer holds a job whose cancel was asked, and it never
+        ran to history: it was deleted from the queue."""
+        if job.cancel_requested_at is None:
+            return False
+        if self._move(job, JobState.CANCELLED):
+            self._finish(job, "Cancelled: removed from ComfyUI's queue before it ran.")
+            return True
+        return False
+
+    # -- reconciliation by polling -------------------------------------------
+
+    def set_queue(self, gpu_id: int, running: list[str], pending: list[str]) -> list[Job]:
+        """Apply one `/queue` reading (pending already in execution order).
+
+        Returns the in-flight jobs of this GPU that the queue no longer holds:
+        they finished (look in history) or were lost.
+        """
+        positions = {pid: 0 for pid in running}
+        for n, pid in enumerate(pending, start=1):
+            positions.setdefault(pid, n)
+        gone: list[Job] = []
+        for job in self.in_flight(gpu_id):
+            pos = positions.get(job.prompt_id)
+            if pos is None:
+                # Not yet confirmed: its POST /prompt may still be on the way, unless the
+                # job was loaded at start-up, and then it is either in history or lost.
+                if job.confirmed or job.unverified:
+                    gone.append(job)
+                continue
+            job.confirmed = True
+            job.missing_since = None
+            changed = job.queue_position != pos
+            if job.unverified:
+                # Loaded at start-up and found where the journal left it.
+                job.unverified = False
+                changed = True
+                if job.state is JobState.RUNNING:
+                    job.detail = (f"Running node {job.current_node}." if job.current_node
+                                  else "Running.")
+            job.queue_position = pos
+            if pos == 0:
+                changed |= self._start(job)
+            elif job.state is JobState.QUEUED:
+                detail = f"Queued on ComfyUI, position {pos}."
+                changed |= job.detail != detail
+                job.detail = detail
+            if changed:
+                self._touch(job)
+        return gone
+
+    def set_plan(self, prompt_id: str, planned: frozenset[str]) -> None:
+        job = self.by_prompt(prompt_id)
+        if job is not None and planned and job.planned_nodes != planned:
+            job.planned_nodes = planned
+            # The plan is what progress counts against: a change subscribers see.
+            self._touch(job)
+
+    def settle_from_history(self, prompt_id: str, entry: dict[str, Any]) -> None:
+        """Settle a job from its ComfyUI history entry (events may have been lost)."""
+        job = self.by_prompt(prompt_id)
+        if job is None or job.terminal:
+            return
+        job.unverified = False
+        outputs = entry.get("outputs")
+        if isinstance(outputs, dict) and outputs:
+            merged = dict(job.outputs or {})
+            for node, output in outputs.items():
+                merged.setdefault(str(node), output)
+            job.outputs = merged
+        status = entry.get("status") or {}
+        messages = status.get("messages") or []
+        names = [m[0] for m in messages if isinstance(m, list | tuple) and m]
+        for name, payload in (m for m in messages if isinstance(m, list | tuple) and len(m) == 2):
+            if name == "execution_cached" and isinstance(payload, dict):
+                self.on_cached(prompt_id, payload.get("nodes") or [])
+        if status.get("status_str") == "success" or status.get("completed") is True:
+            self.on_success(prompt_id)
+            return
+        terminal = dict(messages[-1][1]) if messages and len(messages[-1]) == 2 else {}
+        if names and names[-1] == "execution_interrupted":
+            self.on_interrupted(prompt_id, terminal)
+        elif names and names[-1] == "execution_error":
+            self.on_error(prompt_id, terminal)
+        else:
+            self.on_error(prompt_id, {"exception_message": "ComfyUI recorded the job as "
+                                      f"{status.get('status_str', 'unfinished')!r}."})
+
+    def note_missing(self, job: Job, grace_seconds: float, detail: str) -> bool:
+        """The job is neither queued nor in history. After `grace_seconds` of that,
+        fail it with `detail`. Returns True when it was failed."""
+        now = self._clock()
+        if job.terminal:
+            return False
+        if job.missing_since is None:
+            job.missing_since = now
+            return False
+        if (now - job.missing_since).total_seconds() < grace_seconds:
+            return False
+        return self.lose(job, detail)
+
+    def lose(self, job: Job, detail: str) -> bool:
+        """Fail a job ComfyUI no longer has (error type `lost`). True if it was failed."""
+        if self._move(job, JobState.FAILED):
+            job.error = {"type": "lost", "message": detail, "node_id": None,
+                         "node_type": None}
+            self._finish(job, detail)
+            return True
+        return False
+
+    def _start(self, job: Job) -> bool:
+        if job.state is JobState.QUEUED and self._move(job, JobState.RUNNING):
+            job.started_at = self._clock()
+            job.queue_position = 0
+            job.missing_since = None
+            job.detail = "Running."
+            return True
+        return False
+
+    def _finish(self, job: Job, detail: str | None) -> None:
+        """The job ended on ComfyUI's word (not a refusal at submission): stamp it,
+        and owe its callback a delivery, announced with the same change."""
+        job.finished_at = self._clock()
+        if job.callback_url is not None:
+            job.webhook = {"url": job.callback_url, "state": "pending", "attempts": 0,
+                           "last_error": None, "delivered_at": None}
+        if job.started_at is None:
+            job.started_at = job.finished_at
+        job.queue_position = None
+        job.node_progress = None
+        job.current_node = None
+        if detail is not None:
+            job.detail = detail
+        self._touch(job)
+
+
+def _mark_done(job: Job, node: str) -> None:
+    if job.done_nodes is None:
+        job.done_nodes = {node}
+    else:
+        job.done_nodes.add(node)

@@ -72,7 +72,8 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     timing = settings.timing
     registry = app[REGISTRY]
     journal, loaded = await open_journal(settings.state_file, settings.memory_jobs,
-                                         registry.saved, settings.state_sync_full)
+                                         registry.saved, settings.state_sync_full,
+                                         timing.state_retry)
     app[JOURNAL] = journal
     registry.subscribe(journal.note)
     log.info("jobs are kept in %s: %d job(s) held, %d loaded into memory, %d in flight",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -36,6 +36,9 @@ class Timing:
     status_timeout: float = 1.8
     status_cache_seconds: float = 1.0
     poll_interval: float = 1.0
+    # At most one reconciliation per GPU in this time, however often the listener
+    # says the queue changed (it does a few times per job).
+    poll_min_gap: float = 0.1
     lost_grace: float = 5.0
     reconnect_initial: float = 0.5
     reconnect_max: float = 10.0
@@ -45,6 +48,8 @@ class Timing:
     webhook_backoff: float = 1.0
     # How often finished jobs past retention are pruned.
     housekeeping_interval: float = 60.0
+    # While the state file cannot be written, how often to try again.
+    state_retry: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +246,17 @@ def load_settings(
         values["memory_jobs"] = _int("CYLINDRIA_MEMORY_JOBS", env["CYLINDRIA_MEMORY_JOBS"])
     if env.get("CYLINDRIA_RETRY_LOST"):
         values["retry_lost"] = _int("CYLINDRIA_RETRY_LOST", env["CYLINDRIA_RETRY_LOST"])
+    timing: dict[str, float] = {}
+    if env.get("CYLINDRIA_POLL_INTERVAL"):
+        timing["poll_interval"] = _float("CYLINDRIA_POLL_INTERVAL",
+                                         env["CYLINDRIA_POLL_INTERVAL"])
+    if env.get("CYLINDRIA_LOST_GRACE"):
+        timing["lost_grace"] = _float("CYLINDRIA_LOST_GRACE", env["CYLINDRIA_LOST_GRACE"])
+    if any(v <= 0 for v in timing.values()):
+        raise ConfigError("CYLINDRIA_POLL_INTERVAL and CYLINDRIA_LOST_GRACE must be a number "
+                          "of seconds above 0")
+    if timing:
+        values["timing"] = replace(Timing(), **timing)
     if env.get("CYLINDRIA_FAULTS"):
         values["faults"] = frozenset(f.strip() for f in env["CYLINDRIA_FAULTS"].split(",")
                                      if f.strip())

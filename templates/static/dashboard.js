@@ -249,6 +249,14 @@
     return el("li", {class: "output"}, [main, el("span", {class: "caption", text: o.caption})]);
   }
 
+  function attemptRow(a) {
+    const cells = [a.attempt, a.gpu, null, a.submitted, a.finished, a.error].map(
+      (text, n) => text === null
+        ? el("td", {}, [el("span", {class: "pill state-" + a.state, text: a.state_label})])
+        : el("td", {class: n === 3 || n === 4 ? "mono" : "", text: text}));
+    return el("tr", {class: "attempt", title: "ComfyUI prompt " + a.prompt}, cells);
+  }
+
   function renderJob(job) {
     for (const [name, text] of Object.entries(job.text)) {
       setText(field(document, name), text);
@@ -281,6 +289,8 @@
       list.dataset.outputsKey = job.outputs_key;
     }
     show(field(document, "outputs-empty"), job.outputs.length === 0);
+    show(document.querySelector('[data-section="attempts"]'), job.attempts.length > 1);
+    field(document, "attempts").replaceChildren(...job.attempts.map(attemptRow));
     setText(field(document, "raw"), job.status_json);
     markLive(job.generated_label);
     if (job.terminal) {

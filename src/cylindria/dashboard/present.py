@@ -198,7 +198,30 @@ def job_details(router: web.UrlDispatcher, job: Job, now: datetime) -> dict[str,
         "outputs": outputs,
         # Lets the page tell whether the outputs changed without comparing them.
         "outputs_key": hashlib.sha256(dumps(outputs).encode()).hexdigest()[:16],
+        "attempts": [attempt_row(a, now) for a in reversed(body["attempts"])],
     }
+
+
+def attempt_row(attempt: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """One attempt of a job, newest first on the page."""
+    error = attempt.get("error") or {}
+    state = JobState(attempt["state"])
+    return {
+        "attempt": str(attempt["attempt"]),
+        "gpu": f"GPU {attempt['gpu_id']}",
+        "state": state.value,
+        "state_label": STATE_LABELS[state],
+        "submitted": _moment_label(attempt.get("submitted_at"), now),
+        "finished": _moment_label(attempt.get("finished_at"), now),
+        "error": str(error.get("message") or error.get("type") or error.get("code") or ""),
+        "prompt": attempt["prompt_id"],
+    }
+
+
+def _moment_label(text: str | None, now: datetime) -> str:
+    if not text:
+        return "—"
+    return format_moment(datetime.fromisoformat(text.replace("Z", "+00:00")), now)
 
 
 def _node_of(error: dict[str, Any]) -> str:

@@ -20,8 +20,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# While writes fail, how often to try again.
-RETRY_SECONDS = 2.0
 PRUNE_BATCH = 500
 
 
@@ -38,8 +36,10 @@ class Journal:
     """
 
     def __init__(self, database: Database, executor: ThreadPoolExecutor,
-                 on_saved: Callable[[list[tuple[Job, int]]], None]) -> None:
+                 on_saved: Callable[[list[tuple[Job, int]]], None],
+                 retry_seconds: float) -> None:
         self._database = database
+        self._retry_seconds = retry_seconds
         self._executor = executor
         self._on_saved = on_saved
         self._dirty: dict[str, Job] = {}
@@ -144,7 +144,7 @@ class Journal:
             # Written again with the next attempt, unless a newer version is waiting.
             self._dirty.setdefault(job.job_id, job)
             self._release(job.job_id, version, self._unavailable())
-        self._retry = asyncio.get_running_loop().call_later(RETRY_SECONDS, self._retry_now)
+        self._retry = asyncio.get_running_loop().call_later(self._retry_seconds, self._retry_now)
 
     def _retry_now(self) -> None:
         self._retry = None
@@ -212,7 +212,8 @@ class Journal:
 
 async def open_journal(path: Path | None, memory_jobs: int,
                        on_saved: Callable[[list[tuple[Job, int]]], None],
-                       sync_full: bool = False) -> tuple[Journal, Loaded]:
+                       sync_full: bool = False,
+                       retry_seconds: float = 2.0) -> tuple[Journal, Loaded]:
     """Open the state file (None: a database in memory) on the journal's own thread and
     read what memory needs; StateFileError if the file cannot be used."""
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
@@ -222,7 +223,7 @@ async def open_journal(path: Path | None, memory_jobs: int,
     except BaseException:
         executor.shutdown(wait=False)
         raise
-    return Journal(database, executor, on_saved), loaded
+    return Journal(database, executor, on_saved, retry_seconds), loaded
 
 
 def _row(job: Job) -> Row:

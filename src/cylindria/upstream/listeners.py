@@ -66,8 +66,10 @@ class Dispatcher:
         elif kind == "executing":
             node = data.get("node")
             if node is None:
-                # The job's last message: history is written. Settle it now.
-                if reg.by_prompt(pid) is not None:
+                # The job's last message: history is written. Settle it now, unless
+                # the events already did.
+                job = reg.by_prompt(pid)
+                if job is not None and not job.terminal:
                     self.wake_poller.set()
             else:
                 reg.on_executing(pid, str(node), gpu_id=self.gpu.index)
@@ -160,6 +162,8 @@ async def poll(gpu: Gpu, jobs: JobsService, timing: Timing, wake: asyncio.Event)
             await jobs.reconcile(gpu)
         except BackendError as exc:
             log.debug("gpu %d: poll failed: %s", gpu.index, exc.message)
+            jobs.unreachable(gpu)
+        await asyncio.sleep(timing.poll_min_gap)
 
 
 async def cancel_and_wait(tasks: list[asyncio.Task[Any]]) -> None:

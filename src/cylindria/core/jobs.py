@@ -73,9 +73,15 @@ class JobsService:
     def gpu(self, raw: str, name: str = "GpuId") -> GpuPort:
         return self.gpus[placement.gpu_number(raw, len(self.gpus), name)]
 
+    async def lookup(self, job_id: str) -> Job | None:
+        """The job from memory, or from the journal when memory let it go."""
+        job = self.registry.get(job_id)
+        if job is None and self.registry.evicted_through:
+            job = await self.store.fetch(job_id)
+        return job
+
     async def find(self, job_id: str, advice: str = "") -> Job:
-        """The job from memory, or from the journal when memory no longer holds it."""
-        job = self.registry.get(job_id) or await self.store.fetch(job_id)
+        job = await self.lookup(job_id)
         if job is None:
             raise JobNotFound(f"No job {job_id!r} is known here.{advice}",
                               extra={"job_id": job_id})
@@ -106,7 +112,7 @@ class JobsService:
                     extra: dict[str, Any], callback: str | None = None) -> Outcome:
         """Submit a job, or answer a repeat of it from the record. `gpu_choice` is the
         request's GpuId: a number, "auto", or None for the configured default."""
-        existing = self.registry.get(job_id) or await self.store.fetch(job_id)
+        existing = await self.lookup(job_id)
         if existing is not None and existing.state is not JobState.REJECTED:
             # A repeat is answered from the record, wherever the job was placed.
             gpu, auto = self.gpus[existing.gpu_id], existing.auto
@@ -132,8 +138,14 @@ class JobsService:
     async def _least_loaded(self) -> GpuPort:
         """The healthy, undrained GPU with the least work; ties rotate."""
         candidates = [g for g in self.gpus if not g.drained]
-        health = await asyncio.gather(*(g.is_healthy() for g in candidates))
-        healthy = [g for g, ok in zip(candidates, health, strict=True) if ok]
+        # Recent probes answer at once; only stale ones are asked again, side by side.
+        health = {g.index: g.healthy_now() for g in candidates}
+        stale = [g for g in candidates if health[g.index] is None]
+        if stale:
+            for g, ok in zip(stale, await asyncio.gather(*(g.is_healthy() for g in stale)),
+                             strict=True):
+                health[g.index] = ok
+        healthy = [g for g in candidates if health[g.index]]
         if not healthy:
             drained = len(self.gpus) - len(candidates)
             raise NoGpuAvailable(

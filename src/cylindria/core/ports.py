@@ -64,6 +64,9 @@ class GpuPort(Protocol):
 
     async def is_healthy(self) -> bool: ...
 
+    def healthy_now(self) -> bool | None:
+        """Health from a recent probe, or None when a new probe is needed."""
+
 
 class Store(Protocol):
     """The journal behind the registry, as the jobs service uses it."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -43,6 +44,12 @@ def utcnow() -> datetime:
 def isoformat(moment: datetime | None) -> str | None:
     if moment is None:
         return None
+    return _isoformat(moment)
+
+
+@functools.lru_cache(maxsize=8192)
+def _isoformat(moment: datetime) -> str:
+    # Cached: a job's status shows the same moments again at every change.
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -182,12 +189,17 @@ _PLAIN = ("job_id", "gpu_id", "fingerprint", "prompt_id", "seq", "confirmed", "d
           "webhook")
 
 
+# Values not written, because a record read back gets them anyway.
+_DEFAULTS: dict[str, Any] = {"auto": False, "attempt": 1, "automatic_retries": 0,
+                             "confirmed": False}
+
+
 def to_record(job: Job) -> dict[str, Any]:
     """A plain, JSON-ready copy of the job: taken on the event loop, written elsewhere."""
     record: dict[str, Any] = {"state": job.state.value, "nodes": sorted(job.nodes)}
     for name in _PLAIN:
         value = getattr(job, name)
-        if value is not None:
+        if value is not None and value != _DEFAULTS.get(name):
             record[name] = value
     for name in _TIMES:
         moment = getattr(job, name)

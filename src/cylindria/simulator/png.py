@@ -70,17 +70,33 @@ def save_image_path(prefix: str, base_dir: Path) -> tuple[Path, str, int, str]:
             f"\n full_output_folder: {folder}"
             f"\n         output_dir: {base}"
             f"\n         commonpath: {common}")
+    return Path(folder), stem, _highest(folder, stem) + 1, subfolder
+
+
+# (folder, stem) -> (the folder's mtime when last scanned or written, highest counter).
+_highest_seen: dict[tuple[str, str], tuple[int, int]] = {}
+
+
+def _highest(folder: str, stem: str) -> int:
+    """The highest counter on disk for `stem`. ComfyUI scans the folder every time; the
+    answer is remembered while the folder's mtime says nothing else touched it, so a
+    folder of thousands of files does not make every save slower."""
+    try:
+        mtime = os.stat(folder).st_mtime_ns
+    except FileNotFoundError:
+        return 0
+    seen = _highest_seen.get((folder, stem))
+    if seen is not None and seen[0] == mtime:
+        return seen[1]
     pattern = re.compile(re.escape(stem) + r"_(\d+)_", re.IGNORECASE)
     highest = 0
-    try:
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                match = pattern.match(entry.name)
-                if match:
-                    highest = max(highest, int(match.group(1)))
-    except FileNotFoundError:
-        pass
-    return Path(folder), stem, highest + 1, subfolder
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            match = pattern.match(entry.name)
+            if match:
+                highest = max(highest, int(match.group(1)))
+    _highest_seen[(folder, stem)] = (mtime, highest)
+    return highest
 
 
 def write_pngs(images: SimImage, prefix: str, base_dir: Path, kind: str,
@@ -95,4 +111,5 @@ def write_pngs(images: SimImage, prefix: str, base_dir: Path, kind: str,
         (folder / name).write_bytes(data)
         records.append({"filename": name, "subfolder": subfolder, "type": kind})
         counter += 1
+    _highest_seen[(str(folder), stem)] = (os.stat(folder).st_mtime_ns, counter - 1)
     return records

@@ -44,9 +44,8 @@ class Gpu:
         A burst of status requests costs at most one upstream request per
         `status_cache_seconds`; a hung ComfyUI costs the caller at most `status_timeout`.
         """
-        last = self.last_probe
-        if (last is not None
-                and time.monotonic() - last.checked_at < self.timing.status_cache_seconds):
+        last = self.fresh_probe()
+        if last is not None:
             return last
         if self._probe_task is None or self._probe_task.done():
             self._probe_task = asyncio.create_task(self._run_probe(),
@@ -68,6 +67,18 @@ class Gpu:
 
     async def is_healthy(self) -> bool:
         return self.healthy(await self.probe())
+
+    def healthy_now(self) -> bool | None:
+        probe = self.fresh_probe()
+        return None if probe is None else self.healthy(probe)
+
+    def fresh_probe(self) -> Probe | None:
+        """The last probe while it is recent enough to use as it is."""
+        last = self.last_probe
+        if (last is not None
+                and time.monotonic() - last.checked_at < self.timing.status_cache_seconds):
+            return last
+        return None
 
     async def close(self) -> None:
         task = self._probe_task

@@ -26,10 +26,13 @@ class Subscriber:
 
 
 class EventHub:
-    """Fans registry changes out to SSE clients; keeps the last events for resume."""
+    """Fans registry changes out to SSE clients, each change serialized once however
+    many clients there are, and only when there are any. Keeps the ids of the last
+    changes for resume: a client that comes back gets, for every job that changed
+    since its last event, the job's state now (one event per job, in order)."""
 
     def __init__(self, buffer: int, render: Callable[[Job], bytes]) -> None:
-        self._recent: deque[tuple[int, str, bytes]] = deque(maxlen=buffer)
+        self._recent: deque[tuple[int, Job]] = deque(maxlen=buffer)
         self._subscribers: set[Subscriber] = set()
         self._next_id = 1
         self._render = render
@@ -46,12 +49,13 @@ class EventHub:
     def publish(self, job: Job) -> None:
         event_id = self._next_id
         self._next_id += 1
-        # Serialised once, whatever the number of clients.
-        event = (event_id, job.job_id, self._render(job))
-        self._recent.append(event)
+        self._recent.append((event_id, job))
+        event = None
         for sub in list(self._subscribers):
             if sub.job_id is not None and sub.job_id != job.job_id:
                 continue
+            if event is None:
+                event = (event_id, job.job_id, self._render(job))
             try:
                 sub.queue.put_nowait(event)
             except asyncio.QueueFull:
@@ -68,8 +72,8 @@ class EventHub:
 
     def subscribe(self, job_id: str | None, last_event_id: int | None
                   ) -> tuple[Subscriber, list[tuple[int, str, bytes]], bool]:
-        """A new subscriber, the buffered events it missed, and whether the gap since
-        `last_event_id` was fully covered by the buffer."""
+        """A new subscriber, what it missed (each job that changed since
+        `last_event_id`, as it is now), and whether the buffer covered the whole gap."""
         sub = Subscriber(job_id)
         replay: list[tuple[int, str, bytes]] = []
         complete = True
@@ -77,8 +81,12 @@ class EventHub:
             oldest = self._recent[0][0] if self._recent else self._next_id
             # An id above the last one sent comes from before a restart: resync too.
             complete = oldest - 1 <= last_event_id <= self.last_id
-            replay = [e for e in self._recent
-                      if e[0] > last_event_id and (job_id is None or e[1] == job_id)]
+            latest: dict[str, tuple[int, Job]] = {}
+            for event_id, job in self._recent:
+                if event_id > last_event_id and (job_id is None or job.job_id == job_id):
+                    latest[job.job_id] = (event_id, job)
+            replay = [(event_id, job.job_id, self._render(job))
+                      for event_id, job in sorted(latest.values(), key=lambda e: e[0])]
         self._subscribers.add(sub)
         return sub, replay, complete
 

@@ -1,0 +1,162 @@
+"""Real processes for the benchmarks: simulated GPUs, `cylindria serve`, a bare server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+
+from cylindria.addresses import free_port_run
+
+PYTHON = sys.executable
+
+BARE_SERVER = """
+import sys, ujson
+from aiohttp import web
+record = ujson.loads(sys.argv[2])
+async def handler(request):
+    return web.json_response(record, dumps=ujson.dumps)
+app = web.Application()
+app.router.add_get("/jobstatus/{job_id}/", handler)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+"""
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CYLINDRIA_", "COMFYUI_"))}
+    env.update(extra)
+    return env
+
+
+class Process:
+    def __init__(self, args: list[str], log: Path, **env: str) -> None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self.log = log.open("wb")
+        self.popen = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT,
+                                      env=clean_env(**env))
+        self.started = time.perf_counter()
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.popen.pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss_mib(self) -> float:
+        with open(f"/proc/{self.popen.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self.log.close()
+
+
+async def until_up(session: aiohttp.ClientSession, url: str, proc: Process,
+                   timeout: float = 60) -> float:
+    """Seconds from the process's start until `url` answers 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.popen.args} exited; see {proc.log.name}")
+        with contextlib.suppress(aiohttp.ClientError):
+            async with session.get(url) as resp:
+                if resp.status == 200:
+                    return time.perf_counter() - proc.started
+        await asyncio.sleep(0.01)
+    raise RuntimeError(f"{url} did not answer within {timeout} s")
+
+
+class Stack:
+    """Simulated GPUs and a Cylindria with its state file, each its own process."""
+
+    def __init__(self, sim: Process, serve: Process, sim_port: int, port: int) -> None:
+        self.sim, self.serve = sim, serve
+        self.sim_port, self.port = sim_port, port
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def gpu_url(self, gpu: int) -> str:
+        return f"http://127.0.0.1:{self.sim_port + gpu}"
+
+
+@contextlib.asynccontextmanager
+async def stack(work: Path, gpus: int, state: Path | None, **env: str) -> AsyncIterator[Stack]:
+    sim_port, port = free_port_run(gpus), free_port_run(1)
+    sim = Process([PYTHON, "-m", "cylindria", "simulate", "--gpus", str(gpus),
+                   "--base-port", str(sim_port), "--step-seconds", "0", "--output-dir",
+                   str(work / "out"), "--log-level", "warning"], work / "sim.log")
+    state_args = ["--state-file", str(state)] if state is not None else ["--no-state"]
+    serve = Process([PYTHON, "-m", "cylindria", "serve", "--port", str(port),
+                     "--numberOfGpus", str(gpus), "--comfy-url", f"http://127.0.0.1:{sim_port}",
+                     "--log-level", "warning", *state_args], work / "serve.log", **env)
+    running = Stack(sim, serve, sim_port, port)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for gpu in range(gpus):
+                await until_up(session, f"{running.gpu_url(gpu)}/system_stats", sim)
+            await until_up(session, f"{running.url}/healthz", serve)
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                async with session.get(f"{running.url}/healthz") as resp:
+                    if (await resp.json())["listeners_connected"] == gpus:
+                        break
+                await asyncio.sleep(0.05)
+        yield running
+    finally:
+        serve.stop()
+        sim.stop()
+
+
+@contextlib.asynccontextmanager
+async def bare_server(work: Path, record: str) -> AsyncIterator[str]:
+    """An aiohttp + ujson handler returning `record` at /jobstatus/{job_id}/."""
+    port = free_port_run(1)
+    proc = Process([PYTHON, "-c", BARE_SERVER, str(port), record], work / "bare.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            await until_up(session, f"{url}/jobstatus/x/", proc)
+        yield url
+    finally:
+        proc.stop()
+
+
+def wrk(url: str, connections: int, seconds: float) -> tuple[float, float] | None:
+    """(requests/s, p99 ms) from wrk, or None when wrk is not installed."""
+    if shutil.which("wrk") is None:
+        return None
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s", "--latency",
+                          url], capture_output=True, text=True, check=True).stdout
+    rps = p99 = 0.0
+    for line in out.splitlines():
+        words = line.split()
+        if line.startswith("Requests/sec:"):
+            rps = float(words[1])
+        elif words[:1] == ["99%"]:
+            p99 = _ms(words[1])
+    return rps, p99
+
+
+def _ms(text: str) -> float:
+    for unit, scale in (("ms", 1.0), ("us", 0.001), ("s", 1000.0)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale
+    return float(text)

@@ -1,0 +1,242 @@
+"""Benchmarks of the service with its journal: every part a real process on loopback.
+
+Run with `make bench` (or `.venv/bin/python bench/store.py`). Each comparison is
+measured side by side in one run, interleaved, so a noisy machine affects both sides
+alike. `wrk` (Debian: apt-get install wrk) measures requests per second; without it
+those rows are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+from history import fill
+from procs import bare_server, stack, until_up, wrk
+from support import quick
+
+GPUS = 8
+
+
+def files_size(folder: Path, pattern: str) -> int:
+    return sum(p.stat().st_size for p in folder.glob(pattern))
+
+
+def p50(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+def p99(samples: list[float]) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000
+
+
+async def timed_put(session: aiohttp.ClientSession, url: str, job_id: str, gpu: str,
+                    color: int) -> float:
+    started = time.perf_counter()
+    async with session.put(f"{url}/startjob/{job_id}/", params={"GpuId": gpu},
+                           json=quick(color)) as resp:
+        await resp.read()
+        assert resp.status == 202, resp.status
+    return time.perf_counter() - started
+
+
+async def timed_get(session: aiohttp.ClientSession, url: str) -> float:
+    started = time.perf_counter()
+    async with session.get(url) as resp:
+        await resp.read()
+        assert resp.status == 200, resp.status
+    return time.perf_counter() - started
+
+
+async def flatness(work: Path, held: int, rounds: int) -> dict[str, str]:
+    """PUT (auto and fixed) and GET /jobstatus with no history and with `held` finished
+    jobs, all of them in memory; the two services answer in alternate rounds."""
+    full = work / "full.sqlite3"
+    started = time.perf_counter()
+    fill(full, held, GPUS)
+    filled = time.perf_counter() - started
+    samples = {side: {"auto": [], "fixed": [], "get": []} for side in ("empty", "full")}
+    memory = {"CYLINDRIA_MEMORY_JOBS": str(held * 2)}
+    async with (stack(work / "empty", GPUS, work / "empty.sqlite3", **memory) as empty,
+                stack(work / "full", GPUS, full, **memory) as loaded,
+                aiohttp.ClientSession() as session):
+        sides = {"empty": empty, "full": loaded}
+        for n in range(rounds):
+            for side, running in sides.items():
+                got = samples[side]
+                for k in range(20):
+                    tag = f"{n}-{k}"
+                    got["auto"].append(await timed_put(session, running.url, f"a-{tag}",
+                                                       "auto", 7_000_000 + n * 100 + k))
+                    got["fixed"].append(await timed_put(session, running.url, f"f-{tag}",
+                                                        str(k % GPUS), 8_000_000 + n * 100 + k))
+                    target = f"a-{tag}" if side == "empty" else f"old-{random.randrange(held)}"
+                    got["get"].append(await timed_get(session,
+                                                      f"{running.url}/jobstatus/{target}/"))
+        rss = {side: running.serve.rss_mib() for side, running in sides.items()}
+    e, f = samples["empty"], samples["full"]
+    return {
+        f"history: {held:,} finished jobs written to a state file (s)": f"{filled:.1f}",
+        "history: PUT ?GpuId=auto p50, empty / full (ms)": side_by_side(p50, e, f, "auto"),
+        "history: PUT ?GpuId=n p50, empty / full (ms)": side_by_side(p50, e, f, "fixed"),
+        "history: GET /jobstatus p99, empty / full (ms)": side_by_side(p99, e, f, "get"),
+        "history: service RSS, empty / full (MiB)": f"{rss['empty']:.0f} / {rss['full']:.0f}",
+    }
+
+
+def side_by_side(stat, empty: dict[str, list[float]], full: dict[str, list[float]],
+                 what: str) -> str:
+    a, b = stat(empty[what]), stat(full[what])
+    return f"{a:.2f} / {b:.2f}  ratio {b / a:.2f}"
+
+
+async def status_speed(work: Path, seconds: float) -> dict[str, str]:
+    """GET /jobstatus at 32 connections against a bare aiohttp+ujson handler returning a
+    record of the same size, alternating, best of two each."""
+    async with stack(work / "status", 1, work / "status.sqlite3") as running, \
+            aiohttp.ClientSession() as session:
+        await timed_put(session, running.url, "probe", "0", 1)
+        for _ in range(200):
+            async with session.get(f"{running.url}/jobstatus/probe/") as resp:
+                body = await resp.text()
+            if '"state":"completed"' in body:
+                break
+            await asyncio.sleep(0.02)
+        async with bare_server(work, body) as bare:
+            ours, theirs = [], []
+            for _ in range(2):
+                theirs.append(wrk(f"{bare}/jobstatus/probe/", 32, seconds))
+                ours.append(wrk(f"{running.url}/jobstatus/probe/", 32, seconds))
+    if ours[0] is None:
+        return {"GET /jobstatus requests/s at 32 connections": "skipped: wrk not installed"}
+    best = max(ours, key=lambda r: r[0])
+    bare_best = max(theirs, key=lambda r: r[0])
+    return {
+        f"GET /jobstatus at 32 connections ({len(body)} B body): requests/s":
+            f"{best[0]:.0f} (bare aiohttp+ujson handler {bare_best[0]:.0f}, ratio "
+            f"{best[0] / bare_best[0]:.2f})",
+        "GET /jobstatus at 32 connections: p99 (ms)": f"{best[1]:.2f}",
+    }
+
+
+async def submit_overhead(work: Path, count: int) -> dict[str, str]:
+    """PUT /startjob through Cylindria against POST /prompt straight to the same
+    simulated GPU, one at a time, alternating."""
+    direct, proxied = [], []
+    async with stack(work / "overhead", 1, work / "overhead.sqlite3") as running, \
+            aiohttp.ClientSession() as session:
+        for n in range(count):
+            body = {"prompt": quick(2_000_000 + n), "client_id": "bench",
+                    "prompt_id": str(uuid.uuid4())}
+            started = time.perf_counter()
+            async with session.post(f"{running.gpu_url(0)}/prompt", json=body) as resp:
+                await resp.read()
+                assert resp.status == 200
+            direct.append(time.perf_counter() - started)
+            proxied.append(await timed_put(session, running.url, f"o-{n}", "0",
+                                           3_000_000 + n))
+    warm = count // 5
+    d, p = p50(direct[warm:]), p50(proxied[warm:])
+    return {"PUT /startjob p50 vs POST /prompt straight to the GPU (ms)":
+            f"{p:.2f} vs {d:.2f}: +{p - d:.2f} ms, journal on"}
+
+
+async def throughput(work: Path, jobs: int, concurrency: int) -> dict[str, str]:
+    """Jobs submitted with GpuId=auto and run to completion on 8 simulated GPUs."""
+    async with stack(work / "throughput", GPUS, work / "throughput.sqlite3") as running, \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        cpu_before = (running.sim.cpu_seconds(), running.serve.cpu_seconds())
+        started = time.perf_counter()
+        slots = asyncio.Semaphore(concurrency)
+
+        async def one(n: int) -> None:
+            async with slots:
+                await timed_put(session, running.url, f"t-{n}", "auto", 4_000_000 + n)
+
+        await asyncio.gather(*(one(n) for n in range(jobs)))
+        while True:
+            async with session.get(f"{running.url}/jobs/", params={"state": "queued,running",
+                                                                   "limit": "1"}) as resp:
+                if not (await resp.json())["jobs"]:
+                    break
+            await asyncio.sleep(0.01)
+        elapsed = time.perf_counter() - started
+        sim_cpu = running.sim.cpu_seconds() - cpu_before[0]
+        serve_cpu = running.serve.cpu_seconds() - cpu_before[1]
+        async with session.get(f"{running.url}/jobs/", params={"state": "completed",
+                                                               "limit": "500"}) as resp:
+            assert len((await resp.json())["jobs"]) == min(500, jobs)
+    return {
+        f"end to end: {jobs:,} jobs, {GPUS} GPUs, auto, journal on (jobs/s)":
+            f"{jobs / elapsed:.0f}",
+        "end to end: CPU per job, service / simulator (ms)":
+            f"{serve_cpu * 1000 / jobs:.2f} / {sim_cpu * 1000 / jobs:.2f} "
+            f"(2 cores shared by both and the client)",
+    }
+
+
+async def million(work: Path, count: int) -> dict[str, str]:
+    """Start-up with `count` finished jobs in the state file: time to the first answered
+    /jobstatus, memory, and an old job answered from disk."""
+    state = work / "million.sqlite3"
+    started = time.perf_counter()
+    fill(state, count, GPUS)
+    filled = time.perf_counter() - started
+    size = files_size(work, "million.sqlite3*") / 2**20
+    async with stack(work / "million", GPUS, state) as running, \
+            aiohttp.ClientSession() as session:
+        first = await until_up(session, f"{running.url}/jobstatus/old-{count - 1}/",
+                               running.serve)
+        old = [await timed_get(session, f"{running.url}/jobstatus/old-{n}/")
+               for n in random.sample(range(count // 2), 200)]
+        rss = running.serve.rss_mib()
+    return {
+        f"{count:,} finished jobs: state file written in (s)": f"{filled:.1f}",
+        f"{count:,} finished jobs: state file size (MiB)": f"{size:.0f}",
+        f"{count:,} finished jobs: start-up to the first answered /jobstatus (s)":
+            f"{first:.2f}",
+        f"{count:,} finished jobs: service RSS (MiB)": f"{rss:.0f}",
+        f"{count:,} finished jobs: /jobstatus of a job only on disk, p50 / p99 (ms)":
+            f"{p50(old):.2f} / {p99(old):.2f}",
+    }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--held", type=int, default=100_000)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--million", type=int, default=1_000_000)
+    parser.add_argument("--wrk-seconds", type=float, default=5.0)
+    parser.add_argument("--only", choices=("flatness", "status", "overhead", "throughput",
+                                           "million"), default=None)
+    args = parser.parse_args()
+    runs = {
+        "flatness": lambda work: flatness(work, args.held, args.rounds),
+        "status": lambda work: status_speed(work, args.wrk_seconds),
+        "overhead": lambda work: submit_overhead(work, 500),
+        "throughput": lambda work: throughput(work, args.jobs, 64),
+        "million": lambda work: million(work, args.million),
+    }
+    rows: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, run in runs.items():
+            if args.only in (None, name):
+                rows |= await run(Path(tmp) / name)
+    width = max(map(len, rows))
+    print(f"cpus: {os.cpu_count()}")
+    for name, value in rows.items():
+        print(f"{name:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

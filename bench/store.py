@@ -58,13 +58,15 @@ async def timed_get(session: aiohttp.ClientSession, url: str) -> float:
 
 
 async def flatness(work: Path, held: int, rounds: int) -> dict[str, str]:
-    """PUT (auto and fixed) and GET /jobstatus with no history and with `held` finished
-    jobs, all of them in memory; the two services answer in alternate rounds."""
+    """PUT (auto and fixed) and GET /jobstatus of the job just submitted, with no history
+    and with `held` finished jobs, all of them in memory; the two services answer in
+    alternate rounds."""
     full = work / "full.sqlite3"
     started = time.perf_counter()
     fill(full, held, GPUS)
     filled = time.perf_counter() - started
-    samples = {side: {"auto": [], "fixed": [], "get": []} for side in ("empty", "full")}
+    samples = {side: {"auto": [], "fixed": [], "get": [], "old": []}
+               for side in ("empty", "full")}
     memory = {"CYLINDRIA_MEMORY_JOBS": str(held * 2)}
     async with (stack(work / "empty", GPUS, work / "empty.sqlite3", **memory) as empty,
                 stack(work / "full", GPUS, full, **memory) as loaded,
@@ -79,16 +81,21 @@ async def flatness(work: Path, held: int, rounds: int) -> dict[str, str]:
                                                        "auto", 7_000_000 + n * 100 + k))
                     got["fixed"].append(await timed_put(session, running.url, f"f-{tag}",
                                                         str(k % GPUS), 8_000_000 + n * 100 + k))
-                    target = f"a-{tag}" if side == "empty" else f"old-{random.randrange(held)}"
                     got["get"].append(await timed_get(session,
-                                                      f"{running.url}/jobstatus/{target}/"))
+                                                      f"{running.url}/jobstatus/a-{tag}/"))
+                    if side == "full":
+                        old = f"{running.url}/jobstatus/old-{random.randrange(held)}/"
+                        got["old"].append(await timed_get(session, old))
         rss = {side: running.serve.rss_mib() for side, running in sides.items()}
     e, f = samples["empty"], samples["full"]
     return {
         f"history: {held:,} finished jobs written to a state file (s)": f"{filled:.1f}",
         "history: PUT ?GpuId=auto p50, empty / full (ms)": side_by_side(p50, e, f, "auto"),
         "history: PUT ?GpuId=n p50, empty / full (ms)": side_by_side(p50, e, f, "fixed"),
-        "history: GET /jobstatus p99, empty / full (ms)": side_by_side(p99, e, f, "get"),
+        "history: GET /jobstatus of a new job p99, empty / full (ms)":
+            side_by_side(p99, e, f, "get"),
+        "history: GET /jobstatus of a random held job, p50 / p99 (ms)":
+            f"{p50(f['old']):.2f} / {p99(f['old']):.2f}",
         "history: service RSS, empty / full (MiB)": f"{rss['empty']:.0f} / {rss['full']:.0f}",
     }
 
@@ -231,7 +238,9 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, run in runs.items():
             if args.only in (None, name):
-                rows |= await run(Path(tmp) / name)
+                work = Path(tmp) / name
+                work.mkdir()
+                rows |= await run(work)
     width = max(map(len, rows))
     print(f"cpus: {os.cpu_count()}")
     for name, value in rows.items():

@@ -67,7 +67,7 @@ def test_full_lifecycle_reaches_exactly_one_at_completion(reg, clock):
     assert job.state is JobState.COMPLETED
     assert job.progress == 1.0
     assert job.finished_at == clock.now
-    assert job.outputs == {"3": {"images": [{"filename": "a.png"}]}}
+    assert job.output_map() == {"3": {"images": [{"filename": "a.png"}]}}
     assert job.queue_position is None and job.current_node is None
 
 
@@ -192,7 +192,7 @@ def test_settle_from_history_success_error_and_interrupt(reg):
         "status": {"status_str": "success", "completed": True,
                    "messages": [["execution_start", {}], ["execution_cached", {"nodes": []}],
                                 ["execution_success", {}]]}})
-    assert ok.state is JobState.COMPLETED and ok.outputs["3"]["images"][0]["filename"] == "x.png"
+    assert ok.state is JobState.COMPLETED and ok.output_map()["3"]["images"][0]["filename"] == "x.png"
     reg.settle_from_history("pb", {"outputs": {}, "status": {
         "status_str": "error", "completed": False,
         "messages": [["execution_start", {}],
@@ -278,3 +278,48 @@ def test_subscribers_see_every_change(reg):
     reg.on_start("p1")
     reg.on_success("p1")
     assert seen[0] == "queued" and seen[-1] == "completed"
+
+
+def test_indexes_answer_per_gpu_and_per_state_questions(reg):
+    jobs = {}
+    for n in range(9):
+        job = reg.begin(f"j{n}", n % 3, f"p{n}", "f", ["1"])
+        reg.confirm(job)
+        jobs[n] = job
+    reg.on_start("p0")
+    reg.on_start("p1")
+    reg.on_success("p3")
+    reg.on_error("p4", {"exception_message": "x"})
+    assert [reg.load(g) for g in range(3)] == [2, 2, 3]
+    assert reg.running_on(0) is jobs[0] and reg.running_on(2) is None
+    assert reg.queued_count(0) == 1 and reg.in_flight_count() == 7
+    assert reg.counts() == {"queued": 5, "running": 2, "completed": 1, "failed": 1,
+                            "cancelled": 0, "rejected": 0}
+    ids = lambda found: [j.job_id for j in found]  # noqa: E731
+    assert ids(reg.page(gpu_id=1)) == ["j7", "j4", "j1"]
+    assert ids(reg.page(states={"queued"}, gpu_id=2)) == ["j8", "j5", "j2"]
+    assert ids(reg.page(states={"completed", "failed"})) == ["j4", "j3"]
+    assert ids(reg.page(states={"queued", "running"}, before=jobs[5].seq, limit=3)) == [
+        "j2", "j1", "j0"]
+    assert ids(reg.page(limit=2, before=jobs[2].seq)) == ["j1", "j0"]
+
+
+def test_a_retry_is_a_new_attempt_that_moves_in_every_index(reg, clock):
+    job = begin(reg, "again", "p-first")
+    reg.on_error("p-first", {"exception_message": "boom", "node_id": "2"})
+    first_seq = job.seq
+    other = begin(reg, "other", "p-other")
+    clock.advance(5)
+    reg.retry(job, gpu_id=1, prompt_id="p-second", nodes=["1", "2", "3"])
+    assert job.state is JobState.QUEUED and job.attempt == 2 and job.gpu_id == 1
+    assert job.seq > other.seq > first_seq
+    assert reg.by_prompt("p-second") is job and reg.by_prompt("p-first") is None
+    assert reg.load(0) == 1 and reg.load(1) == 1
+    assert [j.job_id for j in reg.page(limit=5)] == ["again", "other"]
+    assert job.error is None and job.finished_at is None and job.output_map() == {}
+    (earlier,) = job.earlier_attempts
+    assert earlier["prompt_id"] == "p-first" and earlier["state"] == "failed"
+    assert earlier["error"]["message"] == "boom" and earlier["gpu_id"] == 0
+    assert [a["attempt"] for a in job.attempts()] == [1, 2]
+    reg.on_success("p-first")  # a late event of the old attempt changes nothing
+    assert job.state is JobState.QUEUED

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 from collections.abc import AsyncIterator
 
@@ -91,6 +92,9 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
                          for n in range(settings.num_gpus)]
             app[JOBS] = JobsService(registry, app[GPUS], settings, journal)
             app[JOBS].restore(loaded.jobs, loaded.last_seq, loaded.evicted_through)
+            # What start-up loaded lives long: keep the garbage collector's full passes
+            # from walking it again and again (they would pause every request).
+            gc.freeze()
             app[WEBHOOKS] = WebhookSender(registry, CallbackClient(session),
                                           settings.webhook_secret, timing,
                                           functools.partial(render.status_bytes,

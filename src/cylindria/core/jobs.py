@@ -309,10 +309,11 @@ class JobsService:
         if self.registry.get(job_id) is None:
             self.registry.restore([job])
         job.auto = auto
-        self.registry.retry(job, gpu.index, str(uuid.uuid4()), automatic=automatic)
+        prompt, extra = from_canonical(workflow)
+        self.registry.retry(job, gpu.index, str(uuid.uuid4()), prompt.keys(),
+                            automatic=automatic)
         log.info("job %s: attempt %d on gpu %d%s", job_id, job.attempt, gpu.index,
                  " (automatic, after it was lost)" if automatic else "")
-        prompt, extra = from_canonical(workflow)
         try:
             return await self.submit(job, gpu, prompt, extra)
         except ApiError as exc:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
+
+import ujson
 
 
 class JobState(StrEnum):
@@ -94,6 +97,11 @@ class Job:
     webhook: dict[str, Any] | None = None
     # Loaded from the journal at start-up and not yet checked against ComfyUI.
     unverified: bool = False
+    # Once finished, a job is made compact: what its node sets told is kept as two
+    # values, its outputs as JSON text (no containers for the garbage collector).
+    final_progress: float | None = None
+    final_reused: bool = False
+    outputs_text: str | None = None
     version: int = 0
     saved_version: int = -1
     # The serialized status body and the version it was made for.
@@ -107,14 +115,22 @@ class Job:
     @property
     def outputs_reused(self) -> bool:
         """ComfyUI served an output node from its cache: the files are an earlier run's."""
+        if self.final_progress is not None:
+            return self.final_reused
         return bool(self.outputs and self.cached_nodes
                     and any(node in self.cached_nodes for node in self.outputs))
+
+    def output_map(self) -> dict[str, Any]:
+        """ComfyUI's outputs by node id."""
+        if self.outputs_text is not None:
+            return ujson.loads(self.outputs_text)
+        return self.outputs or {}
 
     def output_entries(self) -> list[dict[str, Any]]:
         """Every file or text ComfyUI reported, in a stable order, one entry each; an
         entry's place in the list is its index under /joboutput."""
         entries: list[dict[str, Any]] = []
-        for node_id, output in (self.outputs or {}).items():
+        for node_id, output in self.output_map().items():
             if not isinstance(output, dict):
                 continue
             for key, items in output.items():
@@ -137,6 +153,8 @@ class Job:
     def progress(self) -> float:
         if self.state is JobState.COMPLETED:
             return 1.0
+        if self.final_progress is not None:
+            return self.final_progress
         plan = self.planned_nodes or self.nodes
         if not plan:
             return 0.0
@@ -149,6 +167,25 @@ class Job:
         # Never report 1.0 before ComfyUI says the job succeeded.
         return round(min((done + fraction) / len(plan), 0.999), 4)
 
+    def compact(self) -> None:
+        """Fold a finished job's working state into final values."""
+        if self.final_progress is not None:
+            return
+        self.final_reused = self.outputs_reused
+        self.final_progress = self.progress
+        if self.outputs:
+            self.outputs_text = ujson.dumps(self.outputs, escape_forward_slashes=False)
+        self.outputs = None
+        self.nodes = NO_NODES
+        self.done_nodes = self.cached_nodes = self.planned_nodes = None
+
+    def reopen(self, nodes: Iterable[str]) -> None:
+        """Clear what a finished attempt left, for a new attempt of these nodes."""
+        self.final_progress = None
+        self.final_reused = False
+        self.outputs_text = None
+        self.nodes = frozenset(nodes)
+
     def attempt_summary(self) -> dict[str, Any]:
         """The current attempt as it stands in the `attempts` list."""
         return {"attempt": self.attempt, "prompt_id": self.prompt_id, "gpu_id": self.gpu_id,
@@ -158,6 +195,8 @@ class Job:
     def attempts(self) -> list[dict[str, Any]]:
         return [*(self.earlier_attempts or ()), self.attempt_summary()]
 
+
+NO_NODES: frozenset[str] = frozenset()
 
 # ComfyUI's UI output keys and what each holds: files, or plain strings for text.
 OUTPUT_KINDS = {"images": "image", "gifs": "gif", "videos": "video", "video": "video",
@@ -214,6 +253,11 @@ def to_record(job: Job) -> dict[str, Any]:
     if job.outputs is not None:
         # A copy: the journal serializes it on another thread while this one goes on.
         record["outputs"] = dict(job.outputs)
+    elif job.outputs_text is not None:
+        record["outputs"] = ujson.loads(job.outputs_text)
+    if job.final_progress is not None:
+        record["final_progress"] = job.final_progress
+        record["final_reused"] = job.final_reused
     if job.webhook is not None:
         record["webhook"] = dict(job.webhook)
     return record
@@ -229,5 +273,11 @@ def from_record(record: dict[str, Any]) -> Job:
             values[name] = set(record[name])
     if record.get("planned_nodes") is not None:
         values["planned_nodes"] = frozenset(record["planned_nodes"])
-    return Job(state=JobState(record["state"]), nodes=frozenset(record.get("nodes") or ()),
-               **values)
+    job = Job(state=JobState(record["state"]), nodes=frozenset(record.get("nodes") or ()),
+              **values)
+    if job.terminal:
+        if "final_progress" in record:
+            job.final_progress = record["final_progress"]
+            job.final_reused = record.get("final_reused", False)
+        job.compact()
+    return job

@@ -151,7 +151,8 @@ class Registry(JobMachine):
         self._touch(job)
         return job
 
-    def retry(self, job: Job, gpu_id: int, prompt_id: str, automatic: bool = False) -> None:
+    def retry(self, job: Job, gpu_id: int, prompt_id: str, nodes: Iterable[str],
+              automatic: bool = False) -> None:
         """Start a new attempt of a finished job under the same job id: a new prompt
         id, perhaps another GPU; the attempt that ended is kept in summary."""
         self._remove(job)
@@ -173,6 +174,7 @@ class Registry(JobMachine):
                      "webhook"):
             setattr(job, name, None)
         job.unverified = False
+        job.reopen(nodes)
         self._insert(job)
         self._touch(job)
 
@@ -312,6 +314,8 @@ class Registry(JobMachine):
     def _touch(self, job: Job) -> None:
         job.updated_at = self._clock()
         job.version += 1
+        if job.terminal:
+            job.compact()
         for listener in self._subscribers:
             try:
                 listener(job)

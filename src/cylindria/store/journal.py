@@ -7,18 +7,19 @@ import asyncio
 import logging
 import sqlite3
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ..core.records import Job, to_record
 from ..errors import StateUnavailable
 from .database import Database, Loaded, Row, open_database
+from .writer import WriterThread
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
 
 PRUNE_BATCH = 500
 
@@ -27,7 +28,10 @@ class Journal:
     """Every change the registry announces is marked dirty here; the writer thread
     commits whatever is dirty as soon as its previous commit ends, so a burst of
     changes shares one commit and a lone one waits for nothing. `durable(job)`
-    waits until the job's current version is on disk.
+    waits until the job's current version is on disk. When nothing is being written
+    and little is dirty, `durable` commits at once on the event loop instead (a WAL
+    commit without fsync takes tens of microseconds; handing it to the thread and
+    back takes longer); with CYLINDRIA_STATE_SYNC=full it never does.
 
     When writes fail (a full disk, a broken file), the error is logged once, new
     submissions are refused (`durable` raises StateUnavailable), jobs already in
@@ -35,12 +39,17 @@ class Journal:
     seconds until it works.
     """
 
-    def __init__(self, database: Database, executor: ThreadPoolExecutor,
+    def __init__(self, database: Database, writer: WriterThread,
                  on_saved: Callable[[list[tuple[Job, int]]], None],
-                 retry_seconds: float) -> None:
+                 retry_seconds: float, inline: bool) -> None:
         self._database = database
         self._retry_seconds = retry_seconds
-        self._executor = executor
+        self._inline = inline
+        # Work handed to the writer thread and not finished: while there is any, only
+        # that thread may touch the database.
+        self._pending = 0
+        self._kick_soon: asyncio.Handle | None = None
+        self._writer = writer
         self._on_saved = on_saved
         self._dirty: dict[str, Job] = {}
         self._workflows: dict[str, str] = {}
@@ -76,14 +85,16 @@ class Journal:
             log.warning("state file %s: %d job changes could not be written before "
                         "stopping", self.name, len(self._dirty))
         await self._run(lambda db: db.close())
-        self._executor.shutdown(wait=True)
+        await self._writer.stop()
 
     # -- writing ------------------------------------------------------------------
 
     def note(self, job: Job) -> None:
-        """A registry subscriber: the job changed."""
+        """A registry subscriber: the job changed. Written with what else changes in
+        this turn of the event loop."""
         self._dirty[job.job_id] = job
-        self._kick()
+        if self._kick_soon is None:
+            self._kick_soon = asyncio.get_running_loop().call_soon(self._kick)
 
     def remember_workflow(self, job_id: str, workflow: str) -> None:
         """Written with the job's next commit (before ComfyUI is asked to run it)."""
@@ -95,23 +106,51 @@ class Journal:
         target = job.version
         if job.saved_version >= target:
             return
+        # Every change is noted, so the job is dirty or in the batch being written.
+        if self._inline and self._pending == 0 and not self._closed:
+            self._commit_now(job)
+            self.ensure_writable()
+            if job.saved_version >= target:
+                return
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(job.job_id, []).append((target, done))
-        self._dirty.setdefault(job.job_id, job)
         self._kick()
         await done
 
+    def _take_batch(self, only: Job | None = None
+                    ) -> tuple[list[tuple[Job, int, Row]], list[tuple[str, str]]]:
+        """The dirty jobs (or just `only`), taken off the dirty list, with their
+        workflows still to write."""
+        jobs = list(self._dirty.values()) if only is None else [only]
+        batch = [(job, job.version, _row(job)) for job in jobs]
+        workflows = [(job.job_id, self._workflows[job.job_id]) for job in jobs
+                     if job.job_id in self._workflows]
+        if only is None:
+            self._dirty.clear()
+        else:
+            self._dirty.pop(only.job_id, None)
+        return batch, workflows
+
+    def _commit_now(self, job: Job) -> None:
+        """Commit this one job on the event loop (the writer thread is idle); the rest
+        of what is dirty goes to the thread as usual."""
+        batch, workflows = self._take_batch(job)
+        try:
+            self._database.write([row for _, _, row in batch], workflows)
+        except sqlite3.Error as exc:
+            self._failed(exc, batch)
+        else:
+            self._succeeded(batch, workflows)
+
     def _kick(self) -> None:
+        self._kick_soon = None
         if self._writing is not None or not self._dirty or self._closed:
             return
         if self._failure is not None and self._retry is not None:
             return  # failing: only the retry timer tries again
-        batch = [(job, job.version, _row(job)) for job in self._dirty.values()]
-        workflows = [(job_id, text) for job_id, text in self._workflows.items()
-                     if job_id in self._dirty]
-        self._dirty.clear()
-        self._writing = asyncio.get_running_loop().run_in_executor(
-            self._executor, self._database.write, [row for _, _, row in batch], workflows)
+        batch, workflows = self._take_batch()
+        self._writing = self._submit(self._database.write, [row for _, _, row in batch],
+                                     workflows)
         self._writing.add_done_callback(lambda done: self._written(done, batch, workflows))
 
     def _written(self, done: asyncio.Future[None],
@@ -121,7 +160,12 @@ class Journal:
         error = None if done.cancelled() else done.exception()
         if error is not None or done.cancelled():
             self._failed(error, batch)
-            return
+        else:
+            self._succeeded(batch, workflows)
+            self._kick()
+
+    def _succeeded(self, batch: list[tuple[Job, int, Row]],
+                   workflows: list[tuple[str, str]]) -> None:
         self.commits += 1
         if self._failure is not None:
             log.warning("state file %s: writes work again; new jobs are accepted",
@@ -132,7 +176,6 @@ class Journal:
         for job, version, _ in batch:
             self._release(job.job_id, version, None)
         self._on_saved([(job, version) for job, version, _ in batch])
-        self._kick()
 
     def _failed(self, error: BaseException | None, batch: list[tuple[Job, int, Row]]) -> None:
         if self._failure is None:
@@ -206,8 +249,16 @@ class Journal:
                 return total
 
     async def _run(self, work: Callable[[Database], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, work,
-                                                                self._database)
+        return await self._submit(work, self._database)
+
+    def _submit(self, work: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        self._pending += 1
+        done = self._writer.submit(work, *args)
+        done.add_done_callback(self._finished)
+        return done
+
+    def _finished(self, _: asyncio.Future[Any]) -> None:
+        self._pending -= 1
 
 
 async def open_journal(path: Path | None, memory_jobs: int,
@@ -216,14 +267,13 @@ async def open_journal(path: Path | None, memory_jobs: int,
                        retry_seconds: float = 2.0) -> tuple[Journal, Loaded]:
     """Open the state file (None: a database in memory) on the journal's own thread and
     read what memory needs; StateFileError if the file cannot be used."""
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="journal")
+    writer = WriterThread(asyncio.get_running_loop())
     try:
-        database, loaded = await asyncio.get_running_loop().run_in_executor(
-            executor, open_database, path, memory_jobs, sync_full)
+        database, loaded = await writer.submit(open_database, path, memory_jobs, sync_full)
     except BaseException:
-        executor.shutdown(wait=False)
+        await writer.stop()
         raise
-    return Journal(database, executor, on_saved, retry_seconds), loaded
+    return Journal(database, writer, on_saved, retry_seconds, not sync_full), loaded
 
 
 def _row(job: Job) -> Row:

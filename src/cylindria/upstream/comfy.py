@@ -4,18 +4,22 @@ REST, files and websocket, and webhook POSTs)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
 import ujson
+from yarl import URL
 
 from ..config import Timing
 from ..core.ports import QueueSnapshot, Submitted
 from ..errors import BackendError, BackendTimeout, BackendUnavailable
 
 log = logging.getLogger(__name__)
+
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 # REST connections allowed per ComfyUI, on top of its one long-lived websocket.
 REST_CONNECTIONS_PER_GPU = 32
@@ -49,6 +53,7 @@ class ComfyClient:
         self._session = session
         self.base_url = base_url.rstrip("/")
         self.timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._urls: dict[str, URL] = {}
 
     def url(self, path: str) -> str:
         return f"{self.base_url}{path}"
@@ -72,12 +77,17 @@ class ComfyClient:
         """One request; returns (status, parsed JSON or None)."""
         kwargs: dict[str, Any] = {}
         if json_body is not None:
-            kwargs["data"] = ujson.dumps(json_body)
-            kwargs["headers"] = {"Content-Type": "application/json"}
-        client_timeout = (aiohttp.ClientTimeout(total=timeout) if timeout is not None
-                          else self.timeout)
+            kwargs["data"] = ujson.dumps(json_body).encode()
+            kwargs["headers"] = JSON_HEADERS
+        client_timeout = _timeout(timeout) if timeout is not None else self.timeout
+        url = self._urls.get(path)
+        if url is None:
+            # Parsed once: aiohttp takes a URL object as it is.
+            url = URL(self.url(path))
+            if path.count("/") == 1:  # a fixed endpoint, not one per prompt
+                self._urls[path] = url
         with self._transport_errors(f"{method} {path}"):
-            async with self._session.request(method, self.url(path), timeout=client_timeout,
+            async with self._session.request(method, url, timeout=client_timeout,
                                              **kwargs) as resp:
                 raw = await resp.read()
                 if resp.status not in ok:
@@ -160,6 +170,11 @@ class ComfyClient:
         return self._session.ws_connect(
             url, heartbeat=heartbeat, max_msg_size=WS_MAX_MSG_SIZE, autoping=True,
             timeout=aiohttp.ClientWSTimeout(ws_close=close_timeout))
+
+
+@functools.lru_cache(maxsize=16)
+def _timeout(total: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=total)
 
 
 def parse_queue(raw: dict[str, Any]) -> QueueSnapshot:

@@ -192,7 +192,8 @@ def test_settle_from_history_success_error_and_interrupt(reg):
         "status": {"status_str": "success", "completed": True,
                    "messages": [["execution_start", {}], ["execution_cached", {"nodes": []}],
                                 ["execution_success", {}]]}})
-    assert ok.state is JobState.COMPLETED and ok.output_map()["3"]["images"][0]["filename"] == "x.png"
+    assert ok.state is JobState.COMPLETED
+    assert ok.output_map()["3"]["images"][0]["filename"] == "x.png"
     reg.settle_from_history("pb", {"outputs": {}, "status": {
         "status_str": "error", "completed": False,
         "messages": [["execution_start", {}],

@@ -155,6 +155,38 @@ def wrk(url: str, connections: int, seconds: float) -> tuple[float, float] | Non
     return rps, p99
 
 
+SUBMIT_SCRIPT = """
+counter = 0
+template = [[%s]]
+request = function()
+  counter = counter + 1
+  local body = string.format(template, %d + counter)
+  return wrk.format("PUT", "/startjob/w-" .. counter .. "/?GpuId=auto",
+                    {["Content-Type"] = "application/json"}, body)
+end
+"""
+
+
+def wrk_submit(url: str, workflow_template: str, first_color: int, connections: int,
+               seconds: float, work: Path) -> tuple[int, int] | None:
+    """PUT new jobs for `seconds` with wrk, each its own job id and colour:
+    (requests sent, answers that were not 2xx), or None without wrk."""
+    if shutil.which("wrk") is None:
+        return None
+    script = work / "submit.lua"
+    script.write_text(SUBMIT_SCRIPT % (workflow_template, first_color))
+    out = subprocess.run(["wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s", "-s",
+                          str(script), url], capture_output=True, text=True, check=True).stdout
+    sent = bad = 0
+    for line in out.splitlines():
+        words = line.split()
+        if "requests in" in line:
+            sent = int(words[0])
+        elif line.strip().startswith("Non-2xx"):
+            bad = int(words[-1])
+    return sent, bad
+
+
 def _ms(text: str) -> float:
     for unit, scale in (("ms", 1.0), ("us", 0.001), ("s", 1000.0)):
         if text.endswith(unit):

@@ -30,7 +30,7 @@ class JobMachine:
     def _move(self, job: Job, new: JobState) -> bool:
         raise NotImplementedError
 
-    def _touch(self, job: Job) -> None:
+    def _touch(self, job: Job, lasting: bool = True) -> None:
         raise NotImplementedError
 
     # -- events from ComfyUI --------------------------------------------------
@@ -60,26 +60,27 @@ class JobMachine:
             job = self.running_on(gpu_id)
         if job is None or job.terminal:
             return
-        self._start(job)
+        started = self._start(job)
         if job.current_node is not None and job.current_node != node:
             _mark_done(job, job.current_node)
         job.current_node = node
         if job.node_progress and job.node_progress.get("node") != node:
             job.node_progress = None
         job.detail = f"Running node {node}."
-        self._touch(job)
+        # Where a running job is, a restart learns again from ComfyUI's next event.
+        self._touch(job, lasting=started)
 
     def on_progress(self, prompt_id: str, node: str | None, value: float, maximum: float) -> None:
         job = self.by_prompt(prompt_id)
         if job is None or job.terminal:
             return
-        self._start(job)
+        started = self._start(job)
         if node is not None and job.current_node != node:
             if job.current_node is not None:
                 _mark_done(job, job.current_node)
             job.current_node = node
         job.node_progress = {"node": node, "value": value, "max": maximum}
-        self._touch(job)
+        self._touch(job, lasting=started)
 
     def on_executed(self, prompt_id: str, node: str, output: Any) -> None:
         job = self.by_prompt(prompt_id)
@@ -172,9 +173,12 @@ class JobMachine:
                 if job.confirmed or job.unverified:
                     gone.append(job)
                 continue
+            # Only a job's state and what ComfyUI confirmed must reach the journal; a
+            # position is read again after a restart.
+            lasting = not job.confirmed or job.unverified
             job.confirmed = True
             job.missing_since = None
-            changed = job.queue_position != pos
+            changed = job.queue_position != pos or lasting
             if job.unverified:
                 # Loaded at start-up and found where the journal left it.
                 job.unverified = False
@@ -184,13 +188,13 @@ class JobMachine:
                                   else "Running.")
             job.queue_position = pos
             if pos == 0:
-                changed |= self._start(job)
+                lasting |= self._start(job)
             elif job.state is JobState.QUEUED:
                 detail = f"Queued on ComfyUI, position {pos}."
                 changed |= job.detail != detail
                 job.detail = detail
-            if changed:
-                self._touch(job)
+            if changed or lasting:
+                self._touch(job, lasting=lasting)
         return gone
 
     def set_plan(self, prompt_id: str, planned: frozenset[str]) -> None:
@@ -198,7 +202,7 @@ class JobMachine:
         if job is not None and planned and job.planned_nodes != planned:
             job.planned_nodes = planned
             # The plan is what progress counts against: a change subscribers see.
-            self._touch(job)
+            self._touch(job, lasting=False)
 
     def settle_from_history(self, prompt_id: str, entry: dict[str, Any]) -> None:
         """Settle a job from its ComfyUI history entry (events may have been lost)."""

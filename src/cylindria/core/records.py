@@ -61,7 +61,8 @@ class Job:
     """One job: its current attempt in full, earlier attempts in summary.
 
     Fields that most jobs never use stay None, so a finished record is small.
-    `version` counts changes; `saved_version` is the last one the journal holds.
+    `version` counts changes; `lasting_version` is the last one the journal must hold
+    and `saved_version` the last one it does.
     """
 
     job_id: str
@@ -103,6 +104,8 @@ class Job:
     final_reused: bool = False
     outputs_text: str | None = None
     version: int = 0
+    # The last version the journal must hold, and the last one it does.
+    lasting_version: int = 0
     saved_version: int = -1
     # The serialized status body and the version it was made for.
     body: bytes | None = None

@@ -206,7 +206,7 @@ class Registry(JobMachine):
     def set_detail(self, job: Job, detail: str) -> None:
         if job.detail != detail:
             job.detail = detail
-            self._touch(job)
+            self._touch(job, lasting=False)
 
     # -- the journal's side -------------------------------------------------------
 
@@ -218,7 +218,7 @@ class Registry(JobMachine):
             old = self._jobs.get(job.job_id)
             if old is not None:
                 self._remove(old)
-            job.saved_version = job.version
+            job.saved_version = job.lasting_version = job.version
             self._insert(job)
         self._seq = max(self._seq, last_seq)
         self._evicted_through = max(self._evicted_through, evicted_through)
@@ -252,7 +252,7 @@ class Registry(JobMachine):
                        and job.finished_at < retain_after)
             if len(self._finished) <= self._memory_jobs and not expired:
                 break
-            if job.saved_version < job.version:
+            if job.saved_version < job.lasting_version:
                 break  # wait for the journal
             self._remove(job)
             self._evicted_through = max(self._evicted_through, seq)
@@ -311,9 +311,13 @@ class Registry(JobMachine):
         self._enter(job, new)
         return True
 
-    def _touch(self, job: Job) -> None:
+    def _touch(self, job: Job, lasting: bool = True) -> None:
+        """Announce a change. `lasting`: the journal must hold it; other changes (a
+        queue position, the node running) are written with the next lasting one."""
         job.updated_at = self._clock()
         job.version += 1
+        if lasting:
+            job.lasting_version = job.version
         if job.terminal:
             job.compact()
         for listener in self._subscribers:

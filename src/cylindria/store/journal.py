@@ -27,11 +27,12 @@ PRUNE_BATCH = 500
 class Journal:
     """Every change the registry announces is marked dirty here; the writer thread
     commits whatever is dirty as soon as its previous commit ends, so a burst of
-    changes shares one commit and a lone one waits for nothing. `durable(job)`
-    waits until the job's current version is on disk. When nothing is being written
-    and little is dirty, `durable` commits at once on the event loop instead (a WAL
-    commit without fsync takes tens of microseconds; handing it to the thread and
-    back takes longer); with CYLINDRIA_STATE_SYNC=full it never does.
+    changes shares one commit and a lone one waits for nothing. Changes that need not
+    last (a queue position, the node running) wait for the job's next lasting one.
+    `durable(job)` waits until the job's last lasting change is on disk; when nothing
+    is being written, it commits that one job at once on the event loop instead (a WAL
+    commit without fsync takes tens of microseconds, handing it to the thread and back
+    takes longer); with CYLINDRIA_STATE_SYNC=full it never does.
 
     When writes fail (a full disk, a broken file), the error is logged once, new
     submissions are refused (`durable` raises StateUnavailable), jobs already in
@@ -91,7 +92,9 @@ class Journal:
 
     def note(self, job: Job) -> None:
         """A registry subscriber: the job changed. Written with what else changes in
-        this turn of the event loop."""
+        this turn of the event loop, unless the change need not last."""
+        if job.lasting_version <= job.saved_version:
+            return
         self._dirty[job.job_id] = job
         if self._kick_soon is None:
             self._kick_soon = asyncio.get_running_loop().call_soon(self._kick)
@@ -101,9 +104,9 @@ class Journal:
         self._workflows[job_id] = workflow
 
     async def durable(self, job: Job) -> None:
-        """Return once the journal holds this version of the job (or a later one)."""
+        """Return once the journal holds the job's last lasting change."""
         self.ensure_writable()
-        target = job.version
+        target = job.lasting_version
         if job.saved_version >= target:
             return
         # Every change is noted, so the job is dirty or in the batch being written.

@@ -18,6 +18,9 @@ from .gpus import Gpu
 
 log = logging.getLogger(__name__)
 
+# Seconds of pause between reconciliations per job in flight on the GPU.
+QUEUE_READ_COST = 0.005
+
 
 def backoff_delays(initial: float, cap: float) -> Any:
     """Capped exponential backoff with full jitter: 0..min(cap, initial * 2**n)."""
@@ -163,7 +166,10 @@ async def poll(gpu: Gpu, jobs: JobsService, timing: Timing, wake: asyncio.Event)
         except BackendError as exc:
             log.debug("gpu %d: poll failed: %s", gpu.index, exc.message)
             jobs.unreachable(gpu)
-        await asyncio.sleep(timing.poll_min_gap)
+        # A reading of /queue costs ComfyUI and Cylindria in proportion to the queue:
+        # the longer it is, the longer the pause before the next one.
+        gap = max(timing.poll_min_gap, QUEUE_READ_COST * jobs.registry.load(gpu.index))
+        await asyncio.sleep(min(gap, timing.poll_interval))
 
 
 async def cancel_and_wait(tasks: list[asyncio.Task[Any]]) -> None:

@@ -32,8 +32,11 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 
+# bench/store.py measures requests per second with wrk when it is installed
+# (Debian: apt-get install wrk); without it those rows are skipped.
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/store.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import ujson
+from aiohttp import web
 
 from cylindria.config import Timing
 
@@ -118,3 +119,28 @@ class Proc:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+# -- webhooks ------------------------------------------------------------------------
+
+async def webhook_receiver(aiohttp_server, fail_first: int):
+    """A loopback server for callbacks that answers 500 to the first `fail_first`."""
+    calls: list[tuple[bytes, dict]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        calls.append((await request.read(), dict(request.headers)))
+        if len(calls) <= fail_first:
+            return web.Response(status=500)
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    server = await aiohttp_server(app)
+    return f"http://127.0.0.1:{server.port}/hook", calls
+
+
+async def webhook_state(client, job_id, state):
+    """The job's status once its webhook is in `state`, else None."""
+    body = await (await client.get(f"/jobstatus/{job_id}/")).json()
+    hook = body.get("webhook")
+    return body if hook and hook["state"] == state else None

@@ -7,13 +7,19 @@ import hashlib
 import hmac
 
 import ujson
-from aiohttp import web
 
 from cylindria.core.registry import Registry
 from cylindria.web.eventhub import CLIENT_QUEUE, EventHub
 
 import workflows
-from helpers import put_job, wait_state, wait_until, with_timing
+from helpers import (
+    put_job,
+    wait_state,
+    wait_until,
+    webhook_receiver,
+    webhook_state,
+    with_timing,
+)
 
 # -- GET /jobs/ ------------------------------------------------------------------------------
 
@@ -191,21 +197,6 @@ async def test_slow_client_is_dropped_without_holding_the_hub():
 # -- webhooks ------------------------------------------------------------------------------
 
 
-async def webhook_receiver(aiohttp_server, fail_first: int):
-    calls: list[tuple[bytes, dict]] = []
-
-    async def hook(request: web.Request) -> web.Response:
-        calls.append((await request.read(), dict(request.headers)))
-        if len(calls) <= fail_first:
-            return web.Response(status=500)
-        return web.Response(status=204)
-
-    app = web.Application()
-    app.router.add_post("/hook", hook)
-    server = await aiohttp_server(app)
-    return f"http://127.0.0.1:{server.port}/hook", calls
-
-
 async def test_webhook_is_signed_and_retried(start_cylindria, start_sims, aiohttp_server):
     cluster = await start_sims(1)
     url, calls = await webhook_receiver(aiohttp_server, fail_first=2)
@@ -215,7 +206,7 @@ async def test_webhook_is_signed_and_retried(start_cylindria, start_sims, aiohtt
                               headers={"X-Callback-Url": url})
     assert status == 202
     await wait_state(client, "hooked", "completed")
-    body = await wait_until(lambda: _webhook_state(client, "hooked", "delivered"),
+    body = await wait_until(lambda: webhook_state(client, "hooked", "delivered"),
                             what="delivery")
     assert body["webhook"]["attempts"] == 3 and len(calls) == 3
     payload, headers = calls[-1]
@@ -235,10 +226,10 @@ async def test_failing_webhook_gives_up_and_never_delays_others(start_cylindria,
     await put_job(client, "doomed", workflows.quick(), headers={"X-Callback-Url": bad_url})
     await wait_state(client, "doomed", "completed")
     await put_job(client, "fine", workflows.quick(), headers={"X-Callback-Url": good_url})
-    await wait_until(lambda: _webhook_state(client, "fine", "delivered"), what="good hook")
+    await wait_until(lambda: webhook_state(client, "fine", "delivered"), what="good hook")
     # The good one arrived while the bad one was still retrying.
     assert len(bad_calls) < 4
-    body = await wait_until(lambda: _webhook_state(client, "doomed", "failed"), timeout=10,
+    body = await wait_until(lambda: webhook_state(client, "doomed", "failed"), timeout=10,
                             what="the bad hook to give up")
     assert body["webhook"]["attempts"] == 4 and len(bad_calls) == 4
     assert body["webhook"]["last_error"] == "HTTP 500"
@@ -246,14 +237,8 @@ async def test_failing_webhook_gives_up_and_never_delays_others(start_cylindria,
     assert len(good_calls) == 1
 
 
-async def _webhook_state(client, job_id, state):
-    body = await (await client.get(f"/jobstatus/{job_id}/")).json()
-    hook = body.get("webhook")
-    return body if hook and hook["state"] == state else None
-
-
 async def test_bad_callback_url_is_400(start_cylindria):
     client = await start_cylindria()
     status, body = await put_job(client, "cb", workflows.quick(),
-                                 headers={"X-Callback-Url": "ftp://example/x"})
+                                 headers={"X-Callback-Url": "ftp://127.0.0.1/x"})
     assert status == 400 and "X-Callback-Url" in body["detail"]

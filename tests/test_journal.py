@@ -16,7 +16,16 @@ from cylindria.core.registry import Registry
 from cylindria.store.journal import open_journal
 
 import workflows
-from helpers import job_status, put_job, start_paused, wait_state, wait_until, with_timing
+from helpers import (
+    job_status,
+    put_job,
+    start_paused,
+    wait_state,
+    wait_until,
+    webhook_receiver,
+    webhook_state,
+    with_timing,
+)
 
 
 async def restart(client, start_cylindria, cluster, **settings):
@@ -264,3 +273,23 @@ async def test_start_up_loads_jobs_in_flight_and_the_newest_finished(tmp_path, b
     assert loaded.last_seq == 7 and loaded.held == 7
     assert loaded.evicted_through == (7 - bound if bound < 6 else 0)
     assert live.seq == 1
+
+
+async def test_a_webhook_owed_before_a_restart_is_delivered_after_it(
+        start_cylindria, start_sims, aiohttp_server, tmp_path):
+    cluster = await start_sims(1)
+    hook, calls = await webhook_receiver(aiohttp_server, fail_first=1)
+    state = tmp_path / "s.sqlite3"
+    # A long pause between tries: the delivery is still owed when the service stops.
+    client = await start_cylindria(cluster, state_file=state,
+                                   timing=with_timing(webhook_backoff=60))
+    await put_job(client, "owed", workflows.quick(), headers={"X-Callback-Url": hook})
+    await wait_until(lambda: webhook_state(client, "owed", "retrying"), what="a failed try")
+    await client.close()
+    assert len(calls) == 1
+
+    client = await start_cylindria(cluster, state_file=state)
+    body = await wait_until(lambda: webhook_state(client, "owed", "delivered"),
+                            what="the delivery after the restart")
+    assert body["webhook"]["attempts"] == 1 and len(calls) == 2
+    assert ujson.loads(calls[-1][0])["job_id"] == "owed"

@@ -293,3 +293,19 @@ async def test_a_webhook_owed_before_a_restart_is_delivered_after_it(
                             what="the delivery after the restart")
     assert body["webhook"]["attempts"] == 1 and len(calls) == 2
     assert ujson.loads(calls[-1][0])["job_id"] == "owed"
+
+
+async def test_the_job_page_lists_the_attempts(start_cylindria):
+    client = await start_cylindria()
+    await put_job(client, "twice", workflows.fails_at_runtime())
+    await wait_state(client, "twice", "failed")
+    page = await (await client.get("/dashboard/job/twice")).text()
+    assert 'data-section="attempts" hidden' in page
+    assert (await client.post("/retryjob/twice/")).status == 202
+    await wait_state(client, "twice", "failed")
+    page = await (await client.get("/dashboard/job/twice")).text()
+    assert 'data-section="attempts" hidden' not in page
+    assert page.count('<tr class="attempt"') == 2
+    state = await (await client.get("/dashboard/job/twice/state")).json()
+    assert [(a["attempt"], a["state"]) for a in state["attempts"]] == [
+        ("2", "failed"), ("1", "failed")]

@@ -162,18 +162,23 @@ async def test_a_killed_service_comes_back_with_every_job(rig):
     assert sorted(history) == sorted(b["prompt_id"] for b in done.values())
 
 
-async def test_jobs_comfyui_forgot_fail_as_lost_or_run_again(rig):
-    await rig.start_sim()
-    serve = await rig.start_serve()
-    lost = [f"lost-{n}" for n in range(4)]
-    for n, job_id in enumerate(lost):
+async def both_crash(rig: Rig, serve: Proc, job_ids: list[str]) -> None:
+    """Submit long jobs, then kill the service and restart every simulated ComfyUI, which
+    forgets its queue."""
+    for n, job_id in enumerate(job_ids):
         assert await rig.put(job_id, workflows.txt2img(steps=20), gpu=n % GPUS) == 202
-    await rig.until_all(lost, "queued", "running")
+    await rig.until_all(job_ids, "queued", "running")
     kill(serve)
     for gpu in range(GPUS):
         async with rig.session.post(f"{rig.sim_url(gpu)}/_sim/restart") as resp:
             assert resp.status == 200
 
+
+async def test_jobs_comfyui_forgot_fail_as_lost_or_run_again(rig):
+    await rig.start_sim()
+    serve = await rig.start_serve()
+    lost = [f"lost-{n}" for n in range(4)]
+    await both_crash(rig, serve, lost)
     serve = await rig.start_serve()
     failed = await rig.until_all(lost, "failed")
     for job_id, body in failed.items():
@@ -183,13 +188,7 @@ async def test_jobs_comfyui_forgot_fail_as_lost_or_run_again(rig):
 
     # The same again, with automatic retries: each lost job runs a second time.
     again = [f"again-{n}" for n in range(4)]
-    for n, job_id in enumerate(again):
-        assert await rig.put(job_id, workflows.txt2img(steps=20), gpu=n % GPUS) == 202
-    await rig.until_all(again, "queued", "running")
-    kill(serve)
-    for gpu in range(GPUS):
-        async with rig.session.post(f"{rig.sim_url(gpu)}/_sim/restart") as resp:
-            assert resp.status == 200
+    await both_crash(rig, serve, again)
     await rig.start_serve(CYLINDRIA_RETRY_LOST="1")
     done = await rig.until_all(again, "completed")
     for body in done.values():

@@ -65,7 +65,8 @@ async def test_serverstatus_picks_the_gpu(start_cylindria, start_sims):
     assert body["comfy_url"].endswith(f":{cluster.base_port + 2}")
 
 
-@pytest.mark.parametrize("value", ["x", "1.5", "-1", "3"])
+@pytest.mark.parametrize("value", ["x", "1.5", "-1", "3", "+1", "01", "\uff11", "\u0661",
+                                   " 1", "9" * 5000])
 async def test_serverstatus_bad_gpu_id_is_400(start_cylindria, start_sims, value):
     client = await start_cylindria(await start_sims(3))
     resp = await client.get("/serverstatus", params={"GpuId": value})
@@ -221,12 +222,23 @@ async def test_same_job_id_with_other_workflow_is_409(start_cylindria):
     assert (await job_status(client, "dup"))["state"] in ("queued", "running", "completed")
 
 
-@pytest.mark.parametrize("job_id", ["has space", "x" * 129, "semi;colon", "ümlaut"])
+@pytest.mark.parametrize("job_id", ["has space", "x" * 129, "semi;colon", "ümlaut",
+                                    "abc%0A", "abc%0D", "%EF%BC%91"])
 async def test_bad_job_id_is_400(start_cylindria, job_id):
     client = await start_cylindria()
     status, body = await put_job(client, job_id, workflows.quick())
     assert status == 400
     assert body["accepted"] is False and "1 to 128" in body["detail"]
+
+
+@pytest.mark.parametrize("value", ["+1", "01", "\uff11", "\u0661"])
+async def test_gpu_numbers_are_plain_digits_everywhere(start_cylindria, start_sims, value):
+    client = await start_cylindria(await start_sims(2))
+    status, body = await put_job(client, "odd-gpu", workflows.quick(), gpu=value)
+    assert status == 400 and body["error"]["code"] == "unknown_gpu"
+    assert (await client.post(f"/gpus/{value}/drain")).status == 400
+    assert (await client.get("/jobs/", params={"gpu": value})).status == 400
+    assert (await client.get("/jobstatus/odd-gpu/")).status == 404
 
 
 async def test_longest_job_id_is_fine(start_cylindria):

@@ -60,14 +60,18 @@ async def test_text_outputs_carry_text(start_cylindria):
     assert resp.status == 200 and await resp.text() == "hello from a node"
 
 
-async def test_unknown_index_and_job_are_404(start_cylindria):
+async def test_unknown_index_and_job_are_404_and_odd_indexes_400(start_cylindria):
     client = await start_cylindria()
     await put_job(client, "few", workflows.quick())
     await wait_state(client, "few", "completed")
-    for url in ("/joboutput/few/1", "/joboutput/few/x", "/joboutput/nobody/0"):
+    for url in ("/joboutput/few/1", "/joboutput/nobody/0"):
         resp = await client.get(url)
         assert resp.status == 404, url
         assert (await resp.json())["error"]["code"] in ("output_not_found", "job_not_found")
+    for index in ("x", "%C2%B2", "+0", "00", "%EF%BC%90", "-0", "9" * 5000):
+        resp = await client.get(f"/joboutput/few/{index}")
+        assert resp.status == 400, index
+        assert "plain digits" in (await resp.json())["error"]["message"]
 
 
 async def test_comfyui_gone_is_502(start_cylindria, start_sims):

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from ..errors import UnknownGpu
+from .numbers import canonical_int
 
 G = TypeVar("G")
 
@@ -16,11 +17,10 @@ _tiebreak = itertools.count()
 def gpu_number(raw: str, count: int, name: str = "GpuId") -> int:
     """The GPU numbered `raw` among `count`; a clear 400 naming `name` and the range
     otherwise."""
-    try:
-        gpu_id = int(raw)
-    except ValueError:
-        raise UnknownGpu(f"{name} must be a whole number from 0 to {count - 1} "
-                         f"(got {raw!r}).") from None
+    gpu_id = canonical_int(raw)
+    if gpu_id is None:
+        raise UnknownGpu(f"{name} must be a whole number from 0 to {count - 1}, in plain "
+                         f"digits (got {raw[:40]!r}).")
     if not 0 <= gpu_id < count:
         raise UnknownGpu(f"{name} {gpu_id} does not exist: this server has {count} "
                          f"GPU(s), numbered 0 to {count - 1}.")

@@ -7,7 +7,8 @@ import logging
 from aiohttp import web
 
 from ..appkeys import GPUS, JOBS, SETTINGS
-from ..errors import BackendError, BackendUnavailable, OutputNotFound
+from ..core.numbers import canonical_int
+from ..errors import BackendError, BackendUnavailable, BadRequest, OutputNotFound
 from .auth import Access, access
 
 log = logging.getLogger(__name__)
@@ -29,11 +30,15 @@ async def get_joboutput(request: web.Request) -> web.StreamResponse:
     job = await request.app[JOBS].find(job_id)
     entries = job.output_entries()
     raw = request.match_info["index"]
-    if not raw.isdigit() or int(raw) >= len(entries):
+    index = canonical_int(raw)
+    if index is None:
+        raise BadRequest(f"The output index must be a whole number in plain digits (got "
+                         f"{raw[:40]!r}); the URLs are listed in GET /jobstatus/{job_id}/.")
+    if index >= len(entries):
         raise OutputNotFound(
-            f"Job {job_id!r} has no output {raw!r}: it has {len(entries)} output(s), "
+            f"Job {job_id!r} has no output {index}: it has {len(entries)} output(s), "
             "listed with their URLs in GET /jobstatus/{job_id}/.")
-    entry = entries[int(raw)]
+    entry = entries[index]
     if entry["kind"] == "text":
         return web.Response(text=entry["text"], content_type="text/plain")
 

@@ -9,18 +9,19 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from ..appkeys import GPUS
+from ..core.numbers import canonical_int
 from ..core.placement import gpu_number
 from ..core.records import JobState
 from ..errors import BadRequest
 from ..upstream.gpus import Gpu
 
-JOB_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+JOB_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}", re.ASCII)
 MAX_CALLBACK_URL = 2048
 
 
 def job_id(request: web.Request) -> str:
     value = request.match_info["job_id"]
-    if not JOB_ID_RE.match(value):
+    if not JOB_ID_RE.fullmatch(value):
         raise BadRequest("job_id must be 1 to 128 characters of letters, digits, '.', '_' "
                          f"or '-' (got {value[:140]!r}).")
     return value
@@ -60,13 +61,11 @@ def whole_number(query: Mapping[str, str], name: str, low: int,
     raw = query.get(name)
     if raw is None or raw == "":
         return None
-    try:
-        value = int(raw)
-    except ValueError:
-        value = low - 1
-    if value < low or (high is not None and value > high):
+    value = canonical_int(raw)
+    if value is None or value < low or (high is not None and value > high):
         bound = f"from {low} to {high}" if high is not None else f"of {low} or more"
-        raise BadRequest(f"{name} must be a whole number {bound} (got {raw!r}).")
+        raise BadRequest(f"{name} must be a whole number {bound}, in plain digits (got "
+                         f"{raw[:40]!r}).")
     return value
 
 
@@ -74,8 +73,8 @@ def last_event_id(request: web.Request) -> int | None:
     raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
     if not raw:
         return None
-    try:
-        return int(raw)
-    except ValueError:
+    value = canonical_int(raw)
+    if value is None:
         raise BadRequest("Last-Event-ID must be an event id this stream sent "
-                         f"(a whole number), got {raw!r}.") from None
+                         f"(a whole number), got {raw[:40]!r}.")
+    return value

@@ -36,6 +36,15 @@ class ApiError(Exception):
         self.headers = headers
         self.reply = reply or {}
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Whole, across a process boundary (workflows are read in a worker).
+        return (_rebuild, (type(self), self.message, self.extra, self.headers, self.reply))
+
+
+def _rebuild(cls: type[ApiError], message: str, extra: dict[str, Any],
+             headers: dict[str, str] | None, reply: dict[str, Any]) -> ApiError:
+    return cls(message, extra=extra, headers=headers, reply=reply)
+
 
 class BadRequest(ApiError):
     status = 400
@@ -45,6 +54,11 @@ class BadRequest(ApiError):
 class InvalidWorkflow(ApiError):
     status = 422
     code = "invalid_workflow"
+
+
+class TooManyNodes(ApiError):
+    status = 413
+    code = "too_many_nodes"
 
 
 class WorkflowRejected(ApiError):

@@ -10,7 +10,6 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
 
 from ..config import Settings
 from ..errors import (
@@ -29,9 +28,10 @@ from ..errors import (
 )
 from . import placement
 from .ports import GpuPort, QueueSnapshot, Store
+from .reading import WorkflowReader
 from .records import RETRYABLE, Job, JobState
 from .registry import Registry
-from .workflow import canonical, fingerprint, from_canonical, rejection_detail, save_copy
+from .workflow import MAX_NODES, Workflow, rejection_detail, save_copy
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class JobsService:
         self.gpus = gpus
         self.settings = settings
         self.store = store
+        self.reader = WorkflowReader(MAX_NODES)
         # Submissions in flight, by job id: a concurrent PUT of the same job waits on it.
         self._submissions: dict[str, asyncio.Future[None]] = {}
 
@@ -108,8 +109,15 @@ class JobsService:
 
     # -- submission -----------------------------------------------------------------
 
-    async def start(self, job_id: str, gpu_choice: str | None, prompt: dict[str, Any],
-                    extra: dict[str, Any], callback: str | None = None) -> Outcome:
+    async def read(self, raw: bytes) -> Workflow:
+        """Decode and check a PUT /startjob body, large ones off the event loop."""
+        return await self.reader.read(raw)
+
+    def close(self) -> None:
+        self.reader.close()
+
+    async def start(self, job_id: str, gpu_choice: str | None, workflow: Workflow,
+                    callback: str | None = None) -> Outcome:
         """Submit a job, or answer a repeat of it from the record. `gpu_choice` is the
         request's GpuId: a number, "auto", or None for the configured default."""
         existing = await self.lookup(job_id)
@@ -119,7 +127,7 @@ class JobsService:
         else:
             gpu, auto = await self._place(gpu_choice)
         try:
-            return await self._start(job_id, gpu, auto, prompt, extra, callback, existing)
+            return await self._start(job_id, gpu, auto, workflow, callback, existing)
         except ApiError as exc:
             exc.reply.setdefault("gpu_id", gpu.index)
             raise
@@ -154,12 +162,10 @@ class JobsService:
                 headers={"Retry-After": "5"})
         return placement.least_loaded(healthy, self.load)
 
-    async def _start(self, job_id: str, gpu: GpuPort, auto: bool, prompt: dict[str, Any],
-                     extra: dict[str, Any], callback: str | None,
-                     existing: Job | None) -> Outcome:
+    async def _start(self, job_id: str, gpu: GpuPort, auto: bool, workflow: Workflow,
+                     callback: str | None, existing: Job | None) -> Outcome:
         registry = self.registry
-        workflow = canonical(prompt, extra)
-        digest = fingerprint(workflow)
+        digest = workflow.fingerprint
         if existing is not None and existing.state is not JobState.REJECTED:
             if existing.fingerprint != digest:
                 raise _conflict(existing)
@@ -172,13 +178,13 @@ class JobsService:
         self.store.ensure_writable()
 
         if existing is not None and (existing.error or {}).get("code") == "backend_timeout":
-            adopted = await self._adopt_uncertain(existing, digest, workflow, prompt, callback)
+            adopted = await self._adopt_uncertain(existing, workflow, callback)
             if adopted is not None:
                 return adopted
 
-        self.store.remember_workflow(job_id, workflow)
+        self.store.remember_workflow(job_id, workflow.text)
         try:
-            job = registry.begin(job_id, gpu.index, str(uuid.uuid4()), digest, prompt.keys(),
+            job = registry.begin(job_id, gpu.index, str(uuid.uuid4()), digest, workflow.nodes,
                                  callback_url=callback, auto=auto)
         except JobConflict as exc:
             # Another PUT of this job_id got in while ComfyUI was being asked.
@@ -189,14 +195,13 @@ class JobsService:
         self._submissions[job_id] = done
         try:
             if self.settings.dev_mode:
-                await save_copy(self.settings.dev_save_dir, job_id, prompt, extra)
-            return await self.submit(job, gpu, prompt, extra)
+                await save_copy(self.settings.dev_save_dir, job_id, workflow)
+            return await self.submit(job, gpu, workflow)
         finally:
             self._submissions.pop(job_id, None)
             done.set_result(None)
 
-    async def submit(self, job: Job, gpu: GpuPort, prompt: dict[str, Any],
-                     extra: dict[str, Any]) -> Outcome:
+    async def submit(self, job: Job, gpu: GpuPort, workflow: Workflow) -> Outcome:
         """Send a recorded attempt to ComfyUI: the journal holds it first, so a crash can
         never leave a prompt in ComfyUI that Cylindria does not know."""
         registry = self.registry
@@ -207,7 +212,7 @@ class JobsService:
             raise
         self._fault("crash-before-submit")
         try:
-            answer = await gpu.comfy.submit(prompt, extra, gpu.client_id, job.prompt_id,
+            answer = await gpu.comfy.submit(workflow.text, gpu.client_id, job.prompt_id,
                                             timeout=self.settings.timing.submit_timeout)
         except BackendTimeout as exc:
             return await self._after_timeout(job, gpu, exc)
@@ -267,11 +272,11 @@ class JobsService:
         self.registry.reject(job, detail, error={"code": exc.code, "message": detail})
         raise BackendTimeout(detail)
 
-    async def _adopt_uncertain(self, old: Job, digest: str, workflow: str,
-                               prompt: dict[str, Any], callback: str | None) -> Outcome | None:
+    async def _adopt_uncertain(self, old: Job, workflow: Workflow,
+                               callback: str | None) -> Outcome | None:
         """A PUT again after a timed-out submission: if ComfyUI did queue that attempt
         after all, track it (on the GPU it went to) instead of submitting a second copy."""
-        if old.fingerprint != digest:
+        if old.fingerprint != workflow.fingerprint:
             return None
         gpu = self.gpus[old.gpu_id]
         try:
@@ -279,9 +284,9 @@ class JobsService:
                 return None
         except BackendError:
             return None
-        self.store.remember_workflow(old.job_id, workflow)
-        job = self.registry.begin(old.job_id, gpu.index, old.prompt_id, digest, prompt.keys(),
-                                  callback_url=callback, auto=old.auto)
+        self.store.remember_workflow(old.job_id, workflow.text)
+        job = self.registry.begin(old.job_id, gpu.index, old.prompt_id, workflow.fingerprint,
+                                  workflow.nodes, callback_url=callback, auto=old.auto)
         self.registry.confirm(job)
         await self._settled(job)
         return Outcome(job, Verdict.ACCEPTED,
@@ -297,8 +302,8 @@ class JobsService:
         was: on its GPU, or by `auto`."""
         job = await self.find(job_id)
         _check_retryable(job)
-        workflow = await self.store.workflow(job_id)
-        if workflow is None:
+        stored = await self.store.workflow(job_id)
+        if stored is None:
             raise NotRetryable(f"Job {job_id!r} has no stored workflow to run again (it was "
                                "refused before it could be recorded); submit it with PUT "
                                f"/startjob/{job_id}/.", reply={"gpu_id": job.gpu_id})
@@ -309,13 +314,14 @@ class JobsService:
         if self.registry.get(job_id) is None:
             self.registry.restore([job])
         job.auto = auto
-        prompt, extra = from_canonical(workflow)
-        self.registry.retry(job, gpu.index, str(uuid.uuid4()), prompt.keys(),
+        workflow = await self.reader.read(stored)
+        _check_retryable(job)
+        self.registry.retry(job, gpu.index, str(uuid.uuid4()), workflow.nodes,
                             automatic=automatic)
         log.info("job %s: attempt %d on gpu %d%s", job_id, job.attempt, gpu.index,
                  " (automatic, after it was lost)" if automatic else "")
         try:
-            return await self.submit(job, gpu, prompt, extra)
+            return await self.submit(job, gpu, workflow)
         except ApiError as exc:
             exc.reply.setdefault("gpu_id", gpu.index)
             raise

@@ -39,8 +39,8 @@ class QueueSnapshot:
 class ComfyApi(Protocol):
     """The calls the core makes to one ComfyUI; errors are BackendError subclasses."""
 
-    async def submit(self, prompt: dict[str, Any], extra_data: dict[str, Any],
-                     client_id: str, prompt_id: str, timeout: float) -> Submitted: ...
+    async def submit(self, workflow: str, client_id: str, prompt_id: str,
+                     timeout: float) -> Submitted: ...
 
     async def queue(self) -> QueueSnapshot: ...
 

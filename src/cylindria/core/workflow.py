@@ -1,4 +1,4 @@
-"""Workflows: parsing a request body, fingerprints, the node plan, and ComfyUI's verdicts."""
+"""Workflows: reading a request body, fingerprints, the node plan, and ComfyUI's verdicts."""
 
 from __future__ import annotations
 
@@ -6,25 +6,64 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import ujson
 
-from ..errors import BadRequest, InvalidWorkflow
+from ..errors import BadRequest, InvalidWorkflow, TooManyNodes
 
 log = logging.getLogger(__name__)
 
 
-def parse_body(raw: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(prompt, extra_data) from the bytes of a PUT /startjob body."""
+# Past this many nodes a workflow is refused (CYLINDRIA_MAX_NODES): checking and
+# running one costs Cylindria and ComfyUI in proportion.
+MAX_NODES = 20_000
+
+
+@dataclass(slots=True, frozen=True)
+class Workflow:
+    """A checked workflow: `text` is the JSON document sent to ComfyUI and kept by the
+    journal (`{"prompt": ..., "extra_data": ...}`, nodes in the client's order), and
+    `fingerprint` is equal for equal workflows however their keys are ordered."""
+
+    text: str
+    fingerprint: str
+    nodes: tuple[str, ...]
+
+    def parts(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(prompt, extra_data)."""
+        document = ujson.loads(self.text)
+        return document["prompt"], document["extra_data"]
+
+
+def read_workflow(raw: bytes | str, max_nodes: int = MAX_NODES) -> Workflow:
+    """Decode, check and fingerprint a PUT /startjob body; an ApiError says what is
+    wrong. Plain Python with no shared state, so a worker process can run it."""
     try:
         body = ujson.loads(raw)
-    except ValueError:
-        raise BadRequest("The body is not valid JSON. Send an API-format workflow as "
-                         "a JSON object.") from None
-    return split_workflow(body)
+    except (ValueError, RecursionError):
+        raise BadRequest("The body is not valid JSON (or is nested too deeply). Send an "
+                         "API-format workflow as a JSON object.") from None
+    prompt, extra = split_workflow(body)
+    if len(prompt) > max_nodes:
+        raise TooManyNodes(f"The workflow has {len(prompt)} nodes; this server takes at most "
+                           f"{max_nodes} (CYLINDRIA_MAX_NODES). Split it into smaller jobs.")
+    document = {"prompt": prompt, "extra_data": extra}
+    try:
+        text = ujson.dumps(document, ensure_ascii=False, escape_forward_slashes=False)
+        digest = hashlib.sha256(ujson.dumps(document, sort_keys=True, ensure_ascii=False)
+                                .encode()).hexdigest()
+        text.encode()
+    except UnicodeEncodeError:
+        raise BadRequest("The body holds a lone UTF-16 surrogate (such as \\ud800), which "
+                         "is not text. Send valid Unicode.") from None
+    except (OverflowError, RecursionError, ValueError):
+        raise BadRequest("The workflow is nested too deeply to handle. Send an API-format "
+                         "workflow.") from None
+    return Workflow(text, digest, tuple(prompt))
 
 
 def split_workflow(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -66,22 +105,6 @@ def split_workflow(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def looks_like_ui_export(value: Any) -> bool:
     return isinstance(value, dict) and "nodes" in value and "links" in value
-
-
-def canonical(prompt: dict[str, Any], extra: dict[str, Any]) -> str:
-    """The workflow as the journal keeps it: the same text however its keys are ordered."""
-    return ujson.dumps({"prompt": prompt, "extra_data": extra}, sort_keys=True,
-                       ensure_ascii=False, escape_forward_slashes=False)
-
-
-def fingerprint(text: str) -> str:
-    """Equal for equal workflows: a digest of their canonical text."""
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def from_canonical(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    document = ujson.loads(text)
-    return document["prompt"], document["extra_data"]
 
 
 def plan_nodes(prompt: dict[str, Any], outputs: Iterable[str]) -> frozenset[str]:
@@ -135,15 +158,18 @@ def rejection_detail(body: dict[str, Any]) -> str:
     return f"ComfyUI rejected the workflow: {message}" + (f" ({details})." if details else "")
 
 
-async def save_copy(directory: Path, job_id: str, prompt: dict[str, Any],
-                    extra: dict[str, Any]) -> None:
-    """Keep the workflow as a pretty JSON file (dev mode); a failure is logged only."""
+async def save_copy(directory: Path, job_id: str, workflow: Workflow) -> None:
+    """Keep the workflow as a JSON file (dev mode); a failure is logged only."""
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
     path = directory / f"{stamp}_{job_id}.json"
-    document = {"prompt": prompt, "extra_data": extra} if extra else prompt
-    text = ujson.dumps(document, indent=2, ensure_ascii=False, escape_forward_slashes=False)
 
     def write() -> None:
+        text = workflow.text
+        if len(text) <= PRETTY_UP_TO:
+            prompt, extra = workflow.parts()
+            document = {"prompt": prompt, "extra_data": extra} if extra else prompt
+            text = ujson.dumps(document, indent=2, ensure_ascii=False,
+                               escape_forward_slashes=False)
         directory.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n", encoding="utf-8")
 
@@ -153,3 +179,7 @@ async def save_copy(directory: Path, job_id: str, prompt: dict[str, Any],
     except OSError as exc:
         log.error("dev mode: could not save the workflow of job %s to %s: %s", job_id, path,
                   exc)
+
+
+# Larger workflows are saved as they came: reformatting would hold the interpreter.
+PRETTY_UP_TO = 1 << 20

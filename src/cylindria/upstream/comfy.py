@@ -72,12 +72,15 @@ class ComfyClient:
                 f"{exc}); check that it runs.") from None
 
     async def _request(self, method: str, path: str, *, json_body: Any = None,
-                       timeout: float | None = None,
+                       body: bytes | None = None, timeout: float | None = None,
                        ok: tuple[int, ...] = (200,)) -> tuple[int, Any]:
-        """One request; returns (status, parsed JSON or None)."""
+        """One request with a JSON body (`json_body` to encode, or `body` encoded
+        already); returns (status, parsed JSON or None)."""
         kwargs: dict[str, Any] = {}
         if json_body is not None:
-            kwargs["data"] = ujson.dumps(json_body).encode()
+            body = ujson.dumps(json_body).encode()
+        if body is not None:
+            kwargs["data"] = body
             kwargs["headers"] = JSON_HEADERS
         client_timeout = _timeout(timeout) if timeout is not None else self.timeout
         url = self._urls.get(path)
@@ -105,14 +108,14 @@ class ComfyClient:
                         f"ComfyUI at {self.base_url} sent invalid JSON for {method} {path}."
                     ) from None
 
-    async def submit(self, prompt: dict[str, Any], extra_data: dict[str, Any],
-                     client_id: str, prompt_id: str, timeout: float) -> Submitted:
-        body: dict[str, Any] = {"prompt": prompt, "client_id": client_id,
-                                "prompt_id": prompt_id}
-        if extra_data:
-            body["extra_data"] = extra_data
-        status, data = await self._request("POST", "/prompt", json_body=body,
-                                           timeout=timeout, ok=(200, 400))
+    async def submit(self, workflow: str, client_id: str, prompt_id: str,
+                     timeout: float) -> Submitted:
+        """POST /prompt. `workflow` is the JSON text `{"prompt": ..., "extra_data": ...}`,
+        sent as it is (never decoded again here: it may be large)."""
+        head = ujson.dumps({"client_id": client_id, "prompt_id": prompt_id})
+        body = (head[:-1] + "," + workflow[1:]).encode()
+        status, data = await self._request("POST", "/prompt", body=body, timeout=timeout,
+                                           ok=(200, 400))
         if not isinstance(data, dict):
             raise BackendError(f"ComfyUI at {self.base_url} answered POST /prompt with "
                                f"HTTP {status} and no JSON body.")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..appkeys import GPUS, JOBS
-from ..core.workflow import parse_body
 from ..errors import ApiError, JobFinished
 from ..jsonio import json_response
 from . import params, render
@@ -48,9 +47,9 @@ async def put_startjob(request: web.Request) -> web.Response:
     try:
         job_id = params.job_id(request)
         callback = params.callback_url(request)
-        prompt, extra = parse_body(await request.read())
-        outcome = await request.app[JOBS].start(job_id, request.query.get("GpuId"), prompt,
-                                                extra, callback)
+        workflow = await request.app[JOBS].read(await params.body(request))
+        outcome = await request.app[JOBS].start(job_id, request.query.get("GpuId"), workflow,
+                                                callback)
     except ApiError as exc:
         raise render.startjob_refusal(job_id, exc) from None
     return render.startjob_reply(outcome)

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from ..appkeys import GPUS
 from ..core.numbers import canonical_int
@@ -42,6 +43,16 @@ def callback_url(request: web.Request) -> str | None:
         raise BadRequest("X-Callback-Url must be an absolute http:// or https:// URL "
                          f"(got {url[:200]!r}).")
     return url
+
+
+async def body(request: web.Request) -> bytes:
+    """The request body, decoded as its Content-Encoding says."""
+    try:
+        return await request.read()
+    except RequestPayloadError:
+        raise BadRequest("The body could not be read: it is not what its Content-Encoding "
+                         f"({request.headers.get('Content-Encoding', 'none')[:40]!r}) says. "
+                         "Send it uncompressed, or compressed as declared.") from None
 
 
 def states(query: Mapping[str, str]) -> set[str] | None:

@@ -102,6 +102,7 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
             try:
                 yield
             finally:
+                app[JOBS].close()
                 for gpu in app[GPUS]:
                     await gpu.close()
     finally:

@@ -4,6 +4,7 @@ does, with the registry in memory and the journal behind it."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import uuid
@@ -17,6 +18,7 @@ from ..errors import (
     BackendError,
     BackendTimeout,
     GpuDrained,
+    InvalidWorkflow,
     JobConflict,
     JobFinished,
     JobIdConflict,
@@ -24,6 +26,7 @@ from ..errors import (
     NoGpuAvailable,
     NotRetryable,
     StateUnavailable,
+    TooManyNodes,
     WorkflowRejected,
 )
 from . import placement
@@ -109,9 +112,28 @@ class JobsService:
 
     # -- submission -----------------------------------------------------------------
 
-    async def read(self, raw: bytes) -> Workflow:
-        """Decode and check a PUT /startjob body, large ones off the event loop."""
-        return await self.reader.read(raw)
+    async def read(self, job_id: str, raw: bytes) -> Workflow:
+        """Decode and check a PUT /startjob body, large ones off the event loop. A body
+        that is JSON but not a workflow Cylindria can run is recorded as a `rejected`
+        job, as ComfyUI's refusals are."""
+        try:
+            return await self.reader.read(raw)
+        except (InvalidWorkflow, TooManyNodes) as exc:
+            await self._record_refusal(job_id, raw, exc)
+            raise
+
+    async def _record_refusal(self, job_id: str, raw: bytes, exc: ApiError) -> None:
+        existing = await self.lookup(job_id)
+        if existing is not None and existing.state is not JobState.REJECTED:
+            return  # an accepted job is never replaced by a refused one
+        try:
+            self.store.ensure_writable()
+        except StateUnavailable:
+            return
+        job = self.registry.begin(job_id, None, str(uuid.uuid4()),
+                                  hashlib.sha256(raw).hexdigest(), ())
+        self.registry.reject(job, exc.message, error={"code": exc.code, "message": exc.message,
+                                                      **exc.extra})
 
     def close(self) -> None:
         self.reader.close()

@@ -66,7 +66,8 @@ class Job:
     """
 
     job_id: str
-    gpu_id: int
+    # None for a job refused before it was placed on a GPU.
+    gpu_id: int | None
     fingerprint: str
     prompt_id: str
     nodes: frozenset[str]

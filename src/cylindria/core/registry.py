@@ -132,7 +132,7 @@ class Registry(JobMachine):
 
     # -- submission and retries ---------------------------------------------------
 
-    def begin(self, job_id: str, gpu_id: int, prompt_id: str, fingerprint: str,
+    def begin(self, job_id: str, gpu_id: int | None, prompt_id: str, fingerprint: str,
               nodes: Iterable[str], callback_url: str | None = None,
               auto: bool = False) -> Job:
         """Record a new submission before ComfyUI is asked, so that events for its

@@ -172,7 +172,7 @@ def job_details(router: web.UrlDispatcher, job: Job, now: datetime) -> dict[str,
             "state": row["state_label"],
             "percent": row["progress_label"],
             "detail": job.detail,
-            "gpu": f"GPU {job.gpu_id}",
+            "gpu": "—" if job.gpu_id is None else f"GPU {job.gpu_id}",
             "queue": ("—" if position is None else "running" if position == 0
                       else str(position)),
             "node": row["node_label"] or "—",
@@ -208,7 +208,7 @@ def attempt_row(attempt: dict[str, Any], now: datetime) -> dict[str, Any]:
     state = JobState(attempt["state"])
     return {
         "attempt": str(attempt["attempt"]),
-        "gpu": f"GPU {attempt['gpu_id']}",
+        "gpu": "—" if attempt["gpu_id"] is None else f"GPU {attempt['gpu_id']}",
         "state": state.value,
         "state_label": STATE_LABELS[state],
         "submitted": _moment_label(attempt.get("submitted_at"), now),

@@ -25,7 +25,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY,
     job_id TEXT NOT NULL UNIQUE,
     state TEXT NOT NULL,
-    gpu_id INTEGER NOT NULL,
+    gpu_id INTEGER,
     finished_at REAL,
     record TEXT NOT NULL
 );
@@ -43,7 +43,7 @@ ON CONFLICT (job_id) DO UPDATE SET seq = excluded.seq, state = excluded.state,
 """
 
 # A row as the writer thread receives it: (seq, job_id, state, gpu_id, finished_at, record).
-Row = tuple[int, str, str, int, float | None, dict[str, Any]]
+Row = tuple[int, str, str, int | None, float | None, dict[str, Any]]
 
 
 @dataclass(slots=True)

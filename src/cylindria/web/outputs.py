@@ -40,7 +40,9 @@ async def get_joboutput(request: web.Request) -> web.StreamResponse:
             "listed with their URLs in GET /jobstatus/{job_id}/.")
     entry = entries[index]
     if entry["kind"] == "text":
-        return web.Response(text=entry["text"], content_type="text/plain")
+        # The whole text, however long (status bodies carry only its head).
+        return web.Response(body=entry["text"].encode("utf-8", "replace"),
+                            content_type="text/plain", charset="utf-8")
 
     gpu = request.app[GPUS][job.gpu_id]
     params = {"filename": entry["filename"], "subfolder": entry["subfolder"],

@@ -17,13 +17,37 @@ def output_url(router: web.UrlDispatcher, job_id: str, index: int) -> str:
     return str(router["joboutput"].url_for(job_id=job_id, index=str(index)))
 
 
+# Longer text outputs are cut in status bodies (and so in events, lists and webhooks);
+# their URL serves the whole text.
+TEXT_INLINE_BYTES = 64 * 1024
+# A page of GET /jobs/ stops growing past this many bytes; `next_before` goes on.
+PAGE_BYTES = 4 * 1024 * 1024
+
+
 def outputs(job: Job, router: web.UrlDispatcher) -> list[dict[str, Any]]:
-    """The job's outputs; each file with the URL that serves it."""
+    """The job's outputs; each file with the URL that serves it, and each text that is
+    too long to inline cut short, with the URL of the whole."""
     entries = job.output_entries()
     for index, entry in enumerate(entries):
         if entry["kind"] != "text":
             entry["url"] = output_url(router, job.job_id, index)
+        else:
+            head = text_head(entry["text"], TEXT_INLINE_BYTES)
+            if head is not None:
+                entry.update(text=head, truncated=True,
+                             url=output_url(router, job.job_id, index))
     return entries
+
+
+def text_head(text: str, limit: int) -> str | None:
+    """The longest prefix of `text` within `limit` UTF-8 bytes, or None if the whole
+    text fits."""
+    if len(text) * 4 <= limit:
+        return None
+    head = text[:limit].encode("utf-8", "surrogatepass")
+    if len(head) <= limit and len(text) <= limit:
+        return None
+    return head[:limit].decode("utf-8", "ignore")
 
 
 def status_body(job: Job, router: web.UrlDispatcher) -> dict[str, Any]:
@@ -141,8 +165,18 @@ def gpu_overview(gpu: Gpu, probe: Probe, running: Job | None, queued: int,
 
 
 def jobs_page(jobs: list[Job], more: bool, router: web.UrlDispatcher) -> web.Response:
-    """A page of `GET /jobs/`, joined from each job's serialized status."""
-    cursor = jobs[-1].seq if more and jobs else None
-    body = (b'{"jobs":[' + b",".join(status_bytes(j, router) for j in jobs)
-            + b'],"next_before":' + dumps(cursor).encode() + b"}")
+    """A page of `GET /jobs/`, joined from each job's serialized status, cut short
+    (with a cursor) once it is PAGE_BYTES long."""
+    parts: list[bytes] = []
+    size = 0
+    for job in jobs:
+        if parts and size >= PAGE_BYTES:
+            more = True
+            break
+        part = status_bytes(job, router)
+        parts.append(part)
+        size += len(part)
+    cursor = jobs[len(parts) - 1].seq if more and parts else None
+    body = (b'{"jobs":[' + b",".join(parts) + b'],"next_before":' + dumps(cursor).encode()
+            + b"}")
     return web.Response(body=body, content_type="application/json")

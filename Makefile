@@ -23,7 +23,7 @@ run: $(STAMP)
 	@echo "Simulated ComfyUI: $(GPUS) GPU(s) from port $(SIM_PORT); Cylindria: http://127.0.0.1:$(PORT)/"
 	@trap 'kill 0 2>/dev/null' EXIT; \
 	$(BIN)/cylindria simulate --gpus $(GPUS) --base-port $(SIM_PORT) & \
-	COMFYUI_BASE_URL=http://127.0.0.1:$(SIM_PORT) $(BIN)/cylindria serve \
+	CYLINDRIA_CALLBACK_ALLOW=127.0.0.0/8,::1 COMFYUI_BASE_URL=http://127.0.0.1:$(SIM_PORT) $(BIN)/cylindria serve \
 	    --port $(PORT) --numberOfGpus $(GPUS)
 
 test: $(STAMP)

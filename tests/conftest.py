@@ -74,8 +74,11 @@ async def start_cylindria(start_sims, aiohttp_client):
                     **settings: Any) -> TestClient:
         if cluster is None:
             cluster = await start_sims(1)
+        # Tests' webhook receivers listen on loopback, which callbacks may not reach
+        # unless the operator allows it.
         options: dict[str, Any] = {"comfy_url": cluster.base_url,
-                                   "num_gpus": len(cluster.sims), "timing": FAST}
+                                   "num_gpus": len(cluster.sims), "timing": FAST,
+                                   "callback_allow": ("127.0.0.0/8", "::1")}
         options.update(settings)
         client = await aiohttp_client(create_app(Settings(**options)))
         if connect:

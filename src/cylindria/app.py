@@ -95,7 +95,7 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
             # What start-up loaded lives long: keep the garbage collector's full passes
             # from walking it again and again (they would pause every request).
             gc.freeze()
-            app[WEBHOOKS] = WebhookSender(registry, CallbackClient(session),
+            app[WEBHOOKS] = WebhookSender(registry, CallbackClient.for_settings(session, settings),
                                           settings.webhook_secret, timing,
                                           functools.partial(render.status_bytes,
                                                             router=app.router))

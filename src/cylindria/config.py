@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from .addresses import bracket, is_loopback
+from .addresses import bracket, is_loopback, parse_allow
 from .errors import ConfigError
 
 DEFAULT_COMFY_URL = "http://127.0.0.1:8188"
@@ -76,6 +76,8 @@ class Settings:
     retention_days: float = DEFAULT_RETENTION_DAYS
     memory_jobs: int = DEFAULT_MEMORY_JOBS
     retry_lost: int = 0
+    # Host names and CIDRs webhooks may reach whatever their address (CYLINDRIA_CALLBACK_ALLOW).
+    callback_allow: tuple[str, ...] = ()
     faults: frozenset[str] = frozenset()
     timing: Timing = field(default_factory=Timing)
 
@@ -170,6 +172,13 @@ def validate(s: Settings) -> None:
     if unknown:
         raise ConfigError(f"CYLINDRIA_FAULTS knows {', '.join(sorted(FAULTS))} (got "
                           f"{', '.join(sorted(unknown))})")
+    try:
+        parse_allow(s.callback_allow)
+    except ValueError as exc:
+        raise ConfigError(
+            f"CYLINDRIA_CALLBACK_ALLOW entry {str(exc)!r} is neither a CIDR, an IP address "
+            "nor a host name; list them separated by commas, e.g. "
+            "hooks.example.com,10.0.0.0/8,::1") from None
     if s.api_key is not None and not s.api_key.strip():
         raise ConfigError("CYLINDRIA_API_KEY is set but empty; give it a value or unset it")
 
@@ -257,6 +266,10 @@ def load_settings(
                           "of seconds above 0")
     if timing:
         values["timing"] = replace(Timing(), **timing)
+    if env.get("CYLINDRIA_CALLBACK_ALLOW"):
+        values["callback_allow"] = tuple(entry.strip() for entry in
+                                         env["CYLINDRIA_CALLBACK_ALLOW"].split(",")
+                                         if entry.strip())
     if env.get("CYLINDRIA_FAULTS"):
         values["faults"] = frozenset(f.strip() for f in env["CYLINDRIA_FAULTS"].split(",")
                                      if f.strip())

@@ -61,6 +61,14 @@ class TooManyNodes(ApiError):
     code = "too_many_nodes"
 
 
+class CallbackNotAllowed(ApiError):
+    """A callback URL points where webhooks must not go, or carries a user name or
+    password."""
+
+    status = 422
+    code = "callback_not_allowed"
+
+
 class WorkflowRejected(ApiError):
     """ComfyUI's own validation refused the workflow."""
 

@@ -3,19 +3,32 @@ REST, files and websocket, and webhook POSTs)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
+import ipaddress
 import logging
-from collections.abc import AsyncIterator, Iterator
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import ujson
 from yarl import URL
 
-from ..config import Timing
+from ..addresses import (
+    AllowList,
+    IPAddress,
+    callback_refusal,
+    endpoints,
+    has_userinfo,
+    parse_allow,
+    without_userinfo,
+)
+from ..config import Settings, Timing
 from ..core.ports import QueueSnapshot, Submitted
-from ..errors import BackendError, BackendTimeout, BackendUnavailable
+from ..errors import BackendError, BackendTimeout, BackendUnavailable, CallbackNotAllowed
 
 log = logging.getLogger(__name__)
 
@@ -205,17 +218,160 @@ def _number(value: Any) -> float:
         return 0.0
 
 
-class CallbackClient:
-    """POSTs to the callback URLs clients gave, over the same session."""
+# Why a callback URL with credentials is refused; it never repeats them.
+USERINFO_REFUSAL = (
+    "X-Callback-Url must not carry a user name or password (user:password@host): Cylindria "
+    "would keep them and show them in /jobstatus. Leave them out; to tell Cylindria's "
+    "webhooks from others, check their X-Cylindria-Signature header (the operator sets "
+    "CYLINDRIA_WEBHOOK_SECRET).")
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
+Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
+
+
+async def resolve(host: str, port: int) -> list[IPAddress]:
+    """Every address the system's resolver gives for `host`, in its order."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [ipaddress.ip_address(str(info[4][0])) for info in infos]
+
+
+@dataclass(frozen=True, slots=True)
+class Pinned:
+    """A callback request bound to one checked address: the URL with that address as
+    its host, and the Host header and TLS server name of the URL as given."""
+
+    url: URL
+    host_header: str
+    server_hostname: str | None
+
+
+def pin(url: URL, ip: IPAddress) -> Pinned:
+    """The request for `url` that connects to `ip` and nowhere else. For https the
+    certificate is still checked against the host name in `url`."""
+    host = url.raw_host or ""
+    named = _literal(host) is None
+    return Pinned(url=url.with_host(str(ip)),
+                  host_header=url.host_port_subcomponent or host,
+                  server_hostname=host.rstrip(".") if named and url.scheme == "https" else None)
+
+
+def _literal(host: str) -> IPAddress | None:
+    """`host` as an address when it is one, without an IPv6 zone: a URL's zone cannot
+    be trusted to mean this machine's interface, and the address is what is checked."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return ipaddress.IPv6Address(int(ip)) if isinstance(ip, ipaddress.IPv6Address) else ip
+
+
+class CallbackClient:
+    """POSTs to the callback URLs clients gave, over the same session. The host is
+    resolved here and every address it has is checked; the request then connects to a
+    checked address (never to the name, which could resolve elsewhere a moment later)
+    and never follows a redirect."""
+
+    def __init__(self, session: aiohttp.ClientSession, allow: AllowList,
+                 own: Sequence[tuple[str, int, str]], resolve_timeout: float,
+                 resolver: Resolver = resolve) -> None:
         self._session = session
+        self._allow = allow
+        # (host, port, label) of each service callbacks must never reach.
+        self._own = tuple(own)
+        self._resolve_timeout = resolve_timeout
+        self._resolver = resolver
+
+    @classmethod
+    def for_settings(cls, session: aiohttp.ClientSession, settings: Settings) -> CallbackClient:
+        """The client for this service: its GPUs' ComfyUIs and its own listening address
+        are out of bounds, and the operator's CYLINDRIA_CALLBACK_ALLOW applies."""
+        own = [(URL(url).raw_host or "", URL(url).port or 0, f"GPU {n}'s ComfyUI")
+               for n, url in enumerate(settings.gpu_urls)]
+        own.append((settings.host, settings.port, "Cylindria itself"))
+        return cls(session, parse_allow(settings.callback_allow), own,
+                   settings.timing.connect_timeout)
+
+    async def check(self, url: str) -> None:
+        """Raise CallbackNotAllowed unless a callback to `url` may be sent: it carries no
+        credentials, and its host resolves to addresses the policy allows."""
+        target = _target(url)
+        try:
+            await self._addresses(url, target, self._resolve_timeout)
+        except OSError as exc:  # TimeoutError included
+            log.debug("callback host %s does not resolve: %s", target.host, exc)
+            raise CallbackNotAllowed(
+                f"X-Callback-Url {url} names the host {target.host}, which does not resolve; "
+                "give a host name or address that resolves to a public address.") from None
 
     async def post(self, url: str, body: bytes, headers: dict[str, str],
                    timeout: float) -> int:
-        """The HTTP status of the answer; transport failures raise aiohttp.ClientError,
-        TimeoutError or OSError."""
-        async with self._session.post(url, data=body, headers=headers,
-                                      timeout=aiohttp.ClientTimeout(total=timeout),
+        """The HTTP status of the answer. CallbackNotAllowed when `url` may not be called
+        (now); transport failures raise aiohttp.ClientError, TimeoutError or OSError."""
+        target = _target(url)
+        async with asyncio.timeout(timeout):
+            addresses = await self._addresses(url, target, timeout)
+            for ip in addresses[:-1]:
+                try:
+                    return await self._send(pin(target, ip), body, headers)
+                except aiohttp.ClientConnectorError as exc:
+                    # Nothing was sent: the next address may take the request.
+                    log.debug("callback to %s: %s did not connect (%s)", url, ip, exc)
+            return await self._send(pin(target, addresses[-1]), body, headers)
+
+    async def _send(self, pinned: Pinned, body: bytes, headers: dict[str, str]) -> int:
+        async with self._session.post(pinned.url, data=body,
+                                      headers={**headers, "Host": pinned.host_header},
+                                      server_hostname=pinned.server_hostname,
                                       allow_redirects=False) as resp:
             return resp.status
+
+    async def _addresses(self, url: str, target: URL, timeout: float) -> list[IPAddress]:
+        """Every address of `target`'s host, each one checked; OSError when the host does
+        not resolve in `timeout` seconds."""
+        host, port = target.raw_host or "", target.port or 0
+        async with asyncio.timeout(timeout):
+            addresses = await self._lookup(host, port)
+            forbidden = [end for own_host, own_port, label in self._own
+                         for ip in await self._own_addresses(own_host, own_port)
+                         for end in endpoints(ip, own_port, label)]
+        if not addresses:
+            raise OSError(f"{host} has no address")
+        for ip in addresses:
+            reason = callback_refusal(host, ip, port, self._allow, forbidden)
+            if reason is not None:
+                raise CallbackNotAllowed(f"X-Callback-Url {url} {reason}")
+        return addresses
+
+    async def _lookup(self, host: str, port: int) -> list[IPAddress]:
+        literal = _literal(host)
+        if literal is not None:
+            return [literal]
+        found: list[IPAddress] = []
+        for ip in await self._resolver(host, port):
+            bare = _literal(str(ip))
+            if bare is not None and bare not in found:
+                found.append(bare)
+        return found
+
+    async def _own_addresses(self, host: str, port: int) -> list[IPAddress]:
+        try:
+            return await self._lookup(host, port)
+        except OSError as exc:
+            # A callback resolved now cannot reach a name that does not resolve now.
+            log.debug("%s does not resolve, so no callback can reach it: %s", host, exc)
+            return []
+
+
+def _target(url: str) -> URL:
+    """`url` parsed as aiohttp will read it; CallbackNotAllowed when it carries
+    credentials or is no http(s) URL that parser takes (it is stricter than urlsplit)."""
+    if has_userinfo(url):
+        raise CallbackNotAllowed(USERINFO_REFUSAL)
+    try:
+        target = URL(url)
+    except ValueError:
+        target = None
+    if (target is None or target.scheme not in ("http", "https") or not target.raw_host
+            or target.user is not None or target.password is not None):
+        raise CallbackNotAllowed(f"X-Callback-Url {without_userinfo(url)[:200]!r} is not an "
+                                 "http:// or https:// URL Cylindria can call.")
+    return target

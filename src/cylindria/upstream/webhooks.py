@@ -10,9 +10,11 @@ from collections.abc import Callable
 
 import aiohttp
 
+from ..addresses import without_userinfo
 from ..config import Timing
 from ..core.records import Job, isoformat, utcnow
 from ..core.registry import Registry
+from ..errors import CallbackNotAllowed
 from .comfy import CallbackClient
 
 log = logging.getLogger(__name__)
@@ -53,12 +55,21 @@ class WebhookSender:
         self._tasks[job.job_id] = task
         task.add_done_callback(lambda _: self._tasks.pop(job.job_id, None))
 
+    async def check(self, url: str) -> None:
+        """Raise CallbackNotAllowed unless webhooks may go to `url`."""
+        await self.client.check(url)
+
     def resume(self, jobs: list[Job]) -> None:
         """Deliver what an earlier run of the process did not get to."""
         for job in jobs:
             self.on_change(job)
 
     async def deliver(self, job: Job, url: str) -> None:
+        shown = without_userinfo(url)
+        if shown != url:
+            # Only a state file from before credentials were refused holds such a URL:
+            # it is not called, and from now on not shown.
+            self.registry.set_webhook(job, url=shown)
         body = self.render(job)
         headers = {"Content-Type": "application/json", "User-Agent": "cylindria-webhook"}
         if self.secret:
@@ -75,15 +86,21 @@ class WebhookSender:
                     self.registry.set_webhook(job, state="delivered", attempts=attempt,
                                               last_error=None,
                                               delivered_at=isoformat(utcnow()))
-                    log.info("webhook for job %s delivered to %s", job.job_id, url)
+                    log.info("webhook for job %s delivered to %s", job.job_id, shown)
                     return
                 error = f"HTTP {status}"
+            except CallbackNotAllowed as exc:
+                # The policy's verdict, not a passing failure: trying again would not help.
+                self.registry.set_webhook(job, state="failed", attempts=attempt,
+                                          last_error=exc.message[:300])
+                log.warning("webhook for job %s not sent: %s", job.job_id, exc.message)
+                return
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 error = f"{exc.__class__.__name__}: {exc}"[:300]
             state = "retrying" if attempt <= RETRIES else "failed"
             self.registry.set_webhook(job, state=state, attempts=attempt, last_error=error)
             log.warning("webhook for job %s to %s failed (attempt %d of %d): %s", job.job_id,
-                        url, attempt, RETRIES + 1, error)
+                        shown, attempt, RETRIES + 1, error)
 
     async def close(self) -> None:
         tasks = list(self._tasks.values())

@@ -46,7 +46,7 @@ async def put_startjob(request: web.Request) -> web.Response:
     job_id = request.match_info["job_id"]
     try:
         job_id = params.job_id(request)
-        callback = params.callback_url(request)
+        callback = await params.callback_url(request)
         workflow = await request.app[JOBS].read(job_id, await params.body(request))
         outcome = await request.app[JOBS].start(job_id, request.query.get("GpuId"), workflow,
                                                 callback)

@@ -9,7 +9,8 @@ from urllib.parse import urlsplit
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
-from ..appkeys import GPUS
+from ..addresses import without_userinfo
+from ..appkeys import GPUS, WEBHOOKS
 from ..core.numbers import canonical_int
 from ..core.placement import gpu_number
 from ..core.records import JobState
@@ -33,15 +34,22 @@ def gpu(request: web.Request, raw: str, name: str = "GpuId") -> Gpu:
     return gpus[gpu_number(raw, len(gpus), name)]
 
 
-def callback_url(request: web.Request) -> str | None:
+async def callback_url(request: web.Request) -> str | None:
+    """The X-Callback-Url, once webhooks may go there: 400 for what is no http(s) URL,
+    422 (callback_not_allowed) for credentials in it or a host that resolves to a
+    place the policy closes, or does not resolve."""
     url = request.headers.get("X-Callback-Url")
     if url is None:
         return None
-    parts = urlsplit(url)
-    if (parts.scheme not in ("http", "https") or not parts.hostname
-            or len(url) > MAX_CALLBACK_URL):
+    try:
+        parts = urlsplit(url)
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # a bracketed host that is not an IPv6 address
+        usable = False
+    if not usable or len(url) > MAX_CALLBACK_URL:
         raise BadRequest("X-Callback-Url must be an absolute http:// or https:// URL "
-                         f"(got {url[:200]!r}).")
+                         f"(got {without_userinfo(url)[:200]!r}).")
+    await request.app[WEBHOOKS].check(url)
     return url
 
 

@@ -30,17 +30,17 @@ from ..errors import (
     WorkflowRejected,
 )
 from . import placement
-from .ports import GpuPort, QueueSnapshot, Store
+from .ports import GpuPort, Store
 from .reading import WorkflowReader
 from .records import RETRYABLE, Job, JobState
+from .recovery import Recovery
 from .registry import Registry
 from .workflow import MAX_NODES, Workflow, rejection_detail, save_copy
 
 log = logging.getLogger(__name__)
 
-RESTART_DETAIL = ("Cylindria restarted; re-checking this job with ComfyUI (it is still "
-                  "queued or running there, finished, or lost).")
-
+# How long POST /canceljob waits for ComfyUI before answering.
+CANCEL_WAIT = 2.0
 # Exit status of a process stopped by a fault hook (CYLINDRIA_FAULTS).
 FAULT_EXIT = 70
 
@@ -58,7 +58,7 @@ class Outcome:
     detail: str
 
 
-class JobsService:
+class JobsService(Recovery):
     """Submissions, duplicate PUTs, timeouts, adoption, retries and cancels; reading
     jobs from memory or the journal; reconciliation with ComfyUI, at restart too."""
 
@@ -69,6 +69,8 @@ class JobsService:
         self.settings = settings
         self.store = store
         self.reader = WorkflowReader(MAX_NODES)
+        # Cancels still talking to a slow ComfyUI after their answer was sent.
+        self._background: set[asyncio.Task[None]] = set()
         # Submissions in flight, by job id: a concurrent PUT of the same job waits on it.
         self._submissions: dict[str, asyncio.Future[None]] = {}
 
@@ -135,7 +137,11 @@ class JobsService:
         self.registry.reject(job, exc.message, error={"code": exc.code, "message": exc.message,
                                                       **exc.extra})
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        tasks = list(self._background)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.reader.close()
 
     async def start(self, job_id: str, gpu_choice: str | None, workflow: Workflow,
@@ -358,7 +364,15 @@ class JobsService:
                                    "nothing to cancel.")
         self.registry.request_cancel(job)
         if job.confirmed:
-            await self._cancel_upstream(job)
+            # Answered within CANCEL_WAIT whatever ComfyUI does; the rest goes on behind.
+            task = asyncio.get_running_loop().create_task(self._cancel_upstream(job),
+                                                          name=f"cancel-{job_id}")
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            done, _ = await asyncio.wait({task}, timeout=CANCEL_WAIT)
+            if not done:
+                self.registry.set_detail(job, "Cancel requested; ComfyUI is not answering, "
+                                              "so Cylindria keeps trying.")
         return job
 
     async def _cancel_upstream(self, job: Job) -> None:
@@ -375,71 +389,6 @@ class JobsService:
             log.warning("cancel of job %s: ComfyUI did not answer (%s)", job.job_id,
                         exc.message)
 
-    # -- reconciliation and restarts ----------------------------------------------------
-
-    def restore(self, jobs: list[Job], last_seq: int, evicted_through: int) -> None:
-        """Take in the jobs the journal kept. Those in flight are re-checked with ComfyUI
-        by the next reconciliation of their GPU; until then their detail says so."""
-        lost: list[Job] = []
-        for job in jobs:
-            if not job.terminal:
-                job.unverified = True
-                job.detail = RESTART_DETAIL
-                if job.gpu_id >= len(self.gpus):
-                    lost.append(job)
-        self.registry.restore(jobs, last_seq, evicted_through)
-        for job in lost:
-            self.registry.lose(job, f"Cylindria restarted with {len(self.gpus)} GPU(s), so "
-                                    f"GPU {job.gpu_id}, where this job ran, is not followed "
-                                    f"any more. Run it again with POST /retryjob/{job.job_id}/.")
-
-    def unreachable(self, gpu: GpuPort) -> None:
-        """The GPU's ComfyUI did not answer a reconciliation."""
-        for job in self.registry.unverified(gpu.index):
-            self.registry.set_detail(job, f"Cylindria restarted and GPU {gpu.index}'s ComfyUI "
-                                          "does not answer yet; the job stays in flight until "
-                                          "it does.")
-
-    async def reconcile(self, gpu: GpuPort) -> QueueSnapshot:
-        """Bring this GPU's in-flight jobs in line with ComfyUI: one `/queue` reading,
-        then `/history` for each job the queue no longer holds, which is settled from
-        it, confirmed cancelled, or failed as lost once ComfyUI has forgotten it (and
-        run again if CYLINDRIA_RETRY_LOST allows)."""
-        registry = self.registry
-        # /queue before /history: ComfyUI moves a job from one to the other under one
-        # lock, so reading in this order never misses a job in between.
-        snapshot = await gpu.comfy.queue()
-        for prompt_id in snapshot.graphs:
-            job = registry.by_prompt(prompt_id)
-            if job is not None and job.planned_nodes is None:
-                registry.set_plan(prompt_id, snapshot.plan(prompt_id) or frozenset())
-        grace = self.settings.timing.lost_grace
-        for job in registry.set_queue(gpu.index, snapshot.running, snapshot.pending):
-            entry = await gpu.comfy.history(job.prompt_id)
-            if entry is not None:
-                registry.settle_from_history(job.prompt_id, entry)
-            elif registry.confirm_removed(job):
-                continue
-            elif job.missing_since is None:
-                registry.note_missing(job, grace, _lost_detail(job))
-            # Still nowhere after the grace period: ask /api/jobs to be sure it is not
-            # merely between the two reads.
-            elif (await gpu.comfy.job(job.prompt_id) is None
-                  and registry.note_missing(job, grace, _lost_detail(job))):
-                log.warning("gpu %d: job %s (prompt %s) lost by ComfyUI", gpu.index,
-                            job.job_id, job.prompt_id)
-                await self._after_lost(job)
-        return snapshot
-
-    async def _after_lost(self, job: Job) -> None:
-        if job.automatic_retries >= self.settings.retry_lost:
-            return
-        try:
-            await self.retry(job.job_id, automatic=True)
-        except ApiError as exc:
-            log.warning("job %s: automatic retry after it was lost failed: %s", job.job_id,
-                        exc.message)
-
     def _fault(self, name: str) -> None:
         if name in self.settings.faults:
             log.critical("fault %s: stopping the process now, as CYLINDRIA_FAULTS asks",
@@ -452,15 +401,6 @@ async def _knows(gpu: GpuPort, prompt_id: str) -> bool:
     if (await gpu.comfy.queue()).holds(prompt_id):
         return True
     return await gpu.comfy.job(prompt_id) is not None
-
-
-def _lost_detail(job: Job) -> str:
-    retry = f"Run it again with POST /retryjob/{job.job_id}/."
-    if not job.confirmed:
-        return ("Cylindria stopped while submitting this job, and ComfyUI has no trace of "
-                f"it: it never received it, or was restarted since. {retry}")
-    return ("ComfyUI no longer knows this job: it is neither queued nor in its history "
-            f"(ComfyUI was probably restarted). {retry}")
 
 
 def _check_retryable(job: Job) -> None:

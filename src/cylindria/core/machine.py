@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from .records import Job, JobState, error_summary
@@ -148,8 +148,15 @@ class JobMachine:
         ran to history: it was deleted from the queue."""
         if job.cancel_requested_at is None:
             return False
+        if job.started_at is None:
+            detail = "Cancelled: removed from ComfyUI's queue before it ran."
+        else:
+            # It had run: ComfyUI lost it (a restart) before the cancel could reach it.
+            detail = (f"Cancelled: it had started ({int(job.progress * 100)}% done) and "
+                      "ComfyUI no longer has it nor any record of it (ComfyUI was probably "
+                      "restarted), so it stopped there.")
         if self._move(job, JobState.CANCELLED):
-            self._finish(job, "Cancelled: removed from ComfyUI's queue before it ran.")
+            self._finish(job, detail)
             return True
         return False
 
@@ -220,7 +227,9 @@ class JobMachine:
         messages = status.get("messages") or []
         names = [m[0] for m in messages if isinstance(m, list | tuple) and m]
         for name, payload in (m for m in messages if isinstance(m, list | tuple) and len(m) == 2):
-            if name == "execution_cached" and isinstance(payload, dict):
+            if name == "execution_start" and isinstance(payload, dict):
+                self._start(job, _moment(payload.get("timestamp")))
+            elif name == "execution_cached" and isinstance(payload, dict):
                 self.on_cached(prompt_id, payload.get("nodes") or [])
         if status.get("status_str") == "success" or status.get("completed") is True:
             self.on_success(prompt_id)
@@ -256,9 +265,9 @@ class JobMachine:
             return True
         return False
 
-    def _start(self, job: Job) -> bool:
+    def _start(self, job: Job, at: datetime | None = None) -> bool:
         if job.state is JobState.QUEUED and self._move(job, JobState.RUNNING):
-            job.started_at = self._clock()
+            job.started_at = at or self._clock()
             job.queue_position = 0
             job.missing_since = None
             job.detail = "Running."
@@ -272,8 +281,6 @@ class JobMachine:
         if job.callback_url is not None:
             job.webhook = {"url": job.callback_url, "state": "pending", "attempts": 0,
                            "last_error": None, "delivered_at": None}
-        if job.started_at is None:
-            job.started_at = job.finished_at
         job.queue_position = None
         job.node_progress = None
         job.current_node = None
@@ -287,3 +294,13 @@ def _mark_done(job: Job, node: str) -> None:
         job.done_nodes = {node}
     else:
         job.done_nodes.add(node)
+
+
+def _moment(timestamp: Any) -> datetime | None:
+    """ComfyUI's message timestamps are milliseconds since the epoch."""
+    if isinstance(timestamp, int | float) and not isinstance(timestamp, bool):
+        try:
+            return datetime.fromtimestamp(timestamp / 1000, UTC)
+        except (OverflowError, OSError, ValueError):
+            return None
+    return None

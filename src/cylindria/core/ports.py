@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 from .records import Job
@@ -60,6 +61,8 @@ class GpuPort(Protocol):
     client_id: str
     drained: bool
     queue_remaining: int | None
+    # Since when its ComfyUI has not answered a reconciliation (None: it answers).
+    unreachable_since: datetime | None
     comfy: ComfyApi
 
     async def is_healthy(self) -> bool: ...

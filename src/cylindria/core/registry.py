@@ -186,7 +186,7 @@ class Registry(JobMachine):
             job.detail = "Queued on ComfyUI."
             if node_errors:
                 job.detail += (" Some outputs failed validation and will not run: "
-                               + ", ".join(sorted(node_errors)) + ".")
+                               + _skipped_outputs(node_errors) + ".")
         self._touch(job)
 
     def reject(self, job: Job, detail: str, node_errors: dict[str, Any] | None = None,
@@ -202,6 +202,14 @@ class Registry(JobMachine):
     def set_webhook(self, job: Job, **fields: Any) -> None:
         job.webhook = {**(job.webhook or {}), **fields}
         self._touch(job)
+
+    def doubt(self, job: Job, detail: str) -> None:
+        """Until ComfyUI answers again, this in-flight job's state is not known for sure:
+        the next reconciliation checks it."""
+        if not job.terminal and (not job.unverified or job.detail != detail):
+            job.unverified = True
+            job.detail = detail
+            self._touch(job, lasting=False)
 
     def set_detail(self, job: Job, detail: str) -> None:
         if job.detail != detail:
@@ -325,3 +333,15 @@ class Registry(JobMachine):
                 listener(job)
             except Exception:
                 log.exception("registry subscriber failed on job %s", job.job_id)
+
+
+def _skipped_outputs(node_errors: dict[str, Any]) -> str:
+    """The output nodes that will not run, from ComfyUI's node_errors."""
+    outputs: set[str] = set()
+    failing: set[str] = set()
+    for node_id, info in node_errors.items():
+        failing.add(str(node_id))
+        if isinstance(info, dict) and isinstance(info.get("dependent_outputs"), list):
+            outputs.update(str(o) for o in info["dependent_outputs"])
+    named = sorted(outputs or failing, key=lambda n: (len(n), n))
+    return ("output node " if len(named) == 1 else "output nodes ") + ", ".join(named)

@@ -140,10 +140,19 @@ def node_error_lines(node_errors: dict[str, Any]) -> list[str]:
             input_name = extra.get("input_name") or err.get("details") or "?"
             line = (f"node {node_id} ({class_type}) input '{input_name}': "
                     f"{err.get('message') or 'invalid'}")
-            if err.get("details") and err["details"] != input_name:
-                line += f" ({err['details']})"
+            details = str(err.get("details") or "")
+            if details and details != input_name:
+                line += f" ({shorten(details, DETAILS_CHARS)})"
             lines.append(line)
     return lines
+
+
+# ComfyUI's details can list every model it has; a sentence needs the start of it.
+DETAILS_CHARS = 160
+
+
+def shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
 
 
 def rejection_detail(body: dict[str, Any]) -> str:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from ..config import Timing
@@ -35,6 +36,7 @@ class Gpu:
     listener_connected: bool = False
     queue_remaining: int | None = None
     drained: bool = False
+    unreachable_since: datetime | None = None
     last_probe: Probe | None = None
     _probe_task: asyncio.Task[Probe] | None = None
 

@@ -143,6 +143,8 @@ async def listen(gpu: Gpu, registry: Registry, timing: Timing,
                     gpu.index, gpu.url, exc.__class__.__name__)
         finally:
             gpu.listener_connected = False
+            # ComfyUI's count of queued work is stale from here on.
+            gpu.queue_remaining = None
         await asyncio.sleep(next(delays))
 
 

@@ -17,6 +17,8 @@ from ..core.records import JobState
 from ..errors import BadRequest
 from ..upstream.gpus import Gpu
 
+# Set on a request whose body could not be read: its answer closes the connection.
+UNREADABLE_BODY = web.RequestKey("unreadable_body", bool)
 JOB_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}", re.ASCII)
 MAX_CALLBACK_URL = 2048
 
@@ -58,9 +60,23 @@ async def body(request: web.Request) -> bytes:
     try:
         return await request.read()
     except RequestPayloadError:
+        # The rest of this body cannot be read, so nothing else on this connection can:
+        # close it after the answer, without draining the body (which would fail again).
+        request.content.feed_eof()
+        request[UNREADABLE_BODY] = True
         raise BadRequest("The body could not be read: it is not what its Content-Encoding "
                          f"({request.headers.get('Content-Encoding', 'none')[:40]!r}) says. "
                          "Send it uncompressed, or compressed as declared.") from None
+
+
+async def close_after_unreadable_body(request: web.Request,
+                                      response: web.StreamResponse) -> None:
+    """An application hook: the answer to a request whose body could not be read ends
+    its connection (and says so in its headers)."""
+    if request.get(UNREADABLE_BODY, False):
+        response.force_close()
+        # Headers are made before this hook runs: say it as well.
+        response.headers["Connection"] = "close"
 
 
 def states(query: Mapping[str, str]) -> set[str] | None:

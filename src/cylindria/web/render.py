@@ -69,7 +69,7 @@ def status_body(job: Job, router: web.UrlDispatcher) -> dict[str, Any]:
         "error": job.error,
         "outputs": outputs(job, router),
         "outputs_reused": job.outputs_reused,
-        "cancel_requested": job.cancel_requested_at is not None,
+        "cancel_requested": job.cancel_requested_at is not None and not job.terminal,
         "webhook": job.webhook,
         "attempt": job.attempt,
         "attempts": job.attempts(),
@@ -134,7 +134,7 @@ def gpu_status(gpu: Gpu, probe: Probe) -> dict[str, Any]:
         "reachable": reachable,
         "gpu_id": gpu.index,
         "listener_connected": gpu.listener_connected,
-        "queue_remaining": gpu.queue_remaining,
+        "queue_remaining": gpu.queue_remaining if reachable else None,
     }
     system = probe.stats.get("system") if reachable else None
     if isinstance(system, dict) and system.get("comfyui_version"):

@@ -1,0 +1,142 @@
+"""Odd and large inputs: every one gets a clear 4xx or goes through, none a 500."""
+
+from __future__ import annotations
+
+import gzip
+import io
+
+import ujson
+
+from cylindria.appkeys import REGISTRY
+from cylindria.web import render
+
+import workflows
+from helpers import job_status, put_job, wait_state
+
+
+async def put_raw(client, job_id, data, headers=None):
+    if isinstance(data, str):
+        data = data.encode()
+    resp = await client.put(f"/startjob/{job_id}/", data=io.BytesIO(data), headers=headers)
+    return resp.status, await resp.json()
+
+
+async def test_a_body_that_is_not_what_its_encoding_says_is_400(start_cylindria):
+    client = await start_cylindria()
+    status, body = await put_raw(client, "b21", b"not gzip at all",
+                                 {"Content-Encoding": "gzip"})
+    assert status == 400, body
+    assert "Content-Encoding" in body["detail"] and body["accepted"] is False
+    packed = gzip.compress(ujson.dumps(workflows.quick()).encode())
+    status, body = await put_raw(client, "b22", packed, {"Content-Encoding": "gzip"})
+    assert status == 202, body
+    status, body = await put_raw(client, "b21", b"not gzip either",
+                                 {"Content-Encoding": "deflate"})
+    assert status == 400, body
+
+
+async def test_a_lone_surrogate_is_400(start_cylindria):
+    client = await start_cylindria()
+    raw = b'{"\\ud800": {"class_type": "EmptyImage", "inputs": {}}}'
+    status, body = await put_raw(client, "surrogate", raw)
+    assert status == 400 and "surrogate" in body["detail"]
+    raw = b'{"1": {"class_type": "EmptyImage", "inputs": {"x": "\\udfff"}}}'
+    assert (await put_raw(client, "surrogate", raw))[0] == 400
+
+
+async def test_deep_nesting_and_huge_numbers_are_answered(start_cylindria):
+    client = await start_cylindria()
+    deep = b"[" * 100_000 + b"]" * 100_000
+    status, body = await put_raw(client, "deep", deep)
+    assert status == 400 and "JSON" in body["detail"]
+    workflow = workflows.quick()
+    workflow["1"]["inputs"]["color"] = 10 ** 400
+    status, body = await put_raw(client, "huge", ujson.dumps(workflow))
+    assert status in (202, 422), body  # ComfyUI's validation decides
+
+
+async def test_too_many_nodes_is_413_and_recorded(start_cylindria):
+    client = await start_cylindria()
+    graph = {str(n): {"class_type": "EmptyImage", "inputs": {}} for n in range(20_001)}
+    status, body = await put_raw(client, "huge-graph", ujson.dumps(graph))
+    assert status == 413, body
+    assert body["error"]["code"] == "too_many_nodes" and "20000" in body["detail"]
+    recorded = await job_status(client, "huge-graph")
+    assert recorded["state"] == "rejected" and recorded["gpu_id"] is None
+    assert recorded["error"]["code"] == "too_many_nodes"
+
+
+async def test_workflows_refused_before_comfyui_are_recorded_and_can_be_replaced(
+        start_cylindria, start_sims):
+    cluster = await start_sims(1)
+    client = await start_cylindria(cluster)
+    status, _ = await put_job(client, "ui", workflows.UI_EXPORT)
+    assert status == 422
+    recorded = await job_status(client, "ui")
+    assert recorded["state"] == "rejected" and "Export (API)" in recorded["detail"]
+    assert (await client.post("/retryjob/ui/")).status == 409
+    status, _ = await put_job(client, "ui", workflows.quick())
+    assert status == 202
+    await wait_state(client, "ui", "completed")
+    assert cluster.count(0, "POST", "/prompt") == 1
+
+
+async def test_a_refused_body_never_replaces_an_accepted_job(start_cylindria):
+    client = await start_cylindria()
+    await put_job(client, "kept", workflows.quick())
+    done = await wait_state(client, "kept", "completed")
+    status, _ = await put_job(client, "kept", {"1": {"inputs": {}}})
+    assert status == 422
+    assert await job_status(client, "kept") == done
+
+
+async def test_a_large_workflow_is_read_off_the_loop_and_runs(start_cylindria, start_sims):
+    cluster = await start_sims(1)
+    client = await start_cylindria(cluster)
+    workflow = {"prompt": workflows.quick(),
+                "extra_data": {"extra_pnginfo": {"note": "ü" * 400_000}}}
+    status, body = await put_raw(client, "large", ujson.dumps(workflow))
+    assert status == 202, body
+    await wait_state(client, "large", "completed")
+    # The same workflow with its keys in another order is the same job.
+    again = {"extra_data": workflow["extra_data"], "prompt": dict(reversed(
+        list(workflow["prompt"].items())))}
+    status, body = await put_raw(client, "large", ujson.dumps(again))
+    assert status == 200, body
+    (sent,) = [entry for entry in cluster.sims[0].history.values()]
+    assert sent["prompt"][3]["extra_pnginfo"]["note"] == "ü" * 400_000
+
+
+async def test_long_text_outputs_are_cut_in_status_bodies(start_cylindria):
+    client = await start_cylindria()
+    registry = client.app[REGISTRY]
+    job = registry.begin("talky", 0, "p-talky", "fp", ["1"])
+    registry.confirm(job)
+    text = "é" * 100_000
+    registry.on_executed("p-talky", "1", {"text": [text, "short"]})
+    registry.on_success("p-talky")
+    body = await job_status(client, "talky")
+    long_entry, short_entry = body["outputs"]
+    assert long_entry["truncated"] is True and long_entry["url"] == "/joboutput/talky/0"
+    assert len(long_entry["text"].encode()) <= render.TEXT_INLINE_BYTES
+    assert text.startswith(long_entry["text"]) and len(long_entry["text"]) > 30_000
+    assert short_entry == {"node_id": "1", "kind": "text", "text": "short"}
+    resp = await client.get("/joboutput/talky/0")
+    assert resp.status == 200 and await resp.text() == text
+
+
+async def test_pages_of_jobs_are_bounded_in_bytes(start_cylindria, monkeypatch):
+    monkeypatch.setattr(render, "PAGE_BYTES", 3000)
+    client = await start_cylindria()
+    registry = client.app[REGISTRY]
+    for n in range(6):
+        job = registry.begin(f"p{n}", 0, f"prompt-{n}", "fp", ["1"])
+        registry.reject(job, "x" * 1000)
+    first = await (await client.get("/jobs/", params={"limit": "6"})).json()
+    assert 1 <= len(first["jobs"]) < 6 and first["next_before"] is not None
+    seen = [j["job_id"] for j in first["jobs"]]
+    while first["next_before"] is not None:
+        first = await (await client.get("/jobs/", params={
+            "limit": "6", "before": str(first["next_before"])})).json()
+        seen += [j["job_id"] for j in first["jobs"]]
+    assert seen == [f"p{n}" for n in range(5, -1, -1)]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import workflows
-from helpers import job_status, put_job, start_paused, wait_state, wait_until
+from helpers import job_status, put_job, start_paused, wait_state, wait_until, with_timing
 
 
 async def cancel(client, job_id):
@@ -64,7 +64,8 @@ async def test_an_unreachable_gpu_is_named_on_its_jobs_and_its_queue_unknown(sta
 
 async def test_a_cancel_answers_soon_while_comfyui_hangs(start_cylindria, start_sims):
     cluster = await start_sims(1)
-    client = await start_cylindria(cluster)
+    # The hung calls give up after request_timeout (2 s); the answer comes long before.
+    client = await start_cylindria(cluster, timing=with_timing(cancel_wait=0.2))
     sim = cluster.sims[0]
     await start_paused(client, sim, "stuck", workflows.txt2img(steps=3))
     sim.hang_next(20, path="/queue")

@@ -39,8 +39,6 @@ from .workflow import MAX_NODES, Workflow, rejection_detail, save_copy
 
 log = logging.getLogger(__name__)
 
-# How long POST /canceljob waits for ComfyUI before answering.
-CANCEL_WAIT = 2.0
 # Exit status of a process stopped by a fault hook (CYLINDRIA_FAULTS).
 FAULT_EXIT = 70
 
@@ -364,12 +362,12 @@ class JobsService(Recovery):
                                    "nothing to cancel.")
         self.registry.request_cancel(job)
         if job.confirmed:
-            # Answered within CANCEL_WAIT whatever ComfyUI does; the rest goes on behind.
+            # Answered within `cancel_wait` whatever ComfyUI does; the rest goes on behind.
             task = asyncio.get_running_loop().create_task(self._cancel_upstream(job),
                                                           name=f"cancel-{job_id}")
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-            done, _ = await asyncio.wait({task}, timeout=CANCEL_WAIT)
+            done, _ = await asyncio.wait({task}, timeout=self.settings.timing.cancel_wait)
             if not done:
                 self.registry.set_detail(job, "Cancel requested; ComfyUI is not answering, "
                                               "so Cylindria keeps trying.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
@@ -360,4 +361,39 @@ async def test_the_key_form_signs_in_and_out(browser, start_cylindria, tmp_path)
             assert resp.status == 401
     await page.goto(url(client, "/"))
     await expect(page).to_have_url(url(client, "/dashboard/login?next=/"))
+    assert_clean(page)
+
+
+async def test_gpu_cards_turn_unknown_while_the_service_cannot_be_reached(
+        browser, start_cylindria, start_sims, tmp_path):
+    cluster = await start_sims(2)
+    client = await start_cylindria(cluster)
+    page = await open_page(browser, client)
+    cards = page.locator("article.gpu")
+    await expect(page.locator("[data-field=live]")).to_have_class("live is-live")
+    for n in range(2):
+        await expect(cards.nth(n).locator("[data-field=status]")).to_have_text("OK")
+    updated = (await page.locator("[data-field=live-label]").text_content() or "")
+    assert updated.startswith("Live · updated ")
+
+    # From the browser's side Cylindria is gone: every poll of its state fails.
+    await page.route("**/dashboard/state", lambda route: route.abort())
+    await expect(page.locator("[data-field=live]")).to_have_class("live is-stale")
+    for n in range(2):
+        card = cards.nth(n)
+        await expect(card).to_have_class("card gpu status-unknown")
+        await expect(card.locator("[data-field=status]")).to_have_text("Unknown")
+        await expect(card.locator("[data-field=status]")).to_have_class("pill status-unknown")
+        note = card.locator("[data-field=stale]")
+        await expect(note).to_be_visible()
+        await expect(note).to_have_text(re.compile(r"^No update since \d\d:\d\d:\d\d UTC$"))
+    await shot(page, tmp_path, "unreachable")
+
+    await page.unroute("**/dashboard/state")
+    await expect(page.locator("[data-field=live]")).to_have_class("live is-live")
+    for n in range(2):
+        card = cards.nth(n)
+        await expect(card.locator("[data-field=status]")).to_have_text("OK")
+        await expect(card).to_have_class("card gpu status-ok")
+        await expect(card.locator("[data-field=stale]")).to_be_hidden()
     assert_clean(page)

@@ -23,7 +23,7 @@ from .upstream.webhooks import WebhookSender
 from .web import api, events, gpus, outputs, render
 from .web.auth import make_auth_middleware
 from .web.eventhub import EventHub
-from .web.middlewares import error_middleware
+from .web.middlewares import error_middleware, response_headers
 from .web.signins import Signins
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,7 @@ def create_app(settings: Settings) -> web.Application:
     if settings.api_key:
         middlewares.append(make_auth_middleware(settings.api_key, signins, "dashboard_login"))
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+    app.on_response_prepare.append(response_headers)
     app[SETTINGS] = settings
     app[SIGNINS] = signins
     registry = Registry(memory_jobs=settings.memory_jobs)

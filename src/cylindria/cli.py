@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .config import (
@@ -23,6 +24,9 @@ from .config import (
     load_settings,
 )
 from .errors import ConfigError, StateFileError
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 log = logging.getLogger("cylindria")
 
@@ -120,8 +124,6 @@ def configure_logging(level: str) -> None:
 
 
 def run_serve(settings: Settings) -> int:
-    from aiohttp import web
-
     from .app import create_app
 
     configure_logging(settings.log_level)
@@ -130,13 +132,40 @@ def run_serve(settings: Settings) -> int:
     if not settings.api_key:
         log.info("no CYLINDRIA_API_KEY set: the API is open to anyone who can reach %s",
                  settings.host)
+    access_log = log if settings.log_level == "debug" else None
     try:
-        web.run_app(create_app(settings), host=settings.host, port=settings.port,
-                    print=None, access_log=None if settings.log_level != "debug" else log)
+        asyncio.run(serve(create_app(settings), settings, access_log))
     except StateFileError as exc:
         print(f"cylindria: error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Only before the signal handlers are in place, early in start-up.
+        pass
     return 0
+
+
+async def serve(app: web.Application, settings: Settings,
+                access_log: logging.Logger | None) -> None:
+    """Serve `app` until SIGINT or SIGTERM, then stop it gracefully.
+
+    aiohttp's runner rather than `web.run_app`, which does the same but keeps its server
+    out of reach: the request-head timeout has to be put on that server.
+    """
+    from .web.serving import start_server
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        runner = await start_server(app, settings, access_log=access_log)
+        try:
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 def run_simulate(ns: argparse.Namespace) -> int:

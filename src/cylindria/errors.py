@@ -129,6 +129,13 @@ class TooManyStreams(ApiError):
     code = "too_many_streams"
 
 
+class TooManyAttempts(ApiError):
+    """Too many wrong keys from one client address: its keys are not checked for a while."""
+
+    status = 429
+    code = "too_many_attempts"
+
+
 class NoGpuAvailable(ApiError):
     status = 503
     code = "no_gpu_available"

@@ -13,6 +13,8 @@
   const hiddenPollMs = pollMs * 5;
   const requestTimeoutMs = 5000;
   const live = document.querySelector('[data-field="live"]');
+  // The server's time of the last state shown, for saying how old it is.
+  let lastUpdated = body.dataset.updated || "";
   let timer = null;
   let stopped = false;
 
@@ -98,6 +100,7 @@
       live.classList.add("is-stale");
       setText(field(live, "live-label"), "Connection lost · retrying");
     }
+    markGpusUnknown();
   }
 
   function markSignedOut() {
@@ -106,6 +109,21 @@
       live.classList.add("is-out");
       setText(field(live, "live-label"), "Signed out ·");
       show(field(live, "signin"), true);
+    }
+    markGpusUnknown();
+  }
+
+  // Without fresh state a card's last status is a guess: an "OK" shown while Cylindria
+  // cannot be reached would be worse than none. The next update restores each card.
+  function markGpusUnknown() {
+    for (const card of document.querySelectorAll("article.gpu")) {
+      setVariant(card, "status-", "unknown");
+      const pill = field(card, "status");
+      setVariant(pill, "status-", "unknown");
+      setText(pill, "Unknown");
+      const note = field(card, "stale");
+      setText(note, lastUpdated ? "No update since " + lastUpdated : "No update yet");
+      show(note, true);
     }
   }
 
@@ -116,6 +134,7 @@
     const pill = field(card, "status");
     setVariant(pill, "status-", gpu.status);
     setText(pill, gpu.status_label);
+    show(field(card, "stale"), false);
     show(field(card, "drained"), Boolean(gpu.drained));
 
     const reachable = field(card, "reachable");
@@ -228,6 +247,7 @@
       }
     }
     updateJobs(state.jobs);
+    lastUpdated = state.generated_label;
     markLive(state.generated_label);
   }
 

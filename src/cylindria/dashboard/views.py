@@ -12,7 +12,7 @@ from aiohttp import web
 
 from ..appkeys import GPUS, JOBS, REGISTRY, SETTINGS, SIGNINS
 from ..core.records import Job, isoformat
-from ..errors import JobNotFound
+from ..errors import JobNotFound, TooManyAttempts
 from ..jsonio import json_response
 from ..web import auth, render, signins
 from ..web.auth import Access, access
@@ -155,8 +155,16 @@ async def post_login(request: web.Request) -> web.Response:
     if not given:
         return login_form(request, target, "Enter the key this server was started with.",
                           400)
+    throttle = request.app[SIGNINS].throttle
+    address = auth.client_address(request)
+    try:
+        auth.check_throttle(throttle, address, api=False)
+    except TooManyAttempts as exc:
+        response = login_form(request, target, exc.message, exc.status)
+        response.headers.update(exc.headers or {})
+        return response
     if not auth.key_matches(given, api_key):
-        log.warning("dashboard sign-in with a wrong key from %s", request.remote)
+        throttle.fail(address, "dashboard sign-in")
         return login_form(request, target, "That key is wrong. Try again.", 401)
     response = see_other(target)
     signins.sign_in(request, response, request.app[SIGNINS])

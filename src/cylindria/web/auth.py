@@ -9,8 +9,9 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from ..errors import Unauthorized
+from ..errors import TooManyAttempts, Unauthorized
 from .signins import Signins, signed_in
+from .throttle import Throttle
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Middleware = Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]
@@ -61,6 +62,24 @@ def sign_in_opens(level: Access, method: str) -> bool:
     return level in (Access.PAGE, Access.FEED)
 
 
+def client_address(request: web.Request) -> str:
+    # The peer's address: behind a reverse proxy, all its clients share one.
+    return request.remote or "-"
+
+
+def check_throttle(throttle: Throttle, address: str, *, api: bool) -> None:
+    """Raise TooManyAttempts while `address` must wait before its key is checked."""
+    if not throttle.wait(address):
+        return
+    seconds = throttle.retry_after(address)
+    message = (f"Too many wrong keys from this address ({throttle.limit} within "
+               f"{throttle.window:g} s); wait {seconds} s before trying again.")
+    if api:
+        message += (" Check that this client sends the key the server was started with "
+                    "(CYLINDRIA_API_KEY) in its X-API-Key header.")
+    raise TooManyAttempts(message, headers={"Retry-After": str(seconds)})
+
+
 def make_auth_middleware(api_key: str, signins: Signins, login: str) -> Middleware:
     """`login` names the route of the sign-in form."""
 
@@ -70,8 +89,11 @@ def make_auth_middleware(api_key: str, signins: Signins, login: str) -> Middlewa
         if level is Access.OPEN:
             return await handler(request)
         given = request.headers.get("X-API-Key")
-        if key_matches(given, api_key):
-            return await handler(request)
+        address = client_address(request)
+        if given:
+            check_throttle(signins.throttle, address, api=True)
+            if key_matches(given, api_key):
+                return await handler(request)
         if sign_in_opens(level, request.method) and signed_in(request, signins):
             return await handler(request)
         if level is Access.PAGE and given is None:
@@ -79,6 +101,8 @@ def make_auth_middleware(api_key: str, signins: Signins, login: str) -> Middlewa
             if request.method in ("GET", "HEAD"):
                 target = target.with_query(next=request.path_qs)
             raise web.HTTPSeeOther(location=str(target))
+        if given:
+            signins.throttle.fail(address, "X-API-Key header")
         what = "wrong" if given else "missing"
         message = (f"The X-API-Key header is {what}. Send the key this server was "
                    "started with (CYLINDRIA_API_KEY) in an X-API-Key header.")

@@ -12,17 +12,43 @@ from ..core.records import Job
 
 log = logging.getLogger(__name__)
 
-# Per-client backlog: a client further behind than this is dropped, so one slow
-# reader never holds memory or time of the service.
+Event = tuple[int, str, bytes]
+
+# Per-client backlog: a client further behind than this many events, or than this many
+# bytes of them, is dropped, so one slow reader never holds memory or time of the
+# service. Bodies are shared between streams, so this bounds what a stream keeps alive;
+# 256 ordinary status bodies (a few KiB each) stay far below the byte limit, which
+# only bites when bodies are large (many outputs, long texts).
 CLIENT_QUEUE = 256
+CLIENT_QUEUE_BYTES = 4 * 1024 * 1024
+# A resume replays each job that changed since the client's last event; past this many
+# bytes of bodies it sends `resync` instead (the client re-reads the state it needs),
+# so a reconnecting client never makes the service render and hold an unbounded burst.
+# 1000 ordinary bodies fit.
+REPLAY_BYTES = 8 * 1024 * 1024
+
+
+def _always() -> bool:
+    return True
 
 
 @dataclass(slots=True, eq=False)
 class Subscriber:
     job_id: str | None
-    queue: asyncio.Queue[tuple[int, str, bytes] | None] = field(
+    # Whether the client is still connected; a stream whose client has gone is ended
+    # as soon as the hub notices, so it never holds a slot or a backlog.
+    alive: Callable[[], bool] = _always
+    queue: asyncio.Queue[Event | None] = field(
         default_factory=lambda: asyncio.Queue(CLIENT_QUEUE))
+    queued_bytes: int = 0
     dropped: bool = False
+
+    async def get(self) -> Event | None:
+        """The next event, or None once the stream is ended."""
+        item = await self.queue.get()
+        if item is not None:
+            self.queued_bytes -= len(item[2])
+        return item
 
 
 class EventHub:
@@ -40,6 +66,10 @@ class EventHub:
 
     @property
     def streams(self) -> int:
+        """Open streams; those whose client has gone are ended first, so a slot is
+        free again the moment its client leaves."""
+        for sub in [s for s in self._subscribers if not s.alive()]:
+            self._end(sub)
         return len(self._subscribers)
 
     @property
@@ -54,28 +84,43 @@ class EventHub:
         for sub in list(self._subscribers):
             if sub.job_id is not None and sub.job_id != job.job_id:
                 continue
+            if not sub.alive():
+                self._end(sub)
+                continue
             if event is None:
                 event = (event_id, job.job_id, self._render(job))
-            try:
+            size = len(event[2])
+            if sub.queue.full():
+                self._end(sub)
+                log.info("events: dropped a client more than %d events behind", CLIENT_QUEUE)
+            elif sub.queued_bytes and sub.queued_bytes + size > CLIENT_QUEUE_BYTES:
+                # One event always gets through, however large, so a stream that keeps
+                # up still receives a body bigger than the limit.
+                self._end(sub)
+                log.info("events: dropped a client more than %d MiB behind",
+                         CLIENT_QUEUE_BYTES // 2**20)
+            else:
                 sub.queue.put_nowait(event)
-            except asyncio.QueueFull:
-                self._drop(sub)
+                sub.queued_bytes += size
 
-    def _drop(self, sub: Subscriber) -> None:
+    def _end(self, sub: Subscriber) -> None:
         sub.dropped = True
         self._subscribers.discard(sub)
         # Make room for the end marker so the stream notices at once.
         while not sub.queue.empty():
             sub.queue.get_nowait()
+        sub.queued_bytes = 0
         sub.queue.put_nowait(None)
-        log.info("events: dropped a client more than %d events behind", CLIENT_QUEUE)
 
-    def subscribe(self, job_id: str | None, last_event_id: int | None
-                  ) -> tuple[Subscriber, list[tuple[int, str, bytes]], bool]:
+    def subscribe(self, job_id: str | None, last_event_id: int | None,
+                  alive: Callable[[], bool] = _always
+                  ) -> tuple[Subscriber, list[Event], bool]:
         """A new subscriber, what it missed (each job that changed since
-        `last_event_id`, as it is now), and whether the buffer covered the whole gap."""
-        sub = Subscriber(job_id)
-        replay: list[tuple[int, str, bytes]] = []
+        `last_event_id`, as it is now), and whether that is the whole gap: not when
+        the gap is older than the buffer, nor when its bodies pass REPLAY_BYTES (the
+        replay is then empty, and the client should re-read the state)."""
+        sub = Subscriber(job_id, alive)
+        replay: list[Event] = []
         complete = True
         if last_event_id is not None:
             oldest = self._recent[0][0] if self._recent else self._next_id
@@ -85,8 +130,15 @@ class EventHub:
             for event_id, job in self._recent:
                 if event_id > last_event_id and (job_id is None or job.job_id == job_id):
                     latest[job.job_id] = (event_id, job)
-            replay = [(event_id, job.job_id, self._render(job))
-                      for event_id, job in sorted(latest.values(), key=lambda e: e[0])]
+            size = 0
+            for event_id, job in sorted(latest.values(), key=lambda e: e[0]):
+                body = self._render(job)
+                size += len(body)
+                if size > REPLAY_BYTES:
+                    # Rendering stops here too: the work is bounded as well as the bytes.
+                    replay, complete = [], False
+                    break
+                replay.append((event_id, job.job_id, body))
         self._subscribers.add(sub)
         return sub, replay, complete
 
@@ -94,8 +146,9 @@ class EventHub:
         self._subscribers.discard(sub)
 
     def close(self) -> None:
+        """End every stream: the service is stopping (not a slow-client drop)."""
         self.closed = True
+        if self._subscribers:
+            log.debug("events: ending %d stream(s) at shutdown", len(self._subscribers))
         for sub in list(self._subscribers):
-            self._drop(sub)
-
-
+            self._end(sub)

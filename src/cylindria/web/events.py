@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from aiohttp import web
 
@@ -10,11 +11,19 @@ from ..appkeys import EVENTS, SETTINGS
 from ..errors import TooManyStreams
 from ..jsonio import dumps
 from . import params
+from .eventhub import Event, Subscriber
+
+log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
 
 RESYNC = dumps({"detail": "Some events were missed; fetch the current state with "
                           "GET /jobstatus/{job_id}/ or GET /jobs/."}).encode()
+# How often a waiting stream checks that its client is still there. aiohttp does not
+# cancel a handler whose client left (that would cut other handlers short mid-work), and
+# a write would only fail at the next keep-alive; between checks the hub still frees the
+# slot at once, as it ends streams whose client has gone before counting them.
+PRESENCE_CHECK = 1.0
 
 
 def sse(event_id: int, data: bytes, event: str = "job") -> bytes:
@@ -32,29 +41,53 @@ async def get_events(request: web.Request) -> web.StreamResponse:
             f"Too many event streams are open ({settings.max_event_streams}); retry later "
             "or poll GET /jobstatus/{job_id}/.", headers={"Retry-After": "5"})
     # A job_id not known yet is fine: its events start when it is submitted.
-    sub, replay, complete = hub.subscribe(job_id, last_id)
+    sub, replay, complete = hub.subscribe(job_id, last_id,
+                                          alive=lambda: request.transport is not None)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})
     try:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache",
-                                           "X-Accel-Buffering": "no"})
         await resp.prepare(request)
         await resp.write(b"retry: 2000\n\n")
         if not complete:
-            # The gap is older than the buffer: tell the client to re-read state.
+            # The gap is older than the buffer, or too large to replay: tell the client
+            # to re-read state.
             await resp.write(sse(hub.last_id, RESYNC, event="resync"))
-        for event_id, _, data in replay:
-            await resp.write(sse(event_id, data))
-        keepalive = settings.timing.sse_keepalive
-        while True:
-            try:
-                async with asyncio.timeout(keepalive):
-                    item = await sub.queue.get()
-            except TimeoutError:
-                await resp.write(b": keep-alive\n\n")
-                continue
-            if item is None:
-                break
-            await resp.write(sse(item[0], item[2]))
-        return resp
+        await write_replay(resp, replay)
+        # A stream can live for hours: it must not keep the replayed bodies alive.
+        replay.clear()
+        await stream(request, resp, sub, settings.timing.sse_keepalive)
+    except ConnectionError:
+        # A client leaving is how every stream ends; nothing went wrong here.
+        pass
     finally:
         hub.unsubscribe(sub)
+    if request.transport is None:
+        log.debug("events: a client left (%s)", request.remote)
+    return resp
+
+
+async def write_replay(resp: web.StreamResponse, replay: list[Event]) -> None:
+    for event_id, _, data in replay:
+        await resp.write(sse(event_id, data))
+
+
+async def stream(request: web.Request, resp: web.StreamResponse, sub: Subscriber,
+                 keepalive: float) -> None:
+    """Write the subscriber's events until the hub ends the stream or the client goes."""
+    loop = asyncio.get_running_loop()
+    quiet_until = loop.time() + keepalive
+    while request.transport is not None:
+        left = quiet_until - loop.time()
+        try:
+            async with asyncio.timeout(min(PRESENCE_CHECK, max(left, 0.0))):
+                item = await sub.get()
+        except TimeoutError:
+            if left <= PRESENCE_CHECK:
+                await resp.write(b": keep-alive\n\n")
+                quiet_until = loop.time() + keepalive
+            continue
+        if item is None:
+            return
+        await resp.write(sse(item[0], item[2]))
+        quiet_until = loop.time() + keepalive

@@ -1,4 +1,4 @@
-"""The one middleware that turns every error into a JSON answer, and logs the 5xx ones."""
+"""The one middleware that turns every error into JSON, and the headers every answer carries."""
 
 from __future__ import annotations
 
@@ -51,3 +51,20 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
 
 def _error(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
+
+
+async def response_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """An `on_response_prepare` hook, so streamed answers get the headers too.
+
+    JSON answers (the API and its errors) describe state that changes and may carry
+    what a key opened: never stored by browsers or proxies. Every answer says its
+    Content-Type is to be believed, so no browser runs a file output as a page or
+    script. A job's files keep the caching headers ComfyUI gave them.
+    """
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    if response.content_type != "application/json":
+        return
+    route = request.match_info.route
+    if route.name == "joboutput" and response.status < 400:
+        return
+    response.headers["Cache-Control"] = "no-store"

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from .throttle import Throttle
+
 SIGNIN_SECONDS = 12 * 3600
 MAX_SIGNINS = 1000
 COOKIE = "cylindria_session"
@@ -21,10 +23,14 @@ class Signins:
     Only a SHA-256 digest of each token is kept, so neither a memory dump nor a
     timing difference in the dict lookup tells anything about a live cookie. A
     restart signs everybody out, which is the safe direction.
+
+    `throttle` counts wrong keys per client address, from the sign-in form and from
+    the X-API-Key header alike: both guess the same key.
     """
 
     lifetime: float = SIGNIN_SECONDS
     limit: int = MAX_SIGNINS
+    throttle: Throttle = field(default_factory=Throttle)
     _expiry: dict[bytes, float] = field(default_factory=dict)
 
     def start(self) -> str:

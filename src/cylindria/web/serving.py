@@ -1,0 +1,88 @@
+"""Serving the app on a socket: aiohttp's runner, with idle and request-head timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from ..config import Settings
+
+log = logging.getLogger(__name__)
+
+
+class HeadTimeouts:
+    """Closes each new connection that has not sent a complete request head within
+    `timeout` seconds.
+
+    aiohttp has no such limit of its own, and its keep-alive timer only starts when a
+    connection opens or a response ends; this covers the first head of a connection,
+    the keep-alive timer the later ones. It works on the server's public hooks
+    (`connection_made`, `connection_lost`, `request_factory`, each wrapped on the
+    instance) rather than on the request handler's private state, so that it has to be
+    installed after the runner is set up and before any site starts.
+    """
+
+    def __init__(self, server: web.Server, timeout: float) -> None:
+        self.timeout = timeout
+        self._timers: dict[web.RequestHandler, asyncio.TimerHandle] = {}
+        loop = asyncio.get_running_loop()
+        made, lost, factory = (server.connection_made, server.connection_lost,
+                               server.request_factory)
+
+        def connection_made(handler: web.RequestHandler, transport: asyncio.Transport
+                            ) -> None:
+            made(handler, transport)
+            self._timers[handler] = loop.call_later(
+                timeout, self._expire, handler, transport.get_extra_info("peername"))
+
+        def connection_lost(handler: web.RequestHandler,
+                            exc: BaseException | None = None) -> None:
+            self._forget(handler)
+            lost(handler, exc)
+
+        # Called once a request head is complete (or found malformed, to answer 400).
+        def request_factory(message: Any, payload: Any, protocol: web.RequestHandler,
+                            writer: Any, task: Any) -> web.BaseRequest:
+            self._forget(protocol)
+            return factory(message, payload, protocol, writer, task)
+
+        server.connection_made = connection_made  # type: ignore[method-assign]
+        server.connection_lost = connection_lost  # type: ignore[method-assign]
+        server.request_factory = request_factory
+
+    def _forget(self, handler: web.RequestHandler) -> None:
+        timer = self._timers.pop(handler, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _expire(self, handler: web.RequestHandler, peer: Any) -> None:
+        self._timers.pop(handler, None)
+        # DEBUG: whoever opens connections must not be able to fill the log with them.
+        log.debug("closed a connection from %s: no complete request head within %g s",
+                  peer, self.timeout)
+        handler.force_close()
+
+
+async def start_server(app: web.Application, settings: Settings, *,
+                       access_log: logging.Logger | None = None) -> web.AppRunner:
+    """Set `app` up and serve it on `settings.host`:`settings.port`, as `cylindria serve`
+    does; `runner.cleanup()` stops it."""
+    timing = settings.timing
+    runner = web.AppRunner(app, keepalive_timeout=timing.keepalive_timeout,
+                           access_log=access_log)
+    try:
+        # Inside: a start-up that fails half-way still closes what it opened.
+        await runner.setup()
+        server = runner.server
+        if server is None:  # setup() made it; the type allows None only before that
+            raise RuntimeError("aiohttp's runner has no server after setup()")
+        HeadTimeouts(server, timing.head_timeout)
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner

@@ -6,10 +6,11 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+import ujson
 from support import quick
 
 from cylindria.core.records import Job, JobState, to_record
-from cylindria.core.workflow import canonical
+from cylindria.core.workflow import read_workflow
 from cylindria.store.database import open_database
 
 BATCH = 20_000
@@ -20,7 +21,7 @@ def fill(path: Path, count: int, gpus: int) -> None:
     host leaves them behind."""
     database, _ = open_database(path, memory_jobs=0)
     now = time.time()
-    workflow = canonical(quick(1), {})
+    workflow = read_workflow(ujson.dumps(quick(1))).data
     try:
         for start in range(0, count, BATCH):
             rows = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import os
 import random
 import statistics
@@ -217,6 +218,50 @@ async def count_jobs(session: aiohttp.ClientSession, url: str, state: str) -> in
             return count
 
 
+async def stalls(work: Path, mib: int) -> dict[str, str]:
+    """The longest wait of GET /healthz, asked every few milliseconds, while a large
+    workflow is submitted, and while a job with a large text output completes."""
+    # Just under the 32 MiB a body may have.
+    size = (mib << 20) - 4096
+    big_workflow = {"prompt": quick(5_000_000),
+                    "extra_data": {"extra_pnginfo": {"note": "x" * size}}}
+    text_job = {"1": {"class_type": "PreviewAny", "inputs": {"source": "t" * size}}}
+    rows = {}
+    async with stack(work / "stalls", 1, work / "stalls.sqlite3") as running, \
+            aiohttp.ClientSession() as session:
+        for label, job_id, workflow, until in (
+                (f"a {mib} MiB workflow is submitted", "big-in", big_workflow, "accepted"),
+                (f"a job with a {mib} MiB text output completing", "big-out", text_job,
+                 "completed")):
+            body = ujson.dumps(workflow).encode()
+            waits: list[float] = []
+            done = asyncio.Event()
+            prober = asyncio.create_task(probe_health(session, running.url, waits, done))
+            try:
+                async with session.put(f"{running.url}/startjob/{job_id}/",
+                                       data=io.BytesIO(body),
+                                       headers={"Content-Type": "application/json"}) as resp:
+                    assert resp.status == 202, await resp.text()
+                while until == "completed":
+                    async with session.get(f"{running.url}/jobs/",
+                                           params={"state": "completed", "limit": "1"}) as r:
+                        if any(j["job_id"] == job_id for j in (await r.json())["jobs"]):
+                            break
+                    await asyncio.sleep(0.05)
+            finally:
+                done.set()
+                await prober
+            rows[f"longest /healthz wait while {label} (ms)"] = f"{max(waits) * 1000:.0f}"
+    return rows
+
+
+async def probe_health(session: aiohttp.ClientSession, url: str, waits: list[float],
+                       done: asyncio.Event) -> None:
+    while not done.is_set():
+        waits.append(await timed_get(session, f"{url}/healthz"))
+        await asyncio.sleep(0.005)
+
+
 async def million(work: Path, count: int) -> dict[str, str]:
     """Start-up with `count` finished jobs in the state file: time to the first answered
     /jobstatus, memory, and an old job answered from disk."""
@@ -252,13 +297,14 @@ async def main() -> None:
     parser.add_argument("--wrk-seconds", type=float, default=5.0)
     parser.add_argument("--submit-seconds", type=float, default=10.0)
     parser.add_argument("--only", choices=("flatness", "status", "overhead", "throughput",
-                                           "million"), default=None)
+                                           "stalls", "million"), default=None)
     args = parser.parse_args()
     runs = {
         "flatness": lambda work: flatness(work, args.held, args.rounds),
         "status": lambda work: status_speed(work, args.wrk_seconds),
         "overhead": lambda work: submit_overhead(work, 500),
         "throughput": lambda work: throughput(work, args.jobs, 64, args.submit_seconds),
+        "stalls": lambda work: stalls(work, 32),
         "million": lambda work: million(work, args.million),
     }
     rows: dict[str, str] = {}

@@ -15,6 +15,7 @@ from cylindria.app import create_app
 from cylindria.appkeys import GPUS
 from cylindria.config import Settings
 from cylindria.simulator import ComfySimulator, SimSettings
+from cylindria.web.serving import server_options
 
 from helpers import FAST, wait_until
 
@@ -80,7 +81,11 @@ async def start_cylindria(start_sims, aiohttp_client):
                                    "num_gpus": len(cluster.sims), "timing": FAST,
                                    "callback_allow": ("127.0.0.0/8", "::1")}
         options.update(settings)
-        client = await aiohttp_client(create_app(Settings(**options)))
+        config = Settings(**options)
+        # Served as `cylindria serve` serves it (aiohttp_client would drop server_kwargs).
+        server = TestServer(create_app(config))
+        await server.start_server(**server_options(config))
+        client = await aiohttp_client(server)
         if connect:
             await wait_until(lambda: all(g.listener_connected for g in client.app[GPUS]),
                              what="listeners to connect")

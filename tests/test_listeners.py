@@ -14,8 +14,10 @@ import ujson
 from aiohttp import web
 
 from cylindria.appkeys import GPUS
+from cylindria.core.reading import WorkflowReader
 from cylindria.core.records import JobState
 from cylindria.core.registry import Registry
+from cylindria.core.workflow import MAX_NODES
 from cylindria.upstream.listeners import Dispatcher, backoff_delays
 
 import workflows
@@ -147,7 +149,8 @@ def make_dispatcher() -> tuple[Dispatcher, Registry, Any]:
     registry = Registry()
     # The dispatcher reads a GPU's number and writes its queue length, nothing else.
     gpu = SimpleNamespace(index=0, queue_remaining=None)
-    return Dispatcher(gpu, registry, asyncio.Event()), registry, gpu
+    return (Dispatcher(gpu, registry, asyncio.Event(), WorkflowReader(MAX_NODES)), registry,
+            gpu)
 
 
 async def test_malformed_frames_are_logged_and_skipped(caplog):
@@ -159,10 +162,11 @@ async def test_malformed_frames_are_logged_and_skipped(caplog):
                       '{"type": "status", "data": {"status": {}}}',
                       '{"type": "progress", "data": {"prompt_id": "p"}}',
                       '{"type": "executed", "data": {"prompt_id": "p"}}'):
-            dispatcher.handle_text(frame)
+            await dispatcher.handle_text(frame)
     assert caplog.text.count("skipping") == 7
-    dispatcher.handle_text(ujson.dumps({"type": "execution_start", "data": {"prompt_id": "p"}}))
-    dispatcher.handle_text(ujson.dumps({"type": "status", "data": {
+    await dispatcher.handle_text(ujson.dumps({"type": "execution_start",
+                                              "data": {"prompt_id": "p"}}))
+    await dispatcher.handle_text(ujson.dumps({"type": "status", "data": {
         "status": {"exec_info": {"queue_remaining": 3}}}}))
     assert job.state is JobState.RUNNING and gpu.queue_remaining == 3
 

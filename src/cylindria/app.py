@@ -8,19 +8,22 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 
+import ujson
 from aiohttp import web
 
 from . import dashboard
 from .appkeys import EVENTS, GPUS, JOBS, JOURNAL, REGISTRY, SETTINGS, SIGNINS, TASKS, WEBHOOKS
 from .config import Settings
 from .core.jobs import JobsService
+from .core.reading import WorkflowReader
 from .core.registry import Registry
+from .core.workflow import MAX_NODES
 from .store.journal import Journal, open_journal
 from .upstream.comfy import CallbackClient, ComfyClient, open_session
 from .upstream.gpus import Gpu
 from .upstream.listeners import cancel_and_wait, listen, poll
 from .upstream.webhooks import WebhookSender
-from .web import api, events, gpus, outputs, render
+from .web import api, events, gpus, outputs, params, render
 from .web.auth import make_auth_middleware
 from .web.eventhub import EventHub
 from .web.middlewares import error_middleware, response_headers
@@ -28,8 +31,6 @@ from .web.signins import Signins
 
 log = logging.getLogger(__name__)
 
-# Workflows can embed images as base64; ComfyUI itself takes up to 100 MB.
-MAX_BODY_BYTES = 32 * 1024 * 1024
 
 
 def create_app(settings: Settings) -> web.Application:
@@ -37,8 +38,9 @@ def create_app(settings: Settings) -> web.Application:
     middlewares = [error_middleware]
     if settings.api_key:
         middlewares.append(make_auth_middleware(settings.api_key, signins, "dashboard_login"))
-    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
+    app = web.Application(middlewares=middlewares, client_max_size=params.MAX_BODY_BYTES)
     app.on_response_prepare.append(response_headers)
+    app.on_response_prepare.append(params.close_if_body_unread)
     app[SETTINGS] = settings
     app[SIGNINS] = signins
     registry = Registry(memory_jobs=settings.memory_jobs)
@@ -81,6 +83,9 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     log.info("jobs are kept in %s: %d job(s) held, %d loaded into memory, %d in flight",
              journal.name, loaded.held, len(loaded.jobs),
              sum(not job.terminal for job in loaded.jobs))
+    # Decodes large JSON (workflows, ComfyUI's answers) in a worker process.
+    reader = WorkflowReader(MAX_NODES)
+    decode = functools.partial(reader.decode, ujson.loads)
     try:
         async with open_session(settings.num_gpus, timing) as session:
             # The clientId is the state file's: after a restart, ComfyUI sends the events
@@ -88,10 +93,10 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
             app[GPUS] = [Gpu(index=n, url=settings.gpu_url(n),
                              client_id=f"cylindria-{loaded.install_id}-gpu{n}",
                              comfy=ComfyClient(session, settings.gpu_url(n),
-                                               timing.request_timeout),
+                                               timing.request_timeout, decode),
                              timing=timing)
                          for n in range(settings.num_gpus)]
-            app[JOBS] = JobsService(registry, app[GPUS], settings, journal)
+            app[JOBS] = JobsService(registry, app[GPUS], settings, journal, reader)
             app[JOBS].restore(loaded.jobs, loaded.last_seq, loaded.evicted_through)
             # What start-up loaded lives long: keep the garbage collector's full passes
             # from walking it again and again (they would pause every request).
@@ -103,7 +108,7 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
             try:
                 yield
             finally:
-                app[JOBS].close()
+                await app[JOBS].close()
                 for gpu in app[GPUS]:
                     await gpu.close()
     finally:
@@ -156,7 +161,7 @@ async def listeners_ctx(app: web.Application) -> AsyncIterator[None]:
     for gpu in app[GPUS]:
         wake = asyncio.Event()
         tasks[f"listener-gpu{gpu.index}"] = asyncio.create_task(
-            listen(gpu, app[REGISTRY], timing, wake), name=f"listener-gpu{gpu.index}")
+            listen(gpu, app[JOBS], timing, wake), name=f"listener-gpu{gpu.index}")
         tasks[f"poller-gpu{gpu.index}"] = asyncio.create_task(
             poll(gpu, app[JOBS], timing, wake), name=f"poller-gpu{gpu.index}")
     try:

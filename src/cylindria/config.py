@@ -50,6 +50,8 @@ class Timing:
     housekeeping_interval: float = 60.0
     # While the state file cannot be written, how often to try again.
     state_retry: float = 2.0
+    # How long POST /canceljob waits for ComfyUI before answering (it goes on behind).
+    cancel_wait: float = 2.0
     # Client connections: a new one must send a complete request head within
     # `head_timeout`; between requests, one may wait `keepalive_timeout` for the next
     # complete head (so an idle or half-sent one is closed by then). Neither limits a

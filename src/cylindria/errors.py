@@ -56,6 +56,16 @@ class InvalidWorkflow(ApiError):
     code = "invalid_workflow"
 
 
+class BodyTooLarge(ApiError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedEncoding(ApiError):
+    status = 415
+    code = "unsupported_encoding"
+
+
 class TooManyNodes(ApiError):
     status = 413
     code = "too_many_nodes"

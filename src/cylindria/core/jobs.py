@@ -35,7 +35,7 @@ from .reading import WorkflowReader
 from .records import RETRYABLE, Job, JobState
 from .recovery import Recovery
 from .registry import Registry
-from .workflow import MAX_NODES, Workflow, rejection_detail, save_copy
+from .workflow import Workflow, rejection_detail, save_copy
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +61,12 @@ class JobsService(Recovery):
     jobs from memory or the journal; reconciliation with ComfyUI, at restart too."""
 
     def __init__(self, registry: Registry, gpus: Sequence[GpuPort], settings: Settings,
-                 store: Store) -> None:
+                 store: Store, reader: WorkflowReader) -> None:
         self.registry = registry
         self.gpus = gpus
         self.settings = settings
         self.store = store
-        self.reader = WorkflowReader(MAX_NODES)
+        self.reader = reader
         # Cancels still talking to a slow ComfyUI after their answer was sent.
         self._background: set[asyncio.Task[None]] = set()
         # Submissions in flight, by job id: a concurrent PUT of the same job waits on it.
@@ -208,7 +208,7 @@ class JobsService(Recovery):
             if adopted is not None:
                 return adopted
 
-        self.store.remember_workflow(job_id, workflow.text)
+        self.store.remember_workflow(job_id, workflow.data)
         try:
             job = registry.begin(job_id, gpu.index, str(uuid.uuid4()), digest, workflow.nodes,
                                  callback_url=callback, auto=auto)
@@ -238,7 +238,7 @@ class JobsService(Recovery):
             raise
         self._fault("crash-before-submit")
         try:
-            answer = await gpu.comfy.submit(workflow.text, gpu.client_id, job.prompt_id,
+            answer = await gpu.comfy.submit(workflow.data, gpu.client_id, job.prompt_id,
                                             timeout=self.settings.timing.submit_timeout)
         except BackendTimeout as exc:
             return await self._after_timeout(job, gpu, exc)
@@ -310,7 +310,7 @@ class JobsService(Recovery):
                 return None
         except BackendError:
             return None
-        self.store.remember_workflow(old.job_id, workflow.text)
+        self.store.remember_workflow(old.job_id, workflow.data)
         job = self.registry.begin(old.job_id, gpu.index, old.prompt_id, workflow.fingerprint,
                                   workflow.nodes, callback_url=callback, auto=old.auto)
         self.registry.confirm(job)

@@ -177,9 +177,9 @@ class Job:
             return
         self.final_reused = self.outputs_reused
         self.final_progress = self.progress
-        if self.outputs:
+        if self.outputs and not _has_long_text(self.outputs):
             self.outputs_text = ujson.dumps(self.outputs, escape_forward_slashes=False)
-        self.outputs = None
+            self.outputs = None
         self.nodes = NO_NODES
         self.done_nodes = self.cached_nodes = self.planned_nodes = None
 
@@ -201,6 +201,16 @@ class Job:
 
 
 NO_NODES: frozenset[str] = frozenset()
+# Outputs holding a text this long stay as they are when a job is made compact: turning
+# them into JSON and back would hold the event loop for longer than it is worth.
+LONG_TEXT = 64 * 1024
+
+
+def _has_long_text(outputs: dict[str, Any]) -> bool:
+    return any(isinstance(text, str) and len(text) > LONG_TEXT
+               for output in outputs.values() if isinstance(output, dict)
+               for items in output.values() if isinstance(items, list)
+               for text in items)
 
 # ComfyUI's UI output keys and what each holds: files, or plain strings for text.
 OUTPUT_KINDS = {"images": "image", "gifs": "gif", "videos": "video", "video": "video",

@@ -25,17 +25,17 @@ MAX_NODES = 20_000
 
 @dataclass(slots=True, frozen=True)
 class Workflow:
-    """A checked workflow: `text` is the JSON document sent to ComfyUI and kept by the
-    journal (`{"prompt": ..., "extra_data": ...}`, nodes in the client's order), and
+    """A checked workflow: `data` is the JSON document (UTF-8) sent to ComfyUI and kept by
+    the journal (`{"prompt": ..., "extra_data": ...}`, nodes in the client's order), and
     `fingerprint` is equal for equal workflows however their keys are ordered."""
 
-    text: str
+    data: bytes
     fingerprint: str
     nodes: tuple[str, ...]
 
     def parts(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(prompt, extra_data)."""
-        document = ujson.loads(self.text)
+        document = ujson.loads(self.data)
         return document["prompt"], document["extra_data"]
 
 
@@ -53,17 +53,16 @@ def read_workflow(raw: bytes | str, max_nodes: int = MAX_NODES) -> Workflow:
                            f"{max_nodes} (CYLINDRIA_MAX_NODES). Split it into smaller jobs.")
     document = {"prompt": prompt, "extra_data": extra}
     try:
-        text = ujson.dumps(document, ensure_ascii=False, escape_forward_slashes=False)
+        data = ujson.dumps(document, ensure_ascii=False, escape_forward_slashes=False).encode()
         digest = hashlib.sha256(ujson.dumps(document, sort_keys=True, ensure_ascii=False)
                                 .encode()).hexdigest()
-        text.encode()
     except UnicodeEncodeError:
         raise BadRequest("The body holds a lone UTF-16 surrogate (such as \\ud800), which "
                          "is not text. Send valid Unicode.") from None
     except (OverflowError, RecursionError, ValueError):
         raise BadRequest("The workflow is nested too deeply to handle. Send an API-format "
                          "workflow.") from None
-    return Workflow(text, digest, tuple(prompt))
+    return Workflow(data, digest, tuple(prompt))
 
 
 def split_workflow(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -173,7 +172,7 @@ async def save_copy(directory: Path, job_id: str, workflow: Workflow) -> None:
     path = directory / f"{stamp}_{job_id}.json"
 
     def write() -> None:
-        text = workflow.text
+        text = workflow.data.decode()
         if len(text) <= PRETTY_UP_TO:
             prompt, extra = workflow.parts()
             document = {"prompt": prompt, "extra_data": extra} if extra else prompt

@@ -183,7 +183,7 @@ class Database:
 
     # -- writing --------------------------------------------------------------------
 
-    def write(self, rows: Sequence[Row], workflows: Sequence[tuple[str, str]]) -> None:
+    def write(self, rows: Sequence[Row], workflows: Sequence[tuple[str, bytes]]) -> None:
         """One transaction: the workflows first written, then every row."""
         conn = self.conn
         encoded = [(seq, job_id, state, gpu, finished, ujson.dumps(record))
@@ -215,7 +215,7 @@ class Database:
                                 (job_id,)).fetchone()
         return None if row is None else from_record(ujson.loads(row[0]))
 
-    def workflow(self, job_id: str) -> str | None:
+    def workflow(self, job_id: str) -> bytes | str | None:
         row = self.conn.execute("SELECT workflow FROM workflows WHERE job_id = ?",
                                 (job_id,)).fetchone()
         return None if row is None else row[0]

@@ -19,6 +19,8 @@ from .writer import WriterThread
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# Workflows longer than this are written by the writer thread, never on the event loop.
+INLINE_WORKFLOW = 64 * 1024
 
 
 PRUNE_BATCH = 500
@@ -53,7 +55,7 @@ class Journal:
         self._writer = writer
         self._on_saved = on_saved
         self._dirty: dict[str, Job] = {}
-        self._workflows: dict[str, str] = {}
+        self._workflows: dict[str, bytes] = {}
         self._waiters: dict[str, list[tuple[int, asyncio.Future[None]]]] = {}
         self._writing: asyncio.Future[None] | None = None
         self._failure: str | None = None
@@ -99,7 +101,7 @@ class Journal:
         if self._kick_soon is None:
             self._kick_soon = asyncio.get_running_loop().call_soon(self._kick)
 
-    def remember_workflow(self, job_id: str, workflow: str) -> None:
+    def remember_workflow(self, job_id: str, workflow: bytes) -> None:
         """Written with the job's next commit (before ComfyUI is asked to run it)."""
         self._workflows[job_id] = workflow
 
@@ -109,8 +111,10 @@ class Journal:
         target = job.lasting_version
         if job.saved_version >= target:
             return
-        # Every change is noted, so the job is dirty or in the batch being written.
-        if self._inline and self._pending == 0 and not self._closed:
+        # Every change is noted, so the job is dirty or in the batch being written. A
+        # large workflow is never written on the loop.
+        if (self._inline and self._pending == 0 and not self._closed
+                and len(self._workflows.get(job.job_id, b"")) <= INLINE_WORKFLOW):
             self._commit_now(job)
             self.ensure_writable()
             if job.saved_version >= target:
@@ -157,7 +161,7 @@ class Journal:
         self._writing.add_done_callback(lambda done: self._written(done, batch, workflows))
 
     def _written(self, done: asyncio.Future[None],
-                 batch: list[tuple[Job, int, Row]], workflows: list[tuple[str, str]]) -> None:
+                 batch: list[tuple[Job, int, Row]], workflows: list[tuple[str, bytes]]) -> None:
         self._writing = None
         self._written_event.set()
         error = None if done.cancelled() else done.exception()
@@ -168,7 +172,7 @@ class Journal:
             self._kick()
 
     def _succeeded(self, batch: list[tuple[Job, int, Row]],
-                   workflows: list[tuple[str, str]]) -> None:
+                   workflows: list[tuple[str, bytes]]) -> None:
         self.commits += 1
         if self._failure is not None:
             log.warning("state file %s: writes work again; new jobs are accepted",
@@ -227,7 +231,7 @@ class Journal:
         """A job from the file (one that memory no longer holds)."""
         return await self._run(lambda db: db.job(job_id))
 
-    async def workflow(self, job_id: str) -> str | None:
+    async def workflow(self, job_id: str) -> bytes | str | None:
         return await self._run(lambda db: db.workflow(job_id))
 
     async def page(self, states: Iterable[str] | None, gpu_id: int | None, before: int,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import io
 import ipaddress
 import logging
 import socket
@@ -33,6 +34,7 @@ from ..errors import BackendError, BackendTimeout, BackendUnavailable, CallbackN
 log = logging.getLogger(__name__)
 
 JSON_HEADERS = {"Content-Type": "application/json"}
+STREAM_BODY_BYTES = 1 << 20
 
 # REST connections allowed per ComfyUI, on top of its one long-lived websocket.
 REST_CONNECTIONS_PER_GPU = 32
@@ -62,8 +64,11 @@ class ComfyClient:
     BackendTimeout (504); answers Cylindria does not understand, BackendError."""
 
     def __init__(self, session: aiohttp.ClientSession, base_url: str,
-                 request_timeout: float) -> None:
+                 request_timeout: float, decode: Decoder | None = None) -> None:
         self._session = session
+        # Large answers (a queue or history holding big workflows) may be decoded off
+        # the event loop.
+        self._decode = decode or _decode_here
         self.base_url = base_url.rstrip("/")
         self.timeout = aiohttp.ClientTimeout(total=request_timeout)
         self._urls: dict[str, URL] = {}
@@ -93,7 +98,8 @@ class ComfyClient:
         if json_body is not None:
             body = ujson.dumps(json_body).encode()
         if body is not None:
-            kwargs["data"] = body
+            # A large body goes out in chunks, so sending it never holds the loop.
+            kwargs["data"] = body if len(body) < STREAM_BODY_BYTES else io.BytesIO(body)
             kwargs["headers"] = JSON_HEADERS
         client_timeout = _timeout(timeout) if timeout is not None else self.timeout
         url = self._urls.get(path)
@@ -115,18 +121,18 @@ class ComfyClient:
                 if not raw or resp.content_type != "application/json":
                     return resp.status, None
                 try:
-                    return resp.status, ujson.loads(raw)
+                    return resp.status, await self._decode(raw)
                 except ValueError:
                     raise BackendError(
                         f"ComfyUI at {self.base_url} sent invalid JSON for {method} {path}."
                     ) from None
 
-    async def submit(self, workflow: str, client_id: str, prompt_id: str,
+    async def submit(self, workflow: bytes, client_id: str, prompt_id: str,
                      timeout: float) -> Submitted:
-        """POST /prompt. `workflow` is the JSON text `{"prompt": ..., "extra_data": ...}`,
-        sent as it is (never decoded again here: it may be large)."""
-        head = ujson.dumps({"client_id": client_id, "prompt_id": prompt_id})
-        body = (head[:-1] + "," + workflow[1:]).encode()
+        """POST /prompt. `workflow` is the JSON document `{"prompt": ..., "extra_data":
+        ...}`, sent as it is (never decoded again here: it may be large)."""
+        head = ujson.dumps({"client_id": client_id, "prompt_id": prompt_id}).encode()
+        body = b"".join((head[:-1], b",", memoryview(workflow)[1:]))
         status, data = await self._request("POST", "/prompt", body=body, timeout=timeout,
                                            ok=(200, 400))
         if not isinstance(data, dict):
@@ -186,6 +192,13 @@ class ComfyClient:
         return self._session.ws_connect(
             url, heartbeat=heartbeat, max_msg_size=WS_MAX_MSG_SIZE, autoping=True,
             timeout=aiohttp.ClientWSTimeout(ws_close=close_timeout))
+
+
+Decoder = Callable[[bytes], Awaitable[Any]]
+
+
+async def _decode_here(raw: bytes) -> Any:
+    return ujson.loads(raw)
 
 
 @functools.lru_cache(maxsize=16)

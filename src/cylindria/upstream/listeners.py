@@ -12,6 +12,7 @@ import ujson
 
 from ..config import Timing
 from ..core.jobs import JobsService
+from ..core.reading import WorkflowReader
 from ..core.registry import Registry
 from ..errors import BackendError
 from .gpus import Gpu
@@ -33,18 +34,17 @@ def backoff_delays(initial: float, cap: float) -> Any:
 class Dispatcher:
     """Turns ComfyUI websocket messages of one GPU into registry updates."""
 
-    def __init__(self, gpu: Gpu, registry: Registry, wake_poller: asyncio.Event) -> None:
+    def __init__(self, gpu: Gpu, registry: Registry, wake_poller: asyncio.Event,
+                 reader: WorkflowReader) -> None:
         self.gpu = gpu
         self.registry = registry
         self.wake_poller = wake_poller
+        self.reader = reader
 
-    def handle_text(self, raw: str) -> None:
+    async def handle_text(self, raw: str) -> None:
         try:
-            msg = ujson.loads(raw)
-            kind = msg["type"]
-            data = msg.get("data") or {}
-            if not isinstance(data, dict):
-                raise TypeError("data is not an object")
+            # A frame can hold megabytes (a node's text output): decoded off the loop.
+            kind, data = await self.reader.decode(parse_frame, raw)
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("gpu %d: skipping malformed frame (%s): %.200r",
                         self.gpu.index, exc, raw)
@@ -94,14 +94,26 @@ class Dispatcher:
         # progress_state, feature_flags, logs and unknown types carry nothing we need.
 
 
+def parse_frame(raw: str) -> tuple[str, dict[str, Any]]:
+    """(type, data) of one text frame; ValueError, KeyError or TypeError if it is not
+    one ComfyUI sends."""
+    msg = ujson.loads(raw)
+    if not isinstance(msg, dict):
+        raise TypeError("the frame is not an object")
+    data = msg.get("data") or {}
+    if not isinstance(data, dict):
+        raise TypeError("data is not an object")
+    return msg["type"], data
+
+
 def _str_or_none(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
-async def listen(gpu: Gpu, registry: Registry, timing: Timing,
+async def listen(gpu: Gpu, jobs: JobsService, timing: Timing,
                  wake_poller: asyncio.Event) -> None:
     """Keep one websocket open to this GPU's ComfyUI for the life of the process."""
-    dispatcher = Dispatcher(gpu, registry, wake_poller)
+    dispatcher = Dispatcher(gpu, jobs.registry, wake_poller, jobs.reader)
     delays = backoff_delays(timing.reconnect_initial, timing.reconnect_max)
     failures = 0
     ever_connected = False
@@ -122,7 +134,7 @@ async def listen(gpu: Gpu, registry: Registry, timing: Timing,
                 wake_poller.set()
                 async for msg in ws:
                     if msg.type is aiohttp.WSMsgType.TEXT:
-                        dispatcher.handle_text(msg.data)
+                        await dispatcher.handle_text(msg.data)
                     elif msg.type is aiohttp.WSMsgType.BINARY:
                         continue  # previews; nothing to keep
                     elif msg.type is aiohttp.WSMsgType.ERROR:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
+import zlib
 from collections.abc import Mapping
 from urllib.parse import urlsplit
 
@@ -14,11 +16,15 @@ from ..appkeys import GPUS, WEBHOOKS
 from ..core.numbers import canonical_int
 from ..core.placement import gpu_number
 from ..core.records import JobState
-from ..errors import BadRequest
+from ..errors import BadRequest, BodyTooLarge, UnsupportedEncoding
 from ..upstream.gpus import Gpu
 
-# Set on a request whose body could not be read: its answer closes the connection.
-UNREADABLE_BODY = web.RequestKey("unreadable_body", bool)
+# The largest body taken, compressed or not: workflows can embed images as base64
+# (ComfyUI itself takes up to 100 MB).
+MAX_BODY_BYTES = 32 * 1024 * 1024
+INLINE_INFLATE_BYTES = 256 * 1024
+ZLIB_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS,
+              "deflate": zlib.MAX_WBITS}
 JOB_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}", re.ASCII)
 MAX_CALLBACK_URL = 2048
 
@@ -56,26 +62,56 @@ async def callback_url(request: web.Request) -> str | None:
 
 
 async def body(request: web.Request) -> bytes:
-    """The request body, decoded as its Content-Encoding says."""
+    """The request body, decompressed as its Content-Encoding says. Cylindria decodes
+    bodies itself (the server is told not to): only where one is read, bounded in size,
+    and with a 4xx that says what was wrong."""
     try:
-        return await request.read()
+        raw = await request.read()
     except RequestPayloadError:
-        # The rest of this body cannot be read, so nothing else on this connection can:
-        # close it after the answer, without draining the body (which would fail again).
-        request.content.feed_eof()
-        request[UNREADABLE_BODY] = True
-        raise BadRequest("The body could not be read: it is not what its Content-Encoding "
-                         f"({request.headers.get('Content-Encoding', 'none')[:40]!r}) says. "
+        raise BadRequest("The body could not be read as sent (a broken chunked encoding?). "
+                         "Send it again.") from None
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        return raw
+    wbits = ZLIB_WBITS.get(encoding)
+    if wbits is None:
+        raise UnsupportedEncoding(f"Content-Encoding {encoding[:40]!r} is not supported; send "
+                                  "the body uncompressed, or compressed with gzip or deflate.")
+    if len(raw) <= INLINE_INFLATE_BYTES:
+        return inflate(raw, wbits, MAX_BODY_BYTES, encoding)
+    # zlib lets go of the interpreter while it works: a thread keeps the loop free.
+    return await asyncio.to_thread(inflate, raw, wbits, MAX_BODY_BYTES, encoding)
+
+
+def inflate(raw: bytes, wbits: int, limit: int, encoding: str) -> bytes:
+    """`raw` decompressed, at most `limit` bytes of it (a small body may hide a huge
+    one)."""
+    inflater = zlib.decompressobj(wbits)
+    try:
+        data = inflater.decompress(raw, limit + 1)
+    except zlib.error:
+        if encoding == "deflate" and wbits > 0:
+            # Some clients send deflate without its zlib header.
+            return inflate(raw, -zlib.MAX_WBITS, limit, encoding)
+        raise BadRequest(f"The body is not {encoding} data, as its Content-Encoding says. "
                          "Send it uncompressed, or compressed as declared.") from None
+    if len(data) > limit:
+        raise BodyTooLarge(f"The body is more than {limit // 2**20} MiB once decompressed; "
+                           "send a smaller workflow.")
+    if not inflater.eof:
+        raise BadRequest(f"The {encoding} body ends before its compressed data does. Send "
+                         "all of it.")
+    return data
 
 
-async def close_after_unreadable_body(request: web.Request,
-                                      response: web.StreamResponse) -> None:
-    """An application hook: the answer to a request whose body could not be read ends
-    its connection (and says so in its headers)."""
-    if request.get(UNREADABLE_BODY, False):
+async def close_if_body_unread(request: web.Request, response: web.StreamResponse) -> None:
+    """An application hook: a request whose body was not read to its end (a route that
+    takes none, or one that could not be decoded) ends its connection with the answer,
+    instead of aiohttp draining and decoding the rest (and logging its failure)."""
+    if not request.content.is_eof():
+        request.content.feed_eof()
         response.force_close()
-        # Headers are made before this hook runs: say it as well.
+        # Headers are made before this hook runs: say it in them as well.
         response.headers["Connection"] = "close"
 
 

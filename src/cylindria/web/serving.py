@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ..config import Settings
 
@@ -66,13 +67,34 @@ class HeadTimeouts:
         handler.force_close()
 
 
+class QuietBadRequests(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """aiohttp's server log, but a request that is not valid HTTP (anyone can send one)
+    is an INFO line without a traceback, not an ERROR."""
+
+    def exception(self, msg: object, *args: Any, exc_info: Any = True,
+                  **kwargs: Any) -> None:
+        if isinstance(exc_info, HttpProcessingError):
+            self.info("%s: %s", msg % args if args else msg,
+                      str(exc_info).replace("\n", " ")[:300])
+            return
+        self.logger.exception(msg, *args, exc_info=exc_info, **kwargs)
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """How the HTTP server is run, in the service and in the tests alike: bodies are
+    left compressed for Cylindria to decode where it reads one (so a bad encoding gets
+    a clear 4xx, never a decode inside the server), and idle connections time out."""
+    return {"keepalive_timeout": settings.timing.keepalive_timeout,
+            "auto_decompress": False,
+            "logger": QuietBadRequests(logging.getLogger("aiohttp.server"), {})}
+
+
 async def start_server(app: web.Application, settings: Settings, *,
                        access_log: logging.Logger | None = None) -> web.AppRunner:
     """Set `app` up and serve it on `settings.host`:`settings.port`, as `cylindria serve`
     does; `runner.cleanup()` stops it."""
     timing = settings.timing
-    runner = web.AppRunner(app, keepalive_timeout=timing.keepalive_timeout,
-                           access_log=access_log)
+    runner = web.AppRunner(app, access_log=access_log, **server_options(settings))
     try:
         # Inside: a start-up that fails half-way still closes what it opened.
         await runner.setup()

@@ -4,10 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 GPUS ?= 2
-SIM_PORT ?= 8188
+SIM_PORT ?= 18188
 PORT ?= 8000
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test fuzz lint bench clean
 
 install: $(STAMP)
 
@@ -17,17 +17,18 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# Ctrl-C reaches both processes (same process group); the trap stops the
-# simulator if the service exits on its own.
+# The simulated GPUs and the service in one process. SIM_PORT is not ComfyUI's 8188,
+# so a real ComfyUI on this machine is never used by mistake; ports in use stop it
+# with one line.
 run: $(STAMP)
-	@echo "Simulated ComfyUI: $(GPUS) GPU(s) from port $(SIM_PORT); Cylindria: http://127.0.0.1:$(PORT)/"
-	@trap 'kill 0 2>/dev/null' EXIT; \
-	$(BIN)/cylindria simulate --gpus $(GPUS) --base-port $(SIM_PORT) & \
-	CYLINDRIA_CALLBACK_ALLOW=127.0.0.0/8,::1 COMFYUI_BASE_URL=http://127.0.0.1:$(SIM_PORT) $(BIN)/cylindria serve \
-	    --port $(PORT) --numberOfGpus $(GPUS)
+	@$(BIN)/cylindria demo --numberOfGpus $(GPUS) --sim-port $(SIM_PORT) --port $(PORT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The fuzz test's long, random profile (a few minutes).
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/test_fuzz.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

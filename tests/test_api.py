@@ -518,14 +518,15 @@ async def test_unknown_route_and_wrong_method_are_json(start_cylindria):
     assert body["error"]["code"] == "method_not_allowed" and "PUT" in body["error"]["message"]
 
 
-async def test_every_route_but_healthz_needs_the_key(start_cylindria):
+async def test_every_route_but_the_health_checks_needs_the_key(start_cylindria):
     """Walks every route of the app without a key: only the routes listed here are
     open, the dashboard's pages send the browser to the sign-in form, and every other
     route answers 401 JSON."""
-    # The health check (load balancers know no secrets), the sign-in form, and the
-    # stylesheet and script the form uses.
+    # The health checks (load balancers know no secrets), the sign-in form, and the
+    # stylesheet and script the form uses. The simulated GPU behind is up: ready.
     open_routes = {
         ("GET", "/healthz"): 200, ("HEAD", "/healthz"): 200,
+        ("GET", "/readyz"): 200, ("HEAD", "/readyz"): 200,
         ("GET", "/dashboard/login"): 200, ("HEAD", "/dashboard/login"): 200,
         ("POST", "/dashboard/login"): 400,
         ("GET", "/dashboard/static/dashboard.css"): 200,
@@ -585,3 +586,24 @@ async def test_registry_is_the_one_on_the_app(start_cylindria):
     client = await start_cylindria()
     await put_job(client, "r", workflows.quick())
     assert client.app[REGISTRY].get("r") is not None
+
+
+async def test_readyz_says_whether_a_gpu_can_take_a_job(start_cylindria, start_sims):
+    cluster = await start_sims(2)
+    client = await start_cylindria(cluster, api_key="k")
+    resp = await client.get("/readyz")  # open, like /healthz: no key
+    assert resp.status == 200
+    assert await resp.json() == {"status": "ready", "usable_gpus": [0, 1], "reasons": {}}
+    assert (await client.post("/gpus/0/drain", headers={"X-API-Key": "k"})).status == 200
+    await cluster.servers[1].close()
+
+    async def not_ready():
+        resp = await client.get("/readyz")
+        return await resp.json() if resp.status == 503 else None
+    body = await wait_until(not_ready, what="no usable GPU")
+    assert body["status"] == "not_ready" and body["usable_gpus"] == []
+    assert body["reasons"]["0"] == "drained"
+    assert body["reasons"]["1"] in ("ComfyUI unreachable", "ComfyUI's event socket not connected")
+    assert "127.0.0.1" not in str(body)
+    healthz = await client.get("/healthz")
+    assert healthz.status == 200

@@ -37,8 +37,8 @@ def test_gpu_n_is_the_base_port_plus_n():
 
 
 @pytest.mark.parametrize(("kwargs", "words"), [
-    ({"num_gpus": 0}, "numberOfGpus must be between 1 and 8"),
-    ({"num_gpus": 9}, "numberOfGpus must be between 1 and 8"),
+    ({"num_gpus": 0}, "--numberOfGpus / CYLINDRIA_NUM_GPUS must be between 1 and 8"),
+    ({"num_gpus": 9}, "--numberOfGpus / CYLINDRIA_NUM_GPUS must be between 1 and 8"),
     ({"port": 0}, "port must be between 1 and 65535"),
     ({"port": 70000}, "port must be between 1 and 65535"),
     ({"comfy_url": "127.0.0.1:8188"}, "must look like http://HOST:PORT"),
@@ -75,10 +75,19 @@ def test_cli_stops_with_one_clear_line(capsys, monkeypatch):
     monkeypatch.delenv("CYLINDRIA_NUM_GPUS", raising=False)
     assert cli.main(["serve", "--numberOfGpus", "9"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["cylindria: error: numberOfGpus must be between 1 and 8 (got 9)"]
+    assert err == ["cylindria: error: --numberOfGpus must be between 1 and 8 (got 9)"]
 
 
 def test_cli_refuses_open_host_without_key(capsys, monkeypatch):
     monkeypatch.delenv("CYLINDRIA_API_KEY", raising=False)
     assert cli.main(["--host", "0.0.0.0"]) == 2
     assert "--insecure-no-auth" in capsys.readouterr().err
+
+
+def test_messages_name_the_flag_or_the_variable_that_was_used():
+    with pytest.raises(ConfigError, match=r"^--comfy-url must include a port"):
+        load_settings({"comfy_url": "http://127.0.0.1"}, {})
+    with pytest.raises(ConfigError, match=r"^COMFYUI_BASE_URL must include a port"):
+        load_settings({}, {"COMFYUI_BASE_URL": "http://127.0.0.1"})
+    with pytest.raises(ConfigError, match=r"^CYLINDRIA_NUM_GPUS must be between 1 and 8"):
+        load_settings({}, {"CYLINDRIA_NUM_GPUS": "12"})

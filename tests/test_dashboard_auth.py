@@ -140,7 +140,8 @@ async def test_the_session_cookie_never_opens_the_api(start_cylindria):
         if "prefix" in info:
             continue  # static assets: open to everyone, see test_api
         path = concrete(info.get("path") or info.get("formatter"))
-        if path in dashboard or path.startswith("/joboutput/") or path == "/healthz":
+        if (path in dashboard or path.startswith("/joboutput/")
+                or path in ("/healthz", "/readyz")):
             continue
         resp = await client.request(route.method, path, headers=with_cookie(token),
                                     allow_redirects=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -104,7 +105,7 @@ def test_bad_configuration_stops_with_one_line(tmp_path):
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "cylindria: error: numberOfGpus must be between 1 and 8 (got 0)"]
+        "cylindria: error: --numberOfGpus must be between 1 and 8 (got 0)"]
 
 
 def test_console_script_is_installed():
@@ -142,3 +143,56 @@ def test_plain_pip_install_ships_the_templates(tmp_path):
     module, templates, page = result.stdout.strip().splitlines()
     assert module.startswith(str(venv)) and templates.startswith(str(venv))
     assert page == "200 True"
+
+
+def run_once(*args: str) -> tuple[int, list[str]]:
+    result = subprocess.run([*CYLINDRIA, *args], env=clean_env(), capture_output=True,
+                            text=True, timeout=30)
+    return result.returncode, result.stderr.strip().splitlines()
+
+
+def test_ports_in_use_stop_each_command_with_one_line(tmp_path):
+    port = free_port_run(1)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        code, lines = run_once("serve", "--port", str(port), "--no-state")
+        assert code == 1
+        assert lines[-1] == (f"cylindria: error: cannot listen on 127.0.0.1:{port} (address "
+                             "already in use): something else is listening there: stop it, "
+                             "or choose another port")
+        assert not any("Traceback" in line for line in lines)
+        code, lines = run_once("simulate", "--gpus", "1", "--base-port", str(port))
+        assert code == 1 and lines[-1].startswith(
+            f"cylindria: error: the simulator cannot listen on 127.0.0.1 port {port}")
+        code, lines = run_once("demo", "--no-state", "--sim-port", str(port), "--port",
+                               str(free_port_run(1)))
+        assert code == 1
+        assert lines[-1] == (f"cylindria: error: in use already: 127.0.0.1:{port} (the simulator); "
+                         "stop what listens there, or choose other ports (make run "
+                         "SIM_PORT=... PORT=...)")
+
+
+async def test_demo_runs_jobs_on_simulated_gpus_away_from_comfyuis_port(procs, tmp_path):
+    sim_port, port = free_port_run(2), free_port_run(1)
+    demo = Proc([*CYLINDRIA, "demo", "--numberOfGpus", "2", "--sim-port", str(sim_port),
+                 "--port", str(port), "--state-file", str(tmp_path / "s.sqlite3")],
+                clean_env(), tmp_path / "demo.log")
+    procs.append(demo)
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        await wait_http(session, f"{base}/healthz", demo)
+
+        async def ready():
+            status, body = await get_json(session, f"{base}/readyz")
+            return status == 200 and len(body["usable_gpus"]) == 2
+        await wait_until(ready, 10, "both simulated GPUs to be usable")
+        async with session.put(f"{base}/startjob/demo-1/", params={"GpuId": "auto"},
+                               json=workflows.quick()) as resp:
+            assert resp.status == 202
+
+        async def done():
+            _, body = await get_json(session, f"{base}/jobstatus/demo-1/")
+            return body["state"] == "completed"
+        await wait_until(done, 10, "the demo job to complete")
+    assert demo.stop() == 0

@@ -140,3 +140,9 @@ async def test_pages_of_jobs_are_bounded_in_bytes(start_cylindria, monkeypatch):
             "limit": "6", "before": str(first["next_before"])})).json()
         seen += [j["job_id"] for j in first["jobs"]]
     assert seen == [f"p{n}" for n in range(5, -1, -1)]
+
+
+async def test_the_node_limit_is_a_setting(start_cylindria):
+    client = await start_cylindria(max_nodes=2)
+    status, body = await put_job(client, "three", workflows.quick())
+    assert status == 413 and "at most 2" in body["detail"]

@@ -17,7 +17,6 @@ from .config import Settings
 from .core.jobs import JobsService
 from .core.reading import WorkflowReader
 from .core.registry import Registry
-from .core.workflow import MAX_NODES
 from .store.journal import Journal, open_journal
 from .upstream.comfy import CallbackClient, ComfyClient, open_session
 from .upstream.gpus import Gpu
@@ -84,7 +83,7 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
              journal.name, loaded.held, len(loaded.jobs),
              sum(not job.terminal for job in loaded.jobs))
     # Decodes large JSON (workflows, ComfyUI's answers) in a worker process.
-    reader = WorkflowReader(MAX_NODES)
+    reader = WorkflowReader(settings.max_nodes)
     decode = functools.partial(reader.decode, ujson.loads)
     try:
         async with open_session(settings.num_gpus, timing) as session:

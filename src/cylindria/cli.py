@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -23,12 +24,15 @@ from .config import (
     Settings,
     load_settings,
 )
-from .errors import ConfigError, StateFileError
+from .errors import CannotListen, ConfigError, StateFileError
 
 if TYPE_CHECKING:
     from aiohttp import web
 
 log = logging.getLogger("cylindria")
+
+# Where `cylindria demo` (and so `make run`) puts its simulated GPUs.
+DEMO_SIM_PORT = 18188
 
 SERVE_FLAGS = ("host", "port", "comfy_url", "num_gpus", "dev_mode", "dev_save_dir",
                "log_level", "insecure_no_auth", "default_gpu", "state_file", "no_state")
@@ -43,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the service (the default command)")
     add_serve_flags(serve)
+
+    demo = sub.add_parser("demo", help="the service in front of simulated GPUs, in one "
+                                       "process (what `make run` starts)")
+    add_serve_flags(demo)
+    demo.add_argument("--sim-port", type=int, default=DEMO_SIM_PORT,
+                      help=f"port of simulated GPU 0 (default {DEMO_SIM_PORT}: not ComfyUI's "
+                           "8188, so a real ComfyUI is never used by mistake)")
+    demo.add_argument("--step-seconds", type=float, default=None,
+                      help="seconds per simulated sampler step (default 0.25)")
 
     sub.add_parser("tester", help="open the desktop tester (a small Tkinter window)")
 
@@ -110,11 +123,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return tester_main()
     flags = {key: getattr(ns, key) for key in SERVE_FLAGS}
+    environ = dict(os.environ)
+    if ns.command == "demo":
+        if not 1 <= ns.sim_port <= 65535 - MAX_GPUS:
+            print(f"cylindria: error: --sim-port must be between 1 and {65535 - MAX_GPUS} "
+                  f"(got {ns.sim_port})", file=sys.stderr)
+            return 2
+        flags["comfy_url"] = f"http://127.0.0.1:{ns.sim_port}"
+        # The demo's webhooks may go to receivers on this machine.
+        environ.setdefault("CYLINDRIA_CALLBACK_ALLOW", "127.0.0.0/8,::1")
     try:
-        settings = load_settings(flags)
+        settings = load_settings(flags, environ)
     except ConfigError as exc:
         print(f"cylindria: error: {exc}", file=sys.stderr)
         return 2
+    if ns.command == "demo":
+        return run_demo(settings, ns.sim_port, ns.step_seconds)
     return run_serve(settings)
 
 
@@ -135,7 +159,7 @@ def run_serve(settings: Settings) -> int:
     access_log = log if settings.log_level == "debug" else None
     try:
         asyncio.run(serve(create_app(settings), settings, access_log))
-    except StateFileError as exc:
+    except (StateFileError, CannotListen) as exc:
         print(f"cylindria: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -168,6 +192,53 @@ async def serve(app: web.Application, settings: Settings,
             loop.remove_signal_handler(sig)
 
 
+def run_demo(settings: Settings, sim_port: int, step_seconds: float | None) -> int:
+    """Simulated GPUs on sim_port.. and the service in front, in this one process."""
+    from .addresses import ports_free
+    from .app import create_app
+    from .simulator import SimSettings
+    from .simulator import serve as simulate
+
+    configure_logging(settings.log_level)
+    wanted = [("the simulator", "127.0.0.1", port)
+              for port in range(sim_port, sim_port + settings.num_gpus)]
+    wanted.append(("Cylindria", settings.host, settings.port))
+    taken = [f"{host}:{port} ({who})" for who, host, port in wanted
+             if not ports_free(host, port, 1)]
+    if taken:
+        print(f"cylindria: error: in use already: {', '.join(taken)}; stop what listens "
+              "there, or choose other ports (make run SIM_PORT=... PORT=...)", file=sys.stderr)
+        return 1
+    sim_settings = SimSettings() if step_seconds is None else SimSettings(
+        step_seconds=max(step_seconds, 0.0))
+    log.info("simulated ComfyUI: %d GPU(s) from port %d; Cylindria: http://%s:%d/",
+             settings.num_gpus, sim_port, settings.host, settings.port)
+
+    async def both() -> None:
+        sim = asyncio.create_task(simulate("127.0.0.1", sim_port, settings.num_gpus,
+                                           sim_settings), name="simulator")
+        service = asyncio.create_task(serve(create_app(settings), settings, None),
+                                      name="service")
+        done, _ = await asyncio.wait({sim, service}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (sim, service):
+            task.cancel()
+        await asyncio.gather(sim, service, return_exceptions=True)
+        for task in done:
+            task.result()  # the first to end says why
+
+    try:
+        asyncio.run(both())
+    except (StateFileError, CannotListen) as exc:
+        print(f"cylindria: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"cylindria: error: the simulator stopped: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def run_simulate(ns: argparse.Namespace) -> int:
     from .simulator import DEFAULT_MODELS, SimSettings, serve
 
@@ -193,6 +264,14 @@ def run_simulate(ns: argparse.Namespace) -> int:
         asyncio.run(_run_until_signal(serve(ns.host, ns.base_port, ns.gpus, settings)))
     except KeyboardInterrupt:
         pass
+    except OSError as exc:
+        last = ns.base_port + ns.gpus - 1
+        ports = f"port {ns.base_port}" if ns.gpus == 1 else f"ports {ns.base_port}..{last}"
+        print(f"cylindria: error: the simulator cannot listen on {ns.host} {ports} "
+              f"({os.strerror(exc.errno).lower() if exc.errno else exc}): stop what uses "
+              "them, or choose another "
+              "--base-port", file=sys.stderr)
+        return 1
     return 0
 
 

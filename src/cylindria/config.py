@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -18,12 +19,29 @@ DEFAULT_DEV_SAVE_DIR = "./workflows_dev"
 DEFAULT_STATE_FILE = "./cylindria-state.sqlite3"
 DEFAULT_RETENTION_DAYS = 7.0
 DEFAULT_MEMORY_JOBS = 10_000
+DEFAULT_MAX_NODES = 20_000
 # Test hooks that stop the process at a chosen point, to show what a restart recovers.
 FAULTS = frozenset({"crash-before-submit", "crash-after-submit"})
 MAX_GPUS = 8
 LOG_LEVELS = ("debug", "info", "warning", "error")
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
+
+
+# How a setting is named in messages, by how the operator gave it (flag or environment);
+# load_settings fills it in while it builds Settings.
+_GIVEN_AS: ContextVar[Mapping[str, str] | None] = ContextVar("given_as", default=None)
+_BOTH_NAMES = {"comfy_url": "COMFYUI_BASE_URL / --comfy-url",
+               "num_gpus": "--numberOfGpus / CYLINDRIA_NUM_GPUS",
+               "default_gpu": "--default-gpu / CYLINDRIA_DEFAULT_GPU"}
+_FLAG_NAMES = {"comfy_url": "--comfy-url", "num_gpus": "--numberOfGpus",
+               "default_gpu": "--default-gpu"}
+_ENV_NAMES = {"comfy_url": "COMFYUI_BASE_URL", "num_gpus": "CYLINDRIA_NUM_GPUS",
+              "default_gpu": "CYLINDRIA_DEFAULT_GPU"}
+
+
+def _named(key: str) -> str:
+    return (_GIVEN_AS.get() or {}).get(key, _BOTH_NAMES[key])
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +102,7 @@ class Settings:
     retention_days: float = DEFAULT_RETENTION_DAYS
     memory_jobs: int = DEFAULT_MEMORY_JOBS
     retry_lost: int = 0
+    max_nodes: int = DEFAULT_MAX_NODES
     # Host names and CIDRs webhooks may reach whatever their address (CYLINDRIA_CALLBACK_ALLOW).
     callback_allow: tuple[str, ...] = ()
     faults: frozenset[str] = frozenset()
@@ -116,7 +135,7 @@ def validate(s: Settings) -> None:
     """Raise ConfigError with one line naming the setting and what is allowed."""
     if not 1 <= s.num_gpus <= MAX_GPUS:
         raise ConfigError(
-            f"numberOfGpus must be between 1 and {MAX_GPUS} (got {s.num_gpus})"
+            f"{_named('num_gpus')} must be between 1 and {MAX_GPUS} (got {s.num_gpus})"
         )
     if not 1 <= s.port <= 65535:
         raise ConfigError(f"port must be between 1 and 65535 (got {s.port})")
@@ -127,7 +146,7 @@ def validate(s: Settings) -> None:
     parts = urlsplit(s.comfy_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(
-            "COMFYUI_BASE_URL / --comfy-url must look like http://HOST:PORT "
+            f"{_named('comfy_url')} must look like http://HOST:PORT "
             f"(got {s.comfy_url!r})"
         )
     try:
@@ -136,24 +155,24 @@ def validate(s: Settings) -> None:
         base_port = None
     if base_port is None:
         raise ConfigError(
-            "COMFYUI_BASE_URL / --comfy-url must include a port, e.g. http://127.0.0.1:8188 "
+            f"{_named('comfy_url')} must include a port, e.g. http://127.0.0.1:8188 "
             f"(got {s.comfy_url!r})"
         )
     if parts.query or parts.fragment:
         raise ConfigError(
-            "COMFYUI_BASE_URL / --comfy-url must not carry a query or fragment "
+            f"{_named('comfy_url')} must not carry a query or fragment "
             f"(got {s.comfy_url!r})"
         )
     last = base_port + s.num_gpus - 1
     if last > 65535:
         raise ConfigError(
-            f"COMFYUI_BASE_URL port {base_port} with {s.num_gpus} GPUs needs ports up to "
+            f"{_named('comfy_url')} port {base_port} with {s.num_gpus} GPUs needs ports up to "
             f"{last}, past 65535; lower the base port"
         )
     if _same_host(parts.hostname, s.host) and base_port <= s.port <= last:
         raise ConfigError(
-            f"COMFYUI_BASE_URL ports {base_port}..{last} include Cylindria's own "
-            f"{s.host}:{s.port}; point --comfy-url at ComfyUI (default port 8188) or "
+            f"{_named('comfy_url')} ports {base_port}..{last} include Cylindria's own "
+            f"{s.host}:{s.port}; point it at ComfyUI (default port 8188) or "
             "change --port"
         )
     if not is_loopback(s.host) and not s.api_key and not s.insecure_no_auth:
@@ -165,7 +184,8 @@ def validate(s: Settings) -> None:
     if s.default_gpu != "auto" and (
             not isinstance(s.default_gpu, int) or not 0 <= s.default_gpu < s.num_gpus):
         raise ConfigError(
-            f"default-gpu must be 'auto' or a GPU number from 0 to {s.num_gpus - 1} "
+            f"{_named('default_gpu')} must be 'auto' or a GPU number from 0 to "
+            f"{s.num_gpus - 1} "
             f"(got {s.default_gpu!r})")
     if s.max_event_streams < 1:
         raise ConfigError(f"max_event_streams must be 1 or more (got {s.max_event_streams})")
@@ -174,6 +194,8 @@ def validate(s: Settings) -> None:
                           f"(got {s.retention_days})")
     if s.memory_jobs < 0:
         raise ConfigError(f"CYLINDRIA_MEMORY_JOBS must be 0 or more (got {s.memory_jobs})")
+    if s.max_nodes < 1:
+        raise ConfigError(f"CYLINDRIA_MAX_NODES must be 1 or more (got {s.max_nodes})")
     if s.retry_lost < 0:
         raise ConfigError(f"CYLINDRIA_RETRY_LOST must be 0 or more (got {s.retry_lost})")
     unknown = s.faults - FAULTS
@@ -261,6 +283,8 @@ def load_settings(
                                           env["CYLINDRIA_RETENTION_DAYS"])
     if env.get("CYLINDRIA_MEMORY_JOBS"):
         values["memory_jobs"] = _int("CYLINDRIA_MEMORY_JOBS", env["CYLINDRIA_MEMORY_JOBS"])
+    if env.get("CYLINDRIA_MAX_NODES"):
+        values["max_nodes"] = _int("CYLINDRIA_MAX_NODES", env["CYLINDRIA_MAX_NODES"])
     if env.get("CYLINDRIA_RETRY_LOST"):
         values["retry_lost"] = _int("CYLINDRIA_RETRY_LOST", env["CYLINDRIA_RETRY_LOST"])
     timing: dict[str, float] = {}
@@ -296,5 +320,11 @@ def load_settings(
         values["state_file"] = None
     if isinstance(values.get("comfy_url"), str):
         values["comfy_url"] = str(values["comfy_url"]).rstrip("/")
-    return Settings(**values)  # type: ignore[arg-type]
+    given_as = {key: _FLAG_NAMES[key] if flags.get(key) is not None else _ENV_NAMES[key]
+                for key in _FLAG_NAMES if key in values}
+    token = _GIVEN_AS.set(given_as)
+    try:
+        return Settings(**values)  # type: ignore[arg-type]
+    finally:
+        _GIVEN_AS.reset(token)
 

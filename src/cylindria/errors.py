@@ -175,5 +175,9 @@ class StateUnavailable(ApiError):
     code = "state_unavailable"
 
 
+class CannotListen(Exception):
+    """The address to serve on is taken or not this machine's; the message says which."""
+
+
 class StateFileError(Exception):
     """The state file cannot be used at start-up; the message names it and what to do."""

@@ -195,7 +195,7 @@
     const link = field(tr, "link");
     setText(link, job.job_id);
     setHref(link, job.url);
-    setText(field(tr, "gpu"), job.gpu_id);
+    setText(field(tr, "gpu"), job.gpu_id === null ? "—" : job.gpu_id);
     const state = field(tr, "state");
     setVariant(state, "state-", job.state);
     setText(state, job.state_label);

@@ -13,14 +13,15 @@ from typing import Any
 
 import ujson
 
+from ..config import DEFAULT_MAX_NODES
 from ..errors import BadRequest, InvalidWorkflow, TooManyNodes
 
 log = logging.getLogger(__name__)
 
 
-# Past this many nodes a workflow is refused (CYLINDRIA_MAX_NODES): checking and
-# running one costs Cylindria and ComfyUI in proportion.
-MAX_NODES = 20_000
+# Past this many nodes a workflow is refused (CYLINDRIA_MAX_NODES sets it): checking
+# and running one costs Cylindria and ComfyUI in proportion.
+MAX_NODES = DEFAULT_MAX_NODES
 
 
 @dataclass(slots=True, frozen=True)
@@ -50,7 +51,8 @@ def read_workflow(raw: bytes | str, max_nodes: int = MAX_NODES) -> Workflow:
     prompt, extra = split_workflow(body)
     if len(prompt) > max_nodes:
         raise TooManyNodes(f"The workflow has {len(prompt)} nodes; this server takes at most "
-                           f"{max_nodes} (CYLINDRIA_MAX_NODES). Split it into smaller jobs.")
+                           f"{max_nodes} (its CYLINDRIA_MAX_NODES). Split it into smaller "
+                           "jobs.")
     document = {"prompt": prompt, "extra_data": extra}
     try:
         data = ujson.dumps(document, ensure_ascii=False, escape_forward_slashes=False).encode()

@@ -68,6 +68,10 @@ class Journal:
     def name(self) -> str:
         return self._database.name
 
+    @property
+    def writable(self) -> bool:
+        return self._failure is None
+
     def ensure_writable(self) -> None:
         if self._failure is not None:
             raise self._unavailable()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
-from ..appkeys import GPUS, JOBS
+from ..appkeys import GPUS, JOBS, JOURNAL
 from ..errors import ApiError, JobFinished
 from ..jsonio import json_response
 from . import params, render
@@ -25,6 +27,15 @@ async def get_healthz(request: web.Request) -> web.Response:
         "gpus": len(gpus),
         "listeners_connected": sum(g.listener_connected for g in gpus),
     })
+
+
+@routes.get("/readyz", name="readyz")
+@access(Access.OPEN)
+async def get_readyz(request: web.Request) -> web.Response:
+    gpus = request.app[GPUS]
+    probes = await asyncio.gather(*(gpu.probe() for gpu in gpus))
+    body = render.readiness(gpus, probes, request.app[JOURNAL].writable)
+    return json_response(body, status=200 if body["status"] == "ready" else 503)
 
 
 @routes.get("/serverstatus", name="serverstatus")

@@ -151,6 +151,27 @@ def gpu_status(gpu: Gpu, probe: Probe) -> dict[str, Any]:
     return body
 
 
+def readiness(gpus: list[Gpu], probes: list[Probe], writable: bool) -> dict[str, Any]:
+    """The `/readyz` body: ready while some GPU can take a job and jobs can be kept.
+    Open to anyone, so the reasons say what, not where."""
+    usable: list[int] = []
+    reasons: dict[str, str] = {}
+    for gpu, probe in zip(gpus, probes, strict=True):
+        if gpu.drained:
+            reasons[str(gpu.index)] = "drained"
+        elif not probe.reachable:
+            reasons[str(gpu.index)] = "ComfyUI unreachable"
+        elif not gpu.listener_connected:
+            reasons[str(gpu.index)] = "ComfyUI's event socket not connected"
+        else:
+            usable.append(gpu.index)
+    if not writable:
+        reasons["state"] = "the state file cannot be written"
+    ready = bool(usable) and writable
+    return {"status": "ready" if ready else "not_ready", "usable_gpus": usable,
+            "reasons": reasons}
+
+
 def gpu_overview(gpu: Gpu, probe: Probe, running: Job | None, queued: int,
                  load: int) -> dict[str, Any]:
     """One GPU in `GET /gpus/`: its status, running job, queue and load."""

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ..config import Settings
+from ..errors import CannotListen
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,14 @@ def server_options(settings: Settings) -> dict[str, Any]:
             "logger": QuietBadRequests(logging.getLogger("aiohttp.server"), {})}
 
 
+def listen_error(host: str, port: int, exc: OSError) -> str:
+    """One line for an address that cannot be served on."""
+    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    hint = ("something else is listening there: stop it, or choose another port"
+            if exc.errno == errno.EADDRINUSE else "check the address")
+    return f"cannot listen on {host}:{port} ({reason}): {hint}"
+
+
 async def start_server(app: web.Application, settings: Settings, *,
                        access_log: logging.Logger | None = None) -> web.AppRunner:
     """Set `app` up and serve it on `settings.host`:`settings.port`, as `cylindria serve`
@@ -103,7 +114,10 @@ async def start_server(app: web.Application, settings: Settings, *,
             raise RuntimeError("aiohttp's runner has no server after setup()")
         HeadTimeouts(server, timing.head_timeout)
         site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise CannotListen(listen_error(settings.host, settings.port, exc)) from None
     except BaseException:
         await runner.cleanup()
         raise

@@ -15,7 +15,7 @@ from cylindria.app import create_app
 from cylindria.appkeys import GPUS
 from cylindria.config import Settings
 from cylindria.simulator import ComfySimulator, SimSettings
-from cylindria.web.serving import server_options
+from cylindria.web.serving import server_options, start_server
 
 from helpers import FAST, wait_until
 
@@ -65,6 +65,51 @@ async def start_sims(aiohttp_server, tmp_path: Path):
             cluster.servers.append(await aiohttp_server(app, port=base + n))
         return cluster
     return start
+
+
+@dataclass
+class Served:
+    """Cylindria served as `cylindria serve` serves it: its own runner on a real port."""
+
+    app: web.Application
+    runner: web.AppRunner
+    port: int
+    stopped: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            await self.runner.cleanup()
+
+
+@pytest.fixture
+async def serve(start_sims):
+    """Cylindria on one simulated GPU, served by its own runner. aiohttp's test server
+    cancels a handler when its client leaves; the service does not (that would cut
+    other handlers short mid-work), so tests of leaving clients and of connection
+    timeouts use this."""
+    started: list[Served] = []
+
+    async def start(**settings: Any) -> Served:
+        cluster = await start_sims(1)
+        port = free_port_run(1)
+        options: dict[str, Any] = {"comfy_url": cluster.base_url, "port": port,
+                                   "timing": FAST, **settings}
+        config = Settings(**options)
+        app = create_app(config)
+        served = Served(app, await start_server(app, config), port)
+        started.append(served)
+        await wait_until(lambda: all(g.listener_connected for g in app[GPUS]),
+                         what="listeners to connect")
+        return served
+
+    yield start
+    for served in reversed(started):
+        await served.stop()
 
 
 @pytest.fixture

@@ -7,19 +7,14 @@ import logging
 import time
 from typing import Any
 
-import pytest
 from aiohttp import ClientSession, TCPConnector
 
-from cylindria.addresses import free_port_run
-from cylindria.app import create_app
-from cylindria.appkeys import GPUS, SIGNINS
-from cylindria.config import Settings
-from cylindria.web.serving import start_server
+from cylindria.appkeys import SIGNINS
 from cylindria.web.signins import COOKIE
 from cylindria.web.throttle import ATTEMPTS, WINDOW_SECONDS, Throttle
 
 import workflows
-from helpers import put_job, wait_state, wait_until, with_timing
+from helpers import put_job, wait_state, with_timing
 
 KEY = "s3cret"
 WRONG = {"X-API-Key": "not-the-key"}
@@ -151,28 +146,6 @@ def test_the_throttle_forgets_the_least_recent_address_first():
 
 # -- slow and idle connections --------------------------------------------------------
 
-@pytest.fixture
-async def serve(start_sims):
-    """Cylindria served as `cylindria serve` serves it (its runner, on a real port);
-    returns the port."""
-    runners = []
-
-    async def start(**timing: float) -> int:
-        cluster = await start_sims(1)
-        port = free_port_run(1)
-        settings = Settings(comfy_url=cluster.base_url, port=port,
-                            timing=with_timing(**timing))
-        app = create_app(settings)
-        runners.append(await start_server(app, settings))
-        await wait_until(lambda: all(g.listener_connected for g in app[GPUS]),
-                         what="listeners to connect")
-        return port
-
-    yield start
-    for runner in reversed(runners):
-        await runner.cleanup()
-
-
 async def closed_within(reader: asyncio.StreamReader, seconds: float) -> float:
     """Seconds until the server closed the connection; fails past `seconds`."""
     started = time.monotonic()
@@ -184,7 +157,7 @@ async def closed_within(reader: asyncio.StreamReader, seconds: float) -> float:
 
 async def test_connections_without_a_complete_head_are_closed(serve):
     # An idle timeout far longer than the test: only the head timeout can close these.
-    port = await serve(head_timeout=0.3, keepalive_timeout=60)
+    port = (await serve(timing=with_timing(head_timeout=0.3, keepalive_timeout=60))).port
     silent, half = [], []
     for _ in range(20):
         silent.append(await asyncio.open_connection("127.0.0.1", port))
@@ -205,7 +178,7 @@ async def test_connections_without_a_complete_head_are_closed(serve):
 
 
 async def test_an_idle_kept_alive_connection_is_closed(serve):
-    port = await serve(head_timeout=60, keepalive_timeout=0.3)
+    port = (await serve(timing=with_timing(head_timeout=60, keepalive_timeout=0.3))).port
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /serverstatus HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     async with asyncio.timeout(10):
@@ -217,7 +190,9 @@ async def test_an_idle_kept_alive_connection_is_closed(serve):
 
 
 async def test_a_long_answer_outlives_the_head_timeout(serve):
-    port = await serve(head_timeout=0.2, keepalive_timeout=0.2, sse_keepalive=0.1)
+    served = await serve(timing=with_timing(head_timeout=0.2, keepalive_timeout=0.2,
+                                             sse_keepalive=0.1))
+    port = served.port
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /events/ HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
     started = time.monotonic()

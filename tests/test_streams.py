@@ -4,62 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from typing import Any
 
-import pytest
 import ujson
-from aiohttp import ClientSession, web
+from aiohttp import ClientSession
 
-from cylindria.addresses import free_port_run
-from cylindria.app import create_app
-from cylindria.appkeys import EVENTS, GPUS, REGISTRY
-from cylindria.config import Settings
+from cylindria.appkeys import EVENTS, REGISTRY
 from cylindria.web.eventhub import CLIENT_QUEUE, CLIENT_QUEUE_BYTES, REPLAY_BYTES
 from cylindria.web.render import TEXT_INLINE_BYTES
-from cylindria.web.serving import start_server
 
-from helpers import FAST, wait_until, with_timing
-
-# -- the service as `cylindria serve` runs it ------------------------------------------
-# aiohttp's test server cancels a handler when its client leaves; the service does not
-# (it would cut other handlers short mid-work), so these tests serve the app the way the
-# command line does.
-
-
-@dataclass
-class Served:
-    app: web.Application
-    runner: web.AppRunner
-    url: str
-    stopped: bool = False
-
-    async def stop(self) -> None:
-        if not self.stopped:
-            self.stopped = True
-            await self.runner.cleanup()
-
-
-@pytest.fixture
-async def serve(start_sims):
-    started: list[Served] = []
-
-    async def start(**settings: Any) -> Served:
-        cluster = await start_sims(1)
-        port = free_port_run(1)
-        options: dict[str, Any] = {"comfy_url": cluster.base_url, "port": port,
-                                   "timing": FAST, **settings}
-        config = Settings(**options)
-        app = create_app(config)
-        served = Served(app, await start_server(app, config), f"http://127.0.0.1:{port}")
-        started.append(served)
-        await wait_until(lambda: all(g.listener_connected for g in app[GPUS]),
-                         what="listeners to connect")
-        return served
-
-    yield start
-    for served in reversed(started):
-        await served.stop()
+from helpers import wait_until, with_timing
 
 
 def records(caplog, text: str) -> list[logging.LogRecord]:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import gzip
 import io
 
+import pytest
 import ujson
 
-from cylindria.appkeys import REGISTRY
+from cylindria.appkeys import GPUS, REGISTRY
 from cylindria.web import render
 
 import workflows
-from helpers import job_status, put_job, wait_state
+from helpers import job_status, put_job, wait_state, wait_until
 
 
 async def put_raw(client, job_id, data, headers=None):
@@ -94,7 +95,7 @@ async def test_a_large_workflow_is_read_off_the_loop_and_runs(start_cylindria, s
     cluster = await start_sims(1)
     client = await start_cylindria(cluster)
     workflow = {"prompt": workflows.quick(),
-                "extra_data": {"extra_pnginfo": {"note": "ü" * 400_000}}}
+                "extra_data": {"extra_pnginfo": {"note": "ü" * 600_000}}}
     status, body = await put_raw(client, "large", ujson.dumps(workflow))
     assert status == 202, body
     await wait_state(client, "large", "completed")
@@ -104,7 +105,52 @@ async def test_a_large_workflow_is_read_off_the_loop_and_runs(start_cylindria, s
     status, body = await put_raw(client, "large", ujson.dumps(again))
     assert status == 200, body
     (sent,) = [entry for entry in cluster.sims[0].history.values()]
-    assert sent["prompt"][3]["extra_pnginfo"]["note"] == "ü" * 400_000
+    # Sent to ComfyUI in slices (it is over 1 MiB), and whole.
+    assert sent["prompt"][3]["extra_pnginfo"]["note"] == "ü" * 600_000
+
+
+@pytest.mark.parametrize("way", ["socket", "history"])
+async def test_a_large_text_output_arrives_whole_and_is_kept(start_cylindria, start_sims,
+                                                             tmp_path, way):
+    """A 6 MiB text crosses every large path: the body read in chunks and decoded in the
+    worker, sent on in slices; ComfyUI's frame (or its /history answer, read in chunks)
+    decoded in the worker; the journal's sliced encoding; and a restart."""
+    cluster = await start_sims(1)
+    sim = cluster.sims[0]
+    state = tmp_path / "state.sqlite3"
+    client = await start_cylindria(cluster, state_file=state)
+    text = "ß" * (3 << 20)
+    workflow = {"1": {"class_type": "PreviewAny", "inputs": {"source": text}}}
+    if way == "history":
+        sim.pause(at="dequeue")
+    status, _ = await put_raw(client, "talky", ujson.dumps(workflow))
+    assert status == 202
+    if way == "history":
+        sim.refuse_websockets(True)
+        await sim.drop_sockets()
+        await wait_until(lambda: not client.app[GPUS][0].listener_connected,
+                         what="the listener to go")
+        sim.resume()
+    body = await wait_state(client, "talky", "completed", timeout=20)
+    assert body["outputs"][0]["truncated"] is True
+    sim.refuse_websockets(False)
+    for _ in range(2):
+        resp = await client.get("/joboutput/talky/0")
+        assert resp.status == 200 and await resp.text() == text
+        await client.close()
+        client = await start_cylindria(cluster, state_file=state)
+
+
+async def test_a_chunked_body_over_the_limit_is_413(start_cylindria):
+    client = await start_cylindria()
+
+    async def chunks():
+        for _ in range(33):
+            yield b" " * (1 << 20)
+
+    resp = await client.put("/startjob/endless/", data=chunks())
+    assert resp.status == 413
+    assert "32 MiB" in (await resp.json())["detail"]
 
 
 async def test_long_text_outputs_are_cut_in_status_bodies(start_cylindria):

@@ -9,10 +9,13 @@ import sqlite3
 
 import pytest
 import ujson
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cylindria.appkeys import JOURNAL, REGISTRY
 from cylindria.core.records import Job, JobState
 from cylindria.core.registry import Registry
+from cylindria.store.database import encode_record
 from cylindria.store.journal import open_journal
 
 import workflows
@@ -309,3 +312,20 @@ async def test_the_job_page_lists_the_attempts(start_cylindria):
     state = await (await client.get("/dashboard/job/twice/state")).json()
     assert [(a["attempt"], a["state"]) for a in state["attempts"]] == [
         ("2", "failed"), ("1", "failed")]
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.floats(allow_nan=False)
+    | st.text(st.characters(exclude_categories=("Cs",)), max_size=12),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(outputs=JSON_VALUES, other=JSON_VALUES)
+def test_records_with_long_texts_are_written_as_json_writes_them(outputs, other):
+    """Long strings are encoded a slice at a time (here, anything over 3 characters):
+    the result reads back as the record, escapes, non-ASCII and all."""
+    record = {"state": "completed", "outputs": outputs, "other": other}
+    assert ujson.loads(encode_record(record, long_string=3)) == ujson.loads(ujson.dumps(record))

@@ -8,7 +8,6 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 
-import ujson
 from aiohttp import web
 
 from . import dashboard
@@ -84,7 +83,6 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
              sum(not job.terminal for job in loaded.jobs))
     # Decodes large JSON (workflows, ComfyUI's answers) in a worker process.
     reader = WorkflowReader(settings.max_nodes)
-    decode = functools.partial(reader.decode, ujson.loads)
     try:
         async with open_session(settings.num_gpus, timing) as session:
             # The clientId is the state file's: after a restart, ComfyUI sends the events
@@ -92,7 +90,7 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
             app[GPUS] = [Gpu(index=n, url=settings.gpu_url(n),
                              client_id=f"cylindria-{loaded.install_id}-gpu{n}",
                              comfy=ComfyClient(session, settings.gpu_url(n),
-                                               timing.request_timeout, decode),
+                                               timing.request_timeout, reader.decode),
                              timing=timing)
                          for n in range(settings.num_gpus)]
             app[JOBS] = JobsService(registry, app[GPUS], settings, journal, reader)

@@ -30,6 +30,7 @@ from ..errors import (
     WorkflowRejected,
 )
 from . import placement
+from .answers import Raw
 from .ports import GpuPort, Store
 from .reading import WorkflowReader
 from .records import RETRYABLE, Job, JobState
@@ -112,7 +113,7 @@ class JobsService(Recovery):
 
     # -- submission -----------------------------------------------------------------
 
-    async def read(self, job_id: str, raw: bytes) -> Workflow:
+    async def read(self, job_id: str, raw: Raw) -> Workflow:
         """Decode and check a PUT /startjob body, large ones off the event loop. A body
         that is JSON but not a workflow Cylindria can run is recorded as a `rejected`
         job, as ComfyUI's refusals are."""
@@ -122,7 +123,7 @@ class JobsService(Recovery):
             await self._record_refusal(job_id, raw, exc)
             raise
 
-    async def _record_refusal(self, job_id: str, raw: bytes, exc: ApiError) -> None:
+    async def _record_refusal(self, job_id: str, raw: Raw, exc: ApiError) -> None:
         existing = await self.lookup(job_id)
         if existing is not None and existing.state is not JobState.REJECTED:
             return  # an accepted job is never replaced by a refused one
@@ -131,7 +132,7 @@ class JobsService(Recovery):
         except StateUnavailable:
             return
         job = self.registry.begin(job_id, None, str(uuid.uuid4()),
-                                  hashlib.sha256(raw).hexdigest(), ())
+                                  _digest(raw), ())
         self.registry.reject(job, exc.message, error={"code": exc.code, "message": exc.message,
                                                       **exc.extra})
 
@@ -423,3 +424,11 @@ def _repeat(job: Job) -> Outcome:
     if job.state in RETRYABLE:
         detail += f" To run it again, POST /retryjob/{job.job_id}/."
     return Outcome(job, Verdict.REPEATED, detail)
+
+
+def _digest(raw: Raw) -> str:
+    """The fingerprint of a body that is no workflow: the hash of its bytes."""
+    digest = hashlib.sha256()
+    for chunk in raw if isinstance(raw, list) else (raw,):
+        digest.update(chunk.encode() if isinstance(chunk, str) else chunk)
+    return digest.hexdigest()

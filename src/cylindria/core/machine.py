@@ -86,11 +86,13 @@ class JobMachine:
         job = self.by_prompt(prompt_id)
         if job is None or job.terminal:
             return
-        self._start(job)
+        started = self._start(job)
         _mark_done(job, node)
         if output is not None:
             job.outputs = {**(job.outputs or {}), node: output}
-        self._touch(job)
+        # Outputs of a running job need not be on disk: after a restart, ComfyUI's
+        # history gives them all again (and a large text is then written once).
+        self._touch(job, lasting=started)
 
     def on_success(self, prompt_id: str) -> None:
         job = self.by_prompt(prompt_id)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
 
+from .answers import Raw, raw_size
 from .workflow import Workflow, read_workflow
 
 T = TypeVar("T")
@@ -29,10 +30,11 @@ class WorkflowReader:
     async def read(self, raw: bytes | str) -> Workflow:
         return await self.decode(read_workflow, raw, self.max_nodes)
 
-    async def decode(self, work: Callable[..., T], raw: bytes | str, *args: Any) -> T:
+    async def decode(self, work: Callable[..., T], raw: Raw, *args: Any) -> T:
         """`work(raw, *args)`: here if `raw` is small, else in the worker. `work` is a
-        plain function of its arguments (it may run in another process)."""
-        if len(raw) <= INLINE_BYTES:
+        plain function of its arguments (it may run in another process), and `raw` a
+        buffer or the chunks of one."""
+        if raw_size(raw) <= INLINE_BYTES:
             return work(raw, *args)
         if self._pool is None:
             self._pool = ProcessPoolExecutor(

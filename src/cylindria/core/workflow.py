@@ -40,11 +40,12 @@ class Workflow:
         return document["prompt"], document["extra_data"]
 
 
-def read_workflow(raw: bytes | str, max_nodes: int = MAX_NODES) -> Workflow:
-    """Decode, check and fingerprint a PUT /startjob body; an ApiError says what is
-    wrong. Plain Python with no shared state, so a worker process can run it."""
+def read_workflow(raw: bytes | str | list[bytes], max_nodes: int = MAX_NODES) -> Workflow:
+    """Decode, check and fingerprint a PUT /startjob body (one buffer or its chunks); an
+    ApiError says what is wrong. Plain Python with no shared state, so a worker process
+    can run it."""
     try:
-        body = ujson.loads(raw)
+        body = ujson.loads(b"".join(raw) if isinstance(raw, list) else raw)
     except (ValueError, RecursionError):
         raise BadRequest("The body is not valid JSON (or is nested too deeply). Send an "
                          "API-format workflow as a JSON object.") from None

@@ -46,6 +46,58 @@ ON CONFLICT (job_id) DO UPDATE SET seq = excluded.seq, state = excluded.state,
 Row = tuple[int, str, str, int | None, float | None, dict[str, Any]]
 
 
+# Strings longer than this (a node's text output) are encoded a slice at a time: one
+# ujson call holds the interpreter, and so the event loop, for all of its work (about
+# 80 ms for a 32 MiB text here), while many short calls let it run in between.
+LONG_STRING = 1 << 20
+
+
+def encode_record(record: dict[str, Any], long_string: int = LONG_STRING) -> str:
+    """`record` as JSON; strings longer than `long_string` (in its outputs, the only
+    place they occur) are encoded a slice at a time."""
+    outputs = record.get("outputs")
+    if not outputs or not _has_long_string(outputs, long_string):
+        return ujson.dumps(record)
+    pieces: list[str] = []
+    _encode_into(record, pieces, long_string)
+    return "".join(pieces)
+
+
+def _has_long_string(value: Any, long_string: int) -> bool:
+    if isinstance(value, str):
+        return len(value) > long_string
+    if isinstance(value, dict):
+        return any(_has_long_string(item, long_string) for item in value.values())
+    if isinstance(value, list | tuple):
+        return any(_has_long_string(item, long_string) for item in value)
+    return False
+
+
+def _encode_into(value: Any, pieces: list[str], long_string: int) -> None:
+    if isinstance(value, str) and len(value) > long_string:
+        pieces.append('"')
+        for start in range(0, len(value), long_string):
+            pieces.append(ujson.dumps(value[start:start + long_string])[1:-1])
+        pieces.append('"')
+    elif isinstance(value, dict):
+        pieces.append("{")
+        for n, (key, item) in enumerate(value.items()):
+            pieces.append(',"' if n else '"')
+            pieces.append(ujson.dumps(str(key))[1:-1])
+            pieces.append('":')
+            _encode_into(item, pieces, long_string)
+        pieces.append("}")
+    elif isinstance(value, list | tuple):
+        pieces.append("[")
+        for n, item in enumerate(value):
+            if n:
+                pieces.append(",")
+            _encode_into(item, pieces, long_string)
+        pieces.append("]")
+    else:
+        pieces.append(ujson.dumps(value))
+
+
 @dataclass(slots=True)
 class Loaded:
     """What start-up reads: jobs for memory, and where numbering and memory stand."""
@@ -186,7 +238,7 @@ class Database:
     def write(self, rows: Sequence[Row], workflows: Sequence[tuple[str, bytes]]) -> None:
         """One transaction: the workflows first written, then every row."""
         conn = self.conn
-        encoded = [(seq, job_id, state, gpu, finished, ujson.dumps(record))
+        encoded = [(seq, job_id, state, gpu, finished, encode_record(record))
                    for seq, job_id, state, gpu, finished, record in rows]
         with conn:
             conn.execute("BEGIN")

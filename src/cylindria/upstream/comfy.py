@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import io
 import ipaddress
 import logging
 import socket
@@ -28,6 +27,7 @@ from ..addresses import (
     without_userinfo,
 )
 from ..config import Settings, Timing
+from ..core.answers import Raw, history_entry, json_document, parse_queue, queue_snapshot
 from ..core.ports import QueueSnapshot, Submitted
 from ..errors import BackendError, BackendTimeout, BackendUnavailable, CallbackNotAllowed
 
@@ -90,16 +90,18 @@ class ComfyClient:
                 f"{exc}); check that it runs.") from None
 
     async def _request(self, method: str, path: str, *, json_body: Any = None,
-                       body: bytes | None = None, timeout: float | None = None,
-                       ok: tuple[int, ...] = (200,)) -> tuple[int, Any]:
+                       body: bytes | Parts | None = None, timeout: float | None = None,
+                       ok: tuple[int, ...] = (200,), read: Callable[..., Any] = json_document,
+                       args: tuple[Any, ...] = ()) -> tuple[int, Any]:
         """One request with a JSON body (`json_body` to encode, or `body` encoded
-        already); returns (status, parsed JSON or None)."""
+        already); returns (status, `read(answer, *args)` or None for no JSON answer).
+        `read` is a plain function (core/answers.py): a large answer is read in the
+        worker process, so only what it returns comes back to the loop."""
         kwargs: dict[str, Any] = {}
         if json_body is not None:
             body = ujson.dumps(json_body).encode()
         if body is not None:
-            # A large body goes out in chunks, so sending it never holds the loop.
-            kwargs["data"] = body if len(body) < STREAM_BODY_BYTES else io.BytesIO(body)
+            kwargs["data"] = body
             kwargs["headers"] = JSON_HEADERS
         client_timeout = _timeout(timeout) if timeout is not None else self.timeout
         url = self._urls.get(path)
@@ -111,9 +113,10 @@ class ComfyClient:
         with self._transport_errors(f"{method} {path}"):
             async with self._session.request(method, url, timeout=client_timeout,
                                              **kwargs) as resp:
-                raw = await resp.read()
+                raw = await _read_answer(resp)
                 if resp.status not in ok:
-                    text = raw.decode("utf-8", "replace").strip()[:500]
+                    head = raw[0] if isinstance(raw, list) else raw
+                    text = head[:2000].decode("utf-8", "replace").strip()[:500]
                     raise BackendError(
                         f"ComfyUI at {self.base_url} answered {method} {path} with HTTP "
                         f"{resp.status}: {text or '(empty body)'}",
@@ -121,7 +124,7 @@ class ComfyClient:
                 if not raw or resp.content_type != "application/json":
                     return resp.status, None
                 try:
-                    return resp.status, await self._decode(raw)
+                    return resp.status, await self._decode(read, raw, *args)
                 except ValueError:
                     raise BackendError(
                         f"ComfyUI at {self.base_url} sent invalid JSON for {method} {path}."
@@ -132,7 +135,10 @@ class ComfyClient:
         """POST /prompt. `workflow` is the JSON document `{"prompt": ..., "extra_data":
         ...}`, sent as it is (never decoded again here: it may be large)."""
         head = ujson.dumps({"client_id": client_id, "prompt_id": prompt_id}).encode()
-        body = b"".join((head[:-1], b",", memoryview(workflow)[1:]))
+        # Joined only when small: a large workflow goes out in slices, never copied.
+        parts = (head[:-1], b",", memoryview(workflow)[1:])
+        body: bytes | Parts = (b"".join(parts) if len(workflow) < STREAM_BODY_BYTES
+                               else Parts(parts))
         status, data = await self._request("POST", "/prompt", body=body, timeout=timeout,
                                            ok=(200, 400))
         if not isinstance(data, dict):
@@ -141,17 +147,14 @@ class ComfyClient:
         return Submitted(accepted=status == 200, body=data)
 
     async def queue(self) -> QueueSnapshot:
-        _, data = await self._request("GET", "/queue")
-        return parse_queue(data if isinstance(data, dict) else {})
+        _, snapshot = await self._request("GET", "/queue", read=queue_snapshot)
+        return snapshot if snapshot is not None else parse_queue({})
 
     async def history(self, prompt_id: str) -> dict[str, Any] | None:
         """The history entry, or None while ComfyUI has none (unknown, pending, running)."""
-        _, data = await self._request("GET", f"/history/{prompt_id}")
-        if isinstance(data, dict):
-            entry = data.get(prompt_id)
-            if isinstance(entry, dict):
-                return entry
-        return None
+        _, entry = await self._request("GET", f"/history/{prompt_id}", read=history_entry,
+                                       args=(prompt_id,))
+        return entry
 
     async def job(self, prompt_id: str) -> dict[str, Any] | None:
         """`/api/jobs/{id}`: None for 404 (ComfyUI has never heard of it, or forgot)."""
@@ -190,45 +193,55 @@ class ComfyClient:
         scheme = "wss" if self.base_url.startswith("https") else "ws"
         url = f"{scheme}{self.base_url[self.base_url.index(':'):]}/ws?clientId={client_id}"
         return self._session.ws_connect(
+            # Frames come as bytes: decoding a large one to text would hold the loop, and
+            # the JSON reader takes UTF-8 as it is.
             url, heartbeat=heartbeat, max_msg_size=WS_MAX_MSG_SIZE, autoping=True,
+            decode_text=False,
             timeout=aiohttp.ClientWSTimeout(ws_close=close_timeout))
 
 
-Decoder = Callable[[bytes], Awaitable[Any]]
+# decode(read, raw, *args): read(raw, *args), on the loop or off it (core/reading.py).
+Decoder = Callable[..., Awaitable[Any]]
 
 
-async def _decode_here(raw: bytes) -> Any:
-    return ujson.loads(raw)
+async def _decode_here(read: Callable[..., Any], raw: Raw, *args: Any) -> Any:
+    return read(raw, *args)
+
+
+async def _read_answer(resp: aiohttp.ClientResponse) -> Raw:
+    """The body of `resp`: one buffer, or for a large one the chunks it came in (joining
+    them would copy megabytes on the event loop; the reader joins them off it)."""
+    length = resp.content_length
+    if length is not None and length <= STREAM_BODY_BYTES:
+        return await resp.read()
+    chunks = [chunk async for chunk in resp.content.iter_any()]
+    return chunks[0] if len(chunks) == 1 else chunks if chunks else b""
+
+
+class Parts(aiohttp.Payload):
+    """A request body made of buffers, sent slice by slice and never joined: a large
+    workflow goes out without a copy that would hold the event loop."""
+
+    SLICE = 256 * 1024
+
+    def __init__(self, parts: Sequence[bytes | memoryview]) -> None:
+        super().__init__(parts, content_type="application/json")
+        self._parts = tuple(parts)
+        self._size = sum(len(part) for part in self._parts)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        return b"".join(self._parts).decode(encoding, errors)
+
+    async def write(self, writer: Any) -> None:
+        for part in self._parts:
+            view = memoryview(part)
+            for start in range(0, len(view), self.SLICE):
+                await writer.write(view[start:start + self.SLICE])
 
 
 @functools.lru_cache(maxsize=16)
 def _timeout(total: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=total)
-
-
-def parse_queue(raw: dict[str, Any]) -> QueueSnapshot:
-    """ComfyUI's `/queue` body as a snapshot. Its pending heap comes as stored, not in
-    run order: sorted here by number, then prompt id, as its heap orders them."""
-    running_items = [item for item in raw.get("queue_running", []) if _is_item(item)]
-    pending_items = [item for item in raw.get("queue_pending", []) if _is_item(item)]
-    pending_items.sort(key=lambda item: (_number(item[0]), str(item[1])))
-    graphs: dict[str, tuple[dict[str, Any], list[str]]] = {}
-    for item in (*running_items, *pending_items):
-        if len(item) > 4 and isinstance(item[2], dict) and isinstance(item[4], list):
-            graphs[str(item[1])] = (item[2], [str(o) for o in item[4]])
-    return QueueSnapshot(running=[str(item[1]) for item in running_items],
-                         pending=[str(item[1]) for item in pending_items], graphs=graphs)
-
-
-def _is_item(item: Any) -> bool:
-    return isinstance(item, list | tuple) and len(item) > 1
-
-
-def _number(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return 0.0
 
 
 # Why a callback URL with credentials is refused; it never repeats them.

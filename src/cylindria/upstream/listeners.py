@@ -8,9 +8,9 @@ import random
 from typing import Any
 
 import aiohttp
-import ujson
 
 from ..config import Timing
+from ..core.answers import parse_frame
 from ..core.jobs import JobsService
 from ..core.reading import WorkflowReader
 from ..core.registry import Registry
@@ -41,7 +41,7 @@ class Dispatcher:
         self.wake_poller = wake_poller
         self.reader = reader
 
-    async def handle_text(self, raw: str) -> None:
+    async def handle_text(self, raw: bytes | str) -> None:
         try:
             # A frame can hold megabytes (a node's text output): decoded off the loop.
             kind, data = await self.reader.decode(parse_frame, raw)
@@ -92,18 +92,6 @@ class Dispatcher:
         elif kind == "execution_interrupted":
             reg.on_interrupted(pid, data)
         # progress_state, feature_flags, logs and unknown types carry nothing we need.
-
-
-def parse_frame(raw: str) -> tuple[str, dict[str, Any]]:
-    """(type, data) of one text frame; ValueError, KeyError or TypeError if it is not
-    one ComfyUI sends."""
-    msg = ujson.loads(raw)
-    if not isinstance(msg, dict):
-        raise TypeError("the frame is not an object")
-    data = msg.get("data") or {}
-    if not isinstance(data, dict):
-        raise TypeError("data is not an object")
-    return msg["type"], data
 
 
 def _str_or_none(value: Any) -> str | None:

@@ -13,6 +13,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from ..addresses import without_userinfo
 from ..appkeys import GPUS, WEBHOOKS
+from ..core.answers import Raw
 from ..core.numbers import canonical_int
 from ..core.placement import gpu_number
 from ..core.records import JobState
@@ -61,26 +62,44 @@ async def callback_url(request: web.Request) -> str | None:
     return url
 
 
-async def body(request: web.Request) -> bytes:
-    """The request body, decompressed as its Content-Encoding says. Cylindria decodes
-    bodies itself (the server is told not to): only where one is read, bounded in size,
-    and with a 4xx that says what was wrong."""
-    try:
-        raw = await request.read()
-    except RequestPayloadError:
-        raise BadRequest("The body could not be read as sent (a broken chunked encoding?). "
-                         "Send it again.") from None
+async def body(request: web.Request) -> Raw:
+    """The request body, decompressed as its Content-Encoding says: one buffer, or the
+    chunks it came in (joining megabytes would hold the event loop; the reader joins
+    them off it). Cylindria decodes bodies itself (the server is told not to): only
+    where one is read, bounded in size, and with a 4xx that says what was wrong."""
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
-    if encoding in ("", "identity"):
-        return raw
     wbits = ZLIB_WBITS.get(encoding)
-    if wbits is None:
+    if wbits is None and encoding not in ("", "identity"):
         raise UnsupportedEncoding(f"Content-Encoding {encoding[:40]!r} is not supported; send "
                                   "the body uncompressed, or compressed with gzip or deflate.")
+    chunks = await _chunks(request)
+    if wbits is None:
+        return chunks[0] if len(chunks) == 1 else chunks
+    raw = b"".join(chunks)
     if len(raw) <= INLINE_INFLATE_BYTES:
         return inflate(raw, wbits, MAX_BODY_BYTES, encoding)
     # zlib lets go of the interpreter while it works: a thread keeps the loop free.
     return await asyncio.to_thread(inflate, raw, wbits, MAX_BODY_BYTES, encoding)
+
+
+async def _chunks(request: web.Request) -> list[bytes]:
+    """The body as received, at most MAX_BODY_BYTES of it."""
+    too_large = BodyTooLarge(f"The body is more than {MAX_BODY_BYTES // 2**20} MiB; send a "
+                             "smaller workflow.")
+    if (request.content_length or 0) > MAX_BODY_BYTES:
+        raise too_large
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while chunk := (await request.content.readchunk())[0]:
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise too_large
+            chunks.append(chunk)
+    except RequestPayloadError:
+        raise BadRequest("The body could not be read as sent (a broken chunked encoding?). "
+                         "Send it again.") from None
+    return chunks
 
 
 def inflate(raw: bytes, wbits: int, limit: int, encoding: str) -> bytes:

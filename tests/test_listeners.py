@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import random
@@ -147,8 +148,9 @@ async def test_reconnect_hint_keeps_tracking_the_running_job(start_cylindria, st
 
 def make_dispatcher() -> tuple[Dispatcher, Registry, Any]:
     registry = Registry()
-    # The dispatcher reads a GPU's number and writes its queue length, nothing else.
-    gpu = SimpleNamespace(index=0, queue_remaining=None)
+    # The dispatcher reads a GPU's number and writes its queue length and message
+    # counts, nothing else.
+    gpu = SimpleNamespace(index=0, queue_remaining=None, messages=collections.Counter())
     return (Dispatcher(gpu, registry, asyncio.Event(), WorkflowReader(MAX_NODES)), registry,
             gpu)
 

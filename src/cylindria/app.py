@@ -21,7 +21,7 @@ from .upstream.comfy import CallbackClient, ComfyClient, open_session
 from .upstream.gpus import Gpu
 from .upstream.listeners import cancel_and_wait, listen, poll
 from .upstream.webhooks import WebhookSender
-from .web import api, events, gpus, outputs, params, render
+from .web import api, events, gpus, metrics, outputs, params, render
 from .web.auth import make_auth_middleware
 from .web.eventhub import EventHub
 from .web.middlewares import error_middleware, response_headers
@@ -33,9 +33,10 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings) -> web.Application:
     signins = Signins()
-    middlewares = [error_middleware]
+    middlewares = [metrics.count_requests, error_middleware]
     if settings.api_key:
-        middlewares.append(make_auth_middleware(settings.api_key, signins, "dashboard_login"))
+        middlewares.append(make_auth_middleware(settings.api_key, signins, "dashboard_login",
+                                                settings.metrics_public))
     app = web.Application(middlewares=middlewares, client_max_size=params.MAX_BODY_BYTES)
     app.on_response_prepare.append(response_headers)
     app.on_response_prepare.append(params.close_if_body_unread)
@@ -46,10 +47,12 @@ def create_app(settings: Settings) -> web.Application:
     app[EVENTS] = EventHub(settings.event_buffer,
                            functools.partial(render.status_bytes, router=app.router))
     registry.subscribe(app[EVENTS].publish)
+    app[metrics.METRICS] = metrics.Metrics(app)
+    registry.subscribe(app[metrics.METRICS].on_change)
     app[TASKS] = {}
 
     dashboard.setup(app)
-    for module in (api, outputs, gpus, events):
+    for module in (api, outputs, gpus, events, metrics):
         app.add_routes(module.routes)
     # Open event streams end at shutdown, so the server does not wait on them.
     app.on_shutdown.append(close_event_streams)
@@ -161,6 +164,7 @@ async def listeners_ctx(app: web.Application) -> AsyncIterator[None]:
             listen(gpu, app[JOBS], timing, wake), name=f"listener-gpu{gpu.index}")
         tasks[f"poller-gpu{gpu.index}"] = asyncio.create_task(
             poll(gpu, app[JOBS], timing, wake), name=f"poller-gpu{gpu.index}")
+    tasks["loop-lag"] = asyncio.create_task(app[metrics.METRICS].watch_loop(), name="loop-lag")
     try:
         yield
     finally:

@@ -24,5 +24,6 @@ GPUS = web.AppKey("gpus", list[Gpu])
 JOBS = web.AppKey("jobs", JobsService)
 JOURNAL = web.AppKey("journal", Journal)
 WEBHOOKS = web.AppKey("webhooks", WebhookSender)
+# (The metrics' key is METRICS in web/metrics.py, which reads the keys above.)
 # Background tasks by name: each GPU's listener and poller.
 TASKS = web.AppKey("tasks", dict[str, asyncio.Task[None]])

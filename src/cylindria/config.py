@@ -93,6 +93,8 @@ class Settings:
     insecure_no_auth: bool = False
     default_gpu: int | str = 0
     webhook_secret: str | None = None
+    # GET /metrics without the API key (CYLINDRIA_METRICS_PUBLIC).
+    metrics_public: bool = False
     max_event_streams: int = 100
     event_buffer: int = 1000
     # None keeps everything in memory only (--no-state); the command line's default is
@@ -262,6 +264,9 @@ def load_settings(
         values["api_key"] = env["CYLINDRIA_API_KEY"]
     if "CYLINDRIA_DEV_MODE" in env:
         values["dev_mode"] = _bool("CYLINDRIA_DEV_MODE", env["CYLINDRIA_DEV_MODE"])
+    if env.get("CYLINDRIA_METRICS_PUBLIC"):
+        values["metrics_public"] = _bool("CYLINDRIA_METRICS_PUBLIC",
+                                         env["CYLINDRIA_METRICS_PUBLIC"])
     if env.get("CYLINDRIA_WEBHOOK_SECRET"):
         values["webhook_secret"] = env["CYLINDRIA_WEBHOOK_SECRET"]
     if env.get("CYLINDRIA_DEFAULT_GPU"):

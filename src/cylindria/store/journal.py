@@ -271,6 +271,11 @@ class Journal:
     def _finished(self, _: asyncio.Future[Any]) -> None:
         self._pending -= 1
 
+    @property
+    def backlog(self) -> int:
+        """Pieces of work handed to the writer thread and not done yet."""
+        return self._pending
+
 
 async def open_journal(path: Path | None, memory_jobs: int,
                        on_saved: Callable[[list[tuple[Job, int]]], None],

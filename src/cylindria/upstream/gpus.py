@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,9 @@ class Gpu:
     drained: bool = False
     unreachable_since: datetime | None = None
     last_probe: Probe | None = None
+    # Counted for /metrics: websocket reconnections, and messages by type.
+    reconnects: int = 0
+    messages: collections.Counter[str] = field(default_factory=collections.Counter)
     _probe_task: asyncio.Task[Probe] | None = None
 
     async def probe(self) -> Probe:

@@ -49,6 +49,7 @@ class Dispatcher:
             log.warning("gpu %d: skipping malformed frame (%s): %.200r",
                         self.gpu.index, exc, raw)
             return
+        self.gpu.messages[kind if isinstance(kind, str) else "?"] += 1
         try:
             self.dispatch(kind, data)
         except (KeyError, TypeError, ValueError) as exc:
@@ -115,6 +116,7 @@ async def listen(gpu: Gpu, jobs: JobsService, timing: Timing,
                 gpu.listener_connected = True
                 log.info("gpu %d: listener %s to %s", gpu.index,
                          "reconnected" if ever_connected else "connected", gpu.url)
+                gpu.reconnects += ever_connected
                 ever_connected = True
                 failures = 0
                 delays = backoff_delays(timing.reconnect_initial, timing.reconnect_max)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import hmac
 import logging
@@ -44,6 +45,8 @@ class WebhookSender:
         self.render = render
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._slots = asyncio.Semaphore(MAX_CONCURRENT)
+        # Delivery attempts by outcome, for /metrics.
+        self.outcomes: collections.Counter[str] = collections.Counter()
 
     def on_change(self, job: Job) -> None:
         if (job.webhook is None or job.webhook.get("state") not in DUE
@@ -86,6 +89,7 @@ class WebhookSender:
                     self.registry.set_webhook(job, state="delivered", attempts=attempt,
                                               last_error=None,
                                               delivered_at=isoformat(utcnow()))
+                    self.outcomes["delivered"] += 1
                     log.info("webhook for job %s delivered to %s", job.job_id, shown)
                     return
                 error = f"HTTP {status}"
@@ -93,11 +97,13 @@ class WebhookSender:
                 # The policy's verdict, not a passing failure: trying again would not help.
                 self.registry.set_webhook(job, state="failed", attempts=attempt,
                                           last_error=exc.message[:300])
+                self.outcomes["not_allowed"] += 1
                 log.warning("webhook for job %s not sent: %s", job.job_id, exc.message)
                 return
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 error = f"{exc.__class__.__name__}: {exc}"[:300]
             state = "retrying" if attempt <= RETRIES else "failed"
+            self.outcomes["retried" if attempt <= RETRIES else "failed"] += 1
             self.registry.set_webhook(job, state=state, attempts=attempt, last_error=error)
             log.warning("webhook for job %s to %s failed (attempt %d of %d): %s", job.job_id,
                         shown, attempt, RETRIES + 1, error)

@@ -26,6 +26,7 @@ class Access(Enum):
     PAGE = "page"  # a sign-in; without one a browser is sent to the sign-in form
     FEED = "feed"  # a sign-in; without one, 401 JSON (a page's live-update feed)
     READ = "read"  # a sign-in, for GET and HEAD only (files shown in a page as <img>)
+    METRICS = "metrics"  # the key, or nothing when CYLINDRIA_METRICS_PUBLIC is on
 
 
 ACCESS_ATTRIBUTE = "cylindria_access"
@@ -80,15 +81,27 @@ def check_throttle(throttle: Throttle, address: str, *, api: bool) -> None:
     raise TooManyAttempts(message, headers={"Retry-After": str(seconds)})
 
 
-def make_auth_middleware(api_key: str, signins: Signins, login: str) -> Middleware:
+def given_key(request: web.Request) -> str | None:
+    """The key sent as X-API-Key, or as `Authorization: Bearer <key>` (what Prometheus
+    and many HTTP clients send)."""
+    key = request.headers.get("X-API-Key")
+    if key is None:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            key = token.strip()
+    return key
+
+
+def make_auth_middleware(api_key: str, signins: Signins, login: str,
+                         metrics_public: bool = False) -> Middleware:
     """`login` names the route of the sign-in form."""
 
     @web.middleware
     async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         level = route_access(request)
-        if level is Access.OPEN:
+        if level is Access.OPEN or (level is Access.METRICS and metrics_public):
             return await handler(request)
-        given = request.headers.get("X-API-Key")
+        given = given_key(request)
         address = client_address(request)
         if given:
             check_throttle(signins.throttle, address, api=True)
@@ -105,7 +118,8 @@ def make_auth_middleware(api_key: str, signins: Signins, login: str) -> Middlewa
             signins.throttle.fail(address, "X-API-Key header")
         what = "wrong" if given else "missing"
         message = (f"The X-API-Key header is {what}. Send the key this server was "
-                   "started with (CYLINDRIA_API_KEY) in an X-API-Key header.")
+                   "started with (CYLINDRIA_API_KEY) in an X-API-Key header (or as "
+                   "Authorization: Bearer <key>).")
         if level is Access.FEED:
             message += " In a browser, sign in to the dashboard again."
         raise Unauthorized(message, headers={"WWW-Authenticate": 'ApiKey header="X-API-Key"'})

@@ -63,6 +63,8 @@ class EventHub:
         self._next_id = 1
         self._render = render
         self.closed = False
+        # Clients cut off for falling behind, for /metrics.
+        self.dropped = 0
 
     @property
     def streams(self) -> int:
@@ -91,11 +93,13 @@ class EventHub:
                 event = (event_id, job.job_id, self._render(job))
             size = len(event[2])
             if sub.queue.full():
+                self.dropped += 1
                 self._end(sub)
                 log.info("events: dropped a client more than %d events behind", CLIENT_QUEUE)
             elif sub.queued_bytes and sub.queued_bytes + size > CLIENT_QUEUE_BYTES:
                 # One event always gets through, however large, so a stream that keeps
                 # up still receives a body bigger than the limit.
+                self.dropped += 1
                 self._end(sub)
                 log.info("events: dropped a client more than %d MiB behind",
                          CLIENT_QUEUE_BYTES // 2**20)

@@ -1,0 +1,206 @@
+"""GET /metrics: the service and each GPU in Prometheus' text format.
+
+Counts that only grow (requests, finished jobs, reconnections) are kept as they
+happen; the state of things (GPUs, queues, jobs by state, open streams, the journal's
+backlog) is read from the objects that hold it at each scrape, so it cannot drift.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+from ..appkeys import EVENTS, GPUS, JOURNAL, REGISTRY, WEBHOOKS
+from ..core.records import Job
+from .auth import Access, access
+
+routes = web.RouteTableDef()
+# No `_created` series: they double the output and no dashboard uses them.
+disable_created_metrics()
+
+SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+JOB_SECONDS = (0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+LAG_SECONDS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+# How often the event loop's lateness is sampled.
+LAG_INTERVAL = 0.25
+# Jobs whose end was counted, remembered so that later changes (a webhook delivered)
+# do not count them again; the oldest are forgotten past this many.
+COUNTED_MEMORY = 100_000
+
+
+class Metrics:
+    """The service's instruments, in a registry of its own (one per app)."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "cylindria_http_requests", "HTTP requests answered, by route, method and status.",
+            ["route", "method", "status"], registry=self.registry)
+        self.request_seconds = Histogram(
+            "cylindria_http_request_duration_seconds",
+            "Time to answer, by route and method (route startjob is the submission "
+            "latency).", ["route", "method"], buckets=SECONDS, registry=self.registry)
+        self.finished = Counter(
+            "cylindria_jobs_finished", "Jobs that reached a final state, by GPU and state.",
+            ["gpu", "state"], registry=self.registry)
+        self.queue_wait = Histogram(
+            "cylindria_job_queue_wait_seconds", "From submission to the start of running, "
+            "by GPU, for jobs that ran.", ["gpu"], buckets=JOB_SECONDS, registry=self.registry)
+        self.run_seconds = Histogram(
+            "cylindria_job_run_seconds", "From the start of running to the end, by GPU.",
+            ["gpu"], buckets=JOB_SECONDS, registry=self.registry)
+        self.loop_lag = Histogram(
+            "cylindria_event_loop_lag_seconds", "How late the event loop ran a timer, "
+            f"sampled every {LAG_INTERVAL} s.", buckets=LAG_SECONDS, registry=self.registry)
+        self.registry.register(StateCollector(app))
+        self._counted: dict[tuple[str, int], None] = {}
+
+    def on_change(self, job: Job) -> None:
+        """A registry subscriber: counts each attempt's end once."""
+        if not job.terminal or (job.job_id, job.attempt) in self._counted:
+            return
+        self._count(job, str(job.gpu_id) if job.gpu_id is not None else "none")
+
+    def _count(self, job: Job, gpu: str) -> None:
+        self._counted[(job.job_id, job.attempt)] = None
+        if len(self._counted) > COUNTED_MEMORY:
+            del self._counted[next(iter(self._counted))]
+        self.finished.labels(gpu, job.state.value).inc()
+        if job.started_at is not None:
+            self.queue_wait.labels(gpu).observe(
+                max((job.started_at - job.submitted_at).total_seconds(), 0.0))
+            if job.finished_at is not None:
+                self.run_seconds.labels(gpu).observe(
+                    max((job.finished_at - job.started_at).total_seconds(), 0.0))
+
+    async def watch_loop(self) -> None:
+        """Sample the event loop's lateness for as long as the app runs."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + LAG_INTERVAL
+            await asyncio.sleep(LAG_INTERVAL)
+            self.loop_lag.observe(max(loop.time() - due, 0.0))
+
+
+METRICS = web.AppKey("metrics", Metrics)
+
+
+class StateCollector(Collector):
+    """What is true now, read at each scrape."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Any]:
+        app = self.app
+        gpus = app.get(GPUS) or []
+        registry = app[REGISTRY]
+        labels = ["gpu"]
+        up = GaugeMetricFamily("cylindria_gpu_reachable",
+                               "1 when the GPU's ComfyUI answered its last check.", labels=labels)
+        listener = GaugeMetricFamily("cylindria_gpu_listener_connected",
+                                     "1 while the GPU's websocket listener is connected.",
+                                     labels=labels)
+        drained = GaugeMetricFamily("cylindria_gpu_drained", "1 while the GPU is drained.",
+                                    labels=labels)
+        reconnects = CounterMetricFamily("cylindria_gpu_listener_reconnects",
+                                         "Websocket reconnections.", labels=labels)
+        messages = CounterMetricFamily("cylindria_gpu_websocket_messages",
+                                       "Websocket text messages from ComfyUI, by type.",
+                                       labels=["gpu", "type"])
+        queue = GaugeMetricFamily("cylindria_gpu_queue_jobs",
+                                  "This service's jobs on the GPU, running or pending.",
+                                  labels=["gpu", "stage"])
+        comfy_queue = GaugeMetricFamily("cylindria_gpu_comfyui_queue_remaining",
+                                        "ComfyUI's own queue_remaining (absent when unknown).",
+                                        labels=labels)
+        for gpu in gpus:
+            name = str(gpu.index)
+            probe = gpu.last_probe
+            up.add_metric([name], float(probe is not None and probe.reachable
+                                        and gpu.unreachable_since is None))
+            listener.add_metric([name], float(gpu.listener_connected))
+            drained.add_metric([name], float(gpu.drained))
+            reconnects.add_metric([name], gpu.reconnects)
+            for kind, count in sorted(gpu.messages.items()):
+                messages.add_metric([name, kind], count)
+            running = 1.0 if registry.running_on(gpu.index) is not None else 0.0
+            queue.add_metric([name, "running"], running)
+            queue.add_metric([name, "pending"], float(registry.queued_count(gpu.index)))
+            if gpu.queue_remaining is not None:
+                comfy_queue.add_metric([name], float(gpu.queue_remaining))
+        yield from (up, listener, drained, reconnects, messages, queue, comfy_queue)
+
+        jobs = GaugeMetricFamily("cylindria_jobs", "Jobs held in memory, by state.",
+                                 labels=["state"])
+        for state, count in registry.counts().items():
+            jobs.add_metric([state], float(count))
+        yield jobs
+        events = app[EVENTS]
+        yield GaugeMetricFamily("cylindria_event_streams_open", "Open /events/ streams.",
+                                value=float(events.streams))
+        yield CounterMetricFamily("cylindria_event_streams_dropped",
+                                  "Event stream clients cut off for falling behind.",
+                                  value=float(events.dropped))
+        if WEBHOOKS in app:
+            hooks = CounterMetricFamily("cylindria_webhook_deliveries",
+                                        "Webhook delivery attempts, by outcome.",
+                                        labels=["outcome"])
+            for outcome, count in sorted(app[WEBHOOKS].outcomes.items()):
+                hooks.add_metric([outcome], count)
+            yield hooks
+        if JOURNAL in app:
+            journal = app[JOURNAL]
+            yield GaugeMetricFamily("cylindria_journal_backlog",
+                                    "Writes handed to the journal's thread and not done.",
+                                    value=float(journal.backlog))
+            yield CounterMetricFamily("cylindria_journal_commits",
+                                      "Transactions committed to the state file.",
+                                      value=float(journal.commits))
+            yield GaugeMetricFamily("cylindria_journal_writable",
+                                    "1 while the state file takes writes.",
+                                    value=float(journal.writable))
+
+
+@web.middleware
+async def count_requests(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Counts every answer by its route's name (never the raw path, which would let
+    clients make new series at will)."""
+    metrics = request.app[METRICS]
+    route = request.match_info.route.name or "unknown"
+    started = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics.requests.labels(route, request.method, str(status)).inc()
+        metrics.request_seconds.labels(route, request.method).observe(
+            time.perf_counter() - started)
+
+
+@routes.get("/metrics", name="metrics")
+@access(Access.METRICS)
+async def get_metrics(request: web.Request) -> web.Response:
+    # Probes are shared and cached for a second; a hung ComfyUI costs status_timeout.
+    await asyncio.gather(*(gpu.probe() for gpu in request.app[GPUS]))
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

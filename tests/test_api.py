@@ -531,15 +531,18 @@ async def test_every_route_but_the_health_checks_needs_the_key(start_cylindria):
         ("POST", "/dashboard/login"): 400,
         ("GET", "/dashboard/static/dashboard.css"): 200,
         ("HEAD", "/dashboard/static/dashboard.css"): 200,
+        ("GET", "/docs/static/swagger-ui.css"): 200,
+        ("HEAD", "/docs/static/swagger-ui.css"): 200,
     }
-    sign_in_pages = {"/", "/dashboard/job/x", "/dashboard/logout"}
+    sign_in_pages = {"/", "/dashboard/job/x", "/dashboard/logout", "/docs"}
     client = await start_cylindria(api_key="s3cret")
     seen_open = set()
     checked = 0
     for route in client.app.router.routes():
         info = route.resource.get_info()
         if "prefix" in info:
-            path = info["prefix"] + "/dashboard.css"
+            asset = "/swagger-ui.css" if info["prefix"] == "/docs/static" else "/dashboard.css"
+            path = info["prefix"] + asset
         else:
             path = concrete(info.get("path") or info.get("formatter"))
         resp = await client.request(route.method, path, allow_redirects=False)

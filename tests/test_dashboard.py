@@ -397,3 +397,15 @@ async def test_gpu_cards_turn_unknown_while_the_service_cannot_be_reached(
         await expect(card).to_have_class("card gpu status-ok")
         await expect(card.locator("[data-field=stale]")).to_be_hidden()
     assert_clean(page)
+
+
+async def test_the_api_link_opens_the_contract_rendered(browser, start_cylindria, tmp_path):
+    client = await start_cylindria()
+    page = await open_page(browser, client, "/")
+    await page.click("a.apilink")
+    await expect(page.locator(".swagger-ui .info .title")).to_contain_text("Cylindria")
+    paths = page.locator(".opblock-summary-path")
+    await expect(paths.filter(has_text="/startjob/{job_id}/")).to_have_count(1)
+    await expect(paths.filter(has_text="/metrics")).to_have_count(1)
+    await shot(page, tmp_path, "api-docs")
+    assert_clean(page)

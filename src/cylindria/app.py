@@ -21,7 +21,7 @@ from .upstream.comfy import CallbackClient, ComfyClient, open_session
 from .upstream.gpus import Gpu
 from .upstream.listeners import cancel_and_wait, listen, poll
 from .upstream.webhooks import WebhookSender
-from .web import api, events, gpus, metrics, outputs, params, render
+from .web import api, events, gpus, metrics, openapi, outputs, params, render
 from .web.auth import make_auth_middleware
 from .web.eventhub import EventHub
 from .web.middlewares import error_middleware, response_headers
@@ -54,6 +54,7 @@ def create_app(settings: Settings) -> web.Application:
     dashboard.setup(app)
     for module in (api, outputs, gpus, events, metrics):
         app.add_routes(module.routes)
+    openapi.setup(app)
     # Open event streams end at shutdown, so the server does not wait on them.
     app.on_shutdown.append(close_event_streams)
 

@@ -26,9 +26,9 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# The fuzz test's long, random profile (a few minutes).
+# The long runs of the fuzz test and of the contract test (a few minutes).
 fuzz: $(STAMP)
-	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/test_fuzz.py
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/test_fuzz.py tests/test_contract.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

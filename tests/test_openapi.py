@@ -49,7 +49,7 @@ def test_every_error_answer_has_the_error_shape():
             for status, answer in op["responses"].items():
                 schema = answer.get("content", {}).get("application/json", {}).get("schema")
                 if status.startswith(("4", "5")) and schema is not None:
-                    assert schema["$ref"].endswith(("/Error", "/StartRefusal")), \
+                    assert schema["$ref"].endswith(("/Error", "/StartRefusal", "/FinishedJob")), \
                         (path, method, status)
 
 

@@ -9,10 +9,11 @@ from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from ..appkeys import GPUS, JOBS, REGISTRY, SETTINGS, SIGNINS
 from ..core.records import Job, isoformat
-from ..errors import JobNotFound, TooManyAttempts
+from ..errors import BadRequest, JobNotFound, TooManyAttempts
 from ..jsonio import json_response
 from ..web import auth, render, signins
 from ..web.auth import Access, access
@@ -145,7 +146,12 @@ async def get_login(request: web.Request) -> web.Response:
 @routes.post("/dashboard/login", name="dashboard_login")
 @access(Access.OPEN)
 async def post_login(request: web.Request) -> web.Response:
-    form = await request.post()
+    try:
+        form = await request.post()
+    except (ValueError, RequestPayloadError):
+        # A multipart type without a boundary, or a body that is not what it says.
+        raise BadRequest("The sign-in form could not be read. Send it as a form "
+                         "(application/x-www-form-urlencoded) with the field 'key'.") from None
     target = signins.safe_next(str(form.get("next") or "")) or str(
         request.app.router["index"].url_for())
     api_key = request.app[SETTINGS].api_key

@@ -121,6 +121,8 @@ def schemas() -> dict[str, Any]:
                 "attempt": {"type": "integer"},
                 "error": {"type": "object"}, "node_errors": {"type": ["object", "null"]}}},
         "StartRefusal": {"allOf": [ref("StartReply"), ref("Error")]},
+        "FinishedJob": {"allOf": [ref("JobStatus"), ref("Error")],
+                        "description": "The job as it stands, with the error."},
         "JobsPage": {
             "type": "object", "required": ["jobs", "next_before"],
             "properties": {"jobs": {"type": "array", "items": ref("JobStatus")},
@@ -235,7 +237,7 @@ def paths() -> dict[str, Any]:
             "Cancel a queued or running job.",
             {"202": answer("Asked; the job as it stands.", "JobStatus"),
              "400": answer("A bad job_id."), "404": not_found,
-             "409": answer("The job is finished (`job_finished`).", "StartRefusal")},
+             "409": answer("The job is finished (`job_finished`).", "FinishedJob")},
             parameters=[JOB_ID])},
         "/retryjob/{job_id}/": {"post": operation(
             "Run a failed, cancelled or rejected job again.",
@@ -257,8 +259,9 @@ def paths() -> dict[str, Any]:
                 {"name": "before", "in": "query", "required": False,
                  "schema": {"type": "string", "pattern": "^[0-9]+$"}}])},
         "/gpus/": {"get": operation(
-            "Every GPU.", {"200": answer("The GPUs.", {"type": "array",
-                                                        "items": ref("GpuStatus")})},
+            "Every GPU.", {"200": answer("The GPUs.", {
+                "type": "object", "required": ["gpus"],
+                "properties": {"gpus": {"type": "array", "items": ref("GpuStatus")}}})},
             tags=("gpus",))},
         "/gpus/{gpu_id}/drain": {"post": _drain("Stop automatic placement on a GPU.")},
         "/gpus/{gpu_id}/undrain": {"post": _drain("Open a drained GPU again.")},
@@ -311,6 +314,8 @@ def paths() -> dict[str, Any]:
                              tags=("dashboard",)),
             "post": operation("Sign in with the API key.",
                               {"303": {"description": "Signed in: to the dashboard."},
+                               "400": answer("The form could not be read."),
+                               "429": THROTTLED,
                                "401": {"description": "A wrong key: the form again.",
                                        "content": html}},
                               body={"content": {"application/x-www-form-urlencoded": {

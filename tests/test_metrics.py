@@ -58,6 +58,10 @@ async def test_metrics_count_what_was_done(start_cylindria, start_sims):
                  gpu="0", type="execution_success") == 2
     assert value(samples, "cylindria_event_streams_open") == 0
     assert value(samples, "cylindria_journal_writable") == 1
+    assert value(samples, "cylindria_journal_commit_seconds_count") >= 1
+    for gpu in ("0", "1"):  # two submissions each; the refused one never left
+        assert value(samples, "cylindria_comfyui_request_duration_seconds_count",
+                     gpu=gpu, endpoint="/prompt") == 2
 
 
 async def test_metrics_need_the_key_unless_public(start_cylindria):

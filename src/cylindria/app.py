@@ -97,6 +97,8 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
                                                timing.request_timeout, reader.decode),
                              timing=timing)
                          for n in range(settings.num_gpus)]
+            for gpu in app[GPUS]:
+                gpu.comfy.observe = app[metrics.METRICS].comfy_timer(gpu.index)
             app[JOBS] = JobsService(registry, app[GPUS], settings, journal, reader)
             app[JOBS].restore(loaded.jobs, loaded.last_seq, loaded.evicted_through)
             # What start-up loaded lives long: keep the garbage collector's full passes

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
@@ -63,6 +64,8 @@ class Journal:
         self._written_event = asyncio.Event()
         self._closed = False
         self.commits = 0
+        # Seconds from handing a batch over to its commit, summed over `commits`.
+        self.commit_seconds = 0.0
 
     @property
     def name(self) -> str:
@@ -146,12 +149,13 @@ class Journal:
         """Commit this one job on the event loop (the writer thread is idle); the rest
         of what is dirty goes to the thread as usual."""
         batch, workflows = self._take_batch(job)
+        started = time.perf_counter()
         try:
             self._database.write([row for _, _, row in batch], workflows)
         except sqlite3.Error as exc:
             self._failed(exc, batch)
         else:
-            self._succeeded(batch, workflows)
+            self._succeeded(batch, workflows, time.perf_counter() - started)
 
     def _kick(self) -> None:
         self._kick_soon = None
@@ -160,24 +164,27 @@ class Journal:
         if self._failure is not None and self._retry is not None:
             return  # failing: only the retry timer tries again
         batch, workflows = self._take_batch()
+        started = time.perf_counter()
         self._writing = self._submit(self._database.write, [row for _, _, row in batch],
                                      workflows)
-        self._writing.add_done_callback(lambda done: self._written(done, batch, workflows))
+        self._writing.add_done_callback(
+            lambda done: self._written(done, batch, workflows, started))
 
-    def _written(self, done: asyncio.Future[None],
-                 batch: list[tuple[Job, int, Row]], workflows: list[tuple[str, bytes]]) -> None:
+    def _written(self, done: asyncio.Future[None], batch: list[tuple[Job, int, Row]],
+                 workflows: list[tuple[str, bytes]], started: float) -> None:
         self._writing = None
         self._written_event.set()
         error = None if done.cancelled() else done.exception()
         if error is not None or done.cancelled():
             self._failed(error, batch)
         else:
-            self._succeeded(batch, workflows)
+            self._succeeded(batch, workflows, time.perf_counter() - started)
             self._kick()
 
     def _succeeded(self, batch: list[tuple[Job, int, Row]],
-                   workflows: list[tuple[str, bytes]]) -> None:
+                   workflows: list[tuple[str, bytes]], elapsed: float) -> None:
         self.commits += 1
+        self.commit_seconds += elapsed
         if self._failure is not None:
             log.warning("state file %s: writes work again; new jobs are accepted",
                         self.name)

@@ -9,6 +9,7 @@ import functools
 import ipaddress
 import logging
 import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +73,8 @@ class ComfyClient:
         self.base_url = base_url.rstrip("/")
         self.timeout = aiohttp.ClientTimeout(total=request_timeout)
         self._urls: dict[str, URL] = {}
+        # Told (endpoint, seconds) after each REST call, answered or not (for /metrics).
+        self.observe: Callable[[str, float], None] | None = None
 
     def url(self, path: str) -> str:
         return f"{self.base_url}{path}"
@@ -110,7 +113,8 @@ class ComfyClient:
             url = URL(self.url(path))
             if path.count("/") == 1:  # a fixed endpoint, not one per prompt
                 self._urls[path] = url
-        with self._transport_errors(f"{method} {path}"):
+        started = time.perf_counter()
+        with self._transport_errors(f"{method} {path}"), self._timed(path, started):
             async with self._session.request(method, url, timeout=client_timeout,
                                              **kwargs) as resp:
                 raw = await _read_answer(resp)
@@ -129,6 +133,16 @@ class ComfyClient:
                     raise BackendError(
                         f"ComfyUI at {self.base_url} sent invalid JSON for {method} {path}."
                     ) from None
+
+    @contextlib.contextmanager
+    def _timed(self, path: str, started: float) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            if self.observe is not None:
+                # The endpoint, never the prompt id: /history/{id} counts as /history.
+                self.observe("/" + path.split("/")[1].split("?")[0],
+                             time.perf_counter() - started)
 
     async def submit(self, workflow: bytes, client_id: str, prompt_id: str,
                      timeout: float) -> Submitted:

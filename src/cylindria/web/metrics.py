@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from aiohttp import web
@@ -20,7 +20,7 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
@@ -63,11 +63,23 @@ class Metrics:
         self.run_seconds = Histogram(
             "cylindria_job_run_seconds", "From the start of running to the end, by GPU.",
             ["gpu"], buckets=JOB_SECONDS, registry=self.registry)
+        self.comfy_seconds = Histogram(
+            "cylindria_comfyui_request_duration_seconds",
+            "ComfyUI's REST calls, answered or not, by GPU and endpoint.",
+            ["gpu", "endpoint"], buckets=SECONDS, registry=self.registry)
         self.loop_lag = Histogram(
             "cylindria_event_loop_lag_seconds", "How late the event loop ran a timer, "
             f"sampled every {LAG_INTERVAL} s.", buckets=LAG_SECONDS, registry=self.registry)
         self.registry.register(StateCollector(app))
         self._counted: dict[tuple[str, int], None] = {}
+
+    def comfy_timer(self, gpu: int) -> Callable[[str, float], None]:
+        """What a GPU's ComfyUI client tells of each REST call."""
+        label = str(gpu)
+
+        def observe(endpoint: str, seconds: float) -> None:
+            self.comfy_seconds.labels(label, endpoint).observe(seconds)
+        return observe
 
     def on_change(self, job: Job) -> None:
         """A registry subscriber: counts each attempt's end once."""
@@ -168,9 +180,10 @@ class StateCollector(Collector):
             yield GaugeMetricFamily("cylindria_journal_backlog",
                                     "Writes handed to the journal's thread and not done.",
                                     value=float(journal.backlog))
-            yield CounterMetricFamily("cylindria_journal_commits",
-                                      "Transactions committed to the state file.",
-                                      value=float(journal.commits))
+            yield SummaryMetricFamily("cylindria_journal_commit_seconds",
+                                      "From handing a batch of changes to the writer to "
+                                      "its commit.", count_value=journal.commits,
+                                      sum_value=journal.commit_seconds)
             yield GaugeMetricFamily("cylindria_journal_writable",
                                     "1 while the state file takes writes.",
                                     value=float(journal.writable))

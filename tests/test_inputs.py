@@ -192,3 +192,16 @@ async def test_the_node_limit_is_a_setting(start_cylindria):
     client = await start_cylindria(max_nodes=2)
     status, body = await put_job(client, "three", workflows.quick())
     assert status == 413 and "at most 2" in body["detail"]
+
+
+async def test_a_job_refused_before_any_gpu_survives_a_restart(start_cylindria, start_sims,
+                                                               tmp_path):
+    cluster = await start_sims(1)
+    state = tmp_path / "state.sqlite3"
+    client = await start_cylindria(cluster, state_file=state)
+    status, _ = await put_job(client, "nodeless", {"1": {"inputs": {}}})
+    assert status == 422
+    await client.close()
+    client = await start_cylindria(cluster, state_file=state)
+    recorded = await job_status(client, "nodeless")
+    assert recorded["state"] == "rejected" and recorded["gpu_id"] is None

@@ -287,6 +287,8 @@ def from_record(record: dict[str, Any]) -> Job:
             values[name] = set(record[name])
     if record.get("planned_nodes") is not None:
         values["planned_nodes"] = frozenset(record["planned_nodes"])
+    # A job refused before any GPU saw it has no gpu_id, and None is not written.
+    values.setdefault("gpu_id", None)
     job = Job(state=JobState(record["state"]), nodes=frozenset(record.get("nodes") or ()),
               **values)
     if job.terminal:

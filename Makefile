@@ -7,7 +7,7 @@ GPUS ?= 2
 SIM_PORT ?= 18188
 PORT ?= 8000
 
-.PHONY: install run test fuzz lint bench clean
+.PHONY: install run test fuzz lint bench chaos clean
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/store.py
+
+# Thousands of jobs through real processes under faults, checked against what ran.
+chaos: $(STAMP)
+	$(BIN)/python bench/chaos.py --jobs $(or $(JOBS),10000)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -954,3 +954,20 @@ async def test_serve_runs_one_simulator_per_gpu(tmp_path, caplog):
     assert not (tmp_path / "gpu0" / "cyl").exists()
     urls = [r.getMessage() for r in caplog.records if "listening on" in r.getMessage()]
     assert len(urls) == 2 and f"http://127.0.0.1:{base + 1}" in urls[1]
+
+
+async def test_the_ledger_keeps_what_ran_across_a_restart(env):
+    """GET /_sim/ledger: every prompt begun, its runs and outcome; a restart cuts the
+    running one short (outcome null) and forgets the queue, never the ledger."""
+    done = await env.submit(quick(color=510))
+    await env.history_of(done["prompt_id"])
+    env.sim.pause("tick")
+    cut = await env.submit(streamed(batch=3))
+    await env.blocked()
+    waiting = await env.submit(quick(color=511))
+    await env.sim.restart()
+    env.sim.resume()
+    ledger = await env.get("/_sim/ledger")
+    assert ledger[done["prompt_id"]] == {"runs": 1, "outcome": "success"}
+    assert ledger[cut["prompt_id"]] == {"runs": 1, "outcome": None}
+    assert waiting["prompt_id"] not in ledger

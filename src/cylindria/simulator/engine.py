@@ -67,6 +67,7 @@ class RunningPrompt:
     ui: dict[str, dict[str, Any]] = field(default_factory=dict)
     current_node: str | None = None
     succeeded: bool = False
+    interrupted: bool = False
 
     @property
     def prompt_id(self) -> str:
@@ -136,6 +137,10 @@ class Engine:
         self._pauses = pauses
         self._ticks = 0
         self._wake = asyncio.Event()
+        # Every prompt this simulated GPU began to run, kept across restarts (unlike
+        # its history): runs and outcome ("success", "error", "interrupted", or None
+        # while running or when a restart cut it short). What really ran, for tests.
+        self.ledger: dict[str, dict[str, Any]] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -228,6 +233,9 @@ class Engine:
                 await self._wake.wait()
             self._pauses.started()
             job = RunningPrompt(heapq.heappop(self.pending))
+            entry = self.ledger.setdefault(job.prompt_id, {"runs": 0, "outcome": None})
+            entry["runs"] += 1
+            entry["outcome"] = None
             self.running = job
             self._queue_updated()
             try:
@@ -238,6 +246,10 @@ class Engine:
             self._finish(job)
 
     def _finish(self, job: RunningPrompt) -> None:
+        entry = self.ledger.get(job.prompt_id)
+        if entry is not None:
+            entry["outcome"] = ("success" if job.succeeded else
+                                "interrupted" if job.interrupted else "error")
         outputs = job.ui
         entry = {
             "prompt": list(job.item[:5]),
@@ -345,6 +357,7 @@ class Engine:
                     continue
                 await self._run_node(job, node_id, keys, results)
         except Interrupted as exc:
+            job.interrupted = True
             node_type = job.prompt[exc.node_id]["class_type"]
             self._record(job, "execution_interrupted", {
                 "prompt_id": prompt_id, "node_id": exc.node_id, "node_type": node_type,

@@ -176,6 +176,11 @@ class Controls:
         for name, handler in controls:
             router.add_post(f"/_sim/{name}", handler, name=f"sim_{name}")
         router.add_get("/_sim/state", self.sim_state, name="sim_state")
+        router.add_get("/_sim/ledger", self.sim_ledger, name="sim_ledger")
+
+    async def sim_ledger(self, request: web.Request) -> web.Response:
+        """Every prompt this GPU began to run: {prompt_id: {runs, outcome}}."""
+        return json_response(self._sim.ledger)
 
     async def sim_drop_sockets(self, request: web.Request) -> web.Response:
         await self._sim.drop_sockets()

@@ -81,6 +81,10 @@ class ComfySimulator:
         return self._engine.history
 
     @property
+    def ledger(self) -> dict[str, dict[str, Any]]:
+        return self._engine.ledger
+
+    @property
     def number(self) -> int:
         return self._engine.number
 

@@ -1,0 +1,324 @@
+"""Chaos: thousands of jobs through real processes while everything that can go wrong
+does, then every job's final state checked against what the simulated GPUs really ran.
+
+Run with `make chaos` (or `.venv/bin/python bench/chaos.py --jobs 10000`). All on
+loopback: the simulated GPUs are one process, `cylindria serve` with its state file
+another, and this client a third. While the client submits (GpuId=auto; a share of the
+workflows fail at run time, a share are invalid):
+- each GPU's websocket is dropped about every 5 s;
+- the simulated ComfyUIs restart (losing their queues) `--comfy-restarts` times;
+- `cylindria serve` is killed with SIGKILL `--kills` times and started again on the
+  same state file;
+- `/prompt` or `/queue` of a GPU hangs for a few seconds now and then.
+Then it waits until nothing is in flight and compares Cylindria's answers with each
+simulated GPU's ledger (every prompt it began to run, kept across its restarts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import ujson
+from procs import PYTHON, Process, until_up
+from support import quick
+
+from cylindria.addresses import free_port_run
+
+GPUS = 8
+IN_FLIGHT = 32
+WAIT_AFTER = 60.0
+
+
+def failing(n: int) -> dict[str, Any]:
+    """Passes validation, fails at run time (a file name outside the output folder)."""
+    workflow = quick(n)
+    workflow["3"]["inputs"]["filename_prefix"] = "../escape"
+    return workflow
+
+
+def invalid(n: int) -> dict[str, Any]:
+    """Refused before it runs: by Cylindria (no class_type) or by ComfyUI's validation."""
+    if n % 2:
+        return {"1": {"inputs": {}}}
+    workflow = quick(n)
+    workflow["1"]["inputs"]["width"] = 0
+    return workflow
+
+
+def plan(count: int, rng: random.Random) -> list[tuple[str, str, dict[str, Any]]]:
+    """(job id, kind, workflow) for every job: 80% fine, 10% failing, 10% invalid."""
+    jobs = []
+    for n in range(count):
+        roll = rng.random()
+        kind = "ok" if roll < 0.8 else "failing" if roll < 0.9 else "invalid"
+        workflow = {"ok": quick, "failing": failing, "invalid": invalid}[kind](n)
+        jobs.append((f"chaos-{n}", kind, workflow))
+    return jobs
+
+
+class Service:
+    """`cylindria serve` on one state file, killed and started again at will."""
+
+    def __init__(self, work: Path, port: int, sim_port: int, retry_lost: int) -> None:
+        self.work, self.port, self.sim_port = work, port, sim_port
+        self.retry_lost = retry_lost
+        self.url = f"http://127.0.0.1:{port}"
+        self.starts = 0
+        self.proc: Process | None = None
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        self.starts += 1
+        self.proc = Process(
+            [PYTHON, "-m", "cylindria", "serve", "--port", str(self.port), "--numberOfGpus",
+             str(GPUS), "--comfy-url", f"http://127.0.0.1:{self.sim_port}", "--log-level",
+             "warning", "--state-file", str(self.work / "state.sqlite3")],
+            self.work / f"serve-{self.starts}.log",
+            CYLINDRIA_RETRY_LOST=str(self.retry_lost), CYLINDRIA_POLL_INTERVAL="0.5",
+            CYLINDRIA_LOST_GRACE="3")
+        await until_up(session, f"{self.url}/healthz", self.proc)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.popen.send_signal(signal.SIGKILL)
+        self.proc.popen.wait()
+        self.proc.log.close()
+
+
+async def submit_all(session: aiohttp.ClientSession, service: Service,
+                     jobs: list[tuple[str, str, dict[str, Any]]],
+                     outcome: dict[str, int]) -> None:
+    """PUT every job (GpuId=auto), IN_FLIGHT at a time; a PUT that gets no answer, or a
+    5xx, is sent again (the same job id: never submitted twice)."""
+    queue: asyncio.Queue[tuple[str, str, dict[str, Any]]] = asyncio.Queue()
+    for job in jobs:
+        queue.put_nowait(job)
+
+    async def worker() -> None:
+        while not queue.empty():
+            job_id, _, workflow = queue.get_nowait()
+            body = ujson.dumps(workflow)
+            for _ in range(200):
+                try:
+                    async with session.put(f"{service.url}/startjob/{job_id}/",
+                                           params={"GpuId": "auto"}, data=body,
+                                           timeout=aiohttp.ClientTimeout(total=20)) as resp:
+                        await resp.read()
+                        if resp.status < 500:
+                            outcome[job_id] = resp.status
+                            break
+                except (aiohttp.ClientError, TimeoutError):
+                    pass
+                await asyncio.sleep(0.2)
+
+    await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
+
+
+async def chaos(session: aiohttp.ClientSession, service: Service, sim_port: int,
+                jobs: int, comfy_restarts: int, kills: int, done: asyncio.Event,
+                progress: dict[str, int], rng: random.Random) -> Counter[str]:
+    """The faults, spread over the submission; returns what was done."""
+    did: Counter[str] = Counter()
+    restarts_at = [jobs * (n + 1) // (comfy_restarts + 1) for n in range(comfy_restarts)]
+    kills_at = [jobs * (2 * n + 1) // (2 * kills + 1) for n in range(kills)] if kills else []
+    next_drop = {gpu: time.monotonic() + rng.uniform(0, 5) for gpu in range(GPUS)}
+    next_hang = time.monotonic() + 3
+
+    async def sim(gpu: int, action: str, body: dict[str, Any] | None = None) -> None:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with session.post(f"http://127.0.0.1:{sim_port + gpu}/_sim/{action}",
+                                    json=body or {},
+                                    timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                await resp.read()
+
+    while not done.is_set():
+        now = time.monotonic()
+        for gpu, due in next_drop.items():
+            if now >= due:
+                await sim(gpu, "drop_sockets")
+                did["websocket drops"] += 1
+                next_drop[gpu] = now + rng.uniform(4, 6)
+        if now >= next_hang:
+            gpu, path = rng.randrange(GPUS), rng.choice(["/prompt", "/queue"])
+            await sim(gpu, "hang", {"count": 3, "path": path})
+            did[f"{path} hangs"] += 1
+            asyncio.get_running_loop().call_later(
+                rng.uniform(2, 4), lambda g=gpu: asyncio.ensure_future(sim(g, "release")))
+            next_hang = now + rng.uniform(5, 9)
+        if restarts_at and progress["sent"] >= restarts_at[0]:
+            restarts_at.pop(0)
+            await asyncio.gather(*(sim(gpu, "restart") for gpu in range(GPUS)))
+            did["ComfyUI restarts (all GPUs)"] += 1
+        if kills_at and progress["sent"] >= kills_at[0]:
+            kills_at.pop(0)
+            service.kill()
+            did["Cylindria SIGKILLs"] += 1
+            await asyncio.sleep(0.5)
+            await service.start(session)
+        await asyncio.sleep(0.1)
+    for gpu in range(GPUS):
+        await sim(gpu, "release")
+    return did
+
+
+async def all_jobs(session: aiohttp.ClientSession, url: str,
+                   state: str | None = None) -> list[dict[str, Any]]:
+    found, before = [], None
+    while True:
+        params = {"limit": "500"}
+        if state:
+            params["state"] = state
+        if before is not None:
+            params["before"] = str(before)
+        async with session.get(f"{url}/jobs/", params=params) as resp:
+            page = await resp.json()
+        found += page["jobs"]
+        before = page["next_before"]
+        if before is None:
+            return found
+
+
+def judge(jobs: list[dict[str, Any]], kinds: dict[str, str],
+          ledger: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Cylindria's final word on each job against what the GPUs ran."""
+    counts: Counter[str] = Counter()
+    wrong: list[str] = []
+    twice: list[str] = []
+    known_prompts: set[str] = set()
+    for job in jobs:
+        state = job["state"]
+        counts[state] += 1
+        attempts = job.get("attempts") or [job]
+        prompts = [a["prompt_id"] for a in attempts if a.get("prompt_id")]
+        known_prompts.update(prompts)
+        runs = sum(ledger.get(p, {}).get("runs", 0) for p in prompts)
+        if runs > len(attempts) or any(ledger.get(p, {}).get("runs", 0) > 1 for p in prompts):
+            twice.append(job["job_id"])
+        error = job.get("error") or {}
+        if state == "failed":
+            cause = "lost" if error.get("type") == "lost" else kinds[job["job_id"]]
+            counts[f"failed: {cause}"] += 1
+        last = ledger.get(job.get("prompt_id") or "", {})
+        expected = {"success": "completed", "error": "failed",
+                    "interrupted": "cancelled"}.get(last.get("outcome") or "")
+        if state in ("completed", "cancelled") or (state == "failed"
+                                                   and error.get("type") != "lost"):
+            ok = expected == state
+        elif state == "failed":  # lost: ComfyUI never finished it
+            ok = last.get("outcome") is None
+        elif state == "rejected":
+            ok = not last
+        else:
+            ok = False  # still in flight: counted as stuck
+        if not ok and state in ("completed", "failed", "cancelled", "rejected"):
+            wrong.append(job["job_id"])
+    unknown_runs = sum(1 for p in ledger if p not in known_prompts)
+    return {"counts": counts, "wrong": wrong, "twice": twice, "unknown_runs": unknown_runs}
+
+
+async def run(count: int, retry_lost: int, comfy_restarts: int, kills: int,
+              seed: int, work: Path) -> dict[str, Any]:
+    rng = random.Random(seed)
+    jobs = plan(count, rng)
+    kinds = {job_id: kind for job_id, kind, _ in jobs}
+    sim_port, port = free_port_run(GPUS), free_port_run(1)
+    sim = Process([PYTHON, "-m", "cylindria", "simulate", "--gpus", str(GPUS), "--base-port",
+                   str(sim_port), "--step-seconds", "0", "--output-dir", str(work / "out"),
+                   "--log-level", "warning"], work / "sim.log")
+    service = Service(work, port, sim_port, retry_lost)
+    started = time.perf_counter()
+    try:
+        async with aiohttp.ClientSession() as session:
+            for gpu in range(GPUS):
+                await until_up(session, f"http://127.0.0.1:{sim_port + gpu}/system_stats", sim)
+            await service.start(session)
+            outcome: dict[str, int] = {}
+            progress = {"sent": 0}
+            done = asyncio.Event()
+
+            async def count_sent() -> None:
+                while not done.is_set():
+                    progress["sent"] = len(outcome)
+                    await asyncio.sleep(0.05)
+
+            counter = asyncio.create_task(count_sent())
+            faults = asyncio.create_task(chaos(session, service, sim_port, count,
+                                               comfy_restarts, kills, done, progress, rng))
+            await submit_all(session, service, jobs, outcome)
+            done.set()
+            did = await faults
+            await counter
+            submitted = time.perf_counter() - started
+            deadline = time.monotonic() + WAIT_AFTER
+            while time.monotonic() < deadline:
+                if not await all_jobs(session, service.url, "queued,running"):
+                    break
+                await asyncio.sleep(1)
+            settled = time.perf_counter() - started
+            final = await all_jobs(session, service.url)
+            ledger: dict[str, dict[str, Any]] = {}
+            for gpu in range(GPUS):
+                async with session.get(f"http://127.0.0.1:{sim_port + gpu}/_sim/ledger") as r:
+                    ledger.update(await r.json())
+    finally:
+        if service.proc is not None:
+            service.proc.stop()
+        sim.stop()
+    verdict = judge(final, kinds, ledger)
+    counts = verdict["counts"]
+    missing = [job_id for job_id, _, _ in jobs
+               if outcome.get(job_id) in (200, 202) and job_id not in {j["job_id"] for j in final}]
+    return {
+        "jobs sent": count,
+        "accepted (200/202)": sum(1 for s in outcome.values() if s in (200, 202)),
+        "refused at submission (4xx)": sum(1 for s in outcome.values() if s >= 400),
+        "completed": counts["completed"],
+        "failed": counts["failed"],
+        **{k: v for k, v in sorted(counts.items()) if k.startswith("failed: ")},
+        "rejected": counts["rejected"],
+        "cancelled": counts["cancelled"],
+        "lost (failed, type lost)": counts["failed: lost"],
+        "stuck (not final 60 s after the end)": counts["queued"] + counts["running"],
+        "run twice": len(verdict["twice"]),
+        "wrong state": len(verdict["wrong"]),
+        "accepted but missing": len(missing),
+        "prompts run that no job names": verdict["unknown_runs"],
+        "faults": dict(did),
+        "wall time: submitting / until settled (s)": f"{submitted:.0f} / {settled:.0f}",
+        "examples": {"wrong": verdict["wrong"][:5], "twice": verdict["twice"][:5],
+                     "missing": missing[:5]},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=10_000)
+    parser.add_argument("--retry-lost", type=int, default=0)
+    parser.add_argument("--comfy-restarts", type=int, default=2)
+    parser.add_argument("--kills", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="cylindria-chaos-") as tmp:
+        result = asyncio.run(run(args.jobs, args.retry_lost, args.comfy_restarts, args.kills,
+                                 args.seed, Path(tmp)))
+    print(f"cylindria chaos: {args.jobs} jobs, CYLINDRIA_RETRY_LOST={args.retry_lost}, "
+          f"{args.comfy_restarts} ComfyUI restarts, {args.kills} SIGKILL(s), seed {args.seed}")
+    for key, value in result.items():
+        print(f"{key:45} {value}")
+    bad = (result["stuck (not final 60 s after the end)"] + result["run twice"]
+           + result["wrong state"] + result["accepted but missing"])
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -127,5 +127,10 @@ def _lost_detail(job: Job) -> str:
     if not job.confirmed:
         return ("Cylindria stopped while submitting this job, and ComfyUI has no trace of "
                 f"it: it never received it, or was restarted since. {retry}")
+    if job.started_at is not None:
+        # It may have finished while no event reached Cylindria: say so, never guess.
+        return ("ComfyUI no longer knows this job, which had started running: it is "
+                "neither queued nor in its history (ComfyUI was probably restarted), so "
+                f"whether it finished, and its outputs, are unknown. {retry}")
     return ("ComfyUI no longer knows this job: it is neither queued nor in its history "
             f"(ComfyUI was probably restarted). {retry}")

@@ -41,7 +41,7 @@ bench: $(STAMP)
 
 # Thousands of jobs through real processes under faults, checked against what ran.
 chaos: $(STAMP)
-	$(BIN)/python bench/chaos.py --jobs $(or $(JOBS),10000)
+	$(BIN)/python bench/chaos.py --jobs $(or $(JOBS),10000) --retry-lost $(or $(RETRY_LOST),0)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -129,10 +130,14 @@ async def chaos(session: aiohttp.ClientSession, service: Service, sim_port: int,
                 progress: dict[str, int], rng: random.Random) -> Counter[str]:
     """The faults, spread over the submission; returns what was done."""
     did: Counter[str] = Counter()
-    restarts_at = [jobs * (n + 1) // (comfy_restarts + 1) for n in range(comfy_restarts)]
-    kills_at = [jobs * (2 * n + 1) // (2 * kills + 1) for n in range(kills)] if kills else []
-    next_drop = {gpu: time.monotonic() + rng.uniform(0, 5) for gpu in range(GPUS)}
-    next_hang = time.monotonic() + 3
+    # The restarts and kills alternate, evenly spread over the submission (two
+    # restarts and one kill: at 1/4, 2/4 and 3/4 of the jobs sent), never together.
+    order: list[str] = []
+    for n in range(max(comfy_restarts, kills)):
+        order += ["restart"] * (n < comfy_restarts) + ["kill"] * (n < kills)
+    faults_at = [(jobs * (n + 1) // (len(order) + 1), kind) for n, kind in enumerate(order)]
+    next_drop = {gpu: time.monotonic() + rng.uniform(0, 1) for gpu in range(GPUS)}
+    next_hang = time.monotonic() + 1
 
     async def sim(gpu: int, action: str, body: dict[str, Any] | None = None) -> None:
         with contextlib.suppress(aiohttp.ClientError, TimeoutError):
@@ -155,16 +160,16 @@ async def chaos(session: aiohttp.ClientSession, service: Service, sim_port: int,
             asyncio.get_running_loop().call_later(
                 rng.uniform(2, 4), lambda g=gpu: asyncio.ensure_future(sim(g, "release")))
             next_hang = now + rng.uniform(5, 9)
-        if restarts_at and progress["sent"] >= restarts_at[0]:
-            restarts_at.pop(0)
-            await asyncio.gather(*(sim(gpu, "restart") for gpu in range(GPUS)))
-            did["ComfyUI restarts (all GPUs)"] += 1
-        if kills_at and progress["sent"] >= kills_at[0]:
-            kills_at.pop(0)
-            service.kill()
-            did["Cylindria SIGKILLs"] += 1
-            await asyncio.sleep(0.5)
-            await service.start(session)
+        if faults_at and progress["sent"] >= faults_at[0][0]:
+            _, kind = faults_at.pop(0)
+            if kind == "restart":
+                await asyncio.gather(*(sim(gpu, "restart") for gpu in range(GPUS)))
+                did["ComfyUI restarts (all GPUs)"] += 1
+            else:
+                service.kill()
+                did["Cylindria SIGKILLs"] += 1
+                await asyncio.sleep(0.5)
+                await service.start(session)
         await asyncio.sleep(0.1)
     for gpu in range(GPUS):
         await sim(gpu, "release")
@@ -188,9 +193,32 @@ async def all_jobs(session: aiohttp.ClientSession, url: str,
             return found
 
 
+def _moment(text: str | None) -> float:
+    return datetime.fromisoformat(text).timestamp() if text else float("inf")
+
+
+def lost_truthfully(attempt: dict[str, Any], ran: dict[str, Any]) -> str | None:
+    """How a lost attempt squares with what its GPU did: None when it is untrue (the
+    GPU began or finished the prompt after Cylindria gave it up), else what happened."""
+    if not ran:
+        return "never ran (dropped from ComfyUI's queue)"
+    declared = _moment(attempt.get("finished_at"))
+    if ran["began"] > declared or (ran["ended"] or 0) > declared:
+        return None
+    if ran["ended"] is None:
+        return "cut short by the restart"
+    # Finished, then ComfyUI's restart wiped its history before Cylindria read it: the
+    # job may only say its end is unknown when Cylindria had seen it start.
+    message = (attempt.get("error") or {}).get("message", "")
+    if "started running" in message and "unknown" not in message:
+        return None
+    return "finished before the restart wiped it (said: outcome unknown)"
+
+
 def judge(jobs: list[dict[str, Any]], kinds: dict[str, str],
           ledger: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Cylindria's final word on each job against what the GPUs ran."""
+    """Cylindria's final word on each job, and on every attempt it gave up as lost,
+    against what the GPUs ran."""
     counts: Counter[str] = Counter()
     wrong: list[str] = []
     twice: list[str] = []
@@ -204,6 +232,15 @@ def judge(jobs: list[dict[str, Any]], kinds: dict[str, str],
         runs = sum(ledger.get(p, {}).get("runs", 0) for p in prompts)
         if runs > len(attempts) or any(ledger.get(p, {}).get("runs", 0) > 1 for p in prompts):
             twice.append(job["job_id"])
+        ok = True
+        for attempt in attempts:
+            if (attempt.get("error") or {}).get("type") != "lost":
+                continue
+            story = lost_truthfully(attempt, ledger.get(attempt.get("prompt_id") or "", {}))
+            counts[f"lost attempts: {story or 'UNTRUE'}"] += 1
+            ok = ok and story is not None
+        if len(attempts) > 1:
+            counts["jobs retried after a loss"] += 1
         error = job.get("error") or {}
         if state == "failed":
             cause = "lost" if error.get("type") == "lost" else kinds[job["job_id"]]
@@ -213,13 +250,11 @@ def judge(jobs: list[dict[str, Any]], kinds: dict[str, str],
                     "interrupted": "cancelled"}.get(last.get("outcome") or "")
         if state in ("completed", "cancelled") or (state == "failed"
                                                    and error.get("type") != "lost"):
-            ok = expected == state
-        elif state == "failed":  # lost: ComfyUI never finished it
-            ok = last.get("outcome") is None
+            ok = ok and expected == state
         elif state == "rejected":
-            ok = not last
-        else:
-            ok = False  # still in flight: counted as stuck
+            ok = ok and not last
+        elif state != "failed":
+            ok = False  # still in flight: counted as stuck, not wrong
         if not ok and state in ("completed", "failed", "cancelled", "rejected"):
             wrong.append(job["job_id"])
     unknown_runs = sum(1 for p in ledger if p not in known_prompts)
@@ -288,6 +323,8 @@ async def run(count: int, retry_lost: int, comfy_restarts: int, kills: int,
         "rejected": counts["rejected"],
         "cancelled": counts["cancelled"],
         "lost (failed, type lost)": counts["failed: lost"],
+        "jobs retried after a loss": counts["jobs retried after a loss"],
+        **{k: v for k, v in sorted(counts.items()) if k.startswith("lost attempts: ")},
         "stuck (not final 60 s after the end)": counts["queued"] + counts["running"],
         "run twice": len(verdict["twice"]),
         "wrong state": len(verdict["wrong"]),
@@ -307,16 +344,22 @@ def main() -> int:
     parser.add_argument("--comfy-restarts", type=int, default=2)
     parser.add_argument("--kills", type=int, default=1)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
+    # Stopped from outside: still stop the processes it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="cylindria-chaos-") as tmp:
         result = asyncio.run(run(args.jobs, args.retry_lost, args.comfy_restarts, args.kills,
                                  args.seed, Path(tmp)))
+    bad = (result["stuck (not final 60 s after the end)"] + result["run twice"]
+           + result["wrong state"] + result["accepted but missing"])
+    if args.json:
+        print(ujson.dumps(result))
+        return 1 if bad else 0
     print(f"cylindria chaos: {args.jobs} jobs, CYLINDRIA_RETRY_LOST={args.retry_lost}, "
           f"{args.comfy_restarts} ComfyUI restarts, {args.kills} SIGKILL(s), seed {args.seed}")
     for key, value in result.items():
         print(f"{key:45} {value}")
-    bad = (result["stuck (not final 60 s after the end)"] + result["run twice"]
-           + result["wrong state"] + result["accepted but missing"])
     return 1 if bad else 0
 
 

@@ -239,3 +239,41 @@ async def test_job_status_shows_queued_detail(start_cylindria, start_sims):
 async def _if_pos(client, job_id):
     body = await job_status(client, job_id)
     return body if body["queue_position"] == 1 else None
+
+
+async def test_a_lost_job_waits_for_a_gpu_to_be_retried_even_across_a_restart(
+        start_cylindria, start_sims, tmp_path):
+    """ComfyUI restarts and does not take websockets yet: the job it lost cannot be
+    placed again at once. Its automatic retry is owed, kept in the state file, and made
+    as soon as a GPU is ready, after Cylindria's own restart too."""
+    cluster = await start_sims(1)
+    sim = cluster.sims[0]
+    state = tmp_path / "state.sqlite3"
+    client = await start_cylindria(cluster, state_file=state, retry_lost=1,
+                                   timing=with_timing(lost_grace=0.2))
+    sim.pause(at="dequeue")
+    status, _ = await put_job(client, "owed", workflows.quick(), gpu="auto")
+    assert status == 202
+    sim.refuse_websockets(True)
+    await sim.restart()
+    sim.resume()
+    body = await wait_until(
+        lambda: _owed(client), what="the lost job to owe its retry", timeout=10)
+    assert body["state"] == "failed" and body["error"]["type"] == "lost"
+    assert body["attempt"] == 1
+    await client.close()
+
+    client = await start_cylindria(cluster, state_file=state, retry_lost=1, connect=False,
+                                   timing=with_timing(lost_grace=0.2))
+    body = await job_status(client, "owed")
+    assert "automatically as soon as a GPU is ready" in body["detail"]
+    sim.refuse_websockets(False)
+    body = await wait_state(client, "owed", "completed", timeout=15)
+    assert body["attempt"] == 2
+    assert [a["error"]["type"] for a in body["attempts"][:1]] == ["lost"]
+    assert sim.ledger[body["prompt_id"]]["outcome"] == "success"
+
+
+async def _owed(client) -> dict[str, Any] | None:
+    body = await job_status(client, "owed")
+    return body if "automatically as soon as a GPU is ready" in body["detail"] else None

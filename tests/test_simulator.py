@@ -968,6 +968,8 @@ async def test_the_ledger_keeps_what_ran_across_a_restart(env):
     await env.sim.restart()
     env.sim.resume()
     ledger = await env.get("/_sim/ledger")
-    assert ledger[done["prompt_id"]] == {"runs": 1, "outcome": "success"}
-    assert ledger[cut["prompt_id"]] == {"runs": 1, "outcome": None}
+    finished, short = ledger[done["prompt_id"]], ledger[cut["prompt_id"]]
+    assert (finished["runs"], finished["outcome"]) == (1, "success")
+    assert finished["began"] <= finished["ended"] <= short["began"]
+    assert (short["runs"], short["outcome"], short["ended"]) == (1, None, None)
     assert waiting["prompt_id"] not in ledger

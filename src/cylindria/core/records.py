@@ -81,6 +81,8 @@ class Job:
     auto: bool = False
     attempt: int = 1
     automatic_retries: int = 0
+    # Lost, with an automatic retry due that could not be placed yet (no GPU ready).
+    retry_owed: bool = False
     earlier_attempts: list[dict[str, Any]] | None = None
     queue_position: int | None = None
     current_node: str | None = None
@@ -237,14 +239,15 @@ _TIMES = ("submitted_at", "updated_at", "started_at", "finished_at", "missing_si
           "cancel_requested_at")
 _SETS = ("done_nodes", "cached_nodes")
 _PLAIN = ("job_id", "gpu_id", "fingerprint", "prompt_id", "seq", "confirmed", "detail",
-          "auto", "attempt", "automatic_retries", "earlier_attempts", "queue_position",
+          "auto", "attempt", "automatic_retries", "retry_owed", "earlier_attempts",
+          "queue_position",
           "current_node", "node_progress", "error", "node_errors", "outputs", "callback_url",
           "webhook")
 
 
 # Values not written, because a record read back gets them anyway.
 _DEFAULTS: dict[str, Any] = {"auto": False, "attempt": 1, "automatic_retries": 0,
-                             "confirmed": False}
+                             "retry_owed": False, "confirmed": False}
 
 
 def to_record(job: Job) -> dict[str, Any]:

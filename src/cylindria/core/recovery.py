@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 
 from ..config import Settings
-from ..errors import ApiError
+from ..errors import ApiError, BackendUnavailable, GpuDrained, NoGpuAvailable, StateUnavailable
 from .ports import GpuPort, QueueSnapshot
 from .records import Job, isoformat
 from .registry import Registry
@@ -15,6 +15,8 @@ log = logging.getLogger(__name__)
 
 RESTART_DETAIL = ("Cylindria restarted; re-checking this job with ComfyUI (it is still "
                   "queued or running there, finished, or lost).")
+# Why an automatic retry may have to wait: nothing was sent to any ComfyUI.
+WAIT_FOR_A_GPU = (NoGpuAvailable, GpuDrained, StateUnavailable, BackendUnavailable)
 # A cancel asked this long ago that ComfyUI still holds is sent again.
 CANCEL_AGAIN_AFTER = 2.0
 
@@ -117,9 +119,40 @@ class Recovery:
             return
         try:
             await self.retry(job.job_id, automatic=True)
+        except WAIT_FOR_A_GPU as exc:
+            # Lost jobs come in crowds, when a ComfyUI restarts: its GPU, and perhaps
+            # every GPU, is not ready yet. The retry is owed (on disk too) and made as
+            # soon as one is.
+            if job.terminal:
+                self.registry.owe_retry(job, True)
+                self.registry.set_detail(job, "ComfyUI lost this job; it will be run again "
+                                              "automatically as soon as a GPU is ready.")
+                log.info("job %s: automatic retry after it was lost waits for a GPU: %s",
+                         job.job_id, exc.message)
         except ApiError as exc:
             log.warning("job %s: automatic retry after it was lost failed: %s", job.job_id,
                         exc.message)
+
+    async def retry_owed(self) -> int:
+        """Make the automatic retries that waited for a GPU, oldest first, while GPUs
+        take them. Returns how many are still owed."""
+        owed = self.registry.retries_owed()
+        for n, job in enumerate(owed):
+            if not job.retry_owed or not job.terminal:
+                self.registry.owe_retry(job, False)
+                continue
+            if job.automatic_retries >= self.settings.retry_lost:
+                self.registry.owe_retry(job, False)
+                continue
+            try:
+                await self.retry(job.job_id, automatic=True)
+            except WAIT_FOR_A_GPU:
+                return len(owed) - n
+            except ApiError as exc:
+                self.registry.owe_retry(job, False)
+                log.warning("job %s: automatic retry after it was lost failed: %s",
+                            job.job_id, exc.message)
+        return 0
 
 
 def _lost_detail(job: Job) -> str:

@@ -47,6 +47,8 @@ class Registry(JobMachine):
         self._flight: dict[int, dict[str, Job]] = {}
         self._running: dict[int, dict[str, Job]] = {}
         self._counts: Counter[JobState] = Counter()
+        # Lost jobs whose automatic retry waits for a GPU.
+        self._owed: dict[str, Job] = {}
         # Every finished job with a higher sequence number is in memory.
         self._evicted_through = 0
 
@@ -174,6 +176,8 @@ class Registry(JobMachine):
                      "webhook"):
             setattr(job, name, None)
         job.unverified = False
+        job.retry_owed = False
+        self._owed.pop(job.job_id, None)
         job.reopen(nodes)
         self._insert(job)
         self._touch(job)
@@ -211,6 +215,21 @@ class Registry(JobMachine):
             job.detail = detail
             self._touch(job, lasting=False)
 
+    def owe_retry(self, job: Job, owed: bool) -> None:
+        """Mark (or clear) an automatic retry that waits for a GPU; it lasts across a
+        restart."""
+        if owed:
+            self._owed[job.job_id] = job
+        else:
+            self._owed.pop(job.job_id, None)
+        if job.retry_owed != owed:
+            job.retry_owed = owed
+            self._touch(job)
+
+    def retries_owed(self) -> list[Job]:
+        """Jobs whose automatic retry waits for a GPU, oldest first."""
+        return sorted(self._owed.values(), key=lambda job: job.seq)
+
     def set_detail(self, job: Job, detail: str) -> None:
         if job.detail != detail:
             job.detail = detail
@@ -228,6 +247,8 @@ class Registry(JobMachine):
                 self._remove(old)
             job.saved_version = job.lasting_version = job.version
             self._insert(job)
+            if job.retry_owed:
+                self._owed[job.job_id] = job
         self._seq = max(self._seq, last_seq)
         self._evicted_through = max(self._evicted_through, evicted_through)
 

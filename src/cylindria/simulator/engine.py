@@ -138,8 +138,9 @@ class Engine:
         self._ticks = 0
         self._wake = asyncio.Event()
         # Every prompt this simulated GPU began to run, kept across restarts (unlike
-        # its history): runs and outcome ("success", "error", "interrupted", or None
-        # while running or when a restart cut it short). What really ran, for tests.
+        # its history): runs, outcome ("success", "error", "interrupted", or None
+        # while running or when a restart cut it short), and the wall-clock times the
+        # last run began and ended. What really ran, for tests.
         self.ledger: dict[str, dict[str, Any]] = {}
         self.reset()
 
@@ -233,9 +234,8 @@ class Engine:
                 await self._wake.wait()
             self._pauses.started()
             job = RunningPrompt(heapq.heappop(self.pending))
-            entry = self.ledger.setdefault(job.prompt_id, {"runs": 0, "outcome": None})
-            entry["runs"] += 1
-            entry["outcome"] = None
+            entry = self.ledger.setdefault(job.prompt_id, {"runs": 0})
+            entry.update(runs=entry["runs"] + 1, outcome=None, began=time.time(), ended=None)
             self.running = job
             self._queue_updated()
             try:
@@ -250,6 +250,7 @@ class Engine:
         if entry is not None:
             entry["outcome"] = ("success" if job.succeeded else
                                 "interrupted" if job.interrupted else "error")
+            entry["ended"] = time.time()
         outputs = job.ui
         entry = {
             "prompt": list(job.item[:5]),

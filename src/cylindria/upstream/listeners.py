@@ -176,6 +176,15 @@ async def poll(gpu: Gpu, jobs: JobsService, timing: Timing, wake: asyncio.Event)
         await asyncio.sleep(min(gap, timing.poll_interval))
 
 
+async def retry_owed(jobs: JobsService, timing: Timing) -> None:
+    """Automatic retries of lost jobs that found no GPU ready (a ComfyUI restart takes
+    them all down at once) are made once one is, whatever the restart left."""
+    while True:
+        await asyncio.sleep(timing.poll_interval)
+        if jobs.registry.retries_owed():
+            await jobs.retry_owed()
+
+
 async def cancel_and_wait(tasks: list[asyncio.Task[Any]]) -> None:
     for task in tasks:
         task.cancel()

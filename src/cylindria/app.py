@@ -24,7 +24,7 @@ from .upstream.webhooks import WebhookSender
 from .web import api, events, gpus, metrics, openapi, outputs, params, render
 from .web.auth import make_auth_middleware
 from .web.eventhub import EventHub
-from .web.middlewares import error_middleware, response_headers
+from .web.middlewares import REQUEST_COUNTER, error_middleware, response_headers
 from .web.signins import Signins
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: Settings) -> web.Application:
     signins = Signins()
-    middlewares = [metrics.count_requests, error_middleware]
+    middlewares = [error_middleware]
     if settings.api_key:
         middlewares.append(make_auth_middleware(settings.api_key, signins, "dashboard_login",
                                                 settings.metrics_public))
@@ -48,6 +48,7 @@ def create_app(settings: Settings) -> web.Application:
                            functools.partial(render.status_bytes, router=app.router))
     registry.subscribe(app[EVENTS].publish)
     app[metrics.METRICS] = metrics.Metrics(app)
+    app[REQUEST_COUNTER] = app[metrics.METRICS].count_request
     registry.subscribe(app[metrics.METRICS].on_change)
     app[TASKS] = {}
 

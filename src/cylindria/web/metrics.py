@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -225,25 +224,6 @@ class StateCollector(Collector):
             yield GaugeMetricFamily("cylindria_journal_writable",
                                     "1 while the state file takes writes.",
                                     value=float(journal.writable))
-
-
-@web.middleware
-async def count_requests(request: web.Request, handler: Any) -> web.StreamResponse:
-    """Counts every answer by its route's name (never the raw path, which would let
-    clients make new series at will)."""
-    metrics = request.app[METRICS]
-    route = request.match_info.route.name or "unknown"
-    started = time.perf_counter()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
-    finally:
-        metrics.count_request(route, request.method, status, time.perf_counter() - started)
 
 
 @routes.get("/metrics", name="metrics")

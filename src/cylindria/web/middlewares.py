@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -21,32 +23,51 @@ _HTTP_HINTS = {
 }
 
 
+# Told of every answer: route name, method, status, seconds (the metrics set it).
+REQUEST_COUNTER: web.AppKey[Callable[[str, str, int, float], None]] = web.AppKey(
+    "request_counter", object)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Every error as JSON, and every answer counted: one middleware for both, because
+    each layer costs every request (the cheapest answers most of all)."""
+    started = time.perf_counter()
     try:
-        return await handler(request)
+        response = await handler(request)
     except ApiError as exc:
         if exc.status >= 500:
             # Method and path (which holds the job id), never headers: they carry the key.
             log.warning("%s %s answered %d %s (job %s): %s", request.method, request.path,
                         exc.status, exc.code, request.match_info.get("job_id", "-"),
                         exc.message)
-        return json_response(error_body(exc), status=exc.status, headers=exc.headers)
+        response = json_response(error_body(exc), status=exc.status, headers=exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400 or exc.content_type == "application/json":
+            _count(request, exc.status, started)
             raise
         code, message = _HTTP_HINTS.get(exc.status, ("http_error", exc.reason))
         if exc.status == 405:
             allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ()) or ()))
             message = f"{request.method} is not allowed here; use {allowed}."
         headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-        return json_response(_error(code, message), status=exc.status, headers=headers)
+        response = json_response(_error(code, message), status=exc.status, headers=headers)
     except Exception:
         # Unexpected: log it with the traceback, answer JSON rather than a bare 500.
         log.exception("unhandled error in %s %s", request.method, request.path)
-        return json_response(_error("internal_error", "Cylindria hit an unexpected error; "
-                                    "it is logged. Retry, and report it if it persists."),
-                             status=500)
+        response = json_response(_error("internal_error", "Cylindria hit an unexpected "
+                                        "error; it is logged. Retry, and report it if it "
+                                        "persists."), status=500)
+    # A request whose client went away (cancelled) got no answer: it is not counted.
+    _count(request, response.status, started)
+    return response
+
+
+def _count(request: web.Request, status: int, started: float) -> None:
+    counter = request.app.get(REQUEST_COUNTER)
+    if counter is not None:
+        counter(request.match_info.route.name or "unknown", request.method, status,
+                time.perf_counter() - started)
 
 
 def _error(code: str, message: str) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import asyncio
 import socket
 import struct
 import zlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,9 @@ import pytest
 import ujson
 from aiohttp.test_utils import TestClient
 
+from cylindria import cli
 from cylindria.simulator import DEFAULT_MODELS, ComfySimulator, SimSettings, engine, serve
+from cylindria.simulator.vram import model_size
 
 from simulator_support import WAIT, Listener, quick, streamed, txt2img, wait_until
 
@@ -61,10 +64,19 @@ class Env:
 
 
 @pytest.fixture
-async def env(aiohttp_client, tmp_path) -> Env:
-    sim = ComfySimulator(SimSettings(step_seconds=0, output_dir=tmp_path / "output"))
-    client = await aiohttp_client(sim.create_app())
-    return Env(sim, client, tmp_path / "output")
+def make_env(aiohttp_client, tmp_path) -> Callable[..., Awaitable[Env]]:
+    """A simulator with step_seconds=0 and the given other SimSettings fields."""
+    async def make(**options: Any) -> Env:
+        sim = ComfySimulator(SimSettings(step_seconds=0, output_dir=tmp_path / "output",
+                                         **options))
+        client = await aiohttp_client(sim.create_app())
+        return Env(sim, client, tmp_path / "output")
+    return make
+
+
+@pytest.fixture
+async def env(make_env) -> Env:
+    return await make_env()
 
 
 def types(listener: Listener, prompt_id: str | None = None) -> list[str]:
@@ -973,3 +985,134 @@ async def test_the_ledger_keeps_what_ran_across_a_restart(env):
     assert finished["began"] <= finished["ended"] <= short["began"]
     assert (short["runs"], short["outcome"], short["ended"]) == (1, None, None)
     assert waiting["prompt_id"] not in ledger
+
+
+# --- model files in VRAM --------------------------------------------------------------------
+
+SD15 = DEFAULT_MODELS[0]
+
+
+def loads(ckpt: str) -> dict[str, Any]:
+    """A checkpoint loader whose MODEL is shown by PreviewAny: a model load and little else."""
+    return {"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+            "2": {"class_type": "PreviewAny", "inputs": {"source": ["1", 0]}}}
+
+
+async def run_to_end(env: Env, prompt: dict[str, Any]) -> dict[str, Any]:
+    """Run a prompt; its ledger entry with `cached`, the nodes served from cache."""
+    body = await env.submit(prompt)
+    history = await env.history_of(body["prompt_id"])
+    cached = next(data["nodes"] for event, data in history["status"]["messages"]
+                  if event == "execution_cached")
+    return {**env.sim.ledger[body["prompt_id"]], "cached": cached}
+
+
+async def test_first_use_of_a_model_file_loads_it_and_takes_the_load_time(make_env):
+    env = await make_env(model_load_seconds=0.1)
+    assert await env.get("/_sim/models") == {"loaded": [], "loads": 0, "load_seconds": 0}
+    first = await run_to_end(env, txt2img(seed=1))
+    assert first["loads"] == [SD15] and first["outcome"] == "success"
+    assert first["ended"] - first["began"] >= 0.09
+    assert await env.get("/_sim/models") == {"loaded": [SD15], "loads": 1, "load_seconds": 0.1}
+    # Another checkpoint runs its loader; back on the first, the loader runs again (the
+    # cache holds only the previous prompt) but finds its file still in VRAM.
+    other = await run_to_end(env, txt2img(seed=1, ckpt=DEFAULT_MODELS[1]))
+    assert other["loads"] == [DEFAULT_MODELS[1]]
+    again = await run_to_end(env, txt2img(seed=2))
+    assert "4" not in again["cached"] and again["loads"] == []
+    assert await env.get("/_sim/models") == {
+        "loaded": [DEFAULT_MODELS[1], SD15], "loads": 2, "load_seconds": 0.2}
+    stats = (await env.get("/system_stats"))["devices"][0]
+    assert stats["vram_total"] - stats["vram_free"] == 600 * 1024**2 + sum(
+        model_size("checkpoints", name) for name in (SD15, DEFAULT_MODELS[1]))
+
+
+async def test_a_loader_served_from_cache_loads_nothing(make_env):
+    env = await make_env(model_load_seconds=0.05)
+    assert (await run_to_end(env, txt2img(seed=1)))["loads"] == [SD15]
+    await env.post("/free", {"unload_models": True})
+    assert env.sim.models["loaded"] == []
+    # The loader's output is still cached, so nothing runs it and nothing loads.
+    second = await run_to_end(env, txt2img(seed=2))
+    assert "4" in second["cached"] and second["loads"] == []
+    assert env.sim.models == {"loaded": [], "loads": 1, "load_seconds": 0.05}
+
+
+async def test_the_vram_budget_unloads_the_least_recently_used(make_env):
+    names = ("a.safetensors", "b.safetensors", "c.safetensors")
+    size = model_size("checkpoints", names[0])
+    # Room for two of them, not three.
+    env = await make_env(models=names, vram_budget_gib=2.5 * size / 1024**3)
+    for name, loaded in [("a", []), ("b", []), ("a", None), ("c", ["b"]), ("b", ["a"])]:
+        ran = await run_to_end(env, loads(f"{name}.safetensors"))
+        assert ran["cached"] == []
+        assert ran["loads"] == ([] if loaded is None else [f"{name}.safetensors"])
+    assert await env.get("/_sim/models") == {
+        "loaded": ["c.safetensors", "b.safetensors"], "loads": 4, "load_seconds": 0}
+    stats = (await env.get("/system_stats"))["devices"][0]
+    assert stats["vram_total"] - stats["vram_free"] == 600 * 1024**2 + 2 * size
+
+
+async def test_without_a_budget_every_model_file_stays(env):
+    for name in DEFAULT_MODELS:
+        await run_to_end(env, loads(name))
+    assert env.sim.models["loaded"] == list(DEFAULT_MODELS)
+
+
+async def test_restart_and_free_empty_the_vram(env):
+    await run_to_end(env, loads(SD15))
+    await env.sim.restart()
+    assert await env.get("/_sim/models") == {"loaded": [], "loads": 1, "load_seconds": 0}
+    assert (await run_to_end(env, loads(SD15)))["loads"] == [SD15]
+    for name, body in [(DEFAULT_MODELS[1], {"unload_models": True}),
+                       (DEFAULT_MODELS[2], {"free_memory": True})]:
+        assert (await run_to_end(env, loads(name)))["loads"] == [name]
+        assert env.sim.models["loaded"] != []
+        resp = await env.post("/free", body)
+        assert resp.status == 200
+        assert env.sim.models["loaded"] == [], body
+    # While a job runs, ComfyUI unloads only once it has ended.
+    env.sim.pause("tick")
+    running = await env.submit(txt2img(seed=3))
+    await env.blocked()
+    assert env.sim.models["loaded"] == [SD15]
+    await env.post("/free", {"unload_models": True})
+    assert env.sim.models["loaded"] == [SD15]
+    env.sim.resume()
+    await env.history_of(running["prompt_id"])
+    assert env.sim.models == {"loaded": [], "loads": 5, "load_seconds": 0}
+
+
+async def test_a_load_runs_to_its_end_and_the_interrupt_lands_on_the_next_node(make_env):
+    env = await make_env(model_load_seconds=0.2)
+    body = await env.submit(loads(SD15))
+    await wait_until(lambda: env.sim.loading_model == SD15)
+    assert (await env.get("/_sim/state"))["loading_model"] == SD15
+    await env.post("/interrupt", {"prompt_id": body["prompt_id"]})
+    history = await env.history_of(body["prompt_id"])
+    interrupted = next(data for event, data in history["status"]["messages"]
+                       if event == "execution_interrupted")
+    assert (interrupted["node_id"], interrupted["executed"]) == ("2", ["1"])
+    assert env.sim.ledger[body["prompt_id"]]["loads"] == [SD15]
+    assert env.sim.models["loaded"] == [SD15]
+
+
+async def test_a_restart_cuts_a_load_short_and_counts_nothing(make_env):
+    env = await make_env(model_load_seconds=60)
+    body = await env.submit(loads(SD15))
+    await wait_until(lambda: env.sim.loading_model == SD15)
+    await env.sim.restart()
+    assert env.sim.loading_model is None
+    assert env.sim.models == {"loaded": [], "loads": 0, "load_seconds": 0}
+    entry = env.sim.ledger[body["prompt_id"]]
+    assert (entry["outcome"], entry["loads"]) == (None, [])
+
+
+def test_simulate_and_demo_take_the_model_flags(capsys):
+    parser = cli.build_parser()
+    for command in ("simulate", "demo"):
+        ns = parser.parse_args([command, "--model-load-seconds", "1.5", "--vram-gb", "12"])
+        assert cli.sim_costs(ns) == {"model_load_seconds": 1.5, "vram_budget_gib": 12.0}
+        assert cli.sim_costs(parser.parse_args([command])) == {}
+    assert cli.main(["simulate", "--vram-gb", "-1"]) == 2
+    assert "--vram-gb must be 0 or more" in capsys.readouterr().err

@@ -34,6 +34,11 @@ log = logging.getLogger("cylindria")
 # Where `cylindria demo` (and so `make run`) puts its simulated GPUs.
 DEMO_SIM_PORT = 18188
 
+# Flags of `simulate` and `demo` that set the SimSettings field they are stored under.
+SIM_COST_FLAGS = (("--step-seconds", "step_seconds"),
+                  ("--model-load-seconds", "model_load_seconds"),
+                  ("--vram-gb", "vram_budget_gib"))
+
 SERVE_FLAGS = ("host", "port", "comfy_url", "num_gpus", "dev_mode", "dev_save_dir",
                "log_level", "insecure_no_auth", "default_gpu", "state_file", "no_state")
 
@@ -56,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "8188, so a real ComfyUI is never used by mistake)")
     demo.add_argument("--step-seconds", type=float, default=None,
                       help="seconds per simulated sampler step (default 0.25)")
+    add_model_flags(demo)
 
     sub.add_parser("tester", help="open the desktop tester (a small Tkinter window)")
 
@@ -69,10 +75,27 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds per sampler step; 0 runs jobs instantly (default 0.25)")
     sim.add_argument("--models", default=None,
                      help="comma-separated checkpoint names the loader accepts")
+    add_model_flags(sim)
     sim.add_argument("--output-dir", type=Path, default=None,
                      help="where images are written (default: a temporary folder)")
     sim.add_argument("--log-level", choices=LOG_LEVELS, default="info")
     return parser
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-load-seconds", type=float, default=None, metavar="SECONDS",
+                        help="seconds a simulated GPU takes to load a model file it does "
+                             "not hold in VRAM (default 0)")
+    parser.add_argument("--vram-gb", dest="vram_budget_gib", type=float, default=None,
+                        metavar="GIB",
+                        help="GiB of VRAM model files may fill on each simulated GPU before "
+                             "the least recently used are unloaded (default 0: unlimited)")
+
+
+def sim_costs(ns: argparse.Namespace) -> dict[str, float]:
+    """The SIM_COST_FLAGS given on the command line, by SimSettings field."""
+    return {name: value for _, name in SIM_COST_FLAGS
+            if (value := getattr(ns, name)) is not None}
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
@@ -138,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cylindria: error: {exc}", file=sys.stderr)
         return 2
     if ns.command == "demo":
-        return run_demo(settings, ns.sim_port, ns.step_seconds)
+        return run_demo(settings, ns.sim_port, sim_costs(ns))
     return run_serve(settings)
 
 
@@ -192,8 +215,9 @@ async def serve(app: web.Application, settings: Settings,
             loop.remove_signal_handler(sig)
 
 
-def run_demo(settings: Settings, sim_port: int, step_seconds: float | None) -> int:
-    """Simulated GPUs on sim_port.. and the service in front, in this one process."""
+def run_demo(settings: Settings, sim_port: int, sim_options: dict[str, float]) -> int:
+    """Simulated GPUs on sim_port.. and the service in front, in this one process;
+    sim_options are SimSettings fields, a negative one counting as 0."""
     from .addresses import ports_free
     from .app import create_app
     from .simulator import SimSettings
@@ -209,8 +233,8 @@ def run_demo(settings: Settings, sim_port: int, step_seconds: float | None) -> i
         print(f"cylindria: error: in use already: {', '.join(taken)}; stop what listens "
               "there, or choose other ports (make run SIM_PORT=... PORT=...)", file=sys.stderr)
         return 1
-    sim_settings = SimSettings() if step_seconds is None else SimSettings(
-        step_seconds=max(step_seconds, 0.0))
+    sim_settings = SimSettings(**{name: max(value, 0.0)  # type: ignore[arg-type]
+                                  for name, value in sim_options.items()})
     log.info("simulated ComfyUI: %d GPU(s) from port %d; Cylindria: http://%s:%d/",
              settings.num_gpus, sim_port, settings.host, settings.port)
 
@@ -252,11 +276,12 @@ def run_simulate(ns: argparse.Namespace) -> int:
               f"(got {ns.base_port})", file=sys.stderr)
         return 2
     options: dict[str, object] = {"output_dir": ns.output_dir}
-    if ns.step_seconds is not None:
-        if ns.step_seconds < 0:
-            print("cylindria: error: --step-seconds must be 0 or more", file=sys.stderr)
+    for flag, name in SIM_COST_FLAGS:
+        value = getattr(ns, name)
+        if value is not None and value < 0:
+            print(f"cylindria: error: {flag} must be 0 or more", file=sys.stderr)
             return 2
-        options["step_seconds"] = ns.step_seconds
+    options.update(sim_costs(ns))
     models = tuple(m.strip() for m in (ns.models or "").split(",") if m.strip())
     options["models"] = models or DEFAULT_MODELS
     settings = SimSettings(**options)  # type: ignore[arg-type]

@@ -22,6 +22,7 @@ from .png import write_pngs
 from .settings import SimSettings
 from .sockets import Sockets
 from .validation import full_type_name
+from .vram import Vram, model_size
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,9 @@ class NodeRun:
     async def tick(self, value: int, total: int, preview: bytes | None = None) -> None:
         await self._engine._tick(self._job, self._node_id, value, total, preview)
 
+    async def load(self, kind: str, name: str) -> None:
+        await self._engine._load(self._job, kind, name)
+
     async def save(self, images: SimImage, prefix: str, kind: str) -> list[dict[str, str]]:
         folders = self._engine.folders
         base = folders.output if kind == "output" else folders.temp
@@ -140,12 +144,15 @@ class Engine:
         # Every prompt this simulated GPU began to run, kept across restarts (unlike
         # its history): runs, outcome ("success", "error", "interrupted", or None
         # while running or when a restart cut it short), and the wall-clock times the
-        # last run began and ended. What really ran, for tests.
+        # last run began and ended, and the model files it loaded. What really ran, for
+        # tests.
         self.ledger: dict[str, dict[str, Any]] = {}
+        self.vram = Vram(settings.vram_budget_gib)
         self.reset()
 
     def reset(self) -> None:
-        """Forget the queue, the running job, history, the counter and the cache."""
+        """Forget the queue, the running job, history, the counter, the cache and the
+        models in VRAM."""
         self.number = 0
         self.pending: list[QueueItem] = []
         self.running: RunningPrompt | None = None
@@ -153,7 +160,8 @@ class Engine:
         self.cache: dict[Hashable, CacheEntry] = {}
         self._interrupt = False
         self._free_after_job = False
-        self._model_bytes = 0
+        self._unload_after_job = False
+        self.vram.clear()
 
     @property
     def queue_remaining(self) -> int:
@@ -200,13 +208,17 @@ class Engine:
             self._interrupt = True
 
     def free(self, unload_models: Any, free_memory: Any) -> None:
-        if unload_models:
-            self._model_bytes = 0
-        if free_memory:
-            if self.running is None:
+        # ComfyUI's worker acts on these flags between jobs, and free_memory also unloads
+        # the models.
+        unload = bool(unload_models or free_memory)
+        if self.running is None:
+            if unload:
+                self.vram.clear()
+            if free_memory:
                 self.cache.clear()
-            else:
-                self._free_after_job = True
+        else:
+            self._unload_after_job |= unload
+            self._free_after_job |= bool(free_memory)
 
     def clear_history(self) -> None:
         self.history = {}
@@ -215,7 +227,7 @@ class Engine:
         self.history.pop(prompt_id, None)
 
     def vram_used(self) -> int:
-        used = 600 * 1024**2 + self._model_bytes
+        used = 600 * 1024**2 + self.vram.used
         if self.running is not None:
             # Activations come and go with the work, so the figure moves while a job runs.
             used += 1200 * 1024**2 + (self._ticks % 8) * 24 * 1024**2
@@ -235,7 +247,8 @@ class Engine:
             self._pauses.started()
             job = RunningPrompt(heapq.heappop(self.pending))
             entry = self.ledger.setdefault(job.prompt_id, {"runs": 0})
-            entry.update(runs=entry["runs"] + 1, outcome=None, began=time.time(), ended=None)
+            entry.update(runs=entry["runs"] + 1, outcome=None, began=time.time(), ended=None,
+                         loads=[])
             self.running = job
             self._queue_updated()
             try:
@@ -269,6 +282,9 @@ class Engine:
         if job.client_id is not None:
             self._sockets.send("executing", {"node": None, "prompt_id": job.prompt_id},
                                job.client_id)
+        if self._unload_after_job:
+            self._unload_after_job = False
+            self.vram.clear()
         if self._free_after_job:
             self._free_after_job = False
             self.cache.clear()
@@ -332,6 +348,24 @@ class Engine:
                 # Event 1 (PREVIEW_IMAGE), format 2 (PNG).
                 self._sockets.send_bytes(struct.pack(">II", 1, 2) + preview, sid)
         await self._pauses.point("tick", node_id)
+
+    async def _load(self, job: RunningPrompt, kind: str, name: str) -> None:
+        """A loader node's model file: free if in VRAM, else the load time is spent."""
+        if self.vram.use(name):
+            return
+        # Like ComfyUI, which reads the file without looking at the interrupt flag, a
+        # load runs to its end: an interrupt is seen at the next node or tick. A
+        # restart cancels the sleep, and the load never happened.
+        seconds = max(self.settings.model_load_seconds, 0.0)
+        self.vram.loading = name
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self.vram.loading = None
+        evicted = self.vram.add(name, model_size(kind, name), seconds)
+        self.ledger[job.prompt_id]["loads"].append(name)
+        log.debug("prompt %s loaded %s (%s)%s", job.prompt_id, name, kind,
+                  f", unloading {', '.join(evicted)}" if evicted else "")
 
     async def _execute(self, job: RunningPrompt) -> None:
         self._interrupt = False
@@ -400,8 +434,6 @@ class Engine:
             raise
         except Exception as exc:
             raise NodeFailed(node_id, _failure(job, node_id, spec, inputs, exc)) from exc
-        if spec.name == "CheckpointLoaderSimple":
-            self._model_bytes = 2_132_863_336
         results[node_id] = result.outputs
         if not spec.always_run:
             self.cache[keys[node_id]] = CacheEntry(result.outputs, result.ui)

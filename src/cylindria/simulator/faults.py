@@ -177,10 +177,15 @@ class Controls:
             router.add_post(f"/_sim/{name}", handler, name=f"sim_{name}")
         router.add_get("/_sim/state", self.sim_state, name="sim_state")
         router.add_get("/_sim/ledger", self.sim_ledger, name="sim_ledger")
+        router.add_get("/_sim/models", self.sim_models, name="sim_models")
 
     async def sim_ledger(self, request: web.Request) -> web.Response:
-        """Every prompt this GPU began to run: {prompt_id: {runs, outcome}}."""
+        """Every prompt this GPU began to run: {prompt_id: {runs, outcome, ...}}."""
         return json_response(self._sim.ledger)
+
+    async def sim_models(self, request: web.Request) -> web.Response:
+        """Model files in VRAM, least recently used first, and the loads so far."""
+        return json_response(self._sim.models)
 
     async def sim_drop_sockets(self, request: web.Request) -> web.Response:
         await self._sim.drop_sockets()
@@ -232,5 +237,6 @@ class Controls:
             "registered_clients": sim.registered_clients,
             "paused": sim.paused_at,
             "blocked_at": sim.blocked_at,
+            "loading_model": sim.loading_model,
             "held_requests": sim.held_requests,
         })

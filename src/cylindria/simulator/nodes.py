@@ -92,6 +92,10 @@ class NodeContext(Protocol):
     async def tick(self, value: int, total: int, preview: bytes | None = None) -> None:
         """Report progress (and optionally a PNG preview); interrupts surface here."""
 
+    async def load(self, kind: str, name: str) -> None:
+        """Bring the model file `name` from the folder `kind` into VRAM, spending the
+        load time unless it is there already."""
+
     async def save(self, images: SimImage, prefix: str, kind: str) -> list[dict[str, str]]:
         """Write the batch into the output ("output") or temp ("temp") directory."""
 
@@ -217,6 +221,7 @@ async def _save_image_websocket(ctx: NodeContext, inp: dict[str, Any]) -> NodeRe
 
 async def _checkpoint_loader(ctx: NodeContext, inp: dict[str, Any]) -> NodeResult:
     name = inp["ckpt_name"]
+    await ctx.load("checkpoints", name)
     return NodeResult((SimModelPart("ModelPatcher", name), SimModelPart("CLIP", name),
                        SimModelPart("VAE", name)))
 

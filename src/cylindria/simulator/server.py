@@ -85,6 +85,17 @@ class ComfySimulator:
         return self._engine.ledger
 
     @property
+    def models(self) -> dict[str, Any]:
+        """Model files in VRAM, least recently used first, and the loads so far:
+        {"loaded": [names], "loads": n, "load_seconds": s}."""
+        return self._engine.vram.snapshot()
+
+    @property
+    def loading_model(self) -> str | None:
+        """The model file the running job is loading right now."""
+        return self._engine.vram.loading
+
+    @property
     def number(self) -> int:
         return self._engine.number
 

@@ -27,3 +27,8 @@ class SimSettings:
     # Where SaveImage writes; None means a private directory removed on cleanup.
     output_dir: Path | None = None
     vram_total: int = 24 * 1024**3
+    # Simulated seconds a GPU spends loading a model file it does not hold in VRAM.
+    model_load_seconds: float = 0.0
+    # GiB of VRAM model files may fill before the least recently used are unloaded;
+    # 0 is unlimited. Sizes per file are in vram.py.
+    vram_budget_gib: float = 0.0

@@ -241,37 +241,66 @@ async def _if_pos(client, job_id):
     return body if body["queue_position"] == 1 else None
 
 
-async def test_a_lost_job_waits_for_a_gpu_to_be_retried_even_across_a_restart(
+async def test_a_lost_auto_job_waits_in_line_for_a_gpu_even_across_a_restart(
         start_cylindria, start_sims, tmp_path):
-    """ComfyUI restarts and does not take websockets yet: the job it lost cannot be
-    placed again at once. Its automatic retry is owed, kept in the state file, and made
-    as soon as a GPU is ready, after Cylindria's own restart too."""
+    """ComfyUI restarts and does not take websockets yet: the auto job it lost is run
+    again by itself (CYLINDRIA_RETRY_LOST), held in Cylindria's queue until a GPU is
+    ready, after Cylindria's own restart too."""
     cluster = await start_sims(1)
     sim = cluster.sims[0]
     state = tmp_path / "state.sqlite3"
     client = await start_cylindria(cluster, state_file=state, retry_lost=1,
                                    timing=with_timing(lost_grace=0.2))
     sim.pause(at="dequeue")
-    status, _ = await put_job(client, "owed", workflows.quick(), gpu="auto")
+    status, _ = await put_job(client, "again", workflows.quick(), gpu="auto")
     assert status == 202
     sim.refuse_websockets(True)
     await sim.restart()
     sim.resume()
-    body = await wait_until(
-        lambda: _owed(client), what="the lost job to owe its retry", timeout=10)
-    assert body["state"] == "failed" and body["error"]["type"] == "lost"
-    assert body["attempt"] == 1
+
+    async def held_again() -> dict[str, Any] | None:
+        body = await job_status(client, "again")
+        return body if body["attempt"] == 2 and body["gpu_id"] is None else None
+
+    body = await wait_until(held_again, what="a second attempt, held", timeout=10)
+    assert body["state"] == "queued" and body["attempts"][0]["error"]["type"] == "lost"
     await client.close()
 
     client = await start_cylindria(cluster, state_file=state, retry_lost=1, connect=False,
                                    timing=with_timing(lost_grace=0.2))
+    assert (await job_status(client, "again"))["queue_position"] == 1
+    sim.refuse_websockets(False)
+    body = await wait_state(client, "again", "completed", timeout=15)
+    assert body["attempt"] == 2
+    assert sim.ledger[body["prompt_id"]]["outcome"] == "success"
+
+
+async def test_a_lost_job_whose_gpu_is_drained_owes_its_retry_until_undrained(
+        start_cylindria, start_sims, tmp_path):
+    """A job sent to one GPU is run again there: while that GPU is drained, the retry
+    is owed (kept in the state file, said in the detail) and made once it is not."""
+    cluster = await start_sims(1)
+    sim = cluster.sims[0]
+    state = tmp_path / "state.sqlite3"
+    client = await start_cylindria(cluster, state_file=state, retry_lost=1,
+                                   timing=with_timing(lost_grace=0.2))
+    sim.pause(at="dequeue")
+    status, _ = await put_job(client, "owed", workflows.quick(), gpu=0)
+    assert status == 202
+    assert (await client.post("/gpus/0/drain")).status == 200
+    await sim.restart()
+    sim.resume()
+    body = await wait_until(lambda: _owed(client), what="the retry to be owed", timeout=10)
+    assert body["state"] == "failed" and body["error"]["type"] == "lost"
+    await client.close()
+
+    client = await start_cylindria(cluster, state_file=state, retry_lost=1,
+                                   timing=with_timing(lost_grace=0.2))
     body = await job_status(client, "owed")
     assert "automatically as soon as a GPU is ready" in body["detail"]
-    sim.refuse_websockets(False)
+    # Drains are not kept across a restart: the GPU is open again, the debt is paid.
     body = await wait_state(client, "owed", "completed", timeout=15)
-    assert body["attempt"] == 2
-    assert [a["error"]["type"] for a in body["attempts"][:1]] == ["lost"]
-    assert sim.ledger[body["prompt_id"]]["outcome"] == "success"
+    assert body["attempt"] == 2 and body["gpu_id"] == 0
 
 
 async def _owed(client) -> dict[str, Any] | None:

@@ -19,8 +19,8 @@ async def degrade(client, cluster, n):
     await wait_until(lambda: not client.app[GPUS][n].listener_connected, what="degraded")
 
 
-async def test_auto_spreads_40_jobs_over_4_gpus_and_skips_a_degraded_one(start_cylindria,
-                                                                         start_sims):
+async def test_auto_gives_each_healthy_gpu_one_job_and_holds_the_rest(start_cylindria,
+                                                                     start_sims):
     cluster = await start_sims(4)
     client = await start_cylindria(cluster)
     await degrade(client, cluster, 2)
@@ -31,12 +31,16 @@ async def test_auto_spreads_40_jobs_over_4_gpus_and_skips_a_degraded_one(start_c
         results.append(await put_job(client, f"auto-{n}", workflows.quick(), gpu="auto"))
     assert {status for status, _ in results} == {202}
     placed = Counter(body["gpu_id"] for _, body in results)
-    assert 2 not in placed
-    assert sorted(placed.values()) == [13, 13, 14], placed
+    # One job per healthy GPU at once (CYLINDRIA_GPU_PREFETCH=0); the rest wait in
+    # Cylindria's queue, in order, for whichever GPU frees first.
+    assert placed == {0: 1, 1: 1, 3: 1, None: 37}, placed
+    assert [body["queue_position"] for _, body in results[3:]] == list(range(1, 38))
     for sim in cluster.sims:
         sim.resume()
+    ran = Counter()
     for n in range(40):
-        await wait_state(client, f"auto-{n}", "completed")
+        ran[(await wait_state(client, f"auto-{n}", "completed", timeout=20))["gpu_id"]] += 1
+    assert 2 not in ran and all(ran[g] >= 1 for g in (0, 1, 3)), ran
 
 
 async def test_auto_prefers_the_gpu_with_least_work(start_cylindria, start_sims):
@@ -52,7 +56,7 @@ async def test_auto_prefers_the_gpu_with_least_work(start_cylindria, start_sims)
         sim.resume()
 
 
-async def test_concurrent_auto_placements_still_spread(start_cylindria, start_sims):
+async def test_concurrent_auto_submissions_fill_each_gpu_once(start_cylindria, start_sims):
     cluster = await start_sims(2)
     client = await start_cylindria(cluster)
     for sim in cluster.sims:
@@ -60,22 +64,29 @@ async def test_concurrent_auto_placements_still_spread(start_cylindria, start_si
     results = await asyncio.gather(*(put_job(client, f"c-{n}", workflows.quick(), gpu="auto")
                                      for n in range(10)))
     placed = Counter(body["gpu_id"] for _, body in results)
-    assert placed == {0: 5, 1: 5}, placed
+    assert placed == {0: 1, 1: 1, None: 8}, placed
     for sim in cluster.sims:
         sim.resume()
+    for n in range(10):
+        await wait_state(client, f"c-{n}", "completed", timeout=10)
+    assert sum(len(sim.ledger) for sim in cluster.sims) == 10
 
 
-async def test_no_healthy_gpu_is_503_with_retry_after(start_cylindria, start_sims):
+async def test_with_no_healthy_gpu_an_auto_job_is_held_until_one_is(start_cylindria,
+                                                                   start_sims):
     cluster = await start_sims(2)
     client = await start_cylindria(cluster)
     for n in range(2):
         await degrade(client, cluster, n)
     resp = await client.put("/startjob/none/", params={"GpuId": "auto"},
                             json=workflows.quick())
-    assert resp.status == 503
-    assert resp.headers["Retry-After"] == "5"
+    assert resp.status == 202
     body = await resp.json()
-    assert body["accepted"] is False and body["error"]["code"] == "no_gpu_available"
+    assert body["held"] is True and body["gpu_id"] is None
+    assert body["queue_position"] == 1
+    cluster.sims[1].refuse_websockets(False)
+    body = await wait_state(client, "none", "completed", timeout=10)
+    assert body["gpu_id"] == 1
 
 
 async def test_default_gpu_auto_applies_to_a_missing_gpu_id(start_cylindria, start_sims):

@@ -19,7 +19,7 @@ from .core.registry import Registry
 from .store.journal import Journal, open_journal
 from .upstream.comfy import CallbackClient, ComfyClient, open_session
 from .upstream.gpus import Gpu
-from .upstream.listeners import cancel_and_wait, listen, poll, retry_owed
+from .upstream.listeners import cancel_and_wait, dispatch_held, listen, poll, retry_owed
 from .upstream.webhooks import WebhookSender
 from .web import api, events, gpus, metrics, openapi, outputs, params, render
 from .web.auth import make_auth_middleware
@@ -168,6 +168,8 @@ async def listeners_ctx(app: web.Application) -> AsyncIterator[None]:
             listen(gpu, app[JOBS], timing, wake), name=f"listener-gpu{gpu.index}")
         tasks[f"poller-gpu{gpu.index}"] = asyncio.create_task(
             poll(gpu, app[JOBS], timing, wake), name=f"poller-gpu{gpu.index}")
+    tasks["dispatcher"] = asyncio.create_task(dispatch_held(app[JOBS], timing),
+                                              name="dispatcher")
     tasks["owed-retries"] = asyncio.create_task(retry_owed(app[JOBS], timing),
                                                 name="owed-retries")
     tasks["loop-lag"] = asyncio.create_task(app[metrics.METRICS].watch_loop(), name="loop-lag")

@@ -20,6 +20,8 @@ DEFAULT_STATE_FILE = "./cylindria-state.sqlite3"
 DEFAULT_RETENTION_DAYS = 7.0
 DEFAULT_MEMORY_JOBS = 10_000
 DEFAULT_MAX_NODES = 20_000
+DEFAULT_MAX_HELD = 10_000
+DEFAULT_PRIORITY_AGING = 60.0
 # Test hooks that stop the process at a chosen point, to show what a restart recovers.
 FAULTS = frozenset({"crash-before-submit", "crash-after-submit"})
 MAX_GPUS = 8
@@ -105,6 +107,11 @@ class Settings:
     memory_jobs: int = DEFAULT_MEMORY_JOBS
     retry_lost: int = 0
     max_nodes: int = DEFAULT_MAX_NODES
+    # GpuId=auto: jobs a GPU may hold waiting in ComfyUI besides the running one, the
+    # most Cylindria holds for GPUs, and the seconds of waiting worth one priority level.
+    gpu_prefetch: int = 0
+    max_held: int = DEFAULT_MAX_HELD
+    priority_aging: float = DEFAULT_PRIORITY_AGING
     # Host names and CIDRs webhooks may reach whatever their address (CYLINDRIA_CALLBACK_ALLOW).
     callback_allow: tuple[str, ...] = ()
     faults: frozenset[str] = frozenset()
@@ -200,6 +207,13 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"CYLINDRIA_MAX_NODES must be 1 or more (got {s.max_nodes})")
     if s.retry_lost < 0:
         raise ConfigError(f"CYLINDRIA_RETRY_LOST must be 0 or more (got {s.retry_lost})")
+    if s.gpu_prefetch < 0:
+        raise ConfigError(f"CYLINDRIA_GPU_PREFETCH must be 0 or more (got {s.gpu_prefetch})")
+    if s.max_held < 1:
+        raise ConfigError(f"CYLINDRIA_MAX_HELD must be 1 or more (got {s.max_held})")
+    if not s.priority_aging > 0:
+        raise ConfigError("CYLINDRIA_PRIORITY_AGING must be a number of seconds above 0 "
+                          f"(got {s.priority_aging})")
     unknown = s.faults - FAULTS
     if unknown:
         raise ConfigError(f"CYLINDRIA_FAULTS knows {', '.join(sorted(FAULTS))} (got "
@@ -292,6 +306,13 @@ def load_settings(
         values["max_nodes"] = _int("CYLINDRIA_MAX_NODES", env["CYLINDRIA_MAX_NODES"])
     if env.get("CYLINDRIA_RETRY_LOST"):
         values["retry_lost"] = _int("CYLINDRIA_RETRY_LOST", env["CYLINDRIA_RETRY_LOST"])
+    if env.get("CYLINDRIA_GPU_PREFETCH"):
+        values["gpu_prefetch"] = _int("CYLINDRIA_GPU_PREFETCH", env["CYLINDRIA_GPU_PREFETCH"])
+    if env.get("CYLINDRIA_MAX_HELD"):
+        values["max_held"] = _int("CYLINDRIA_MAX_HELD", env["CYLINDRIA_MAX_HELD"])
+    if env.get("CYLINDRIA_PRIORITY_AGING"):
+        values["priority_aging"] = _float("CYLINDRIA_PRIORITY_AGING",
+                                          env["CYLINDRIA_PRIORITY_AGING"])
     timing: dict[str, float] = {}
     if env.get("CYLINDRIA_POLL_INTERVAL"):
         timing["poll_interval"] = _float("CYLINDRIA_POLL_INTERVAL",

@@ -151,6 +151,13 @@ class NoGpuAvailable(ApiError):
     code = "no_gpu_available"
 
 
+class QueueFull(ApiError):
+    """Cylindria's own queue for GpuId=auto holds CYLINDRIA_MAX_HELD jobs already."""
+
+    status = 503
+    code = "queue_full"
+
+
 class BackendError(ApiError):
     """ComfyUI answered, but not in a way Cylindria understands."""
 

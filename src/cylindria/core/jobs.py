@@ -9,8 +9,6 @@ import logging
 import os
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from enum import StrEnum
 
 from ..config import Settings
 from ..errors import (
@@ -21,7 +19,6 @@ from ..errors import (
     InvalidWorkflow,
     JobConflict,
     JobFinished,
-    JobIdConflict,
     JobNotFound,
     NoGpuAvailable,
     NotRetryable,
@@ -31,6 +28,10 @@ from ..errors import (
 )
 from . import placement
 from .answers import Raw
+from .holding import Holding
+from .outcomes import Outcome, Verdict
+from .outcomes import conflict as _conflict
+from .outcomes import repeat as _repeat
 from .ports import GpuPort, Store
 from .reading import WorkflowReader
 from .records import RETRYABLE, Job, JobState
@@ -44,20 +45,7 @@ log = logging.getLogger(__name__)
 FAULT_EXIT = 70
 
 
-class Verdict(StrEnum):
-    ACCEPTED = "accepted"  # submitted now (or found queued after all)
-    REPEATED = "repeated"  # the same PUT again: nothing submitted
-    REFUSED = "refused"  # the same PUT again, of a job ComfyUI refused
-
-
-@dataclass(slots=True, frozen=True)
-class Outcome:
-    job: Job
-    verdict: Verdict
-    detail: str
-
-
-class JobsService(Recovery):
+class JobsService(Holding, Recovery):
     """Submissions, duplicate PUTs, timeouts, adoption, retries and cancels; reading
     jobs from memory or the journal; reconciliation with ComfyUI, at restart too."""
 
@@ -72,6 +60,7 @@ class JobsService(Recovery):
         self._background: set[asyncio.Task[None]] = set()
         # Submissions in flight, by job id: a concurrent PUT of the same job waits on it.
         self._submissions: dict[str, asyncio.Future[None]] = {}
+        self._init_holding()
 
     # -- lookups ------------------------------------------------------------------
 
@@ -83,6 +72,10 @@ class JobsService(Recovery):
         job = self.registry.get(job_id)
         if job is None and self.registry.evicted_through:
             job = await self.store.fetch(job_id)
+        if job is not None and not job.terminal:
+            if job.held:
+                self.registry.freshen(job)
+            self.foresee(job)
         return job
 
     async def find(self, job_id: str, advice: str = "") -> Job:
@@ -103,10 +96,12 @@ class JobsService(Recovery):
         if len(found) < limit and upper > 1:
             for job in await self.store.page(states, gpu_id, upper, limit - len(found)):
                 found.append(self.registry.get(job.job_id) or job)
+        for job in found:
+            if not job.terminal:
+                if job.held:
+                    self.registry.freshen(job)
+                self.foresee(job)
         return found
-
-    def load(self, gpu: GpuPort) -> int:
-        return placement.load(self.registry.load(gpu.index), gpu.queue_remaining)
 
     def drain(self, gpu: GpuPort, drained: bool) -> None:
         gpu.drained = drained
@@ -144,13 +139,20 @@ class JobsService(Recovery):
         self.reader.close()
 
     async def start(self, job_id: str, gpu_choice: str | None, workflow: Workflow,
-                    callback: str | None = None) -> Outcome:
+                    callback: str | None = None, priority: int = 0) -> Outcome:
         """Submit a job, or answer a repeat of it from the record. `gpu_choice` is the
-        request's GpuId: a number, "auto", or None for the configured default."""
+        request's GpuId: a number, "auto", or None for the configured default. `auto`
+        jobs are held in Cylindria's queue until a GPU has room (at once if one has)."""
         existing = await self.lookup(job_id)
         if existing is not None and existing.state is not JobState.REJECTED:
+            if existing.held:
+                if existing.fingerprint != workflow.fingerprint:
+                    raise _conflict(existing)
+                return _repeat(existing)
             # A repeat is answered from the record, wherever the job was placed.
             gpu, auto = self.gpus[existing.gpu_id], existing.auto
+        elif self._is_auto(gpu_choice):
+            return await self._hold(job_id, workflow, callback, priority)
         else:
             gpu, auto = await self._place(gpu_choice)
         try:
@@ -158,6 +160,10 @@ class JobsService(Recovery):
         except ApiError as exc:
             exc.reply.setdefault("gpu_id", gpu.index)
             raise
+
+    def _is_auto(self, choice: str | None) -> bool:
+        raw = str(self.settings.default_gpu) if choice is None else choice
+        return raw.strip().lower() == "auto"
 
     async def _place(self, choice: str | None) -> tuple[GpuPort, bool]:
         """The GPU for a new attempt, and whether it was chosen by `auto`."""
@@ -232,6 +238,7 @@ class JobsService(Recovery):
         """Send a recorded attempt to ComfyUI: the journal holds it first, so a crash can
         never leave a prompt in ComfyUI that Cylindria does not know."""
         registry = self.registry
+        job.costs = workflow.costs
         try:
             await self.store.durable(job)
         except StateUnavailable as exc:
@@ -244,7 +251,14 @@ class JobsService(Recovery):
         except BackendTimeout as exc:
             return await self._after_timeout(job, gpu, exc)
         except BackendError as exc:
-            registry.reject(job, exc.message, error={"code": exc.code, "message": exc.message})
+            if job.auto and job.placement is not None:
+                # Dispatched from Cylindria's queue and refused before ComfyUI took it:
+                # back in line, for another GPU or this one later.
+                registry.rehold(job, f"GPU {gpu.index} could not take it ({exc.message}); "
+                                     "back in Cylindria's queue.")
+            else:
+                registry.reject(job, exc.message,
+                                error={"code": exc.code, "message": exc.message})
             raise
         self._fault("crash-after-submit")
 
@@ -335,7 +349,26 @@ class JobsService(Recovery):
                                "refused before it could be recorded); submit it with PUT "
                                f"/startjob/{job_id}/.", reply={"gpu_id": job.gpu_id})
         if gpu_choice is None:
-            gpu_choice = "auto" if job.auto else str(job.gpu_id)
+            gpu_choice = "auto" if job.auto or job.gpu_id is None else str(job.gpu_id)
+        if self._is_auto(gpu_choice):
+            self.store.ensure_writable()
+            workflow = await self.reader.read(stored)
+            _check_retryable(job)  # a concurrent retry may have started meanwhile
+            if self.registry.get(job_id) is None:
+                self.registry.restore([job])
+            job.auto = True
+            job.models = workflow.models
+            self.registry.retry(job, None, str(uuid.uuid4()), workflow.nodes,
+                                automatic=automatic)
+            log.info("job %s: attempt %d held for a GPU%s", job_id, job.attempt,
+                     " (automatic, after it was lost)" if automatic else "")
+            try:
+                await self.store.durable(job)
+            except StateUnavailable as exc:
+                self.registry.reject(job, exc.message,
+                                     error={"code": exc.code, "message": exc.message})
+                raise
+            return await self._dispatched_or_held(job, workflow)
         gpu, auto = await self._place(gpu_choice)
         _check_retryable(job)  # a concurrent retry may have started meanwhile
         if self.registry.get(job_id) is None:
@@ -361,6 +394,9 @@ class JobsService(Recovery):
         if job.terminal:
             raise JobFinished(job, f"Job {job_id!r} is already {job.state.value}; there is "
                                    "nothing to cancel.")
+        if job.held:
+            self.registry.cancel_held(job)
+            return job
         self.registry.request_cancel(job)
         if job.confirmed:
             # Answered within `cancel_wait` whatever ComfyUI does; the rest goes on behind.
@@ -407,23 +443,6 @@ def _check_retryable(job: Job) -> None:
         raise NotRetryable(
             f"Job {job.job_id!r} is {job.state.value}; only a failed, cancelled or rejected "
             "job can run again.", reply={"gpu_id": job.gpu_id, "state": job.state.value})
-
-
-def _conflict(job: Job) -> JobIdConflict:
-    return JobIdConflict(
-        f"Job {job.job_id!r} already exists with a different workflow (state "
-        f"{job.state.value}). Use a new job_id for a new workflow.",
-        reply={"gpu_id": job.gpu_id, "state": job.state.value})
-
-
-def _repeat(job: Job) -> Outcome:
-    if job.state is JobState.REJECTED:
-        return Outcome(job, Verdict.REFUSED, job.detail)
-    detail = (f"Job {job.job_id!r} was already accepted with this workflow; nothing was "
-              f"submitted again. It is {job.state.value}.")
-    if job.state in RETRYABLE:
-        detail += f" To run it again, POST /retryjob/{job.job_id}/."
-    return Outcome(job, Verdict.REPEATED, detail)
 
 
 def _digest(raw: Raw) -> str:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+from .estimates import RunTimes, Timeline
 from .records import Job, JobState, error_summary
 
 log = logging.getLogger(__name__)
@@ -17,6 +18,7 @@ class JobMachine:
     keeps the indexes a move changes, and announces every change."""
 
     _clock: Callable[[], datetime]
+    run_times: RunTimes
 
     def by_prompt(self, prompt_id: str | None) -> Job | None:
         raise NotImplementedError
@@ -48,6 +50,8 @@ class JobMachine:
             return
         self._start(job)
         cached = {str(n) for n in nodes} & job.nodes
+        if job.timeline is not None:
+            job.timeline.cached(cached)
         if cached:
             job.done_nodes = (job.done_nodes or set()) | cached
             job.cached_nodes = (job.cached_nodes or set()) | cached
@@ -64,6 +68,8 @@ class JobMachine:
         if job.current_node is not None and job.current_node != node:
             _mark_done(job, job.current_node)
         job.current_node = node
+        if job.timeline is not None:
+            job.timeline.executing(node, self._moment())
         if job.node_progress and job.node_progress.get("node") != node:
             job.node_progress = None
         job.detail = f"Running node {node}."
@@ -80,6 +86,8 @@ class JobMachine:
                 _mark_done(job, job.current_node)
             job.current_node = node
         job.node_progress = {"node": node, "value": value, "max": maximum}
+        if job.timeline is not None:
+            job.timeline.progress(node, value, maximum, self._moment())
         self._touch(job, lasting=started)
 
     def on_executed(self, prompt_id: str, node: str, output: Any) -> None:
@@ -98,6 +106,8 @@ class JobMachine:
         job = self.by_prompt(prompt_id)
         if job is None:
             return
+        if job.timeline is not None:
+            job.timeline.finished(self._moment(), success=True)
         if self._move(job, JobState.COMPLETED):
             detail = "Completed."
             if job.cancel_requested_at is not None:
@@ -273,8 +283,14 @@ class JobMachine:
             job.queue_position = 0
             job.missing_since = None
             job.detail = "Running."
+            if job.costs is not None and job.gpu_id is not None and at is None:
+                job.timeline = Timeline(job.gpu_id, job.costs, self.run_times)
+                job.timeline.started(job.started_at.timestamp())
             return True
         return False
+
+    def _moment(self) -> float:
+        return self._clock().timestamp()
 
     def _finish(self, job: Job, detail: str | None) -> None:
         """The job ended on ComfyUI's word (not a refusal at submission): stamp it,

@@ -11,6 +11,8 @@ from typing import Any
 
 import ujson
 
+from .estimates import NodeCost, Timeline
+
 
 class JobState(StrEnum):
     QUEUED = "queued"
@@ -83,6 +85,11 @@ class Job:
     automatic_retries: int = 0
     # Lost, with an automatic retry due that could not be placed yet (no GPU ready).
     retry_owed: bool = False
+    # Order in Cylindria's own queue (GpuId=auto), higher first.
+    priority: int = 0
+    # Model files the workflow loads, and why the dispatcher chose its GPU.
+    models: frozenset[str] | None = None
+    placement: str | None = None
     earlier_attempts: list[dict[str, Any]] | None = None
     queue_position: int | None = None
     current_node: str | None = None
@@ -110,6 +117,13 @@ class Job:
     # The last version the journal must hold, and the last one it does.
     lasting_version: int = 0
     saved_version: int = -1
+    # Held in memory only: the cost of each node (from the workflow) and, while it
+    # runs, the timeline that learns run times and weighs progress by them.
+    costs: dict[str, NodeCost] | None = None
+    timeline: Timeline | None = None
+    # The last forecast for it (seconds, and the moment it should end).
+    eta_seconds: float | None = None
+    expected_finish_at: datetime | None = None
     # The serialized status body and the version it was made for.
     body: bytes | None = None
     body_version: int = -1
@@ -117,6 +131,11 @@ class Job:
     @property
     def terminal(self) -> bool:
         return self.state in TERMINAL
+
+    @property
+    def held(self) -> bool:
+        """Waiting in Cylindria's own queue for a GPU (GpuId=auto)."""
+        return self.gpu_id is None and self.state is JobState.QUEUED
 
     @property
     def outputs_reused(self) -> bool:
@@ -161,6 +180,9 @@ class Job:
             return 1.0
         if self.final_progress is not None:
             return self.final_progress
+        if self.timeline is not None:
+            # Weighed by learned times: a sampler's steps count for what they cost.
+            return round(self.timeline.fraction(), 4)
         plan = self.planned_nodes or self.nodes
         if not plan:
             return 0.0
@@ -184,6 +206,7 @@ class Job:
             self.outputs = None
         self.nodes = NO_NODES
         self.done_nodes = self.cached_nodes = self.planned_nodes = None
+        self.costs = self.timeline = None
 
     def reopen(self, nodes: Iterable[str]) -> None:
         """Clear what a finished attempt left, for a new attempt of these nodes."""
@@ -240,14 +263,14 @@ _TIMES = ("submitted_at", "updated_at", "started_at", "finished_at", "missing_si
 _SETS = ("done_nodes", "cached_nodes")
 _PLAIN = ("job_id", "gpu_id", "fingerprint", "prompt_id", "seq", "confirmed", "detail",
           "auto", "attempt", "automatic_retries", "retry_owed", "earlier_attempts",
-          "queue_position",
+          "queue_position", "priority", "placement",
           "current_node", "node_progress", "error", "node_errors", "outputs", "callback_url",
           "webhook")
 
 
 # Values not written, because a record read back gets them anyway.
 _DEFAULTS: dict[str, Any] = {"auto": False, "attempt": 1, "automatic_retries": 0,
-                             "retry_owed": False, "confirmed": False}
+                             "retry_owed": False, "confirmed": False, "priority": 0}
 
 
 def to_record(job: Job) -> dict[str, Any]:
@@ -267,6 +290,8 @@ def to_record(job: Job) -> dict[str, Any]:
             record[name] = sorted(values)
     if job.planned_nodes is not None:
         record["planned_nodes"] = sorted(job.planned_nodes)
+    if job.models:
+        record["models"] = sorted(job.models)
     if job.outputs is not None:
         # A copy: the journal serializes it on another thread while this one goes on.
         record["outputs"] = dict(job.outputs)
@@ -290,6 +315,8 @@ def from_record(record: dict[str, Any]) -> Job:
             values[name] = set(record[name])
     if record.get("planned_nodes") is not None:
         values["planned_nodes"] = frozenset(record["planned_nodes"])
+    if record.get("models"):
+        values["models"] = frozenset(record["models"])
     # A job refused before any GPU saw it has no gpu_id, and None is not written.
     values.setdefault("gpu_id", None)
     job = Job(state=JobState(record["state"]), nodes=frozenset(record.get("nodes") or ()),

@@ -38,6 +38,8 @@ class Recovery:
         by the next reconciliation of their GPU; until then their detail says so."""
         lost: list[Job] = []
         for job in jobs:
+            if job.gpu_id is None:
+                continue  # held in Cylindria's queue, or refused: nothing to re-check
             if not job.terminal:
                 job.unverified = True
                 job.detail = RESTART_DETAIL

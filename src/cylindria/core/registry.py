@@ -9,6 +9,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ..errors import JobConflict
+from .dispatch import HeldQueue
+from .estimates import RunTimes
 from .indexes import SeqIndex, SeqList
 from .machine import JobMachine
 from .records import IN_FLIGHT, TERMINAL, TRANSITIONS, Job, JobState, utcnow
@@ -49,6 +51,10 @@ class Registry(JobMachine):
         self._counts: Counter[JobState] = Counter()
         # Lost jobs whose automatic retry waits for a GPU.
         self._owed: dict[str, Job] = {}
+        # GpuId=auto jobs waiting in Cylindria for a GPU (state queued, no gpu_id).
+        self.held = HeldQueue()
+        # What each kind of node takes on each GPU, learned from the events.
+        self.run_times = RunTimes()
         # Every finished job with a higher sequence number is in memory.
         self._evicted_through = 0
 
@@ -136,7 +142,8 @@ class Registry(JobMachine):
 
     def begin(self, job_id: str, gpu_id: int | None, prompt_id: str, fingerprint: str,
               nodes: Iterable[str], callback_url: str | None = None,
-              auto: bool = False) -> Job:
+              auto: bool = False, priority: int = 0,
+              models: frozenset[str] | None = None) -> Job:
         """Record a new submission before ComfyUI is asked, so that events for its
         prompt id that race ahead of the HTTP answer are never lost."""
         old = self._jobs.get(job_id)
@@ -148,12 +155,15 @@ class Registry(JobMachine):
         self._seq += 1
         job = Job(job_id=job_id, gpu_id=gpu_id, fingerprint=fingerprint,
                   prompt_id=prompt_id, nodes=frozenset(nodes), submitted_at=now,
-                  updated_at=now, seq=self._seq, callback_url=callback_url, auto=auto)
+                  updated_at=now, seq=self._seq, callback_url=callback_url, auto=auto,
+                  priority=priority, models=models or None)
+        if job.held:
+            job.detail = "Held in Cylindria's queue until a GPU frees."
         self._insert(job)
         self._touch(job)
         return job
 
-    def retry(self, job: Job, gpu_id: int, prompt_id: str, nodes: Iterable[str],
+    def retry(self, job: Job, gpu_id: int | None, prompt_id: str, nodes: Iterable[str],
               automatic: bool = False) -> None:
         """Start a new attempt of a finished job under the same job id: a new prompt
         id, perhaps another GPU; the attempt that ended is kept in summary."""
@@ -169,11 +179,13 @@ class Registry(JobMachine):
         job.submitted_at = self._clock()
         job.state = JobState.QUEUED
         job.confirmed = False
-        job.detail = f"Submitting attempt {job.attempt} to ComfyUI."
+        job.detail = (f"Submitting attempt {job.attempt} to ComfyUI." if gpu_id is not None
+                      else f"Attempt {job.attempt} held in Cylindria's queue until a GPU "
+                           "frees.")
         for name in ("queue_position", "current_node", "node_progress", "done_nodes",
                      "planned_nodes", "started_at", "finished_at", "error", "node_errors",
                      "outputs", "cached_nodes", "missing_since", "cancel_requested_at",
-                     "webhook"):
+                     "webhook", "placement"):
             setattr(job, name, None)
         job.unverified = False
         job.retry_owed = False
@@ -214,6 +226,50 @@ class Registry(JobMachine):
             job.unverified = True
             job.detail = detail
             self._touch(job, lasting=False)
+
+    # -- Cylindria's own queue ------------------------------------------------------
+
+    def dispatch(self, job: Job, gpu_id: int, reason: str) -> None:
+        """A held job leaves Cylindria's queue for a GPU (its submission follows)."""
+        self._leave(job, job.state)
+        self._gpus.discard(None, job.seq)
+        job.gpu_id = gpu_id
+        job.placement = reason
+        job.queue_position = None
+        job.detail = f"Submitting to ComfyUI on GPU {gpu_id}: {reason}"
+        self._gpus.add(gpu_id, job.seq)
+        self._enter(job, job.state)
+        self._touch(job)
+
+    def rehold(self, job: Job, detail: str) -> None:
+        """Back in Cylindria's queue, in its old place: its GPU never got it."""
+        self._leave(job, job.state)
+        self._gpus.discard(job.gpu_id, job.seq)
+        job.gpu_id = None
+        job.placement = None
+        job.detail = detail
+        self._gpus.add(None, job.seq)
+        self._enter(job, job.state)
+        self._touch(job)
+
+    def cancel_held(self, job: Job) -> None:
+        """A held job's cancel needs no GPU's word: it is cancelled at once."""
+        if self._move(job, JobState.CANCELLED):
+            job.cancel_requested_at = self._clock()
+            self._finish(job, "Cancelled while it waited in Cylindria's queue; no GPU "
+                              "ever ran it.")
+
+    def freshen(self, job: Job) -> Job:
+        """A held job's place in line moves as others leave: read it now."""
+        if job.held:
+            position = self.held.position(job)
+            if position is not None and position != job.queue_position:
+                job.queue_position = position
+                job.detail = (f"Held in Cylindria's queue at position {position} "
+                              f"(priority {job.priority}); it goes to the first GPU that "
+                              "frees.")
+                self._touch(job, lasting=False)
+        return job
 
     def owe_retry(self, job: Job, owed: bool) -> None:
         """Mark (or clear) an automatic retry that waits for a GPU; it lasts across a
@@ -316,6 +372,8 @@ class Registry(JobMachine):
         self._states.add(state, job.seq)
         if state in IN_FLIGHT:
             self._flight.setdefault(job.gpu_id, {})[job.job_id] = job
+            if job.gpu_id is None and state is JobState.QUEUED:
+                self.held.add(job)
             if state is JobState.RUNNING:
                 self._running.setdefault(job.gpu_id, {})[job.job_id] = job
         elif state in TERMINAL:
@@ -326,6 +384,8 @@ class Registry(JobMachine):
         self._states.discard(state, job.seq)
         self._flight.get(job.gpu_id, {}).pop(job.job_id, None)
         self._running.get(job.gpu_id, {}).pop(job.job_id, None)
+        if job.gpu_id is None:
+            self.held.discard(job)
         if state in TERMINAL:
             self._finished.discard(job.seq)
 

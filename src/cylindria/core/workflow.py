@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ import ujson
 
 from ..config import DEFAULT_MAX_NODES
 from ..errors import BadRequest, InvalidWorkflow, TooManyNodes
+from .estimates import NodeCost, models_of, node_costs
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,10 @@ class Workflow:
     data: bytes
     fingerprint: str
     nodes: tuple[str, ...]
+    # Model files its loader nodes name (the dispatcher prefers GPUs holding them),
+    # and what each node costs (run times are learned and forecast by it).
+    models: frozenset[str] = frozenset()
+    costs: dict[str, NodeCost] = field(default_factory=dict)
 
     def parts(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(prompt, extra_data)."""
@@ -65,7 +70,7 @@ def read_workflow(raw: bytes | str | list[bytes], max_nodes: int = MAX_NODES) ->
     except (OverflowError, RecursionError, ValueError):
         raise BadRequest("The workflow is nested too deeply to handle. Send an API-format "
                          "workflow.") from None
-    return Workflow(data, digest, tuple(prompt))
+    return Workflow(data, digest, tuple(prompt), models_of(prompt), node_costs(prompt))
 
 
 def split_workflow(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:

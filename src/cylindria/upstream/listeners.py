@@ -176,6 +176,20 @@ async def poll(gpu: Gpu, jobs: JobsService, timing: Timing, wake: asyncio.Event)
         await asyncio.sleep(min(gap, timing.poll_interval))
 
 
+async def dispatch_held(jobs: JobsService, timing: Timing) -> None:
+    """Hand jobs held for GpuId=auto to GPUs as they free: at once when a job on a GPU
+    starts or ends, and at least once per poll interval (health and aging change)."""
+    while True:
+        try:
+            async with asyncio.timeout(timing.poll_interval):
+                await jobs.wake.wait()
+        except TimeoutError:
+            pass
+        jobs.wake.clear()
+        if len(jobs.registry.held):
+            await jobs.dispatch()
+
+
 async def retry_owed(jobs: JobsService, timing: Timing) -> None:
     """Automatic retries of lost jobs that found no GPU ready (a ComfyUI restart takes
     them all down at once) are made once one is, whatever the restart left."""

@@ -58,9 +58,10 @@ async def put_startjob(request: web.Request) -> web.Response:
     try:
         job_id = params.job_id(request)
         callback = await params.callback_url(request)
+        priority = params.priority(request.query)
         workflow = await request.app[JOBS].read(job_id, await params.body(request))
         outcome = await request.app[JOBS].start(job_id, request.query.get("GpuId"), workflow,
-                                                callback)
+                                                callback, priority)
     except ApiError as exc:
         raise render.startjob_refusal(job_id, exc) from None
     return render.startjob_reply(outcome)

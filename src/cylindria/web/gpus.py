@@ -17,8 +17,10 @@ routes = web.RouteTableDef()
 
 async def overview(app: web.Application, gpu: Gpu) -> dict[str, Any]:
     jobs = app[JOBS]
-    return render.gpu_overview(gpu, await gpu.probe(), jobs.registry.running_on(gpu.index),
+    body = render.gpu_overview(gpu, await gpu.probe(), jobs.registry.running_on(gpu.index),
                                jobs.registry.queued_count(gpu.index), jobs.load(gpu))
+    body["expected_seconds_to_finish"] = jobs.gpu_eta(gpu)
+    return body
 
 
 @routes.get("/gpus/", name="gpus")

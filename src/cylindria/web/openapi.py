@@ -109,6 +109,12 @@ def schemas() -> dict[str, Any]:
                 "webhook": {"type": ["object", "null"]},
                 "attempt": {"type": "integer"},
                 "attempts": {"type": "array", "items": {"type": "object"}},
+                "priority": {"type": "integer"},
+                "placement": {**nullable_str, "description": "Why `auto` chose its GPU."},
+                "eta_seconds": {"type": ["number", "null"], "minimum": 0,
+                                "description": "Expected seconds until it ends (the line "
+                                               "ahead included); null until learned."},
+                "expected_finish_at": time,
                 "node_errors": {"type": ["object", "null"]}}},
         "StartReply": {
             "type": "object", "required": ["job_id", "accepted", "detail", "gpu_id"],
@@ -119,6 +125,10 @@ def schemas() -> dict[str, Any]:
                 "detail": {"type": "string"}, "gpu_id": nullable_int,
                 "prompt_id": {"type": "string"}, "state": {"type": "string"},
                 "attempt": {"type": "integer"},
+                "held": {"type": "boolean", "description": "GpuId=auto with no GPU free: "
+                                                           "waiting in Cylindria's queue."},
+                "queue_position": {"type": ["integer", "null"]},
+                "priority": {"type": "integer"},
                 "error": {"type": "object"}, "node_errors": {"type": ["object", "null"]}}},
         "StartRefusal": {"allOf": [ref("StartReply"), ref("Error")]},
         "FinishedJob": {"allOf": [ref("JobStatus"), ref("Error")],
@@ -162,7 +172,8 @@ ERROR_CODES = ["bad_request", "invalid_workflow", "payload_too_large",
                "job_id_conflict", "job_finished", "not_retryable", "gpu_drained",
                "unknown_gpu", "too_many_streams", "too_many_attempts", "no_gpu_available",
                "backend_error", "backend_unavailable", "backend_timeout",
-               "state_unavailable", "not_found", "method_not_allowed", "internal_error"]
+               "state_unavailable", "queue_full", "not_found", "method_not_allowed",
+               "internal_error"]
 
 
 def paths() -> dict[str, Any]:
@@ -178,7 +189,8 @@ def paths() -> dict[str, Any]:
         "422": answer("Not a workflow ComfyUI can run, refused by ComfyUI's validation, "
                       "or a callback URL that may not be called.", "StartRefusal"),
         "502": answer("ComfyUI unreachable or answering with an error.", "StartRefusal"),
-        "503": answer("No GPU can take the job, or the state file takes no writes.",
+        "503": answer("No GPU can take the job, Cylindria's queue for `auto` is full "
+                      "(`queue_full`), or the state file takes no writes.",
                       "StartRefusal", headers=RETRY_AFTER),
         "504": answer("ComfyUI did not answer in time and had not queued the job.",
                       "StartRefusal"),
@@ -204,10 +216,15 @@ def paths() -> dict[str, Any]:
             tags=("gpus",))},
         "/startjob/{job_id}/": {"put": operation(
             "Submit a workflow under your job id.",
-            {"202": answer("Accepted by ComfyUI.", "StartReply"),
+            {"202": answer("Accepted by ComfyUI, or held in Cylindria's queue until a "
+                           "GPU frees (GpuId=auto; `held` is true).", "StartReply"),
              "200": answer("The same job and workflow were accepted before; nothing is "
                            "sent again.", "StartReply"), **start_errors},
             parameters=[JOB_ID, GPU_QUERY,
+                        {"name": "priority", "in": "query", "required": False,
+                         "description": "For GpuId=auto: higher leaves Cylindria's queue "
+                                        "first (-1000 to 1000, default 0).",
+                         "schema": {"type": "string", "pattern": "^-?[0-9]+$"}},
                         {"name": "X-Callback-Url", "in": "header", "required": False,
                          "description": "An http(s) URL to POST the final status to.",
                          "schema": {"type": "string"}},

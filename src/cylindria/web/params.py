@@ -159,6 +159,23 @@ def whole_number(query: Mapping[str, str], name: str, low: int,
     return value
 
 
+# Priorities for Cylindria's queue (GpuId=auto): a whole number in this range.
+PRIORITY_RANGE = 1000
+
+
+def priority(query: Mapping[str, str]) -> int:
+    """`?priority=`: 0 when absent; a whole number from -1000 to 1000, higher first."""
+    raw = query.get("priority")
+    if raw is None or raw == "":
+        return 0
+    value = canonical_int(raw[1:]) if raw.startswith("-") else canonical_int(raw)
+    if value is None or value > PRIORITY_RANGE or raw in ("-0",):
+        raise BadRequest(f"priority must be a whole number from -{PRIORITY_RANGE} to "
+                         f"{PRIORITY_RANGE}, in plain digits (got {raw[:40]!r}); higher "
+                         "runs first among jobs held for GpuId=auto.")
+    return -value if raw.startswith("-") else value
+
+
 def last_event_id(request: web.Request) -> int | None:
     raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
     if not raw:

@@ -73,6 +73,10 @@ def status_body(job: Job, router: web.UrlDispatcher) -> dict[str, Any]:
         "webhook": job.webhook,
         "attempt": job.attempt,
         "attempts": job.attempts(),
+        "priority": job.priority,
+        "placement": job.placement,
+        "eta_seconds": None if job.terminal else job.eta_seconds,
+        "expected_finish_at": None if job.terminal else isoformat(job.expected_finish_at),
     }
     if job.node_errors:
         body["node_errors"] = job.node_errors
@@ -81,6 +85,9 @@ def status_body(job: Job, router: web.UrlDispatcher) -> dict[str, Any]:
 
 def status_bytes(job: Job, router: web.UrlDispatcher) -> bytes:
     """The status body serialized, made once per version of the job."""
+    if not job.terminal:
+        # Its ETA moves with time, not only with its version.
+        return dumps(status_body(job, router)).encode()
     if job.body is None or job.body_version != job.version:
         job.body = dumps(status_body(job, router)).encode()
         job.body_version = job.version
@@ -107,6 +114,10 @@ def startjob_reply(outcome: Outcome) -> web.Response:
                                        state=job.state.value), status=422)
     body = job_reply(job.job_id, True, outcome.detail, job.gpu_id, prompt_id=job.prompt_id,
                      state=job.state.value, attempt=job.attempt)
+    if job.held:
+        body["held"] = True
+        body["queue_position"] = job.queue_position
+        body["priority"] = job.priority
     if outcome.verdict is Verdict.ACCEPTED:
         if job.node_errors:
             body["node_errors"] = job.node_errors

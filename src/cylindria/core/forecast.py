@@ -1,0 +1,130 @@
+"""Expected times from learned run times: when each GPU will be done with its work, and
+when a job will end (the line ahead of it included). None wherever something needed
+has not been learned yet: never a guess dressed as a number."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from .records import Job, JobState
+from .registry import Registry
+
+# Held jobs ahead of one are played out one by one up to this many; beyond it the rest
+# of the line is counted at its average cost, spread over the GPUs.
+PLAYED_OUT = 200
+# Seconds a played-out line is reused for.
+LINE_KEPT = 0.25
+
+
+class Forecast:
+    def __init__(self, registry: Registry, gpu_count: int) -> None:
+        self.registry = registry
+        self.gpu_count = gpu_count
+        self._cached: tuple[tuple[int, tuple[int, ...]], _Line | None] | None = None
+
+    def expected(self, job: Job, gpu: int | None) -> float | None:
+        """Seconds the job should take on `gpu` (any GPU: None) once it runs."""
+        if not job.costs:
+            return None
+        return self.registry.run_times.expect_job(gpu, job.costs)
+
+    def backlog(self, gpu: int, now: float) -> float | None:
+        """Seconds until `gpu` is done with every job Cylindria has sent it."""
+        total = 0.0
+        for job in self.registry.in_flight(gpu):
+            if job.state is JobState.RUNNING:
+                left = job.timeline.remaining(now) if job.timeline is not None else None
+            else:
+                left = self.expected(job, gpu)
+            if left is None:
+                return None
+            total += left
+        return total
+
+    def eta(self, job: Job, now: float, gpus: list[int]) -> float | None:
+        """Seconds until the job ends; `gpus`: those the dispatcher may use now."""
+        if job.terminal:
+            return None
+        if job.state is JobState.RUNNING:
+            return job.timeline.remaining(now) if job.timeline is not None else None
+        if job.gpu_id is not None:
+            return self._queued_on(job, job.gpu_id, now)
+        return self._held(job, now, gpus)
+
+    def _queued_on(self, job: Job, gpu: int, now: float) -> float | None:
+        """The running job's rest, the jobs ahead in ComfyUI's queue, then this one."""
+        total = 0.0
+        mine = job.queue_position or None
+        for other in self.registry.in_flight(gpu):
+            if other is job:
+                continue
+            if other.state is JobState.RUNNING:
+                left = other.timeline.remaining(now) if other.timeline is not None else None
+            else:
+                ahead = ((other.queue_position or mine + 1) < mine if mine is not None
+                         else other.seq < job.seq)
+                if not ahead:
+                    continue
+                left = self.expected(other, gpu)
+            if left is None:
+                return None
+            total += left
+        own = self.expected(job, gpu)
+        return None if own is None else total + own
+
+    def _held(self, job: Job, now: float, gpus: list[int]) -> float | None:
+        line = self._line(now, gpus)
+        if line is None:
+            return None
+        if job.job_id in line.etas:
+            return line.etas[job.job_id]
+        position = self.registry.held.position(job)
+        own = self.expected(job, None)
+        if position is None or own is None or not line.played or line.broken:
+            return None
+        average = sum(line.played) / len(line.played)
+        rest = (position - 1 - len(line.played)) * average / len(line.free)
+        return min(line.free.values()) + max(rest, 0.0) + own
+
+    def _line(self, now: float, gpus: list[int]) -> _Line | None:
+        """The held line played out onto the GPUs, each job to the one free first;
+        kept a moment, so a page of held jobs costs one play-out."""
+        key = (round(now / LINE_KEPT), tuple(gpus))
+        if self._cached is not None and self._cached[0] == key:
+            return self._cached[1]
+        line = self._play(now, gpus)
+        self._cached = (key, line)
+        return line
+
+    def _play(self, now: float, gpus: list[int]) -> _Line | None:
+        if not gpus:
+            return None
+        free: dict[int, float] = {}
+        for gpu in gpus:
+            left = self.backlog(gpu, now)
+            if left is None:
+                return None
+            free[gpu] = left
+        line = _Line(free)
+        for ahead in self.registry.held.ordered(PLAYED_OUT):
+            gpu = min(free, key=free.__getitem__)
+            cost = self.expected(ahead, gpu)
+            if cost is None:
+                line.broken = True  # from here on, nothing can be said
+                break
+            free[gpu] += cost
+            line.etas[ahead.job_id] = free[gpu]
+            line.played.append(cost)
+        return line
+
+
+class _Line:
+    def __init__(self, free: dict[int, float]) -> None:
+        self.free = free
+        self.etas: dict[str, float] = {}
+        self.played: list[float] = []
+        self.broken = False
+
+
+def finish_at(start: datetime, seconds: float | None) -> datetime | None:
+    return None if seconds is None else start + timedelta(seconds=seconds)

@@ -1,0 +1,184 @@
+"""Late binding for `GpuId=auto`: the part of the jobs service that hands held jobs to
+GPUs as they free. Selection is synchronous (one pass, no await in between, so two
+passes never pick the same job); the submissions it starts run side by side."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from ..config import Settings
+from ..errors import ApiError, BackendError, JobConflict, QueueFull, StateUnavailable
+from . import placement
+from .dispatch import ModelMemory
+from .forecast import Forecast, finish_at
+from .outcomes import Outcome, Verdict, conflict, repeat
+from .ports import GpuPort, Store
+from .reading import WorkflowReader
+from .records import Job, JobState
+from .registry import Registry
+from .workflow import Workflow
+
+log = logging.getLogger(__name__)
+
+# A GPU whose ComfyUI refused a dispatched job's connection gets none for this long.
+REST_AFTER_FAILURE = 2.0
+
+
+class Holding:
+    registry: Registry
+    gpus: Sequence[GpuPort]
+    settings: Settings
+    store: Store
+    reader: WorkflowReader
+    _background: set[asyncio.Task[Any]]
+
+    def _init_holding(self) -> None:
+        self.forecast = Forecast(self.registry, len(self.gpus))
+        self.models = ModelMemory()
+        # Set when a GPU may have room: a job on it started or ended, or one was held.
+        self.wake = asyncio.Event()
+        self._resting: dict[int, float] = {}
+        self.registry.held.aging = self.settings.priority_aging
+        self.registry.subscribe(self._on_change)
+
+    async def submit(self, job: Job, gpu: GpuPort, workflow: Workflow) -> Outcome:
+        raise NotImplementedError
+
+    async def _hold(self, job_id: str, workflow: Workflow, callback: str | None,
+                    priority: int) -> Outcome:
+        """Put an auto job in Cylindria's queue (on disk before the answer), then let
+        the dispatcher run: if a GPU has room, the job goes now and the answer is its
+        submission's, as for a pinned job."""
+        registry = self.registry
+        self.store.ensure_writable()
+        if len(registry.held) >= self.settings.max_held:
+            raise QueueFull(
+                f"Cylindria already holds {len(registry.held)} jobs waiting for a GPU, its "
+                f"limit (CYLINDRIA_MAX_HELD={self.settings.max_held}). Retry later, or pin "
+                "a GPU with GpuId=n.", headers={"Retry-After": "5"})
+        self.store.remember_workflow(job_id, workflow.data)
+        try:
+            job = registry.begin(job_id, None, str(uuid.uuid4()), workflow.fingerprint,
+                                 workflow.nodes, callback_url=callback, auto=True,
+                                 priority=priority, models=workflow.models)
+            job.costs = workflow.costs
+        except JobConflict as exc:
+            if exc.job.fingerprint != workflow.fingerprint:
+                raise conflict(exc.job) from None
+            return repeat(exc.job)
+        try:
+            await self.store.durable(job)
+        except StateUnavailable as exc:
+            registry.reject(job, exc.message, error={"code": exc.code, "message": exc.message})
+            raise
+        return await self._dispatched_or_held(job, workflow)
+
+    async def _dispatched_or_held(self, job: Job, workflow: Workflow) -> Outcome:
+        sent = await self.dispatch({job.job_id: workflow})
+        task = sent.get(job.job_id)
+        if task is not None:
+            try:
+                return await asyncio.shield(task)
+            except BackendError:
+                if not job.held:
+                    raise
+        self.wake.set()  # the loop takes it from here
+        self.registry.freshen(job)
+        return Outcome(job, Verdict.ACCEPTED, job.detail)
+
+    def load(self, gpu: GpuPort) -> int:
+        return placement.load(self.registry.load(gpu.index), gpu.queue_remaining)
+
+    def _on_change(self, job: Job) -> None:
+        if job.gpu_id is not None and (job.terminal or job.state is JobState.RUNNING):
+            if len(self.registry.held):
+                self.wake.set()
+
+    def foresee(self, job: Job) -> Job:
+        """Set the job's ETA from what has been learned (None where nothing has)."""
+        if job.terminal:
+            job.eta_seconds = job.expected_finish_at = None
+            return job
+        moment = self.registry.now()
+        usable = [g.index for g in self.gpus if not g.drained]
+        seconds = self.forecast.eta(job, moment.timestamp(), usable)
+        job.eta_seconds = None if seconds is None else round(seconds, 3)
+        job.expected_finish_at = finish_at(moment, seconds)
+        return job
+
+    def gpu_eta(self, gpu: GpuPort) -> float | None:
+        """Seconds until this GPU is done with what Cylindria sent it."""
+        seconds = self.forecast.backlog(gpu.index, self.registry.now().timestamp())
+        return None if seconds is None else round(seconds, 3)
+
+    def rest(self, gpu: GpuPort) -> None:
+        """Its ComfyUI did not take a dispatched job: give it a moment."""
+        self._resting[gpu.index] = time.monotonic() + REST_AFTER_FAILURE
+
+    async def dispatch(self, fresh: dict[str, Workflow] | None = None
+                       ) -> dict[str, asyncio.Task[Any]]:
+        """Hand held jobs to every GPU with room (at most 1 + CYLINDRIA_GPU_PREFETCH of
+        Cylindria's jobs each), healthy, undrained. Returns the submissions started,
+        by job id; `fresh` holds workflows already in hand (the rest are read back)."""
+        if not len(self.registry.held):
+            return {}
+        now = time.monotonic()
+        candidates = [g for g in self.gpus
+                      if not g.drained and self._resting.get(g.index, 0.0) <= now]
+        stale = [g for g in candidates if g.healthy_now() is None]
+        if stale:
+            # Probes are shared and cached; the stale ones are asked side by side.
+            await asyncio.gather(*(g.is_healthy() for g in stale))
+        ready = sorted((g for g in candidates if g.healthy_now()), key=self.load)
+        return self._assign(ready, fresh or {})
+
+    def _assign(self, ready: list[GpuPort], fresh: dict[str, Workflow]
+                ) -> dict[str, asyncio.Task[Any]]:
+        registry = self.registry
+        held = registry.held
+        room = 1 + self.settings.gpu_prefetch
+        started: dict[str, asyncio.Task[Any]] = {}
+        clock = registry.now()
+        for gpu in ready:
+            while len(held) and self.load(gpu) < room:
+                pick = held.next_for(gpu.index, self.models.of(gpu.index), clock)
+                if pick is None:
+                    break
+                job = pick.job
+                registry.dispatch(job, gpu.index, pick.reason)
+                self.models.used(gpu.index, job.models or ())
+                task = asyncio.get_running_loop().create_task(
+                    self._send(job, gpu, fresh.get(job.job_id)), name=f"send-{job.job_id}")
+                self._background.add(task)
+                task.add_done_callback(self._sent)
+                started[job.job_id] = task
+        return started
+
+    def _sent(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # Recorded in the job already (rejected, or back in line); nothing to raise.
+            exc = task.exception()
+            if not isinstance(exc, ApiError):
+                log.error("dispatch failed unexpectedly", exc_info=exc)
+
+    async def _send(self, job: Job, gpu: GpuPort, workflow: Workflow | None) -> Any:
+        if workflow is None:
+            stored = await self.store.workflow(job.job_id)
+            if stored is None:
+                self.registry.reject(job, "Its workflow was not found in the state file; "
+                                          f"submit it again with PUT /startjob/{job.job_id}/.")
+                return None
+            workflow = await self.reader.read(stored)
+        try:
+            return await self.submit(job, gpu, workflow)
+        except BackendError:
+            if job.held:
+                self.rest(gpu)
+                self.wake.set()
+            raise

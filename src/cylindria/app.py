@@ -13,6 +13,7 @@ from aiohttp import web
 from . import dashboard
 from .appkeys import EVENTS, GPUS, JOBS, JOURNAL, REGISTRY, SETTINGS, SIGNINS, TASKS, WEBHOOKS
 from .config import Settings
+from .core.estimates import RunTimes
 from .core.jobs import JobsService
 from .core.reading import WorkflowReader
 from .core.registry import Registry
@@ -28,6 +29,9 @@ from .web.middlewares import REQUEST_COUNTER, error_middleware, response_headers
 from .web.signins import Signins
 
 log = logging.getLogger(__name__)
+
+# Seconds between writes of learned run times to the state file.
+RUN_TIMES_EVERY = 5.0
 
 
 
@@ -100,6 +104,8 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
                          for n in range(settings.num_gpus)]
             for gpu in app[GPUS]:
                 gpu.comfy.observe = app[metrics.METRICS].comfy_timer(gpu.index)
+            if loaded.run_times:
+                registry.run_times = RunTimes.from_state(loaded.run_times)
             app[JOBS] = JobsService(registry, app[GPUS], settings, journal, reader)
             app[JOBS].restore(loaded.jobs, loaded.last_seq, loaded.evicted_through)
             # What start-up loaded lives long: keep the garbage collector's full passes
@@ -137,10 +143,25 @@ async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     task = asyncio.create_task(housekeep(app[REGISTRY], app[JOURNAL], settings),
                                name="housekeeping")
+    keeper = asyncio.create_task(keep_run_times(app[REGISTRY], app[JOURNAL]),
+                                 name="run-times")
     try:
         yield
     finally:
-        await cancel_and_wait([task])
+        await cancel_and_wait([task, keeper])
+        await app[JOURNAL].save_run_times(app[REGISTRY].run_times.to_state())
+
+
+async def keep_run_times(registry: Registry, journal: Journal) -> None:
+    """Write learned run times to the state file when they changed, every few seconds
+    (and once more at shutdown), so a restart forecasts at once."""
+    saved = registry.run_times.version
+    while True:
+        await asyncio.sleep(RUN_TIMES_EVERY)
+        times = registry.run_times
+        if times.version != saved:
+            saved = times.version
+            await journal.save_run_times(times.to_state())
 
 
 async def housekeep(registry: Registry, journal: Journal, settings: Settings) -> None:

@@ -107,6 +107,8 @@ class Loaded:
     last_seq: int = 0
     evicted_through: int = 0
     held: int = 0
+    # Run times learned by an earlier run (RunTimes.to_state), or None.
+    run_times: dict[str, Any] | None = None
 
 
 def open_database(path: Path | None, memory_jobs: int,
@@ -226,7 +228,17 @@ class Database:
             "LIMIT 1 OFFSET ?", (memory_jobs,)).fetchone()
         loaded.evicted_through = older[0] if older else 0
         loaded.held = self.held()
+        row = conn.execute("SELECT value FROM meta WHERE key = 'run_times'").fetchone()
+        if row:
+            try:
+                loaded.run_times = ujson.loads(row[0])
+            except ValueError:
+                loaded.run_times = None  # learned again from the next jobs
         return loaded
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.conn:
+            self.conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def close(self) -> None:
         self.conn.close()

@@ -12,6 +12,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import ujson
+
 from ..core.records import Job, to_record
 from ..errors import StateUnavailable
 from .database import Database, Loaded, Row, open_database
@@ -248,6 +250,14 @@ class Journal:
     async def page(self, states: Iterable[str] | None, gpu_id: int | None, before: int,
                    limit: int) -> list[Job]:
         return await self._run(lambda db: db.page(states, gpu_id, before, limit))
+
+    async def save_run_times(self, state: dict[str, Any]) -> None:
+        """Keep what was learned of run times (written whole; it is small)."""
+        text = ujson.dumps(state)
+        try:
+            await self._run(lambda db: db.set_meta("run_times", text))
+        except sqlite3.Error as exc:
+            log.warning("state file %s: saving run times failed (%s)", self.name, exc)
 
     async def held(self) -> int:
         return await self._run(lambda db: db.held())

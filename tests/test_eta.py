@@ -1,0 +1,107 @@
+"""Learned run times in the service: progress weighed by them, ETAs for running, queued
+and held jobs and for each GPU, and what was learned kept across a restart."""
+
+from __future__ import annotations
+
+from cylindria.appkeys import REGISTRY
+
+import workflows
+from helpers import job_status, put_job, start_paused, wait_state, wait_until
+
+
+async def warm_up(client, count: int = 3, gpu="0") -> None:
+    for n in range(count):
+        status, _ = await put_job(client, f"warm-{n}", workflows.txt2img(steps=10), gpu=gpu)
+        assert status == 202
+        await wait_state(client, f"warm-{n}", "completed", timeout=10)
+
+
+async def test_progress_counts_sampler_steps_once_times_are_learned(start_cylindria,
+                                                                   start_sims):
+    cluster = await start_sims(1, step_seconds=0.02)
+    sim = cluster.sims[0]
+    client = await start_cylindria(cluster)
+    # Nothing learned: nodes are counted, so the sampler's first step already shows
+    # the four nodes before it done.
+    first = await start_paused(client, sim, "first", workflows.txt2img(steps=10), gpu=0)
+    assert first["progress"] > 0.5
+    sim.resume()
+    await wait_state(client, "first", "completed", timeout=10)
+    await warm_up(client)
+    # Learned: the sampler is nearly all of the time, so its first step is little.
+    body = await start_paused(client, sim, "weighed", workflows.txt2img(steps=10), gpu=0)
+    assert body["progress"] < 0.3, body["progress"]
+    assert body["eta_seconds"] is not None and body["eta_seconds"] > 0
+    assert body["expected_finish_at"] > body["started_at"]
+    sim.resume()
+    await wait_state(client, "weighed", "completed", timeout=10)
+
+
+async def test_progress_never_goes_back_and_is_one_only_on_success(start_cylindria,
+                                                                  start_sims):
+    cluster = await start_sims(1, step_seconds=0.01)
+    client = await start_cylindria(cluster)
+    await warm_up(client, 2)
+    status, _ = await put_job(client, "watched", workflows.txt2img(steps=30), gpu=0)
+    assert status == 202
+    seen: list[float] = []
+
+    async def done() -> bool:
+        body = await job_status(client, "watched")
+        seen.append(body["progress"])
+        if body["state"] != "completed":
+            assert body["progress"] < 1.0
+        return body["state"] == "completed"
+
+    await wait_until(done, timeout=10, what="the job to finish")
+    assert seen == sorted(seen) and seen[-1] == 1.0
+    assert len(set(seen)) > 2  # it was seen moving, not only at both ends
+
+
+async def test_nothing_learned_means_no_eta(start_cylindria, start_sims):
+    cluster = await start_sims(1)
+    sim = cluster.sims[0]
+    client = await start_cylindria(cluster)
+    sim.pause(at="dequeue")
+    status, _ = await put_job(client, "fresh", workflows.txt2img(), gpu=0)
+    assert status == 202
+    body = await job_status(client, "fresh")
+    assert body["eta_seconds"] is None and body["expected_finish_at"] is None
+    gpus = await (await client.get("/gpus/")).json()
+    assert gpus["gpus"][0]["expected_seconds_to_finish"] is None
+    sim.resume()
+
+
+async def test_queued_and_held_jobs_and_gpus_get_etas(start_cylindria, start_sims):
+    cluster = await start_sims(1, step_seconds=0.02)
+    sim = cluster.sims[0]
+    client = await start_cylindria(cluster)
+    await warm_up(client, gpu="auto")
+    running = await start_paused(client, sim, "running", workflows.txt2img(steps=10),
+                                 gpu="auto")
+    status, body = await put_job(client, "held", workflows.txt2img(steps=10), gpu="auto")
+    assert status == 202 and body["held"] is True
+    held = await job_status(client, "held")
+    assert held["eta_seconds"] is not None
+    assert held["eta_seconds"] > running["eta_seconds"] * 0.9
+    gpus = await (await client.get("/gpus/")).json()
+    assert gpus["gpus"][0]["expected_seconds_to_finish"] is not None
+    sim.resume()
+    await wait_state(client, "held", "completed", timeout=10)
+
+
+async def test_learned_times_survive_a_restart(start_cylindria, start_sims, tmp_path):
+    cluster = await start_sims(1, step_seconds=0.02)
+    sim = cluster.sims[0]
+    state = tmp_path / "state.sqlite3"
+    client = await start_cylindria(cluster, state_file=state)
+    await warm_up(client)
+    learned = client.app[REGISTRY].run_times.to_state()
+    await client.close()
+
+    client = await start_cylindria(cluster, state_file=state)
+    assert client.app[REGISTRY].run_times.to_state() == learned
+    body = await start_paused(client, sim, "after", workflows.txt2img(steps=10), gpu=0)
+    assert body["eta_seconds"] is not None
+    sim.resume()
+    await wait_state(client, "after", "completed", timeout=10)

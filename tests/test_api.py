@@ -534,7 +534,8 @@ async def test_every_route_but_the_health_checks_needs_the_key(start_cylindria):
         ("GET", "/docs/static/swagger-ui.css"): 200,
         ("HEAD", "/docs/static/swagger-ui.css"): 200,
     }
-    sign_in_pages = {"/", "/dashboard/job/x", "/dashboard/logout", "/docs"}
+    sign_in_pages = {"/", "/dashboard/job/x", "/dashboard/logout", "/docs",
+                     "/dashboard/failures"}
     client = await start_cylindria(api_key="s3cret")
     seen_open = set()
     checked = 0

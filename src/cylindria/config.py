@@ -22,6 +22,7 @@ DEFAULT_MEMORY_JOBS = 10_000
 DEFAULT_MAX_NODES = 20_000
 DEFAULT_MAX_HELD = 10_000
 DEFAULT_PRIORITY_AGING = 60.0
+DEFAULT_MODEL_WINDOW = 8
 # Test hooks that stop the process at a chosen point, to show what a restart recovers.
 FAULTS = frozenset({"crash-before-submit", "crash-after-submit"})
 MAX_GPUS = 8
@@ -112,6 +113,8 @@ class Settings:
     gpu_prefetch: int = 0
     max_held: int = DEFAULT_MAX_HELD
     priority_aging: float = DEFAULT_PRIORITY_AGING
+    # How far down the line the dispatcher looks for a job whose models a GPU holds.
+    model_window: int = DEFAULT_MODEL_WINDOW
     # Host names and CIDRs webhooks may reach whatever their address (CYLINDRIA_CALLBACK_ALLOW).
     callback_allow: tuple[str, ...] = ()
     faults: frozenset[str] = frozenset()
@@ -209,6 +212,8 @@ def validate(s: Settings) -> None:
         raise ConfigError(f"CYLINDRIA_RETRY_LOST must be 0 or more (got {s.retry_lost})")
     if s.gpu_prefetch < 0:
         raise ConfigError(f"CYLINDRIA_GPU_PREFETCH must be 0 or more (got {s.gpu_prefetch})")
+    if s.model_window < 1:
+        raise ConfigError(f"CYLINDRIA_MODEL_WINDOW must be 1 or more (got {s.model_window})")
     if s.max_held < 1:
         raise ConfigError(f"CYLINDRIA_MAX_HELD must be 1 or more (got {s.max_held})")
     if not s.priority_aging > 0:
@@ -308,6 +313,8 @@ def load_settings(
         values["retry_lost"] = _int("CYLINDRIA_RETRY_LOST", env["CYLINDRIA_RETRY_LOST"])
     if env.get("CYLINDRIA_GPU_PREFETCH"):
         values["gpu_prefetch"] = _int("CYLINDRIA_GPU_PREFETCH", env["CYLINDRIA_GPU_PREFETCH"])
+    if env.get("CYLINDRIA_MODEL_WINDOW"):
+        values["model_window"] = _int("CYLINDRIA_MODEL_WINDOW", env["CYLINDRIA_MODEL_WINDOW"])
     if env.get("CYLINDRIA_MAX_HELD"):
         values["max_held"] = _int("CYLINDRIA_MAX_HELD", env["CYLINDRIA_MAX_HELD"])
     if env.get("CYLINDRIA_PRIORITY_AGING"):

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from .records import Job
 
 # Among the held jobs of the chosen priority, how far down the line the dispatcher
-# looks for one whose models the freed GPU holds: order is kept roughly, never
-# upended.
+# looks for one whose models the freed GPU holds (CYLINDRIA_MODEL_WINDOW): order is
+# kept roughly, never upended. 1: strictly first come, first served.
 MODEL_WINDOW = 8
 # How many model files per GPU are remembered as loaded (the most recent ones).
 MODELS_KEPT = 6
@@ -60,8 +60,9 @@ class _Bucket:
 class HeldQueue:
     """The held jobs. `aging`: seconds of waiting worth one priority level."""
 
-    def __init__(self, aging: float = 60.0) -> None:
+    def __init__(self, aging: float = 60.0, window: int = MODEL_WINDOW) -> None:
         self.aging = aging
+        self.window = window
         self._buckets: dict[int, _Bucket] = {}
         self._count = 0
 
@@ -108,24 +109,25 @@ class HeldQueue:
         waited = max(0.0, (now - head.submitted_at).total_seconds())
         return priority + (waited / self.aging if self.aging > 0 else 0.0)
 
-    def next_for(self, gpu: int, models: Iterable[str], now: datetime) -> Pick | None:
+    def next_for(self, gpu: int, models: Sequence[str], now: datetime) -> Pick | None:
         """The job the freed GPU `gpu` should take: from the priority whose oldest job
         ranks highest once aged, the earliest among the first few whose models the GPU
-        already holds, else the earliest."""
+        loaded most recently (`models`, oldest first), else the earliest."""
         if not self._buckets:
             return None
         priority = max(self._buckets, key=lambda p: (self._effective(p, now), p))
         bucket = self._buckets[priority]
-        held = set(models)
-        window = list(bucket.oldest(MODEL_WINDOW))
-        if held:
+        window = list(bucket.oldest(max(1, self.window)))
+        if models:
+            # A model used more recently is likelier still in VRAM: it weighs more.
+            recency = {name: n for n, name in enumerate(models, start=1)}
             best, best_score = None, 0
             for job in window:
-                score = len(held.intersection(job.models or ()))
+                score = sum(recency.get(name, 0) for name in job.models or ())
                 if score > best_score:
                     best, best_score = job, score
             if best is not None:
-                names = ", ".join(sorted(held.intersection(best.models or ())))
+                names = ", ".join(sorted(set(recency).intersection(best.models or ())))
                 return Pick(best, f"GPU {gpu} already holds {names}.")
         return Pick(window[0], f"GPU {gpu} was the first to free, and this was the "
                                "next job in line.")

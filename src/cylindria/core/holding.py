@@ -44,6 +44,7 @@ class Holding:
         self.wake = asyncio.Event()
         self._resting: dict[int, float] = {}
         self.registry.held.aging = self.settings.priority_aging
+        self.registry.held.window = self.settings.model_window
         self.registry.subscribe(self._on_change)
 
     async def submit(self, job: Job, gpu: GpuPort, workflow: Workflow) -> Outcome:
@@ -169,7 +170,15 @@ class Holding:
 
     async def _send(self, job: Job, gpu: GpuPort, workflow: Workflow | None) -> Any:
         if workflow is None:
-            stored = await self.store.workflow(job.job_id)
+            # Another request may have put it in line a moment ago: its workflow is
+            # written with it, so wait for that first.
+            try:
+                await self.store.durable(job)
+                stored = await self.store.workflow(job.job_id)
+            except StateUnavailable:
+                self.registry.rehold(job, "The state file takes no writes now; back in "
+                                          "Cylindria's queue until it does.")
+                raise
             if stored is None:
                 self.registry.reject(job, "Its workflow was not found in the state file; "
                                           f"submit it again with PUT /startjob/{job.job_id}/.")

@@ -35,11 +35,13 @@ class Dispatcher:
     """Turns ComfyUI websocket messages of one GPU into registry updates."""
 
     def __init__(self, gpu: Gpu, registry: Registry, wake_poller: asyncio.Event,
-                 reader: WorkflowReader) -> None:
+                 reader: WorkflowReader, wake_dispatch: asyncio.Event | None = None) -> None:
         self.gpu = gpu
         self.registry = registry
         self.wake_poller = wake_poller
         self.reader = reader
+        # Set when ComfyUI's queue shrinks: the GPU may have room for a held job.
+        self.wake_dispatch = wake_dispatch
 
     async def handle_text(self, raw: bytes | str) -> None:
         try:
@@ -60,9 +62,12 @@ class Dispatcher:
         reg = self.registry
         pid = data.get("prompt_id")
         if kind == "status":
-            remaining = data["status"]["exec_info"]["queue_remaining"]
-            self.gpu.queue_remaining = int(remaining)
+            remaining = int(data["status"]["exec_info"]["queue_remaining"])
+            before = self.gpu.queue_remaining
+            self.gpu.queue_remaining = remaining
             self.wake_poller.set()
+            if self.wake_dispatch is not None and (before is None or remaining < before):
+                self.wake_dispatch.set()
         elif kind == "execution_start":
             reg.on_start(pid)
         elif kind == "execution_cached":
@@ -102,7 +107,7 @@ def _str_or_none(value: Any) -> str | None:
 async def listen(gpu: Gpu, jobs: JobsService, timing: Timing,
                  wake_poller: asyncio.Event) -> None:
     """Keep one websocket open to this GPU's ComfyUI for the life of the process."""
-    dispatcher = Dispatcher(gpu, jobs.registry, wake_poller, jobs.reader)
+    dispatcher = Dispatcher(gpu, jobs.registry, wake_poller, jobs.reader, jobs.wake)
     delays = backoff_delays(timing.reconnect_initial, timing.reconnect_max)
     failures = 0
     ever_connected = False

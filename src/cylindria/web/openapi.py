@@ -28,6 +28,18 @@ GPU_QUERY = {"name": "GpuId", "in": "query", "required": False,
              "description": "A GPU number (ASCII digits), or `auto` for placement.",
              "schema": {"type": "string", "pattern": "^([0-9]+|auto)$"}}
 JSON = "application/json"
+CSRF_HEADER = {"name": "X-CSRF-Token", "in": "header", "required": False,
+               "description": "With a dashboard sign-in (not the key): the token of the "
+                              "page, from its `csrf-token` meta tag.",
+               "schema": {"type": "string"}}
+FAILURE_FILTERS = [
+    {"name": "state", "in": "query", "required": False,
+     "description": "failed, rejected, cancelled, or several separated by commas.",
+     "schema": {"type": "string"}},
+    {"name": "gpu", "in": "query", "required": False, "schema": {"type": "string",
+                                                                  "pattern": "^[0-9]+$"}},
+    {"name": "before", "in": "query", "required": False,
+     "schema": {"type": "string", "pattern": "^[0-9]+$"}}]
 
 
 def ref(name: str) -> dict[str, str]:
@@ -49,6 +61,9 @@ UNAUTHORIZED = answer("The API key is missing or wrong (only when the server has
                       "CYLINDRIA_API_KEY).")
 THROTTLED = answer("Too many wrong keys from this address (`too_many_attempts`).",
                    headers=RETRY_AFTER)
+SESSION_REFUSED = answer("A dashboard sign-in without this page's X-CSRF-Token "
+                         "(`csrf_token_invalid`), or from another site's page "
+                         "(`origin_refused`). The API key needs neither.")
 
 
 def operation(summary: str, responses: dict[str, Any], *, parameters: list[Any] = (),
@@ -173,11 +188,12 @@ ERROR_CODES = ["bad_request", "invalid_workflow", "payload_too_large",
                "unknown_gpu", "too_many_streams", "too_many_attempts", "no_gpu_available",
                "backend_error", "backend_unavailable", "backend_timeout",
                "state_unavailable", "queue_full", "not_found", "method_not_allowed",
-               "internal_error"]
+               "origin_refused", "csrf_token_invalid", "internal_error"]
 
 
 def paths() -> dict[str, Any]:
     status = answer("The job.", "JobStatus")
+    refused = {"403": SESSION_REFUSED}
     not_found = answer("No such job (`job_not_found`).")
     start_errors = {
         "400": answer("Bad job_id or GpuId, a body that is not a JSON object, or a "
@@ -251,16 +267,17 @@ def paths() -> dict[str, Any]:
                         {"name": "Range", "in": "header", "required": False,
                          "schema": {"type": "string"}}])},
         "/canceljob/{job_id}/": {"post": operation(
-            "Cancel a queued or running job.",
+            "Cancel a queued or running job (a job held for a GPU at once).",
             {"202": answer("Asked; the job as it stands.", "JobStatus"),
              "400": answer("A bad job_id."), "404": not_found,
-             "409": answer("The job is finished (`job_finished`).", "FinishedJob")},
-            parameters=[JOB_ID])},
+             "409": answer("The job is finished (`job_finished`).", "FinishedJob"),
+             **refused},
+            parameters=[JOB_ID, CSRF_HEADER])},
         "/retryjob/{job_id}/": {"post": operation(
             "Run a failed, cancelled or rejected job again.",
-            {"202": answer("A new attempt, accepted.", "StartReply"), "404": not_found,
-             **start_errors},
-            parameters=[JOB_ID, GPU_QUERY])},
+            {"202": answer("A new attempt, accepted (or held for a GPU).", "StartReply"),
+             "404": not_found, **start_errors, **refused},
+            parameters=[JOB_ID, GPU_QUERY, CSRF_HEADER])},
         "/jobs/": {"get": operation(
             "Jobs, newest first, a page at a time.",
             {"200": answer("A page.", "JobsPage"),
@@ -319,6 +336,15 @@ def paths() -> dict[str, Any]:
             "The dashboard's data.", {"200": answer("GPUs and recent jobs.",
                                                     {"type": "object"})},
             tags=("dashboard",))},
+        "/dashboard/failures": {"get": operation(
+            "Failed, rejected and cancelled jobs, with counts for the last hour.",
+            {**page, "400": answer("A bad state, gpu or before.")},
+            parameters=FAILURE_FILTERS, tags=("dashboard",))},
+        "/dashboard/failures/state": {"get": operation(
+            "The failures page's data.",
+            {"200": answer("A page of failures.", {"type": "object"}),
+             "400": answer("A bad state, gpu or before.")},
+            parameters=FAILURE_FILTERS, tags=("dashboard",))},
         "/dashboard/job/{job_id}": {"get": operation(
             "A job's page.", {**page, "404": {"description": "No such job."}},
             parameters=[JOB_ID], tags=("dashboard",))},
@@ -354,9 +380,11 @@ def paths() -> dict[str, Any]:
 
 def _drain(summary: str) -> dict[str, Any]:
     return operation(summary, {"200": answer("The GPU.", "GpuStatus"),
-                               "400": answer("No such GPU (`unknown_gpu`).")},
+                               "400": answer("No such GPU (`unknown_gpu`)."),
+                               "403": SESSION_REFUSED},
                      parameters=[{"name": "gpu_id", "in": "path", "required": True,
-                                  "schema": {"type": "string", "pattern": "^[0-9]+$"}}],
+                                  "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+                                 CSRF_HEADER],
                      tags=("gpus",))
 
 

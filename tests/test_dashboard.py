@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 import ujson
-from aiohttp import ClientSession, DummyCookieJar
+from aiohttp import ClientSession, DummyCookieJar, web
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from cylindria.appkeys import REGISTRY
 
 import workflows
-from helpers import put_job, start_paused, wait_state
+from helpers import job_status, put_job, start_paused, wait_state
 
 CHROMIUM = Path("/usr/bin/chromium")
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -118,6 +118,9 @@ async def test_first_paint_is_useful_without_javascript(browser, start_cylindria
     await expect(done.locator("[data-field=state]")).to_have_text("Completed")
     await expect(done.locator("[data-field=percent]")).to_have_text("100%")
     await expect(done.locator("[data-field=detail]")).to_have_text("Completed.")
+    # Buttons need the script to call the API: without it, none is offered.
+    assert await page.locator("button[data-action]").count() == 6  # 2 cards, 1 row
+    assert await page.locator("button[data-action]:visible").count() == 0
     await shot(page, tmp_path, "no-javascript")
     assert_clean(page)
 
@@ -408,4 +411,351 @@ async def test_the_api_link_opens_the_contract_rendered(browser, start_cylindria
     await expect(paths.filter(has_text="/startjob/{job_id}/")).to_have_count(1)
     await expect(paths.filter(has_text="/metrics")).to_have_count(1)
     await shot(page, tmp_path, "api-docs")
+    assert_clean(page)
+
+
+# -- actions ---------------------------------------------------------------------------
+
+def flash(page: Page):
+    """What the last action said."""
+    return page.locator("[data-field=flash-text]")
+
+
+def flash_box(page: Page):
+    return page.locator("[data-field=flash]")
+
+
+def gpu_card(page: Page, n: int):
+    return page.locator(f'article.gpu[data-gpu="{n}"]')
+
+
+async def test_cancel_from_the_jobs_table_and_the_queue_as_running_plus_waiting(
+        browser, start_cylindria, start_sims, tmp_path):
+    cluster = await start_sims(1, step_seconds=0.01)
+    client = await start_cylindria(cluster)
+    sim = cluster.sims[0]
+    await start_paused(client, sim, "busy", workflows.txt2img(steps=8), timeout=10)
+    page = await open_page(browser, client)
+    queue = gpu_card(page, 0).locator("[data-field=queue]")
+    await expect(queue).to_have_text("running 1 + waiting 0")
+    status, body = await put_job(client, "waiting", workflows.quick())
+    assert status == 202, body
+    await expect(queue).to_have_text("running 1 + waiting 1")
+
+    waiting = row(page, "waiting")
+    await expect(waiting.locator("[data-field=state]")).to_have_text("Queued")
+    await expect(waiting.locator("[data-action=retry]")).to_be_hidden()
+    # Finished jobs have nothing to cancel, running and queued ones no retry.
+    await expect(row(page, "busy").locator("[data-action=cancel]")).to_be_visible()
+    await shot(page, tmp_path, "actions-before-cancel")
+    await waiting.locator("[data-action=cancel]").click()
+    # A job still in ComfyUI's queue is deleted from it: cancelled in the answer.
+    await expect(flash(page)).to_have_text(re.compile(r"Cancelled job waiting\."))
+    await expect(flash_box(page)).to_have_class(re.compile(r"\bis-ok\b"))
+    await expect(waiting.locator("[data-field=state]")).to_have_text("Cancelled")
+    await expect(waiting.locator("[data-action=cancel]")).to_be_hidden()
+    await expect(waiting.locator("[data-action=retry]")).to_be_visible()
+    await expect(queue).to_have_text("running 1 + waiting 0")
+    assert (await job_status(client, "waiting"))["state"] == "cancelled"
+    await shot(page, tmp_path, "actions-cancelled-from-table")
+    sim.resume()
+    await expect(row(page, "busy").locator("[data-field=state]")).to_have_text("Completed")
+    await expect(row(page, "busy").locator("[data-action=cancel]")).to_be_hidden()
+    await expect(row(page, "busy").locator("[data-action=retry]")).to_be_hidden()
+    await expect(queue).to_have_text("empty")
+    await page.locator("[data-field=flash-close]").click()
+    await expect(flash_box(page)).to_be_hidden()
+    assert_clean(page)
+
+
+async def test_cancel_and_retry_from_the_job_page(browser, start_cylindria, start_sims,
+                                                 tmp_path):
+    cluster = await start_sims(2, step_seconds=0.01)
+    client = await start_cylindria(cluster)
+    sim = cluster.sims[0]
+    await start_paused(client, sim, "again", workflows.txt2img(steps=4), gpu=0, timeout=10)
+    page = await open_page(browser, client, "/dashboard/job/again")
+    actions = page.locator('[data-section="job-actions"]')
+    await expect(page.locator("[data-field=attempt]")).to_have_text("1")
+    await expect(actions.locator("[data-action=retry]")).to_be_hidden()
+    await actions.locator("[data-action=cancel]").click()
+    # A running job ends only when ComfyUI reports the interruption.
+    await expect(flash(page)).to_have_text(
+        "Cancel of job again requested: it ends once ComfyUI confirms.")
+    sim.resume()
+    await expect(page.locator("[data-field=state]")).to_have_text("Cancelled")
+    await expect(actions.locator("[data-action=cancel]")).to_be_hidden()
+    await expect(actions.locator("[data-field=retry-gpu]")).to_be_visible()
+    await shot(page, tmp_path, "job-page-cancelled")
+
+    # Run it again elsewhere: the page's choice goes to the API as GpuId.
+    await actions.locator("[data-field=retry-gpu]").select_option("1")
+    await actions.locator("[data-action=retry]").click()
+    await expect(flash(page)).to_have_text("Queued job again again as attempt 2 on GPU 1.")
+    await expect(page.locator("[data-field=gpu]")).to_have_text("GPU 1")
+    # The page follows the new attempt although it had stopped at a finished one.
+    await expect(page.locator("[data-field=state]")).to_have_text("Completed")
+    await expect(page.locator("[data-field=attempt]")).to_have_text("2")
+    attempts = page.locator('[data-section="attempts"]')
+    await expect(attempts).to_be_visible()
+    await expect(attempts.locator("tr.attempt")).to_have_count(2)
+    await expect(attempts.locator("tr.attempt").nth(1)).to_contain_text("Cancelled")
+    await expect(actions.locator("[data-action=retry]")).to_be_hidden()
+    status = await job_status(client, "again")
+    assert (status["attempt"], status["state"], status["gpu_id"]) == (2, "completed", 1)
+    await shot(page, tmp_path, "job-page-retried")
+    assert_clean(page)
+
+
+async def test_retry_from_the_table_and_a_refused_action_shows_why(
+        browser, start_cylindria, start_sims, tmp_path):
+    cluster = await start_sims(1)
+    client = await start_cylindria(cluster)
+    sim = cluster.sims[0]
+    await put_job(client, "broken", workflows.fails_at_runtime())
+    await wait_state(client, "broken", "failed", timeout=10)
+    page = await open_page(browser, client)
+    broken = row(page, "broken")
+    await expect(broken.locator("[data-field=attempt]")).to_have_text("")
+    await broken.locator("[data-action=retry]").click()
+    await expect(flash(page)).to_have_text("Queued job broken again as attempt 2 on GPU 0.")
+    await expect(broken.locator("[data-field=attempt]")).to_have_text("attempt 2")
+    await expect(broken.locator("[data-field=state]")).to_have_text("Failed")
+    assert (await job_status(client, "broken"))["attempt"] == 2
+
+    # A finished job's page stops polling: meanwhile a script runs the job again, so
+    # the page's Retry is out of date and the API refuses it.
+    await page.goto(url(client, "/dashboard/job/broken"))
+    retry = page.locator('[data-section="job-actions"] [data-action=retry]')
+    await expect(retry).to_be_visible()
+    sim.pause(at="dequeue")
+    resp = await client.post("/retryjob/broken/")
+    assert resp.status == 202, await resp.text()
+    await retry.click()
+    await expect(flash(page)).to_have_text(
+        "Could not retry job broken (409): Job 'broken' is queued; only a failed, "
+        "cancelled or rejected job can run again.")
+    await expect(flash_box(page)).to_have_class(re.compile(r"\bis-error\b"))
+    # The refusal makes the page look again: it now shows the queued attempt.
+    await expect(page.locator("[data-field=state]")).to_have_text("Queued")
+    await expect(page.locator("[data-field=attempt]")).to_have_text("3")
+    await shot(page, tmp_path, "job-page-refused")
+    await page.locator('[data-section="job-actions"] [data-action=cancel]').click()
+    await expect(flash(page)).to_have_text("Cancelled job broken.")
+    await expect(page.locator("[data-field=state]")).to_have_text("Cancelled")
+    sim.resume()
+    assert_clean(page)
+
+
+async def test_drain_and_undrain_from_a_gpu_card(browser, start_cylindria, start_sims,
+                                                 tmp_path):
+    cluster = await start_sims(2)
+    client = await start_cylindria(cluster)
+    page = await open_page(browser, client)
+    card = gpu_card(page, 1)
+    await expect(card.locator("[data-action=undrain]")).to_be_hidden()
+    await card.locator("[data-action=drain]").click()
+    await expect(flash(page)).to_have_text(
+        "Drained GPU 1: it takes no new jobs; those it holds finish.")
+    await expect(card.locator("[data-field=drained]")).to_be_visible()
+    await expect(card.locator("[data-action=drain]")).to_be_hidden()
+    await expect(card.locator("[data-action=undrain]")).to_be_visible()
+    await expect(gpu_card(page, 0).locator("[data-field=drained]")).to_be_hidden()
+    gpus = (await (await client.get("/gpus/")).json())["gpus"]
+    assert [g["drained"] for g in gpus] == [False, True]
+    status, body = await put_job(client, "to-drained", workflows.quick(), gpu=1)
+    assert status == 409 and body["error"]["code"] == "gpu_drained"
+    await shot(page, tmp_path, "gpu-drained")
+
+    await card.locator("[data-action=undrain]").click()
+    await expect(flash(page)).to_have_text("Undrained GPU 1: it takes new jobs again.")
+    await expect(card.locator("[data-field=drained]")).to_be_hidden()
+    await expect(card.locator("[data-action=drain]")).to_be_visible()
+    status, body = await put_job(client, "to-open", workflows.quick(), gpu=1)
+    assert status == 202, body
+    assert_clean(page)
+
+
+# -- failures --------------------------------------------------------------------------
+
+async def chip_counts(page: Page) -> dict[str, str]:
+    return await page.locator("[data-chip]").evaluate_all(
+        "chips => Object.fromEntries(chips.map(c => "
+        "[c.dataset.chip, c.querySelector('[data-field=count]').textContent]))")
+
+
+async def shown_jobs(page: Page) -> list[str]:
+    return await page.locator("tr.job").evaluate_all("rows => rows.map(r => r.dataset.job)")
+
+
+async def test_the_failures_view_filters_counts_and_pages(browser, start_cylindria,
+                                                          start_sims, tmp_path,
+                                                          monkeypatch):
+    monkeypatch.setattr("cylindria.dashboard.failures.PAGE_SIZE", 2)
+    cluster = await start_sims(2)
+    client = await start_cylindria(cluster)
+    await put_job(client, "fail-0", workflows.fails_at_runtime(), gpu=0)
+    await wait_state(client, "fail-0", "failed", timeout=10)
+    status, _ = await put_job(client, "refused-0", workflows.txt2img(ckpt="missing.ckpt"),
+                              gpu=0)
+    assert status == 422
+    cluster.sims[1].pause(at="dequeue")
+    await put_job(client, "stopped-1", workflows.quick(), gpu=1)
+    resp = await client.post("/canceljob/stopped-1/")
+    assert (await resp.json())["state"] == "cancelled"
+    cluster.sims[1].resume()
+    await put_job(client, "fine-1", workflows.quick(), gpu=1)
+    await put_job(client, "fail-1", workflows.fails_at_runtime(), gpu=1)
+    await wait_state(client, "fail-1", "failed", timeout=10)
+    await wait_state(client, "fine-1", "completed", timeout=10)
+
+    page = await open_page(browser, client)
+    await page.click("a.navlink")
+    await expect(page).to_have_url(url(client, "/dashboard/failures"))
+    await expect(page.locator("[data-field=live]")).to_have_class("live is-live")
+    assert await chip_counts(page) == {
+        "state:all": "4", "state:failed": "2", "state:rejected": "1", "state:cancelled": "1",
+        "gpu:all": "4", "gpu:0": "2", "gpu:1": "2"}
+    await expect(page.locator("[data-field=summary]")).to_contain_text("4 in the last hour")
+    # Newest first, two a page here; the completed job is never listed.
+    assert await shown_jobs(page) == ["fail-1", "stopped-1"]
+    await expect(page.locator("[data-field=newest]")).to_be_hidden()
+    await shot(page, tmp_path, "failures")
+    await page.click("[data-field=older]")
+    await expect(page).to_have_url(re.compile(r"/dashboard/failures\?before=\d+$"))
+    await expect(row(page, "refused-0")).to_have_count(1)
+    assert await shown_jobs(page) == ["refused-0", "fail-0"]
+    await expect(page.locator("[data-field=older]")).to_be_hidden()
+    await expect(page.locator("[data-field=newest]")).to_be_visible()
+
+    await page.click('[data-chip="state:failed"]')
+    await expect(page).to_have_url(url(client, "/dashboard/failures?state=failed"))
+    assert await shown_jobs(page) == ["fail-1", "fail-0"]
+    counts = await chip_counts(page)
+    assert (counts["gpu:all"], counts["gpu:0"], counts["gpu:1"]) == ("2", "1", "1")
+    await expect(page.locator('[data-chip="state:failed"]')).to_have_class("chip active")
+    await page.click('[data-chip="gpu:1"]')
+    await expect(page).to_have_url(url(client, "/dashboard/failures?state=failed&gpu=1"))
+    assert await shown_jobs(page) == ["fail-1"]
+    assert (await chip_counts(page))["state:cancelled"] == "1"
+    await shot(page, tmp_path, "failures-filtered")
+
+    # A new failure appears on its own, at the top, and is counted.
+    await put_job(client, "fail-1b", workflows.fails_at_runtime(), gpu=1)
+    await expect(row(page, "fail-1b")).to_have_count(1)
+    await expect(page.locator('[data-chip="gpu:1"] [data-field=count]')).to_have_text("2")
+    assert (await shown_jobs(page))[0] == "fail-1b"
+    # Each one can be run again from here.
+    await row(page, "fail-1b").locator("[data-action=retry]").click()
+    await expect(flash(page)).to_have_text("Queued job fail-1b again as attempt 2 on GPU 1.")
+    await expect(row(page, "fail-1b").locator("[data-field=attempt]")).to_have_text(
+        "attempt 2")
+    assert_clean(page)
+
+
+async def test_a_cached_job_says_from_cache(browser, start_cylindria, tmp_path):
+    client = await start_cylindria()
+    await put_job(client, "first", workflows.quick(color=4242))
+    await wait_state(client, "first", "completed", timeout=10)
+    await put_job(client, "repeat", workflows.quick(color=4242))
+    repeat = await wait_state(client, "repeat", "completed", timeout=10)
+    assert repeat["outputs_reused"] is True
+    page = await open_page(browser, client)
+    await expect(row(page, "repeat").locator("[data-field=duration]")).to_have_text(
+        "from cache")
+    await expect(row(page, "first").locator("[data-field=duration]")).to_have_text(
+        re.compile(r"^\d+\.\d s$"))
+    await shot(page, tmp_path, "from-cache")
+    await row(page, "repeat").locator("[data-field=link]").click()
+    await expect(page.locator("[data-field=cached]")).to_be_visible()
+    await expect(page.locator("[data-field=duration]")).to_have_text("from cache")
+    await expect(page.locator("[data-field=state]")).to_have_text("Completed")
+    await page.goto(url(client, "/dashboard/job/first"))
+    await expect(page.locator("[data-field=cached]")).to_be_hidden()
+    assert_clean(page)
+
+
+# -- actions with a sign-in --------------------------------------------------------------
+
+ATTACKER_PAGE = """<!doctype html><title>elsewhere</title>
+<form method="post" action="{target}"><button type="submit">Win a prize</button></form>"""
+
+
+async def test_a_signed_in_browser_acts_but_another_site_cannot(
+        browser, start_cylindria, start_sims, aiohttp_server, tmp_path):
+    cluster = await start_sims(1, step_seconds=0.01)
+    client = await start_cylindria(cluster, api_key="s3cret")
+    sim = cluster.sims[0]
+    sim.pause(at="tick")
+    status, body = await put_job(client, "guarded", workflows.txt2img(steps=4),
+                                 headers={"X-API-Key": "s3cret"})
+    assert status == 202, body
+    await asyncio.wait_for(sim.until_blocked(), 10)
+
+    # Another site on this host: the same site for the SameSite rule, another origin.
+    async def attacker(request: web.Request) -> web.Response:
+        target = url(client, "/canceljob/guarded/")
+        return web.Response(text=ATTACKER_PAGE.format(target=target),
+                            content_type="text/html")
+    app = web.Application()
+    app.router.add_get("/", attacker)
+    elsewhere = await aiohttp_server(app)
+
+    page = await open_page(browser, client)
+    await page.fill("#key", "s3cret")
+    await page.click("button[type=submit]")
+    await expect(page).to_have_url(url(client, "/"))
+    token = await page.locator('meta[name="csrf-token"]').get_attribute("content")
+    assert token and len(token) >= 40
+
+    await page.goto(str(elsewhere.make_url("/")))
+    async with page.expect_response(lambda r: r.request.method == "POST") as answer:
+        await page.click("button[type=submit]")
+    refused = await answer.value
+    # 403 and not 401: the browser did send the sign-in, and the origin gave it away.
+    assert refused.status == 403
+    assert (await refused.json())["error"]["code"] == "origin_refused"
+    await shot(page, tmp_path, "cross-site-refused")
+    status = await (await client.get("/jobstatus/guarded/",
+                                     headers={"X-API-Key": "s3cret"})).json()
+    assert status["state"] == "running" and status["cancel_requested"] is False
+
+    await page.goto(url(client, "/"))
+    await row(page, "guarded").locator("[data-action=cancel]").click()
+    await expect(flash(page)).to_have_text(
+        "Cancel of job guarded requested: it ends once ComfyUI confirms.")
+    sim.resume()
+    await expect(row(page, "guarded").locator("[data-field=state]")).to_have_text("Cancelled")
+    await shot(page, tmp_path, "signed-in-cancelled")
+    assert_clean(page)
+
+
+async def test_the_jobs_waiting_for_a_gpu_are_listed_in_line_and_can_be_cancelled(
+        browser, start_cylindria, start_sims, tmp_path):
+    cluster = await start_sims(1, step_seconds=0.01)
+    client = await start_cylindria(cluster)
+    sim = cluster.sims[0]
+    await start_paused(client, sim, "busy", workflows.txt2img(steps=8), gpu="auto",
+                       timeout=10)
+    page = await open_page(browser, client)
+    held = page.locator("tbody[data-field=held] tr.job")
+    await expect(page.locator("[data-field=held-empty]")).to_be_visible()
+    for job_id, priority in [("later", 0), ("urgent", 5), ("last", 0)]:
+        resp = await client.put(f"/startjob/{job_id}/",
+                                params={"GpuId": "auto", "priority": str(priority)},
+                                json=workflows.quick())
+        assert resp.status == 202
+    # In the order they will leave: priority first, then arrival.
+    await expect(held.locator("a[data-field=link]")).to_have_text(["urgent", "later", "last"])
+    await expect(held.nth(0).locator("[data-field=node]")).to_contain_text("priority 5")
+    await expect(held.nth(1).locator("[data-field=gpu]")).to_have_text("—")
+    await expect(page.locator("[data-field=held-summary]")).to_contain_text("3 waiting")
+    await shot(page, tmp_path, "held-queue")
+    await held.nth(1).locator("[data-action=cancel]").click()
+    await expect(flash(page)).to_have_text(re.compile(r"Cancelled job later\."))
+    await expect(held.locator("a[data-field=link]")).to_have_text(["urgent", "last"])
+    assert (await job_status(client, "later"))["state"] == "cancelled"
+    sim.resume()
+    await expect(page.locator("[data-field=held-empty]")).to_be_visible(timeout=10_000)
+    assert (await wait_state(client, "urgent", "completed"))["placement"]
     assert_clean(page)

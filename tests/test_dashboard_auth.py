@@ -7,8 +7,8 @@ import re
 import pytest
 import ujson
 
-from cylindria.appkeys import REGISTRY
-from cylindria.dashboard.present import format_duration, output_view
+from cylindria.appkeys import GPUS, REGISTRY
+from cylindria.dashboard.present import format_duration, output_view, queue_label
 from cylindria.web.signins import COOKIE as SESSION_COOKIE
 from cylindria.web.signins import Signins, safe_next
 
@@ -30,6 +30,10 @@ async def sign_in(client, key: str = KEY, next_: str = "") -> tuple[int, str | N
 
 def with_cookie(token: str) -> dict[str, str]:
     return {"Cookie": f"{SESSION_COOKIE}={token}"}
+
+
+# The API routes the dashboard's buttons call, with their placeholders filled in.
+ACTION_PATHS = ("/canceljob/x/", "/retryjob/x/", "/gpus/x/drain", "/gpus/x/undrain")
 
 
 # -- sessions ---------------------------------------------------------------------------
@@ -128,12 +132,15 @@ async def test_sign_in_never_redirects_off_site(start_cylindria):
 
 async def test_the_session_cookie_never_opens_the_api(start_cylindria):
     """Every route of the app, with a valid session cookie and no key: only the
-    dashboard's own routes (and job files it shows as images) answer."""
+    dashboard's own routes (and job files it shows as images) answer; the routes its
+    buttons call refuse a cookie that comes without the page's origin and token."""
     client = await start_cylindria(api_key=KEY)
     _, token, _ = await sign_in(client)
     assert token
     dashboard = {"/", "/dashboard/state", "/dashboard/job/x", "/dashboard/job/x/state",
+                 "/dashboard/failures", "/dashboard/failures/state",
                  "/dashboard/login", "/dashboard/logout", "/docs", "/docs/openapi-3.0.json"}
+    actions = {("POST", path) for path in ACTION_PATHS}
     api_checked = 0
     for route in client.app.router.routes():
         info = route.resource.get_info()
@@ -145,9 +152,15 @@ async def test_the_session_cookie_never_opens_the_api(start_cylindria):
             continue
         resp = await client.request(route.method, path, headers=with_cookie(token),
                                     allow_redirects=False)
-        assert resp.status == 401, (route.method, path)
+        if (route.method, path) in actions:
+            assert resp.status == 403, (route.method, path)
+            assert (await resp.json())["error"]["code"] == "origin_refused"
+            actions.discard((route.method, path))
+        else:
+            assert resp.status == 401, (route.method, path)
         api_checked += 1
     assert api_checked >= 8
+    assert actions == set(), "action routes not found"
     resp = await client.get("/jobstatus/x/", headers=with_cookie(token))
     assert "X-API-Key" in (await resp.json())["error"]["message"]
 
@@ -278,3 +291,149 @@ async def test_job_page_shows_image_outputs_as_thumbnails(start_cylindria):
 ])
 def test_durations_read_naturally(seconds, label):
     assert format_duration(seconds) == label
+
+
+@pytest.mark.parametrize("remaining, label", [
+    (None, "unknown"), (0, "empty"), (1, "running 1 + waiting 0"),
+    (5, "running 1 + waiting 4"),
+])
+def test_a_gpu_queue_reads_as_running_plus_waiting(remaining, label):
+    assert queue_label(remaining) == label
+
+
+# -- actions with a sign-in: the API's routes behind the dashboard's buttons --------------
+
+def origin_of(client) -> str:
+    return str(client.make_url("/").origin())
+
+
+async def act(client, path: str, token: str | None, **headers: str):
+    """POST to an action route with a sign-in cookie (if any) and these headers."""
+    sent = {**(with_cookie(token) if token else {}), **headers}
+    resp = await client.post(path, headers=sent, allow_redirects=False)
+    return resp.status, await resp.json()
+
+
+async def csrf_of(client, token: str) -> str:
+    page = await (await client.get("/", headers=with_cookie(token))).text()
+    found = re.search(r'<meta name="csrf-token" content="([^"]+)">', page)
+    assert found, "the page carries no CSRF token"
+    return found.group(1)
+
+
+async def test_a_signed_in_page_carries_its_own_csrf_token(start_cylindria):
+    client = await start_cylindria(api_key=KEY)
+    _, first, _ = await sign_in(client)
+    _, second, _ = await sign_in(client)
+    assert first and second
+    token = await csrf_of(client, first)
+    assert token == await csrf_of(client, first)
+    assert token != await csrf_of(client, second)
+    assert first not in token and len(token) >= 40
+    # Every page of the dashboard has it; a page opened with the key needs none.
+    for path in ("/dashboard/failures", "/dashboard/job/none"):
+        page = await (await client.get(path, headers=with_cookie(first))).text()
+        assert f'<meta name="csrf-token" content="{token}">' in page, path
+    page = await (await client.get("/", headers={"X-API-Key": KEY})).text()
+    assert 'name="csrf-token"' not in page
+
+
+async def test_a_session_acts_only_from_its_own_pages_with_its_token(start_cylindria):
+    client = await start_cylindria(api_key=KEY)
+    _, session, _ = await sign_in(client)
+    _, other, _ = await sign_in(client)
+    assert session and other
+    csrf = await csrf_of(client, session)
+    own = origin_of(client)
+    refusals = [
+        ({"Origin": own}, "csrf_token_invalid"),
+        ({"Origin": own, "X-CSRF-Token": "x" + csrf[1:]}, "csrf_token_invalid"),
+        ({"Origin": own, "X-CSRF-Token": await csrf_of(client, other)},
+         "csrf_token_invalid"),
+        ({"Origin": "http://127.0.0.1:1", "X-CSRF-Token": csrf}, "origin_refused"),
+        ({"Origin": "http://evil.example", "X-CSRF-Token": csrf}, "origin_refused"),
+        ({"Origin": "null", "X-CSRF-Token": csrf}, "origin_refused"),
+        ({"X-CSRF-Token": csrf}, "origin_refused"),
+        ({"Referer": "http://evil.example/page", "X-CSRF-Token": csrf}, "origin_refused"),
+    ]
+    for headers, code in refusals:
+        status, body = await act(client, "/gpus/0/drain", session, **headers)
+        assert (status, body.get("error", {}).get("code")) == (403, code), headers
+        message = body["error"]["message"]
+        assert "X-API-Key" in message, message
+        if code == "csrf_token_invalid":
+            assert "X-CSRF-Token" in message and "Reload" in message
+    assert client.app[GPUS][0].drained is False
+
+    status, body = await act(client, "/gpus/0/drain", session, Origin=own,
+                             **{"X-CSRF-Token": csrf})
+    assert status == 200 and body["drained"] is True
+    # Without an Origin header, a Referer from this service's pages does.
+    status, body = await act(client, "/gpus/0/undrain", session,
+                             Referer=f"{own}/dashboard/job/x", **{"X-CSRF-Token": csrf})
+    assert status == 200 and body["drained"] is False
+    # Past the check, the API answers as it does to the key.
+    for path, code in (("/canceljob/ghost/", "job_not_found"),
+                       ("/retryjob/ghost/", "job_not_found")):
+        status, body = await act(client, path, session, Origin=own,
+                                 **{"X-CSRF-Token": csrf})
+        assert (status, body["error"]["code"]) == (404, code), path
+
+
+async def test_cancel_and_retry_take_a_session_with_its_token(start_cylindria, start_sims):
+    cluster = await start_sims(1)
+    client = await start_cylindria(cluster, api_key=KEY)
+    resp = await client.put("/startjob/bad/", data=ujson.dumps(workflows.fails_at_runtime()),
+                            headers={"X-API-Key": KEY})
+    assert resp.status == 202
+    await wait_until(lambda: client.app[REGISTRY].get("bad").terminal, what="job to fail")
+    _, session, _ = await sign_in(client)
+    proof = {"Origin": origin_of(client), "X-CSRF-Token": await csrf_of(client, session)}
+    status, body = await act(client, "/retryjob/bad/", session)
+    assert status == 403
+    # The new attempt waits in ComfyUI's queue, so there is something to cancel.
+    cluster.sims[0].pause(at="dequeue")
+    status, body = await act(client, "/retryjob/bad/", session, **proof)
+    assert status == 202 and body["attempt"] == 2 and body["state"] == "queued"
+    status, body = await act(client, "/canceljob/bad/", session)
+    assert status == 403
+    status, body = await act(client, "/canceljob/bad/", session, **proof)
+    assert status == 202 and body["state"] == "cancelled"
+    cluster.sims[0].resume()
+
+
+async def test_the_api_key_needs_neither_origin_nor_token(start_cylindria):
+    client = await start_cylindria(api_key=KEY)
+    for headers in ({"X-API-Key": KEY}, {"Authorization": f"Bearer {KEY}"}):
+        status, body = await act(client, "/gpus/0/drain", None,
+                                 Origin="http://evil.example", **headers)
+        assert status == 200 and body["drained"] is True
+    status, body = await act(client, "/gpus/0/undrain", None, **{"X-API-Key": "wrong"})
+    assert status == 401
+
+
+async def test_a_session_that_ended_cannot_act(start_cylindria):
+    client = await start_cylindria(api_key=KEY)
+    _, session, _ = await sign_in(client)
+    proof = {"Origin": origin_of(client), "X-CSRF-Token": await csrf_of(client, session)}
+    resp = await client.post("/dashboard/logout", headers=with_cookie(session),
+                             allow_redirects=False)
+    assert resp.status == 303
+    client.session.cookie_jar.clear()
+    status, body = await act(client, "/gpus/0/drain", session, **proof)
+    assert status == 401 and "sign in to the dashboard again" in body["error"]["message"]
+    # A token alone, without the sign-in it belongs to, opens nothing either.
+    status, _ = await act(client, "/gpus/0/drain", None, **proof)
+    assert status == 401
+    assert client.app[GPUS][0].drained is False
+
+
+async def test_without_a_key_the_buttons_need_no_token(start_cylindria):
+    """An open service (no CYLINDRIA_API_KEY, loopback only by default) takes the API's
+    POSTs from anyone who reaches it: the dashboard's buttons add nothing to check."""
+    client = await start_cylindria()
+    page = await (await client.get("/")).text()
+    assert 'name="csrf-token"' not in page
+    assert 'data-action="drain" data-url="/gpus/0/drain"' in page
+    status, body = await act(client, "/gpus/0/drain", None)
+    assert status == 200 and body["drained"] is True

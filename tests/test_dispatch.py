@@ -205,3 +205,18 @@ async def test_an_idle_gpu_takes_an_auto_job_at_once(start_cylindria, start_sims
     assert body["gpu_id"] in (0, 1)
     await wait_until(lambda: all(g.listener_connected for g in client.app[GPUS]))
     await wait_state(client, "now", "completed")
+
+
+def test_the_model_loaded_last_weighs_most():
+    queue = HeldQueue()
+    old = held_job(1, models=("a.safetensors",))
+    recent = held_job(2, models=("b.safetensors",))
+    queue.add(old)
+    queue.add(recent)
+    # The GPU used a, then b: b is likelier still in VRAM.
+    assert queue.next_for(0, ["a.safetensors", "b.safetensors"], T0).job is recent
+    # A window of 1 is first come, first served.
+    strict = HeldQueue(window=1)
+    strict.add(old)
+    strict.add(recent)
+    assert strict.next_for(0, ["b.safetensors"], T0).job is old

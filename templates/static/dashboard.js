@@ -16,7 +16,8 @@
   // The server's time of the last state shown, for saying how old it is.
   let lastUpdated = body.dataset.updated || "";
   let timer = null;
-  let stopped = false;
+  // A finished job's page has nothing to follow until an action starts it again.
+  let stopped = body.dataset.follow === "false";
 
   function field(root, name) {
     return root.querySelector('[data-field="' + name + '"]');
@@ -74,6 +75,15 @@
       node.appendChild(child);
     }
     return node;
+  }
+
+  // A row's, card's or page's action button: shown with its API route when it applies.
+  function setAction(root, action, url) {
+    const button = root.querySelector('button[data-action="' + action + '"]');
+    if (button) {
+      button.dataset.url = url || "";
+      show(button, Boolean(url));
+    }
   }
 
   function progressBox(state, barField, percentField) {
@@ -136,6 +146,8 @@
     setText(pill, gpu.status_label);
     show(field(card, "stale"), false);
     show(field(card, "drained"), Boolean(gpu.drained));
+    setAction(card, "drain", gpu.drained ? "" : gpu.drain_url);
+    setAction(card, "undrain", gpu.drained ? gpu.undrain_url : "");
 
     const reachable = field(card, "reachable");
     setText(reachable, gpu.reachable ? "reachable" : "unreachable");
@@ -178,7 +190,10 @@
         el("a", {class: "mono", "data-field": "link"}),
       ]),
       el("td", {"data-label": "GPU", "data-field": "gpu"}),
-      el("td", {"data-label": "State"}, [el("span", {class: "pill", "data-field": "state"})]),
+      el("td", {"data-label": "State"}, [
+        el("span", {class: "pill", "data-field": "state"}),
+        el("div", {class: "sub", "data-field": "attempt"}),
+      ]),
       el("td", {"data-label": "Progress", class: "progress-cell"}, [
         progressBox(job.state, "bar", "percent"),
         el("div", {class: "sub", "data-field": "node"}),
@@ -186,6 +201,12 @@
       el("td", {"data-label": "Submitted", "data-field": "submitted", class: "nowrap"}),
       el("td", {"data-label": "Duration", "data-field": "duration", class: "nowrap"}),
       el("td", {"data-label": "Detail", class: "detail", "data-field": "detail"}),
+      el("td", {"data-label": "Actions", class: "actions-col"}, [
+        el("button", {type: "button", class: "action", "data-action": "cancel", hidden: true,
+                      text: "Cancel"}),
+        el("button", {type: "button", class: "action", "data-action": "retry", hidden: true,
+                      text: "Retry"}),
+      ]),
     ]);
     return tr;
   }
@@ -199,6 +220,7 @@
     const state = field(tr, "state");
     setVariant(state, "state-", job.state);
     setText(state, job.state_label);
+    setText(field(tr, "attempt"), job.attempt_label);
     const bar = field(tr, "bar");
     setVariant(bar, "state-", job.state);
     setBar(bar, job.progress, job.progress_label);
@@ -207,12 +229,26 @@
     const submitted = field(tr, "submitted");
     setText(submitted, job.submitted_label);
     submitted.title = job.submitted_at;
-    setText(field(tr, "duration"), job.duration_label);
+    const duration = field(tr, "duration");
+    setText(duration, job.duration_label);
+    duration.classList.toggle("cached", Boolean(job.cached));
     setText(field(tr, "detail"), job.detail);
+    setAction(tr, "cancel", job.cancel_url);
+    setAction(tr, "retry", job.retry_url);
+    for (const button of tr.querySelectorAll("button[data-action]")) {
+      const label = (button.dataset.action === "cancel" ? "Cancel job " : "Retry job ")
+        + job.job_id;
+      if (button.getAttribute("aria-label") !== label) {
+        button.setAttribute("aria-label", label);
+      }
+    }
   }
 
-  function updateJobs(jobs) {
-    const tbody = document.querySelector('[data-field="jobs"]');
+  function updateJobs(jobs, name, emptyName) {
+    const tbody = document.querySelector('[data-field="' + (name || "jobs") + '"]');
+    if (!tbody) {
+      return;
+    }
     // Keyed by job id through a Map: ids never end up inside a CSS selector.
     const rows = new Map();
     for (const tr of Array.from(tbody.rows)) {
@@ -235,7 +271,8 @@
         tr.remove();
       }
     }
-    show(document.querySelector('[data-field="empty"]'), jobs.length === 0);
+    show(document.querySelector('[data-field="' + (emptyName || "empty") + '"]'),
+         jobs.length === 0);
   }
 
   function renderOverview(state) {
@@ -247,6 +284,41 @@
       }
     }
     updateJobs(state.jobs);
+    if (state.held) {
+      updateJobs(state.held, "held", "held-empty");
+      setText(document.querySelector('[data-field="held-summary"]'), state.held_summary);
+    }
+    lastUpdated = state.generated_label;
+    markLive(state.generated_label);
+  }
+
+  // -- the failures page -----------------------------------------------------------------
+
+  function setLink(name, href) {
+    const link = field(document, name);
+    if (link) {
+      setHref(link, href || "");
+      show(link, Boolean(href));
+    }
+  }
+
+  function renderFailures(state) {
+    setText(document.querySelector('[data-field="summary"]'), state.summary);
+    setText(field(document, "since"), state.since_label);
+    const chips = new Map();
+    for (const chip of document.querySelectorAll("[data-chip]")) {
+      chips.set(chip.dataset.chip, chip);
+    }
+    for (const chip of state.state_chips.concat(state.gpu_chips)) {
+      const link = chips.get(chip.key);
+      if (link) {
+        setText(field(link, "count"), chip.count_label);
+        setHref(link, chip.url);
+      }
+    }
+    updateJobs(state.jobs);
+    setLink("older", state.older_url);
+    setLink("newest", state.newest_url);
     lastUpdated = state.generated_label;
     markLive(state.generated_label);
   }
@@ -282,6 +354,17 @@
       setText(field(document, name), text);
     }
     setVariant(field(document, "state"), "state-", job.state);
+    show(field(document, "cached"), Boolean(job.cached));
+    const actions = document.querySelector('[data-section="job-actions"]');
+    if (actions) {
+      setAction(actions, "cancel", job.cancel_url);
+      setAction(actions, "retry", job.retry_url);
+      show(field(actions, "retry-gpu"), Boolean(job.retry_url));
+    }
+    for (const [name, text] of Object.entries(job.extras || {})) {
+      setText(field(document, "x-" + name), text);
+      show(document.querySelector('[data-extra="' + name + '"]'), text !== null);
+    }
     const bar = field(document, "bar");
     setVariant(bar, "state-", job.state);
     setBar(bar, job.progress, job.progress_label);
@@ -314,7 +397,7 @@
     setText(field(document, "raw"), job.status_json);
     markLive(job.generated_label);
     if (job.terminal) {
-      // A finished job never changes again.
+      // A finished job changes again only if it is retried (an action restarts polling).
       stopped = true;
       if (live) {
         setText(field(live, "live-label"), "Finished · updated " + job.generated_label);
@@ -324,7 +407,7 @@
 
   // -- polling ---------------------------------------------------------------------------
 
-  const render = body.dataset.page === "job" ? renderJob : renderOverview;
+  const render = {job: renderJob, failures: renderFailures}[body.dataset.page] || renderOverview;
 
   function schedule(delay) {
     clearTimeout(timer);
@@ -364,6 +447,11 @@
     if (!document.hidden) {
       schedule(0);
     }
+  });
+  // An action was taken (actions.js): show its effect now, and follow it.
+  document.addEventListener("cylindria:changed", () => {
+    stopped = false;
+    schedule(0);
   });
   schedule(0);
 })();

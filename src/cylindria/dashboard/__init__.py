@@ -1,4 +1,5 @@
-"""The operator's dashboard: GPU cards, recent jobs and job details, live in the browser."""
+"""The operator's dashboard: GPU cards, recent jobs, failures and job details, live in the
+browser, with buttons that act through the JSON API."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from .views import routes
+from . import failures, views
 
 
 def templates_dir() -> Path:
@@ -25,6 +26,7 @@ def setup(app: web.Application) -> None:
     aiohttp_jinja2.setup(
         app, loader=jinja2.FileSystemLoader(str(templates_dir())),
         autoescape=jinja2.select_autoescape(["html", "xml"], default=True))
-    app.add_routes(routes)
+    app.add_routes(views.routes)
+    app.add_routes(failures.routes)
     app.router.add_static("/dashboard/static", templates_dir() / "static",
                           name="dashboard_static", append_version=True)

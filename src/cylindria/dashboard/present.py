@@ -10,7 +10,7 @@ from typing import Any
 import ujson
 from aiohttp import web
 
-from ..core.records import Job, JobState, isoformat
+from ..core.records import IN_FLIGHT, RETRYABLE, Job, JobState, isoformat
 from ..core.workflow import node_error_lines
 from ..jsonio import dumps
 from ..upstream.gpus import Gpu
@@ -51,12 +51,29 @@ def format_bytes(count: float) -> str:
     return f"{count / 2**30:.1f} GiB"
 
 
+# A completed job whose outputs ComfyUI served from its cache and that took less than
+# this ran nothing worth timing: it says "from cache" rather than "0.0 s".
+CACHED_RUN_SECONDS = 1.0
+CACHED_TITLE = ("ComfyUI served the outputs from its cache: an identical workflow ran "
+                "before, so the files are the earlier run's.")
+
+
+def from_cache(job: Job) -> bool:
+    return job.state is JobState.COMPLETED and job.outputs_reused
+
+
 def duration_of(job: Job, now: datetime) -> tuple[float | None, str]:
     """(seconds, label): run time once started, waiting time while queued."""
     if job.started_at is not None:
         end = job.finished_at or now
         seconds = (end - job.started_at).total_seconds()
+        if from_cache(job):
+            if seconds < CACHED_RUN_SECONDS:
+                return seconds, "from cache"
+            return seconds, f"{format_duration(seconds)} · from cache"
         return seconds, format_duration(seconds)
+    if from_cache(job):
+        return None, "from cache"
     if job.state is JobState.QUEUED:
         seconds = (now - job.submitted_at).total_seconds()
         return None, f"waiting {format_duration(seconds)}"
@@ -77,10 +94,20 @@ def _number(value: Any) -> str:
     return f"{value:g}" if isinstance(value, int | float) else str(value)
 
 
+def action_urls(router: web.UrlDispatcher, job: Job) -> tuple[str | None, str | None]:
+    """(cancel, retry): the API routes a button may call for this job now, or None."""
+    if job.state in IN_FLIGHT:
+        return str(router["canceljob"].url_for(job_id=job.job_id)), None
+    if job.state in RETRYABLE:
+        return None, str(router["retryjob"].url_for(job_id=job.job_id))
+    return None, None
+
+
 def job_row(router: web.UrlDispatcher, job: Job, now: datetime) -> dict[str, Any]:
     """One job as the pages show it: raw values plus ready-made labels, so the
     server's first paint and the browser's updates read exactly the same."""
     seconds, duration = duration_of(job, now)
+    cancel_url, retry_url = action_urls(router, job)
     return {
         "job_id": job.job_id,
         "url": str(router["dashboard_job"].url_for(job_id=job.job_id)),
@@ -88,16 +115,33 @@ def job_row(router: web.UrlDispatcher, job: Job, now: datetime) -> dict[str, Any
         "state": job.state.value,
         "state_label": STATE_LABELS[job.state],
         "terminal": job.terminal,
+        "attempt": job.attempt,
+        "attempt_label": f"attempt {job.attempt}" if job.attempt > 1 else "",
+        "cached": from_cache(job),
+        "cancel_url": cancel_url,
+        "retry_url": retry_url,
         "progress": job.progress,
         "progress_label": f"{int(job.progress * 100)}%",
         "current_node": job.current_node,
-        "node_label": node_label(job),
+        "node_label": " · ".join(part for part in (node_label(job), *line_labels(job))
+                                 if part),
         "submitted_at": isoformat(job.submitted_at),
         "submitted_label": format_moment(job.submitted_at, now),
         "duration_seconds": seconds,
         "duration_label": duration,
         "detail": job.detail,
     }
+
+
+def line_labels(job: Job) -> list[str]:
+    """A waiting or running job's priority (when it has one) and its ETA."""
+    labels = []
+    if job.held or (job.priority and not job.terminal):
+        labels.append(f"priority {job.priority}")
+    if not job.terminal and job.eta_seconds is not None:
+        labels.append(f"about {job.eta_seconds:.0f} s left" if job.eta_seconds >= 1
+                      else "under a second left")
+    return labels
 
 
 def gpu_card(router: web.UrlDispatcher, gpu: Gpu, status: dict[str, Any],
@@ -116,8 +160,7 @@ def gpu_card(router: web.UrlDispatcher, gpu: Gpu, status: dict[str, Any],
         "reachable": status["reachable"],
         "listener_connected": status["listener_connected"],
         "queue_remaining": status["queue_remaining"],
-        "queue_label": ("unknown" if status["queue_remaining"] is None
-                        else str(status["queue_remaining"])),
+        "queue_label": queue_label(status["queue_remaining"]),
         "problem": status.get("detail") or "",
         "comfyui_version": status.get("comfyui_version") or "",
         "device_name": device.get("name") or "",
@@ -127,7 +170,19 @@ def gpu_card(router: web.UrlDispatcher, gpu: Gpu, status: dict[str, Any],
         "vram_label": (f"{format_bytes(used)} / {format_bytes(total)}" if has_vram
                        else "not reported"),
         "running": job_row(router, running, now) if running is not None else None,
+        "drain_url": str(router["gpu_drain"].url_for(gpu_id=str(gpu.index))),
+        "undrain_url": str(router["gpu_undrain"].url_for(gpu_id=str(gpu.index))),
     }
+
+
+def queue_label(remaining: int | None) -> str:
+    """ComfyUI's queue as it counts it: the prompt it runs plus those waiting (it takes
+    the next one as soon as one ends, so a queue that is not empty has one running)."""
+    if remaining is None:
+        return "unknown"
+    if remaining <= 0:
+        return "empty"
+    return f"running 1 + waiting {remaining - 1}"
 
 
 def output_view(entry: dict[str, Any]) -> dict[str, Any]:
@@ -159,7 +214,6 @@ def job_details(router: web.UrlDispatcher, job: Job, now: datetime) -> dict[str,
     error = job.error or None
     node_errors = job.node_errors or None
     row = job_row(router, job, now)
-    position = job.queue_position
     body = render.status_body(job, router)
     outputs = [output_view(entry) for entry in body["outputs"]]
     return {
@@ -172,9 +226,9 @@ def job_details(router: web.UrlDispatcher, job: Job, now: datetime) -> dict[str,
             "state": row["state_label"],
             "percent": row["progress_label"],
             "detail": job.detail,
-            "gpu": "—" if job.gpu_id is None else f"GPU {job.gpu_id}",
-            "queue": ("—" if position is None else "running" if position == 0
-                      else str(position)),
+            "gpu": gpu_text(job),
+            "queue": queue_text(job),
+            "attempt": str(job.attempt),
             "node": row["node_label"] or "—",
             "duration": row["duration_label"],
             "prompt": job.prompt_id,
@@ -199,6 +253,38 @@ def job_details(router: web.UrlDispatcher, job: Job, now: datetime) -> dict[str,
         # Lets the page tell whether the outputs changed without comparing them.
         "outputs_key": hashlib.sha256(dumps(outputs).encode()).hexdigest()[:16],
         "attempts": [attempt_row(a, now) for a in reversed(body["attempts"])],
+        "extras": extras(body, now),
+        "cached_title": CACHED_TITLE,
+    }
+
+
+def queue_text(job: Job) -> str:
+    position = job.queue_position
+    if job.state is JobState.QUEUED and job.gpu_id is None:
+        # Held by Cylindria until a GPU can take it.
+        return "held" if position is None else f"held, {position} in line"
+    return ("—" if position is None else "running" if position == 0 else str(position))
+
+
+def gpu_text(job: Job) -> str:
+    if job.gpu_id is not None:
+        return f"GPU {job.gpu_id}"
+    return "not placed yet" if job.state is JobState.QUEUED else "—"
+
+
+def extras(body: dict[str, Any], now: datetime) -> dict[str, str | None]:
+    """Fields a status body may carry beside the usual ones, each as a label, or None
+    when the body has no value for it (the page then leaves it out)."""
+    priority = body.get("priority")
+    eta = body.get("eta_seconds")
+    finish = body.get("expected_finish_at")
+    placement = body.get("placement")
+    is_number = isinstance(eta, int | float) and not isinstance(eta, bool)
+    return {
+        "priority": None if priority is None else str(priority),
+        "eta": f"about {format_duration(float(eta))}" if is_number else None,
+        "expected-finish": _moment_label(str(finish), now) if finish else None,
+        "placement": str(placement) if placement else None,
     }
 
 
@@ -221,7 +307,13 @@ def attempt_row(attempt: dict[str, Any], now: datetime) -> dict[str, Any]:
 def _moment_label(text: str | None, now: datetime) -> str:
     if not text:
         return "—"
-    return format_moment(datetime.fromisoformat(text.replace("Z", "+00:00")), now)
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return text
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(now.tzinfo)
+    return format_moment(moment, now)
 
 
 def _node_of(error: dict[str, Any]) -> str:

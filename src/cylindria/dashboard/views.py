@@ -40,6 +40,10 @@ SECURITY_HEADERS = {
 }
 
 
+# How many of the jobs held for a GPU the overview lists, first in line first.
+HELD_SHOWN = 20
+
+
 async def dashboard_state(request: web.Request) -> dict[str, Any]:
     now = datetime.now(UTC)
     router = request.app.router
@@ -52,6 +56,14 @@ async def dashboard_state(request: web.Request) -> dict[str, Any]:
                               registry.running_on(gpu.index), now)
              for gpu, probe in zip(gpus, probes, strict=True)]
     known = len(registry)
+    jobs = request.app[JOBS]
+    recent = registry.page(limit=RECENT_JOBS)
+    held = registry.held.ordered(HELD_SHOWN)
+    for job in (*held, *recent):
+        if not job.terminal:
+            if job.held:
+                registry.freshen(job)
+            jobs.foresee(job)
     return {
         "generated_at": isoformat(now),
         "generated_label": now.strftime("%H:%M:%S UTC"),
@@ -60,8 +72,11 @@ async def dashboard_state(request: web.Request) -> dict[str, Any]:
                     f"{known} job{'s' if known != 1 else ''} known"),
         "recent_limit": RECENT_JOBS,
         "gpus": cards,
-        "jobs": [present.job_row(router, job, now)
-                 for job in registry.page(limit=RECENT_JOBS)],
+        "jobs": [present.job_row(router, job, now) for job in recent],
+        "held": [present.job_row(router, job, now) for job in held],
+        "held_summary": (f"{len(registry.held)} waiting for a GPU, by priority then "
+                         f"arrival" + (f"; the first {HELD_SHOWN} shown"
+                                       if len(registry.held) > HELD_SHOWN else "")),
     }
 
 
@@ -75,8 +90,18 @@ def job_details(request: web.Request, job: Job) -> dict[str, Any]:
 
 
 def page_context(request: web.Request, **values: Any) -> dict[str, Any]:
+    """What every page's template reads. `csrf_token` is the sign-in's, which the
+    page's buttons send back with their actions (empty without a sign-in: with the
+    key in a header, or on a service without a key, none is needed)."""
     return {"keyed": bool(request.app[SETTINGS].api_key), "signout": True,
-            "poll_ms": POLL_MILLISECONDS, **values}
+            "poll_ms": POLL_MILLISECONDS,
+            "csrf_token": signins.csrf_token(request, request.app[SIGNINS]), **values}
+
+
+def signin_url(request: web.Request) -> str:
+    """The sign-in form, coming back to this page."""
+    return str(request.app.router["dashboard_login"].url_for().with_query(
+        next=request.path_qs))
 
 
 def page(template: str, request: web.Request, context: dict[str, Any],
@@ -124,7 +149,8 @@ async def get_dashboard_job(request: web.Request) -> web.Response:
     except JobNotFound:
         context = page_context(request, job=None, job_id=request.match_info["job_id"])
         return page("job.html", request, context, status=404)
-    return page("job.html", request, page_context(request, job=job_details(request, job)))
+    return page("job.html", request, page_context(request, job=job_details(request, job),
+                                                  gpu_ids=range(len(request.app[GPUS]))))
 
 
 @routes.get("/dashboard/job/{job_id}/state", name="dashboard_job_state")

@@ -8,9 +8,11 @@ from enum import Enum
 from typing import TypeVar
 
 from aiohttp import web
+from yarl import URL
 
 from ..errors import TooManyAttempts, Unauthorized
-from .signins import Signins, signed_in
+from ..jsonio import dumps
+from .signins import COOKIE, Signins, signed_in
 from .throttle import Throttle
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -27,9 +29,16 @@ class Access(Enum):
     FEED = "feed"  # a sign-in; without one, 401 JSON (a page's live-update feed)
     READ = "read"  # a sign-in, for GET and HEAD only (files shown in a page as <img>)
     METRICS = "metrics"  # the key, or nothing when CYLINDRIA_METRICS_PUBLIC is on
+    # A sign-in, for POST only, from a page of this service that sends its CSRF token:
+    # the API routes the dashboard's buttons call (see check_action).
+    ACTION = "action"
 
 
 ACCESS_ATTRIBUTE = "cylindria_access"
+# The JSON API's routes that the dashboard's buttons call, by route name: their
+# handlers are the API's own, and a signed-in page may call them as actions.
+ACTION_ROUTES = frozenset({"canceljob", "retryjob", "gpu_drain", "gpu_undrain"})
+CSRF_HEADER = "X-CSRF-Token"
 
 
 def access(level: Access) -> Callable[[H], H]:
@@ -44,7 +53,10 @@ def route_access(request: web.Request) -> Access:
     if isinstance(request.match_info.route.resource, web.StaticResource):
         return Access.OPEN
     # Routing has already happened; unknown paths get a handler without a mark.
-    return getattr(request.match_info.handler, ACCESS_ATTRIBUTE, Access.KEY)
+    level = getattr(request.match_info.handler, ACCESS_ATTRIBUTE, Access.KEY)
+    if level is Access.KEY and request.match_info.route.name in ACTION_ROUTES:
+        return Access.ACTION
+    return level
 
 
 def key_matches(given: str | None, expected: str) -> bool:
@@ -61,6 +73,55 @@ def sign_in_opens(level: Access, method: str) -> bool:
         # The cookie is SameSite=Strict, so other sites still cannot use it.
         return method in ("GET", "HEAD")
     return level in (Access.PAGE, Access.FEED)
+
+
+def same_origin(request: web.Request) -> bool:
+    """Whether the request comes from a page of this service: its Origin header (or,
+    when a browser sent none, its Referer) names the host and port it was sent to.
+
+    The scheme is not compared: behind a proxy that ends TLS, the page is https while
+    the request reaches Cylindria as http; the Host header is the browser's either way.
+    """
+    source = request.headers.get("Origin")
+    if source is None:
+        source = request.headers.get("Referer")
+    if not source or source == "null":
+        return False
+    try:
+        origin = URL(source)
+        if origin.scheme not in ("http", "https") or not origin.host:
+            return False
+        target = URL.build(scheme=origin.scheme, authority=request.host)
+    except ValueError:
+        return False
+    return (origin.host, origin.port) == (target.host, target.port)
+
+
+def forbidden(code: str, message: str) -> web.HTTPForbidden:
+    # Already JSON in the API's error shape, so the error middleware passes it on.
+    return web.HTTPForbidden(text=dumps({"error": {"code": code, "message": message}}),
+                             content_type="application/json")
+
+
+def check_action(request: web.Request, signins: Signins) -> None:
+    """A signed-in browser's action on the API: refused (403) unless it comes from a
+    page of this service and carries that sign-in's CSRF token.
+
+    The session cookie is SameSite=Strict, but a site is a host, not an origin: a page
+    served by anything else on this host (another port) would still send the cookie.
+    """
+    if not same_origin(request):
+        raise forbidden(
+            "origin_refused",
+            "This request carries a dashboard sign-in but does not come from a page of "
+            "this service (its Origin or Referer header names another site, or none). "
+            "Use the dashboard's own buttons, or send the API key in an X-API-Key header.")
+    if not signins.csrf_matches(request.cookies[COOKIE], request.headers.get(CSRF_HEADER)):
+        raise forbidden(
+            "csrf_token_invalid",
+            f"This request carries a dashboard sign-in but not its {CSRF_HEADER} header "
+            "(or a wrong one). Reload the dashboard page and try again, or send the API "
+            "key in an X-API-Key header.")
 
 
 def client_address(request: web.Request) -> str:
@@ -109,6 +170,10 @@ def make_auth_middleware(api_key: str, signins: Signins, login: str,
                 return await handler(request)
         if sign_in_opens(level, request.method) and signed_in(request, signins):
             return await handler(request)
+        if (level is Access.ACTION and request.method == "POST"
+                and signed_in(request, signins)):
+            check_action(request, signins)
+            return await handler(request)
         if level is Access.PAGE and given is None:
             target = request.app.router[login].url_for()
             if request.method in ("GET", "HEAD"):
@@ -120,7 +185,7 @@ def make_auth_middleware(api_key: str, signins: Signins, login: str,
         message = (f"The X-API-Key header is {what}. Send the key this server was "
                    "started with (CYLINDRIA_API_KEY) in an X-API-Key header (or as "
                    "Authorization: Bearer <key>).")
-        if level is Access.FEED:
+        if level in (Access.FEED, Access.ACTION):
             message += " In a browser, sign in to the dashboard again."
         raise Unauthorized(message, headers={"WWW-Authenticate": 'ApiKey header="X-API-Key"'})
 

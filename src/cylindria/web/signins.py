@@ -1,8 +1,11 @@
-"""Dashboard sign-ins: random tokens with an expiry, and the cookie that carries them."""
+"""Dashboard sign-ins: random tokens with an expiry, the cookie that carries them, and
+each sign-in's CSRF token."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -26,12 +29,18 @@ class Signins:
 
     `throttle` counts wrong keys per client address, from the sign-in form and from
     the X-API-Key header alike: both guess the same key.
+
+    Each sign-in also has a CSRF token, which its pages carry and send back with the
+    actions they take. It is derived from the session token under a key that lives in
+    this process only, so nothing more is stored, it cannot lead back to the cookie,
+    and it ends with the sign-in.
     """
 
     lifetime: float = SIGNIN_SECONDS
     limit: int = MAX_SIGNINS
     throttle: Throttle = field(default_factory=Throttle)
     _expiry: dict[bytes, float] = field(default_factory=dict)
+    _csrf_key: bytes = field(default_factory=lambda: secrets.token_bytes(32))
 
     def start(self) -> str:
         self._prune()
@@ -57,6 +66,14 @@ class Signins:
         if token:
             self._expiry.pop(_digest(token), None)
 
+    def csrf_token(self, token: str) -> str:
+        """The CSRF token of the sign-in whose session token is `token`."""
+        mac = hmac.new(self._csrf_key, b"csrf\0" + token.encode(), hashlib.sha256)
+        return base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode()
+
+    def csrf_matches(self, token: str, given: str | None) -> bool:
+        return hmac.compare_digest(self.csrf_token(token).encode(), (given or "").encode())
+
     def __len__(self) -> int:
         return len(self._expiry)
 
@@ -72,6 +89,12 @@ def _digest(token: str) -> bytes:
 
 def signed_in(request: web.Request, signins: Signins) -> bool:
     return signins.valid(request.cookies.get(COOKIE))
+
+
+def csrf_token(request: web.Request, signins: Signins) -> str:
+    """The CSRF token a page shown to this request embeds: empty without a sign-in."""
+    token = request.cookies.get(COOKIE)
+    return signins.csrf_token(token) if token and signins.valid(token) else ""
 
 
 def sign_in(request: web.Request, response: web.StreamResponse, signins: Signins) -> None:

@@ -38,6 +38,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/store.py
+	$(BIN)/python bench/dispatch.py
 
 # Thousands of jobs through real processes under faults, checked against what ran.
 chaos: $(STAMP)

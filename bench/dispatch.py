@@ -29,9 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from procs import PYTHON, Process, until_up
-
-from cylindria.addresses import free_port_run
+import procs
 
 STEP = 0.01  # seconds per sampler step on the simulated GPUs
 CHECKPOINTS = ("v1-5-pruned-emaonly.safetensors", "sd_xl_base_1.0.safetensors",
@@ -73,31 +71,11 @@ class Stack:
 @contextlib.asynccontextmanager
 async def stack(work: Path, gpus: int, sim_args: list[str], **env: str
                 ) -> AsyncIterator[Stack]:
-    sim_port, port = free_port_run(gpus), free_port_run(1)
-    run = work / f"run-{port}"
-    sim = Process([PYTHON, "-m", "cylindria", "simulate", "--gpus", str(gpus), "--base-port",
-                   str(sim_port), "--step-seconds", str(STEP), "--output-dir",
-                   str(run / "out"), "--log-level", "warning", *sim_args], run / "sim.log")
-    serve = Process([PYTHON, "-m", "cylindria", "serve", "--port", str(port), "--numberOfGpus",
-                     str(gpus), "--comfy-url", f"http://127.0.0.1:{sim_port}", "--no-state",
-                     "--log-level", "warning"], run / "serve.log", **env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as session:
-            for gpu in range(gpus):
-                await until_up(session, f"http://127.0.0.1:{sim_port + gpu}/system_stats", sim)
-            await until_up(session, f"{url}/healthz", serve)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                async with session.get(f"{url}/healthz") as resp:
-                    if (await resp.json())["listeners_connected"] == gpus:
-                        break
-                await asyncio.sleep(0.05)
-            yield Stack(url, [f"http://127.0.0.1:{sim_port + g}" for g in range(gpus)],
-                        session)
-    finally:
-        serve.stop()
-        sim.stop()
+    """Fresh simulated GPUs and a fresh `cylindria serve` (no state file) for one run."""
+    run = Path(tempfile.mkdtemp(dir=work))
+    async with procs.stack(run, gpus, None, ("--step-seconds", str(STEP), *sim_args),
+                           **env) as running, aiohttp.ClientSession() as session:
+        yield Stack(running.url, [running.gpu_url(g) for g in range(gpus)], session)
 
 
 async def submit(st: Stack, jobs: list[tuple[str, dict[str, Any]]],
@@ -225,18 +203,24 @@ async def models(work: Path) -> list[str]:
 
 
 async def priority(work: Path) -> list[str]:
-    """A priority-10 job behind 100 held ones on 2 GPUs: how soon it starts."""
-    plan = [(f"line-{n}", txt2img(n, 20)) for n in range(100)]
+    """A priority-10 job sent behind about 100 held ones on 2 GPUs, while the line moves:
+    how soon it starts, against one job-time (at priority 0 it would be last)."""
+    plan = [(f"line-{n}", txt2img(n, 20)) for n in range(108)]
     async with stack(work, 2, []) as st:
         await submit(st, plan)
-        sent = time.time()
+        # Sent mid-stream, at no particular moment of the GPUs' jobs.
+        await asyncio.sleep(1.0)
         await submit(st, [("urgent", txt2img(10_000, 20))], priority=10)
+        async with st.session.get(f"{st.url}/jobs/", params={"state": "queued",
+                                                             "limit": "500"}) as resp:
+            behind = sum(j["gpu_id"] is None for j in (await resp.json())["jobs"]) - 1
         done = await settled(st, [j for j, _ in plan] + ["urgent"])
     runs = [seconds(j["finished_at"]) - seconds(j["started_at"]) for j in done.values()]
     job_time = statistics.median(runs)
-    waited = seconds(done["urgent"]["started_at"]) - sent
-    return [f"priority 10 behind 100 held jobs, 2 GPUs: started after {waited:.2f} s, one "
-            f"job-time is {job_time:.2f} s (ratio {waited / job_time:.2f})"]
+    urgent = done["urgent"]
+    waited = seconds(urgent["started_at"]) - seconds(urgent["submitted_at"])
+    return [f"priority 10 sent with {behind} jobs still held, 2 GPUs: started after "
+            f"{waited:.2f} s; one job-time is {job_time:.2f} s (ratio {waited / job_time:.2f})"]
 
 
 async def eta(work: Path) -> list[str]:

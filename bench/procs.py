@@ -98,11 +98,15 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def stack(work: Path, gpus: int, state: Path | None, **env: str) -> AsyncIterator[Stack]:
+async def stack(work: Path, gpus: int, state: Path | None, sim_args: tuple[str, ...] = (),
+                **env: str) -> AsyncIterator[Stack]:
+    """`sim_args`: more flags for `cylindria simulate` (`--step-seconds 0` unless they
+    say otherwise); `env`: the service's environment."""
     sim_port, port = free_port_run(gpus), free_port_run(1)
+    steps = () if "--step-seconds" in sim_args else ("--step-seconds", "0")
     sim = Process([PYTHON, "-m", "cylindria", "simulate", "--gpus", str(gpus),
-                   "--base-port", str(sim_port), "--step-seconds", "0", "--output-dir",
-                   str(work / "out"), "--log-level", "warning"], work / "sim.log")
+                   "--base-port", str(sim_port), *steps, "--output-dir",
+                   str(work / "out"), "--log-level", "warning", *sim_args], work / "sim.log")
     state_args = ["--state-file", str(state)] if state is not None else ["--no-state"]
     serve = Process([PYTHON, "-m", "cylindria", "serve", "--port", str(port),
                      "--numberOfGpus", str(gpus), "--comfy-url", f"http://127.0.0.1:{sim_port}",

@@ -91,3 +91,16 @@ def test_messages_name_the_flag_or_the_variable_that_was_used():
         load_settings({}, {"COMFYUI_BASE_URL": "http://127.0.0.1"})
     with pytest.raises(ConfigError, match=r"^CYLINDRIA_NUM_GPUS must be between 1 and 8"):
         load_settings({}, {"CYLINDRIA_NUM_GPUS": "12"})
+
+
+def test_the_dispatch_settings_come_from_the_environment():
+    s = load_settings({}, {})
+    assert (s.gpu_prefetch, s.max_held, s.priority_aging, s.model_window) == (
+        0, 10_000, 60.0, 8)
+    s = load_settings({}, {"CYLINDRIA_GPU_PREFETCH": "1", "CYLINDRIA_MAX_HELD": "50",
+                           "CYLINDRIA_PRIORITY_AGING": "2.5", "CYLINDRIA_MODEL_WINDOW": "1"})
+    assert (s.gpu_prefetch, s.max_held, s.priority_aging, s.model_window) == (1, 50, 2.5, 1)
+    for name, bad in [("CYLINDRIA_GPU_PREFETCH", "-1"), ("CYLINDRIA_MAX_HELD", "0"),
+                      ("CYLINDRIA_PRIORITY_AGING", "0"), ("CYLINDRIA_MODEL_WINDOW", "0")]:
+        with pytest.raises(ConfigError, match=name):
+            load_settings({}, {name: bad})

@@ -6,7 +6,7 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 import workflows
-from helpers import put_job, wait_state
+from helpers import put_job, start_paused, wait_state
 
 
 async def scrape(client, headers=None) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -74,3 +74,19 @@ async def test_metrics_need_the_key_unless_public(start_cylindria):
     public = await start_cylindria(api_key="k3y", metrics_public=True)
     await scrape(public)
     assert (await public.get("/jobs/")).status == 401
+
+
+async def test_jobs_held_for_a_gpu_are_counted(start_cylindria, start_sims):
+    cluster = await start_sims(1)
+    client = await start_cylindria(cluster)
+    await start_paused(client, cluster.sims[0], "busy", workflows.txt2img(), gpu="auto")
+    for n in range(3):
+        status, _ = await put_job(client, f"held-{n}", workflows.quick(), gpu="auto")
+        assert status == 202
+    samples = await scrape(client)
+    assert value(samples, "cylindria_jobs_held") == 3
+    assert value(samples, "cylindria_jobs", state="queued") == 3
+    cluster.sims[0].resume()
+    for n in range(3):
+        await wait_state(client, f"held-{n}", "completed")
+    assert value(await scrape(client), "cylindria_jobs_held") == 0

@@ -198,6 +198,9 @@ class StateCollector(Collector):
         for state, count in registry.counts().items():
             jobs.add_metric([state], float(count))
         yield jobs
+        yield GaugeMetricFamily("cylindria_jobs_held",
+                                "GpuId=auto jobs waiting in Cylindria's queue for a GPU.",
+                                value=float(len(registry.held)))
         yield from self.requests()
         events = app[EVENTS]
         yield GaugeMetricFamily("cylindria_event_streams_open", "Open /events/ streams.",

@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -32,13 +33,28 @@ from typing import Any
 import aiohttp
 import ujson
 from procs import PYTHON, Process, until_up
-from support import quick
+from support import quick, txt2img
 
 from cylindria.addresses import free_port_run
 
 GPUS = 8
+# Seconds per sampler step on the simulated GPUs: jobs take a moment, so a restart
+# always catches some running.
+STEP = 0.005
+FINISHED = re.compile(r'^cylindria_jobs\{state="(completed|failed|cancelled|rejected)"\} '
+                      r'([0-9.e+]+)$', re.MULTILINE)
 IN_FLIGHT = 32
 WAIT_AFTER = 60.0
+
+
+def finished_jobs(metrics: str) -> int:
+    """Jobs in a final state, from a /metrics scrape."""
+    return int(sum(float(value) for _, value in FINISHED.findall(metrics)))
+
+
+def working(n: int) -> dict[str, Any]:
+    """A short txt2img (two sampler steps): the GPUs are busy while the line lasts."""
+    return txt2img(n, 2)
 
 
 def failing(n: int) -> dict[str, Any]:
@@ -63,7 +79,7 @@ def plan(count: int, rng: random.Random) -> list[tuple[str, str, dict[str, Any]]
     for n in range(count):
         roll = rng.random()
         kind = "ok" if roll < 0.8 else "failing" if roll < 0.9 else "invalid"
-        workflow = {"ok": quick, "failing": failing, "invalid": invalid}[kind](n)
+        workflow = {"ok": working, "failing": failing, "invalid": invalid}[kind](n)
         jobs.append((f"chaos-{n}", kind, workflow))
     return jobs
 
@@ -130,8 +146,8 @@ async def chaos(session: aiohttp.ClientSession, service: Service, sim_port: int,
                 progress: dict[str, int], rng: random.Random) -> Counter[str]:
     """The faults, spread over the submission; returns what was done."""
     did: Counter[str] = Counter()
-    # The restarts and kills alternate, evenly spread over the submission (two
-    # restarts and one kill: at 1/4, 2/4 and 3/4 of the jobs sent), never together.
+    # The restarts and kills alternate, evenly spread over the work (two restarts and
+    # one kill: when 1/4, 2/4 and 3/4 of the jobs are finished), never together.
     order: list[str] = []
     for n in range(max(comfy_restarts, kills)):
         order += ["restart"] * (n < comfy_restarts) + ["kill"] * (n < kills)
@@ -146,8 +162,16 @@ async def chaos(session: aiohttp.ClientSession, service: Service, sim_port: int,
                                     timeout=aiohttp.ClientTimeout(total=10)) as resp:
                 await resp.read()
 
-    while not done.is_set():
+    # Until every job is submitted and every planned restart and kill was made (or the
+    # work stopped moving: what is left is then judged as it stands).
+    give_up = None
+    while not done.is_set() or faults_at:
         now = time.monotonic()
+        if done.is_set():
+            give_up = give_up or now + WAIT_AFTER
+            if now > give_up:
+                did["faults not made (the work stopped)"] += len(faults_at)
+                break
         for gpu, due in next_drop.items():
             if now >= due:
                 await sim(gpu, "drop_sockets")
@@ -160,7 +184,7 @@ async def chaos(session: aiohttp.ClientSession, service: Service, sim_port: int,
             asyncio.get_running_loop().call_later(
                 rng.uniform(2, 4), lambda g=gpu: asyncio.ensure_future(sim(g, "release")))
             next_hang = now + rng.uniform(5, 9)
-        if faults_at and progress["sent"] >= faults_at[0][0]:
+        if faults_at and progress["finished"] >= faults_at[0][0]:
             _, kind = faults_at.pop(0)
             if kind == "restart":
                 await asyncio.gather(*(sim(gpu, "restart") for gpu in range(GPUS)))
@@ -268,7 +292,7 @@ async def run(count: int, retry_lost: int, comfy_restarts: int, kills: int,
     kinds = {job_id: kind for job_id, kind, _ in jobs}
     sim_port, port = free_port_run(GPUS), free_port_run(1)
     sim = Process([PYTHON, "-m", "cylindria", "simulate", "--gpus", str(GPUS), "--base-port",
-                   str(sim_port), "--step-seconds", "0", "--output-dir", str(work / "out"),
+                   str(sim_port), "--step-seconds", str(STEP), "--output-dir", str(work / "out"),
                    "--log-level", "warning"], work / "sim.log")
     service = Service(work, port, sim_port, retry_lost)
     started = time.perf_counter()
@@ -278,21 +302,29 @@ async def run(count: int, retry_lost: int, comfy_restarts: int, kills: int,
                 await until_up(session, f"http://127.0.0.1:{sim_port + gpu}/system_stats", sim)
             await service.start(session)
             outcome: dict[str, int] = {}
-            progress = {"sent": 0}
+            progress = {"finished": 0}
             done = asyncio.Event()
 
-            async def count_sent() -> None:
-                while not done.is_set():
-                    progress["sent"] = len(outcome)
-                    await asyncio.sleep(0.05)
+            async def count_finished() -> None:
+                # Faults are spread over the work done, read from the service's metrics
+                # (the submissions themselves are over in a moment: auto jobs wait in
+                # Cylindria's queue).
+                while True:
+                    with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+                        async with session.get(f"{service.url}/metrics",
+                                               timeout=aiohttp.ClientTimeout(total=5)) as r:
+                            progress["finished"] = finished_jobs(await r.text())
+                    await asyncio.sleep(0.1)
 
-            counter = asyncio.create_task(count_sent())
+            counter = asyncio.create_task(count_finished())
             faults = asyncio.create_task(chaos(session, service, sim_port, count,
                                                comfy_restarts, kills, done, progress, rng))
             await submit_all(session, service, jobs, outcome)
             done.set()
             did = await faults
-            await counter
+            counter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await counter
             submitted = time.perf_counter() - started
             deadline = time.monotonic() + WAIT_AFTER
             while time.monotonic() < deadline:

@@ -30,10 +30,9 @@ from typing import Any
 
 import aiohttp
 import procs
+from support import CHECKPOINTS, txt2img
 
 STEP = 0.01  # seconds per sampler step on the simulated GPUs
-CHECKPOINTS = ("v1-5-pruned-emaonly.safetensors", "sd_xl_base_1.0.safetensors",
-               "sd_xl_refiner_1.0.safetensors")
 IN_FLIGHT = 16
 # The mixed-lengths row: the share of long jobs, the seconds a short and a long job
 # take on a simulated GPU (4 and 120 steps, with the simulator's own overhead), and
@@ -41,24 +40,6 @@ IN_FLIGHT = 16
 LONG_SHARE = 0.05
 SHORT_SECONDS, LONG_SECONDS = 0.066, 1.23
 LOADS = (0.4, 0.6, 0.75)
-
-
-def txt2img(seed: int, steps: int, ckpt: str = CHECKPOINTS[0]) -> dict[str, Any]:
-    return {
-        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse",
-                                                         "clip": ["4", 1]}},
-        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
-        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512,
-                                                           "batch_size": 1}},
-        "3": {"class_type": "KSampler", "inputs": {
-            "seed": seed, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
-            "scheduler": "normal", "denoise": 1.0, "model": ["4", 0], "positive": ["6", 0],
-            "negative": ["7", 0], "latent_image": ["5", 0]}},
-        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
-        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0],
-                                                    "filename_prefix": "bench/dispatch"}},
-    }
 
 
 @dataclass

@@ -29,6 +29,28 @@ def quick(color: int) -> dict[str, Any]:
     return workflow
 
 
+CHECKPOINTS = ("v1-5-pruned-emaonly.safetensors", "sd_xl_base_1.0.safetensors",
+               "sd_xl_refiner_1.0.safetensors")
+
+
+def txt2img(seed: int, steps: int, ckpt: str = CHECKPOINTS[0]) -> dict[str, Any]:
+    return {
+        "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "6": {"class_type": "CLIPTextEncode", "inputs": {"text": "a lighthouse",
+                                                         "clip": ["4", 1]}},
+        "7": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry", "clip": ["4", 1]}},
+        "5": {"class_type": "EmptyLatentImage", "inputs": {"width": 512, "height": 512,
+                                                           "batch_size": 1}},
+        "3": {"class_type": "KSampler", "inputs": {
+            "seed": seed, "steps": steps, "cfg": 7.0, "sampler_name": "euler",
+            "scheduler": "normal", "denoise": 1.0, "model": ["4", 0], "positive": ["6", 0],
+            "negative": ["7", 0], "latent_image": ["5", 0]}},
+        "8": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["4", 2]}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0],
+                                                    "filename_prefix": "bench/txt2img"}},
+    }
+
+
 @asynccontextmanager
 async def stack(gpus: int, out: Path, **settings: Any):
     """Simulators and Cylindria on real loopback sockets; yields (base URL, sims, sim

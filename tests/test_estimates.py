@@ -10,7 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cylindria.core.estimates import NodeCost, RunTimes, Timeline, models_of, node_costs
+from cylindria.core.estimates import (
+    JOB_OVERHEAD,
+    NodeCost,
+    RunTimes,
+    Timeline,
+    models_of,
+    node_costs,
+)
 
 MEGA = 1024 * 1024 / 1e6
 
@@ -448,7 +455,9 @@ def test_cached_nodes_cost_nothing_and_are_not_learned():
     timeline.executing("9", 0.3)
     assert timeline.fraction() == pytest.approx(0.6)
     timeline.finished(0.5, success=True)
-    assert times.version == versions + 2
+    # Nodes 8 and 9, and the job's own overhead beyond its nodes: nothing cached.
+    assert times.version == versions + 3
+    assert times.expect(0, JOB_OVERHEAD, 1.0) is not None
 
 
 def test_times_are_learned_per_gpu():

@@ -22,6 +22,9 @@ _MODEL_INPUT = re.compile(r"[a-z0-9_]*_name\d*")
 _MAX_CHAIN, _MAX_DEPTH = 256, 8
 # A running job shows at most this much until ComfyUI says it succeeded.
 _CAP = 0.99
+# The cost key of what a job takes beyond its nodes (ComfyUI's set-up before the first
+# node and after the last): learned per GPU like a node's, one unit per job.
+JOB_OVERHEAD = "(job)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,6 +362,8 @@ class Timeline:
     def __init__(self, gpu: int, costs: dict[str, NodeCost], times: RunTimes) -> None:
         self.gpu, self.costs, self.times = gpu, dict(costs), times
         self.started_at: float | None = None
+        # Seconds of the nodes observed so far: the rest of the job is its overhead.
+        self._observed = 0.0
         self._done: set[str] = set()
         self._cached: set[str] = set()
         self._current: str | None = None
@@ -420,6 +425,9 @@ class Timeline:
         self.started(now)
         self._close(now, learn=success)
         self._finished, self._success = True, success
+        if success and self.started_at is not None and now >= self.started_at:
+            self.times.observe(self.gpu, JOB_OVERHEAD, 1.0,
+                               max(0.0, now - self.started_at - self._observed))
 
     def fraction(self) -> float:
         """How far the job is, in [0, 1): the nodes done weighted by their expected
@@ -474,6 +482,7 @@ class Timeline:
         cost = self.costs.get(node)
         if learn and cost is not None and now >= self._since:
             self.times.observe(self.gpu, cost.key, cost.units, now - self._since)
+            self._observed += now - self._since
         self._done.add(node)
         self._current = self._share = self._next_share = None
 

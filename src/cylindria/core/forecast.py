@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+from .estimates import JOB_OVERHEAD
 from .records import Job, JobState
 from .registry import Registry
 
@@ -13,33 +14,29 @@ from .registry import Registry
 # of the line is counted at its average cost, spread over the GPUs.
 PLAYED_OUT = 200
 # Seconds a played-out line is reused for.
-LINE_KEPT = 0.25
+LINE_KEPT = 0.05
 
 
 class Forecast:
     def __init__(self, registry: Registry, gpu_count: int) -> None:
         self.registry = registry
         self.gpu_count = gpu_count
-        self._cached: tuple[tuple[int, tuple[int, ...]], _Line | None] | None = None
+        self._cached: tuple[tuple[int, int, tuple[int, ...]], _Line | None] | None = None
+        self._gpus: dict[int, tuple[tuple[int, int], _GpuLine]] = {}
 
     def expected(self, job: Job, gpu: int | None) -> float | None:
         """Seconds the job should take on `gpu` (any GPU: None) once it runs."""
         if not job.costs:
             return None
-        return self.registry.run_times.expect_job(gpu, job.costs)
+        times = self.registry.run_times
+        nodes = times.expect_job(gpu, job.costs)
+        if nodes is None:
+            return None
+        return nodes + (times.expect(gpu, JOB_OVERHEAD, 1.0) or 0.0)
 
     def backlog(self, gpu: int, now: float) -> float | None:
         """Seconds until `gpu` is done with every job Cylindria has sent it."""
-        total = 0.0
-        for job in self.registry.in_flight(gpu):
-            if job.state is JobState.RUNNING:
-                left = job.timeline.remaining(now) if job.timeline is not None else None
-            else:
-                left = self.expected(job, gpu)
-            if left is None:
-                return None
-            total += left
-        return total
+        return self._gpu_line(gpu, now).total
 
     def eta(self, job: Job, now: float, gpus: list[int]) -> float | None:
         """Seconds until the job ends; `gpus`: those the dispatcher may use now."""
@@ -53,24 +50,36 @@ class Forecast:
 
     def _queued_on(self, job: Job, gpu: int, now: float) -> float | None:
         """The running job's rest, the jobs ahead in ComfyUI's queue, then this one."""
-        total = 0.0
-        mine = job.queue_position or None
-        for other in self.registry.in_flight(gpu):
-            if other is job:
-                continue
-            if other.state is JobState.RUNNING:
-                left = other.timeline.remaining(now) if other.timeline is not None else None
+        return self._gpu_line(gpu, now).etas.get(job.job_id)
+
+    def _gpu_line(self, gpu: int, now: float) -> _GpuLine:
+        """One pass over a GPU's jobs, in the order it runs them, each with the time
+        its end is expected; kept a moment, so a long queue costs one pass."""
+        # Any change to a job changes the line at once, not a moment later.
+        key = (round(now / LINE_KEPT), self.registry.changes)
+        cached = self._gpus.get(gpu)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        line = _GpuLine()
+        total: float | None = 0.0
+        waiting = []
+        for job in self.registry.in_flight(gpu):
+            if job.state is JobState.RUNNING:
+                left = job.timeline.remaining(now) if job.timeline is not None else None
+                total = None if left is None or total is None else total + left
             else:
-                ahead = ((other.queue_position or mine + 1) < mine if mine is not None
-                         else other.seq < job.seq)
-                if not ahead:
-                    continue
-                left = self.expected(other, gpu)
-            if left is None:
-                return None
-            total += left
-        own = self.expected(job, gpu)
-        return None if own is None else total + own
+                waiting.append(job)
+        # ComfyUI's order where it is known; jobs not yet seen in its queue after.
+        waiting.sort(key=lambda j: (j.queue_position or len(waiting) + 1, j.seq))
+        for job in waiting:
+            cost = self.expected(job, gpu)
+            total = None if cost is None or total is None else total + cost
+            if total is None:
+                break
+            line.etas[job.job_id] = total
+        line.total = total
+        self._gpus[gpu] = (key, line)
+        return line
 
     def _held(self, job: Job, now: float, gpus: list[int]) -> float | None:
         line = self._line(now, gpus)
@@ -89,7 +98,7 @@ class Forecast:
     def _line(self, now: float, gpus: list[int]) -> _Line | None:
         """The held line played out onto the GPUs, each job to the one free first;
         kept a moment, so a page of held jobs costs one play-out."""
-        key = (round(now / LINE_KEPT), tuple(gpus))
+        key = (round(now / LINE_KEPT), self.registry.changes, tuple(gpus))
         if self._cached is not None and self._cached[0] == key:
             return self._cached[1]
         line = self._play(now, gpus)
@@ -116,6 +125,12 @@ class Forecast:
             line.etas[ahead.job_id] = free[gpu]
             line.played.append(cost)
         return line
+
+
+class _GpuLine:
+    def __init__(self) -> None:
+        self.total: float | None = None
+        self.etas: dict[str, float] = {}
 
 
 class _Line:

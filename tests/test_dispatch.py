@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from cylindria.appkeys import GPUS
+from cylindria.appkeys import GPUS, JOBS, JOURNAL
 from cylindria.core.dispatch import HeldQueue, ModelMemory
 from cylindria.core.records import Job
 
 import workflows
-from helpers import job_status, put_job, start_paused, wait_state, wait_until
+from helpers import job_status, put_job, start_paused, wait_state, wait_until, with_timing
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -220,3 +220,32 @@ def test_the_model_loaded_last_weighs_most():
     strict.add(old)
     strict.add(recent)
     assert strict.next_for(0, ["b.safetensors"], T0).job is old
+
+
+async def test_a_held_job_waits_out_a_full_state_file_instead_of_being_refused(
+        start_cylindria, start_sims, tmp_path):
+    cluster = await start_sims(1)
+    sim = cluster.sims[0]
+    client = await start_cylindria(cluster, state_file=tmp_path / "s.sqlite3",
+                                   timing=with_timing(state_retry=0.1))
+    await start_paused(client, sim, "busy", workflows.txt2img(steps=3), gpu="auto")
+    status, body = await put_job(client, "patient", workflows.quick(), gpu="auto")
+    assert status == 202 and body["held"] is True
+    journal = client.app[JOURNAL]
+    pages = await journal._run(lambda db: db.conn.execute("PRAGMA page_count").fetchone()[0])
+    # The file may not grow any more, as on a full disk; a bulky refusal fills it.
+    await journal._run(lambda db: db.conn.execute(f"PRAGMA max_page_count = {pages}"))
+    status, _ = await put_job(client, "bulky", workflows.quick(prefix="x" * 200_000), gpu=0)
+    assert status == 503
+    sim.resume()
+    await wait_state(client, "busy", "completed", timeout=10)
+
+    # The GPU is free, but a dispatch that cannot be written is not made: the job
+    # keeps its place, not refused.
+    assert await client.app[JOBS].dispatch() == {}
+    body = await job_status(client, "patient")
+    assert (body["state"], body["gpu_id"], body["queue_position"]) == ("queued", None, 1)
+    assert len(sim.ledger) == 1  # only the first job reached ComfyUI
+    await journal._run(lambda db: db.conn.execute("PRAGMA max_page_count = 1073741823"))
+    body = await wait_state(client, "patient", "completed", timeout=10)
+    assert body["attempt"] == 1

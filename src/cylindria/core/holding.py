@@ -85,7 +85,7 @@ class Holding:
         if task is not None:
             try:
                 return await asyncio.shield(task)
-            except BackendError:
+            except (BackendError, StateUnavailable):
                 if not job.held:
                     raise
         self.wake.set()  # the loop takes it from here
@@ -117,6 +117,14 @@ class Holding:
         seconds = self.forecast.backlog(gpu.index, self.registry.now().timestamp())
         return None if seconds is None else round(seconds, 3)
 
+    def wait_for_state_file(self, job: Job) -> None:
+        """A job taken from Cylindria's queue whose dispatch cannot be written: its
+        record as held is on disk already, so it waits there again, never refused."""
+        self.registry.rehold(job, "The state file takes no writes now; back in "
+                                  "Cylindria's queue until it does.")
+        log.warning("job %s: back in Cylindria's queue, the state file takes no writes now",
+                    job.job_id)
+
     def rest(self, gpu: GpuPort) -> None:
         """Its ComfyUI did not take a dispatched job: give it a moment."""
         self._resting[gpu.index] = time.monotonic() + REST_AFTER_FAILURE
@@ -128,6 +136,10 @@ class Holding:
         by job id; `fresh` holds workflows already in hand (the rest are read back)."""
         if not len(self.registry.held):
             return {}
+        try:
+            self.store.ensure_writable()
+        except StateUnavailable:
+            return {}  # a dispatch must be written first: wait for the state file
         now = time.monotonic()
         candidates = [g for g in self.gpus
                       if not g.drained and self._resting.get(g.index, 0.0) <= now]
@@ -176,8 +188,7 @@ class Holding:
                 await self.store.durable(job)
                 stored = await self.store.workflow(job.job_id)
             except StateUnavailable:
-                self.registry.rehold(job, "The state file takes no writes now; back in "
-                                          "Cylindria's queue until it does.")
+                self.wait_for_state_file(job)
                 raise
             if stored is None:
                 self.registry.reject(job, "Its workflow was not found in the state file; "

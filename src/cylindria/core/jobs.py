@@ -242,7 +242,13 @@ class JobsService(Holding, Recovery):
         try:
             await self.store.durable(job)
         except StateUnavailable as exc:
-            registry.reject(job, exc.message, error={"code": exc.code, "message": exc.message})
+            if job.auto and job.placement is not None:
+                # Taken from Cylindria's queue, whose record is on disk already: it
+                # waits there again rather than being refused.
+                self.wait_for_state_file(job)
+            else:
+                registry.reject(job, exc.message,
+                                error={"code": exc.code, "message": exc.message})
             raise
         self._fault("crash-before-submit")
         try:

@@ -55,8 +55,8 @@ class Registry(JobMachine):
         self.held = HeldQueue()
         # What each kind of node takes on each GPU, learned from the events.
         self.run_times = RunTimes()
-        # Counts every change to any job: what is worked out from many jobs is kept
-        # while it stays the same.
+        # Counts every lasting change to any job (a state, a GPU, a place in a line):
+        # what is worked out from many jobs is kept while it stays the same.
         self.changes = 0
         # Every finished job with a higher sequence number is in memory.
         self._evicted_through = 0
@@ -408,9 +408,9 @@ class Registry(JobMachine):
         queue position, the node running) are written with the next lasting one."""
         job.updated_at = self._clock()
         job.version += 1
-        self.changes += 1
         if lasting:
             job.lasting_version = job.version
+            self.changes += 1
         if job.terminal:
             job.compact()
         for listener in self._subscribers:

@@ -241,19 +241,27 @@ async def _if_pos(client, job_id):
     return body if body["queue_position"] == 1 else None
 
 
+async def waiting_job(start_cylindria, start_sims, tmp_path, job_id, gpu):
+    """One simulated GPU that takes nothing from its queue, a Cylindria that runs lost
+    jobs again once, and `job_id` waiting in ComfyUI's queue."""
+    cluster = await start_sims(1)
+    state = tmp_path / "state.sqlite3"
+    client = await start_cylindria(cluster, state_file=state, retry_lost=1,
+                                   timing=with_timing(lost_grace=0.2))
+    cluster.sims[0].pause(at="dequeue")
+    status, _ = await put_job(client, job_id, workflows.quick(), gpu=gpu)
+    assert status == 202
+    return cluster, client, state
+
+
 async def test_a_lost_auto_job_waits_in_line_for_a_gpu_even_across_a_restart(
         start_cylindria, start_sims, tmp_path):
     """ComfyUI restarts and does not take websockets yet: the auto job it lost is run
     again by itself (CYLINDRIA_RETRY_LOST), held in Cylindria's queue until a GPU is
     ready, after Cylindria's own restart too."""
-    cluster = await start_sims(1)
+    cluster, client, state = await waiting_job(start_cylindria, start_sims, tmp_path,
+                                               "again", "auto")
     sim = cluster.sims[0]
-    state = tmp_path / "state.sqlite3"
-    client = await start_cylindria(cluster, state_file=state, retry_lost=1,
-                                   timing=with_timing(lost_grace=0.2))
-    sim.pause(at="dequeue")
-    status, _ = await put_job(client, "again", workflows.quick(), gpu="auto")
-    assert status == 202
     sim.refuse_websockets(True)
     await sim.restart()
     sim.resume()
@@ -279,14 +287,9 @@ async def test_a_lost_job_whose_gpu_is_drained_owes_its_retry_until_undrained(
         start_cylindria, start_sims, tmp_path):
     """A job sent to one GPU is run again there: while that GPU is drained, the retry
     is owed (kept in the state file, said in the detail) and made once it is not."""
-    cluster = await start_sims(1)
+    cluster, client, state = await waiting_job(start_cylindria, start_sims, tmp_path,
+                                               "owed", 0)
     sim = cluster.sims[0]
-    state = tmp_path / "state.sqlite3"
-    client = await start_cylindria(cluster, state_file=state, retry_lost=1,
-                                   timing=with_timing(lost_grace=0.2))
-    sim.pause(at="dequeue")
-    status, _ = await put_job(client, "owed", workflows.quick(), gpu=0)
-    assert status == 202
     assert (await client.post("/gpus/0/drain")).status == 200
     await sim.restart()
     sim.resume()

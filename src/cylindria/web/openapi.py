@@ -163,7 +163,11 @@ def schemas() -> dict[str, Any]:
                 "devices": {"type": "array", "items": {"type": "object"}},
                 "running_job": {"type": ["object", "null"]},
                 "queue_depth": {"type": "integer"}, "load": {"type": "number"},
-                "drained": {"type": "boolean"}}},
+                "drained": {"type": "boolean"},
+                "expected_seconds_to_finish": {
+                    "type": ["number", "null"],
+                    "description": "In /gpus/: when the GPU should be done with what "
+                                   "Cylindria sent it; null until learned."}}},
         "Health": {"type": "object", "required": ["status"],
                    "properties": {"status": {"type": "string"},
                                   "gpus": {"type": "integer"},

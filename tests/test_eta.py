@@ -103,5 +103,18 @@ async def test_learned_times_survive_a_restart(start_cylindria, start_sims, tmp_
     assert client.app[REGISTRY].run_times.to_state() == learned
     body = await start_paused(client, sim, "after", workflows.txt2img(steps=10), gpu=0)
     assert body["eta_seconds"] is not None
+    status, _ = await put_job(client, "held", workflows.txt2img(steps=10), gpu="auto")
+    assert status == 202
+    await client.close()
+
+    # Restarted with a job held: its cost is read back, so it has an ETA at once.
+    client = await start_cylindria(cluster, state_file=state)
+
+    async def foreseen():
+        body = await job_status(client, "held")
+        return body if body["eta_seconds"] is not None else None
+
+    body = await wait_until(foreseen, what="the held job's ETA after the restart")
+    assert body["gpu_id"] is None and body["queue_position"] == 1
     sim.resume()
-    await wait_state(client, "after", "completed", timeout=10)
+    await wait_state(client, "held", "completed", timeout=10)

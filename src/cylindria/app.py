@@ -191,6 +191,8 @@ async def listeners_ctx(app: web.Application) -> AsyncIterator[None]:
             poll(gpu, app[JOBS], timing, wake), name=f"poller-gpu{gpu.index}")
     tasks["dispatcher"] = asyncio.create_task(dispatch_held(app[JOBS], timing),
                                               name="dispatcher")
+    tasks["read-costs"] = asyncio.create_task(app[JOBS].read_costs_back(),
+                                              name="read-costs")
     tasks["owed-retries"] = asyncio.create_task(retry_owed(app[JOBS], timing),
                                                 name="owed-retries")
     tasks["loop-lag"] = asyncio.create_task(app[metrics.METRICS].watch_loop(), name="loop-lag")

@@ -43,10 +43,20 @@ class Forecast:
         if job.terminal:
             return None
         if job.state is JobState.RUNNING:
-            return job.timeline.remaining(now) if job.timeline is not None else None
+            return self._remaining(job, now)
         if job.gpu_id is not None:
             return self._queued_on(job, job.gpu_id, now)
         return self._held(job, now, gpus)
+
+    def _remaining(self, job: Job, now: float) -> float | None:
+        """A running job's rest: from its timeline, or, for one found running after a
+        restart (no events seen from its start), its expected time less the time since."""
+        if job.timeline is not None:
+            return job.timeline.remaining(now)
+        expected = self.expected(job, job.gpu_id)
+        if expected is None or job.started_at is None:
+            return None
+        return max(0.0, expected - (now - job.started_at.timestamp()))
 
     def _queued_on(self, job: Job, gpu: int, now: float) -> float | None:
         """The running job's rest, the jobs ahead in ComfyUI's queue, then this one."""
@@ -65,7 +75,7 @@ class Forecast:
         waiting = []
         for job in self.registry.in_flight(gpu):
             if job.state is JobState.RUNNING:
-                left = job.timeline.remaining(now) if job.timeline is not None else None
+                left = self._remaining(job, now)
                 total = None if left is None or total is None else total + left
             else:
                 waiting.append(job)

@@ -117,6 +117,21 @@ class Holding:
         seconds = self.forecast.backlog(gpu.index, self.registry.now().timestamp())
         return None if seconds is None else round(seconds, 3)
 
+    async def read_costs_back(self, limit: int = 1000) -> None:
+        """After a restart, what the jobs on the GPUs and the first held ones in line
+        cost (their workflows are in the state file), so their ETAs are known."""
+        on_gpus = [job for gpu in self.gpus for job in self.registry.in_flight(gpu.index)]
+        for job in [*on_gpus, *self.registry.held.ordered(limit)]:
+            if job.costs is not None or job.terminal:
+                continue
+            try:
+                stored = await self.store.workflow(job.job_id)
+                if stored is not None:
+                    job.costs = (await self.reader.read(stored)).costs
+            except (ApiError, OSError) as exc:
+                log.debug("job %s: its workflow could not be read back (%s)", job.job_id,
+                          exc)
+
     def wait_for_state_file(self, job: Job) -> None:
         """A job taken from Cylindria's queue whose dispatch cannot be written: its
         record as held is on disk already, so it waits there again, never refused."""

@@ -146,11 +146,6 @@ class TooManyAttempts(ApiError):
     code = "too_many_attempts"
 
 
-class NoGpuAvailable(ApiError):
-    status = 503
-    code = "no_gpu_available"
-
-
 class QueueFull(ApiError):
     """Cylindria's own queue for GpuId=auto holds CYLINDRIA_MAX_HELD jobs already."""
 

@@ -18,9 +18,8 @@ LINE_KEPT = 0.05
 
 
 class Forecast:
-    def __init__(self, registry: Registry, gpu_count: int) -> None:
+    def __init__(self, registry: Registry) -> None:
         self.registry = registry
-        self.gpu_count = gpu_count
         self._cached: tuple[tuple[int, int, tuple[int, ...]], _Line | None] | None = None
         self._gpus: dict[int, tuple[tuple[int, int], _GpuLine]] = {}
 

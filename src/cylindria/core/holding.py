@@ -38,7 +38,7 @@ class Holding:
     _background: set[asyncio.Task[Any]]
 
     def _init_holding(self) -> None:
-        self.forecast = Forecast(self.registry, len(self.gpus))
+        self.forecast = Forecast(self.registry)
         self.models = ModelMemory()
         # Set when a GPU may have room: a job on it started or ended, or one was held.
         self.wake = asyncio.Event()

@@ -20,7 +20,6 @@ from ..errors import (
     JobConflict,
     JobFinished,
     JobNotFound,
-    NoGpuAvailable,
     NotRetryable,
     StateUnavailable,
     TooManyNodes,
@@ -154,46 +153,27 @@ class JobsService(Holding, Recovery):
         elif self._is_auto(gpu_choice):
             return await self._hold(job_id, workflow, callback, priority)
         else:
-            gpu, auto = await self._place(gpu_choice)
+            gpu, auto = self._pinned(gpu_choice), False
         try:
             return await self._start(job_id, gpu, auto, workflow, callback, existing)
         except ApiError as exc:
             exc.reply.setdefault("gpu_id", gpu.index)
             raise
 
-    def _is_auto(self, choice: str | None) -> bool:
-        raw = str(self.settings.default_gpu) if choice is None else choice
-        return raw.strip().lower() == "auto"
+    def _choice(self, choice: str | None) -> str:
+        """The request's GpuId, or the configured default when it has none."""
+        return str(self.settings.default_gpu) if choice is None else choice
 
-    async def _place(self, choice: str | None) -> tuple[GpuPort, bool]:
-        """The GPU for a new attempt, and whether it was chosen by `auto`."""
-        raw = str(self.settings.default_gpu) if choice is None else choice
-        if raw.strip().lower() == "auto":
-            return await self._least_loaded(), True
-        gpu = self.gpu(raw)
+    def _is_auto(self, choice: str | None) -> bool:
+        return self._choice(choice).strip().lower() == "auto"
+
+    def _pinned(self, choice: str | None) -> GpuPort:
+        """The GPU a new attempt is pinned to (GpuId=n): it must take new jobs."""
+        gpu = self.gpu(self._choice(choice))
         if gpu.drained:
             raise GpuDrained(f"GPU {gpu.index} is drained and takes no new jobs; use another "
                              "GpuId, GpuId=auto, or POST /gpus/{n}/undrain.")
-        return gpu, False
-
-    async def _least_loaded(self) -> GpuPort:
-        """The healthy, undrained GPU with the least work; ties rotate."""
-        candidates = [g for g in self.gpus if not g.drained]
-        # Recent probes answer at once; only stale ones are asked again, side by side.
-        health = {g.index: g.healthy_now() for g in candidates}
-        stale = [g for g in candidates if health[g.index] is None]
-        if stale:
-            for g, ok in zip(stale, await asyncio.gather(*(g.is_healthy() for g in stale)),
-                             strict=True):
-                health[g.index] = ok
-        healthy = [g for g in candidates if health[g.index]]
-        if not healthy:
-            drained = len(self.gpus) - len(candidates)
-            raise NoGpuAvailable(
-                "No GPU can take a job now: none is reachable with its listener connected"
-                + (f" ({drained} drained)" if drained else "") + ". Retry shortly.",
-                headers={"Retry-After": "5"})
-        return placement.least_loaded(healthy, self.load)
+        return gpu
 
     async def _start(self, job_id: str, gpu: GpuPort, auto: bool, workflow: Workflow,
                      callback: str | None, existing: Job | None) -> Outcome:
@@ -375,11 +355,11 @@ class JobsService(Holding, Recovery):
                                      error={"code": exc.code, "message": exc.message})
                 raise
             return await self._dispatched_or_held(job, workflow)
-        gpu, auto = await self._place(gpu_choice)
+        gpu = self._pinned(gpu_choice)
         _check_retryable(job)  # a concurrent retry may have started meanwhile
         if self.registry.get(job_id) is None:
             self.registry.restore([job])
-        job.auto = auto
+        job.auto = False
         workflow = await self.reader.read(stored)
         _check_retryable(job)
         self.registry.retry(job, gpu.index, str(uuid.uuid4()), workflow.nodes,

@@ -1,17 +1,9 @@
-"""Choosing a GPU: GPU numbers from requests, load, and the least-loaded pick."""
+"""Choosing a GPU: GPU numbers from requests, and a GPU's load."""
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Callable, Sequence
-from typing import TypeVar
-
 from ..errors import UnknownGpu
 from .numbers import canonical_int
-
-G = TypeVar("G")
-
-_tiebreak = itertools.count()
 
 
 def gpu_number(raw: str, count: int, name: str = "GpuId") -> int:
@@ -31,11 +23,3 @@ def load(in_flight: int, queue_remaining: int | None) -> int:
     """Running plus queued work: the jobs Cylindria knows, or ComfyUI's own count when
     it is higher (jobs submitted to ComfyUI by someone else)."""
     return max(in_flight, queue_remaining or 0)
-
-
-def least_loaded(candidates: Sequence[G], load_of: Callable[[G], int]) -> G:
-    """The candidate with the least load; ties rotate from one call to the next."""
-    loads = [load_of(c) for c in candidates]
-    least = min(loads)
-    tied = [c for c, n in zip(candidates, loads, strict=True) if n == least]
-    return tied[next(_tiebreak) % len(tied)]

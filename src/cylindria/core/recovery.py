@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 
 from ..config import Settings
-from ..errors import ApiError, BackendUnavailable, GpuDrained, NoGpuAvailable, StateUnavailable
+from ..errors import ApiError, BackendUnavailable, GpuDrained, StateUnavailable
 from .ports import GpuPort, QueueSnapshot
 from .records import Job, isoformat
 from .registry import Registry
@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 RESTART_DETAIL = ("Cylindria restarted; re-checking this job with ComfyUI (it is still "
                   "queued or running there, finished, or lost).")
 # Why an automatic retry may have to wait: nothing was sent to any ComfyUI.
-WAIT_FOR_A_GPU = (NoGpuAvailable, GpuDrained, StateUnavailable, BackendUnavailable)
+WAIT_FOR_A_GPU = (GpuDrained, StateUnavailable, BackendUnavailable)
 # A cancel asked this long ago that ComfyUI still holds is sent again.
 CANCEL_AGAIN_AFTER = 2.0
 
@@ -122,9 +122,9 @@ class Recovery:
         try:
             await self.retry(job.job_id, automatic=True)
         except WAIT_FOR_A_GPU as exc:
-            # Lost jobs come in crowds, when a ComfyUI restarts: its GPU, and perhaps
-            # every GPU, is not ready yet. The retry is owed (on disk too) and made as
-            # soon as one is.
+            # Its GPU (a pinned job goes back to its own) is drained or not answering
+            # yet, or the state file takes no writes: the retry is owed (on disk too)
+            # and made as soon as it can be. Auto jobs simply wait in Cylindria's queue.
             if job.terminal:
                 self.registry.owe_retry(job, True)
                 self.registry.set_detail(job, "ComfyUI lost this job; it will be run again "

@@ -189,7 +189,7 @@ ERROR_CODES = ["bad_request", "invalid_workflow", "payload_too_large",
                "unsupported_encoding", "too_many_nodes", "callback_not_allowed",
                "validation_failed", "unauthorized", "job_not_found", "output_not_found",
                "job_id_conflict", "job_finished", "not_retryable", "gpu_drained",
-               "unknown_gpu", "too_many_streams", "too_many_attempts", "no_gpu_available",
+               "unknown_gpu", "too_many_streams", "too_many_attempts",
                "backend_error", "backend_unavailable", "backend_timeout",
                "state_unavailable", "queue_full", "not_found", "method_not_allowed",
                "origin_refused", "csrf_token_invalid", "internal_error"]
@@ -209,8 +209,8 @@ def paths() -> dict[str, Any]:
         "422": answer("Not a workflow ComfyUI can run, refused by ComfyUI's validation, "
                       "or a callback URL that may not be called.", "StartRefusal"),
         "502": answer("ComfyUI unreachable or answering with an error.", "StartRefusal"),
-        "503": answer("No GPU can take the job, Cylindria's queue for `auto` is full "
-                      "(`queue_full`), or the state file takes no writes.",
+        "503": answer("Cylindria's queue for `auto` is full (`queue_full`), or the state "
+                      "file takes no writes (`state_unavailable`).",
                       "StartRefusal", headers=RETRY_AFTER),
         "504": answer("ComfyUI did not answer in time and had not queued the job.",
                       "StartRefusal"),

@@ -72,14 +72,17 @@ class Holding:
             if exc.job.fingerprint != workflow.fingerprint:
                 raise conflict(exc.job) from None
             return repeat(exc.job)
+        return await self._line_up(job, workflow)
+
+    async def _line_up(self, job: Job, workflow: Workflow) -> Outcome:
+        """A job just held (a new one, or a new attempt): on disk before anything else,
+        then the dispatcher runs; if a GPU has room, the answer is its submission's."""
         try:
             await self.store.durable(job)
         except StateUnavailable as exc:
-            registry.reject(job, exc.message, error={"code": exc.code, "message": exc.message})
+            self.registry.reject(job, exc.message,
+                                 error={"code": exc.code, "message": exc.message})
             raise
-        return await self._dispatched_or_held(job, workflow)
-
-    async def _dispatched_or_held(self, job: Job, workflow: Workflow) -> Outcome:
         sent = await self.dispatch({job.job_id: workflow})
         task = sent.get(job.job_id)
         if task is not None:
@@ -101,10 +104,11 @@ class Holding:
                 self.wake.set()
 
     def foresee(self, job: Job) -> Job:
-        """Set the job's ETA from what has been learned (None where nothing has)."""
+        """A job in flight as it stands now: its place in Cylindria's line if it is
+        held, and its ETA from what has been learned (None where nothing has)."""
         if job.terminal:
-            job.eta_seconds = job.expected_finish_at = None
-            return job
+            return job  # a finished job shows no ETA
+        self.registry.freshen(job)
         moment = self.registry.now()
         usable = [g.index for g in self.gpus if not g.drained]
         seconds = self.forecast.eta(job, moment.timestamp(), usable)

@@ -71,11 +71,7 @@ class JobsService(Holding, Recovery):
         job = self.registry.get(job_id)
         if job is None and self.registry.evicted_through:
             job = await self.store.fetch(job_id)
-        if job is not None and not job.terminal:
-            if job.held:
-                self.registry.freshen(job)
-            self.foresee(job)
-        return job
+        return None if job is None else self.foresee(job)
 
     async def find(self, job_id: str, advice: str = "") -> Job:
         job = await self.lookup(job_id)
@@ -95,12 +91,7 @@ class JobsService(Holding, Recovery):
         if len(found) < limit and upper > 1:
             for job in await self.store.page(states, gpu_id, upper, limit - len(found)):
                 found.append(self.registry.get(job.job_id) or job)
-        for job in found:
-            if not job.terminal:
-                if job.held:
-                    self.registry.freshen(job)
-                self.foresee(job)
-        return found
+        return [self.foresee(job) for job in found]
 
     def drain(self, gpu: GpuPort, drained: bool) -> None:
         gpu.drained = drained
@@ -348,13 +339,7 @@ class JobsService(Holding, Recovery):
                                 automatic=automatic)
             log.info("job %s: attempt %d held for a GPU%s", job_id, job.attempt,
                      " (automatic, after it was lost)" if automatic else "")
-            try:
-                await self.store.durable(job)
-            except StateUnavailable as exc:
-                self.registry.reject(job, exc.message,
-                                     error={"code": exc.code, "message": exc.message})
-                raise
-            return await self._dispatched_or_held(job, workflow)
+            return await self._line_up(job, workflow)
         gpu = self._pinned(gpu_choice)
         _check_retryable(job)  # a concurrent retry may have started meanwhile
         if self.registry.get(job_id) is None:

@@ -60,10 +60,7 @@ async def dashboard_state(request: web.Request) -> dict[str, Any]:
     recent = registry.page(limit=RECENT_JOBS)
     held = registry.held.ordered(HELD_SHOWN)
     for job in (*held, *recent):
-        if not job.terminal:
-            if job.held:
-                registry.freshen(job)
-            jobs.foresee(job)
+        jobs.foresee(job)
     return {
         "generated_at": isoformat(now),
         "generated_label": now.strftime("%H:%M:%S UTC"),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -267,6 +267,21 @@ def _bool(name: str, value: str) -> bool:
     raise ConfigError(f"{name} must be one of 1/0, true/false, yes/no, on/off (got {value!r})")
 
 
+# Settings that are one number read from one environment variable (their ranges are
+# checked by `validate`).
+_NUMBERS: tuple[tuple[str, str, Callable[[str, str], float]], ...] = (
+    ("max_event_streams", "CYLINDRIA_MAX_EVENT_STREAMS", _int),
+    ("retention_days", "CYLINDRIA_RETENTION_DAYS", _float),
+    ("memory_jobs", "CYLINDRIA_MEMORY_JOBS", _int),
+    ("max_nodes", "CYLINDRIA_MAX_NODES", _int),
+    ("retry_lost", "CYLINDRIA_RETRY_LOST", _int),
+    ("gpu_prefetch", "CYLINDRIA_GPU_PREFETCH", _int),
+    ("model_window", "CYLINDRIA_MODEL_WINDOW", _int),
+    ("max_held", "CYLINDRIA_MAX_HELD", _int),
+    ("priority_aging", "CYLINDRIA_PRIORITY_AGING", _float),
+)
+
+
 def load_settings(
     flags: Mapping[str, object], environ: Mapping[str, str] | None = None
 ) -> Settings:
@@ -291,9 +306,6 @@ def load_settings(
     if env.get("CYLINDRIA_DEFAULT_GPU"):
         values["default_gpu"] = parse_default_gpu("CYLINDRIA_DEFAULT_GPU",
                                                   env["CYLINDRIA_DEFAULT_GPU"])
-    if env.get("CYLINDRIA_MAX_EVENT_STREAMS"):
-        values["max_event_streams"] = _int("CYLINDRIA_MAX_EVENT_STREAMS",
-                                           env["CYLINDRIA_MAX_EVENT_STREAMS"])
     if env.get("CYLINDRIA_DEV_SAVE_DIR"):
         values["dev_save_dir"] = Path(env["CYLINDRIA_DEV_SAVE_DIR"])
     values["state_file"] = Path(env.get("CYLINDRIA_STATE_FILE") or DEFAULT_STATE_FILE)
@@ -302,24 +314,9 @@ def load_settings(
         if sync not in ("normal", "full"):
             raise ConfigError(f"CYLINDRIA_STATE_SYNC must be normal or full (got {sync!r})")
         values["state_sync_full"] = sync == "full"
-    if env.get("CYLINDRIA_RETENTION_DAYS"):
-        values["retention_days"] = _float("CYLINDRIA_RETENTION_DAYS",
-                                          env["CYLINDRIA_RETENTION_DAYS"])
-    if env.get("CYLINDRIA_MEMORY_JOBS"):
-        values["memory_jobs"] = _int("CYLINDRIA_MEMORY_JOBS", env["CYLINDRIA_MEMORY_JOBS"])
-    if env.get("CYLINDRIA_MAX_NODES"):
-        values["max_nodes"] = _int("CYLINDRIA_MAX_NODES", env["CYLINDRIA_MAX_NODES"])
-    if env.get("CYLINDRIA_RETRY_LOST"):
-        values["retry_lost"] = _int("CYLINDRIA_RETRY_LOST", env["CYLINDRIA_RETRY_LOST"])
-    if env.get("CYLINDRIA_GPU_PREFETCH"):
-        values["gpu_prefetch"] = _int("CYLINDRIA_GPU_PREFETCH", env["CYLINDRIA_GPU_PREFETCH"])
-    if env.get("CYLINDRIA_MODEL_WINDOW"):
-        values["model_window"] = _int("CYLINDRIA_MODEL_WINDOW", env["CYLINDRIA_MODEL_WINDOW"])
-    if env.get("CYLINDRIA_MAX_HELD"):
-        values["max_held"] = _int("CYLINDRIA_MAX_HELD", env["CYLINDRIA_MAX_HELD"])
-    if env.get("CYLINDRIA_PRIORITY_AGING"):
-        values["priority_aging"] = _float("CYLINDRIA_PRIORITY_AGING",
-                                          env["CYLINDRIA_PRIORITY_AGING"])
+    for key, name, parse in _NUMBERS:
+        if env.get(name):
+            values[key] = parse(name, env[name])
     timing: dict[str, float] = {}
     if env.get("CYLINDRIA_POLL_INTERVAL"):
         timing["poll_interval"] = _float("CYLINDRIA_POLL_INTERVAL",

@@ -117,44 +117,38 @@ class Recovery:
                 await gpu.comfy.delete_pending(job.prompt_id)
 
     async def _after_lost(self, job: Job) -> None:
-        if job.automatic_retries >= self.settings.retry_lost:
-            return
+        if job.automatic_retries < self.settings.retry_lost:
+            await self._retry_lost(job)
+
+    async def retry_owed(self) -> None:
+        """Make the automatic retries that had to wait, oldest first, until one must
+        wait again."""
+        for job in self.registry.retries_owed():
+            if not job.terminal or job.automatic_retries >= self.settings.retry_lost:
+                self.registry.owe_retry(job, False)
+            elif not await self._retry_lost(job):
+                return
+
+    async def _retry_lost(self, job: Job) -> bool:
+        """One automatic retry of a lost job; False when it has to wait (owed)."""
         try:
             await self.retry(job.job_id, automatic=True)
         except WAIT_FOR_A_GPU as exc:
             # Its GPU (a pinned job goes back to its own) is drained or not answering
             # yet, or the state file takes no writes: the retry is owed (on disk too)
             # and made as soon as it can be. Auto jobs simply wait in Cylindria's queue.
-            if job.terminal:
+            if job.terminal and not job.retry_owed:
                 self.registry.owe_retry(job, True)
                 self.registry.set_detail(job, "ComfyUI lost this job; it will be run again "
                                               "automatically as soon as a GPU is ready.")
                 log.info("job %s: automatic retry after it was lost waits for a GPU: %s",
                          job.job_id, exc.message)
+            return False
         except ApiError as exc:
+            self.registry.owe_retry(job, False)
             log.warning("job %s: automatic retry after it was lost failed: %s", job.job_id,
                         exc.message)
-
-    async def retry_owed(self) -> int:
-        """Make the automatic retries that waited for a GPU, oldest first, while GPUs
-        take them. Returns how many are still owed."""
-        owed = self.registry.retries_owed()
-        for n, job in enumerate(owed):
-            if not job.retry_owed or not job.terminal:
-                self.registry.owe_retry(job, False)
-                continue
-            if job.automatic_retries >= self.settings.retry_lost:
-                self.registry.owe_retry(job, False)
-                continue
-            try:
-                await self.retry(job.job_id, automatic=True)
-            except WAIT_FOR_A_GPU:
-                return len(owed) - n
-            except ApiError as exc:
-                self.registry.owe_retry(job, False)
-                log.warning("job %s: automatic retry after it was lost failed: %s",
-                            job.job_id, exc.message)
-        return 0
+        return True
 
 
 def _lost_detail(job: Job) -> str:

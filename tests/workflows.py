@@ -76,3 +76,14 @@ UI_EXPORT = {
               {"id": 2, "type": "SaveImage", "widgets_values": ["x"]}],
     "links": [[1, 1, 0, 2, 0, "IMAGE"]], "version": 0.4,
 }
+
+
+def img2img(image: str, prefix: str = "cyl/img2img") -> dict[str, Any]:
+    """LoadImage -> ImageInvert -> SaveImage: `image` names the input file."""
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0],
+                                                    "filename_prefix": prefix}},
+    }
+

@@ -63,9 +63,9 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _V4 = ipaddress.IPv4Network
 _V6 = ipaddress.IPv6Network
-PUBLIC_ADVICE = ("callbacks may only go to public addresses, or to hosts the operator lists "
+PUBLIC_ADVICE = ("{who} may only go to public addresses, or to hosts the operator lists "
                  "in CYLINDRIA_CALLBACK_ALLOW.")
-OWN_ADVICE = "callbacks never go to this service's ComfyUIs or to Cylindria itself."
+OWN_ADVICE = "{who} never go to this service's ComfyUIs or to Cylindria itself."
 # The first row holding an address names what it is. An IPv4 address inside IPv6
 # (mapped, NAT64, 6to4) is judged as that IPv4 address.
 REFUSED: tuple[tuple[IPNetwork, str], ...] = (
@@ -208,19 +208,21 @@ def endpoints(ip: IPAddress, port: int, label: str) -> tuple[Endpoint, ...]:
 
 
 def callback_refusal(host: str, ip: IPAddress, port: int, allow: AllowList,
-                     forbidden: Iterable[Endpoint]) -> str | None:
-    """Why a callback to `host`, connecting to `ip`:`port`, must not be sent, as the end
-    of a sentence that begins with the callback URL; None when it may be sent."""
+                     forbidden: Iterable[Endpoint], who: str = "callbacks") -> str | None:
+    """Why a callback (or another call out: `who` names them) to `host`, connecting to
+    `ip`:`port`, must not be sent, as the end of a sentence that begins with its URL;
+    None when it may be sent."""
     bare = plain(ip)
     for end in forbidden:
         if port == end.port and bare.version == end.network.version and bare in end.network:
-            return f"points at {end.label} ({bracket(str(bare))}:{port}); {OWN_ADVICE}"
+            return (f"points at {end.label} ({bracket(str(bare))}:{port}); "
+                    + OWN_ADVICE.format(who=who))
     if allow.allows(host, ip):
         return None
     kind = address_kind(bare)
     if kind is None:
         return None
-    return f"points at {kind} ({bare}); {PUBLIC_ADVICE}"
+    return f"points at {kind} ({bare}); " + PUBLIC_ADVICE.format(who=who)
 
 
 def without_userinfo(url: str) -> str:

@@ -11,18 +11,32 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from . import dashboard
-from .appkeys import EVENTS, GPUS, JOBS, JOURNAL, REGISTRY, SETTINGS, SIGNINS, TASKS, WEBHOOKS
+from .appkeys import (
+    EVENTS,
+    GPUS,
+    INPUTS,
+    JOBS,
+    JOURNAL,
+    REGISTRY,
+    SETTINGS,
+    SIGNINS,
+    TASKS,
+    WEBHOOKS,
+)
 from .config import Settings
 from .core.estimates import RunTimes
 from .core.jobs import JobsService
 from .core.reading import WorkflowReader
 from .core.registry import Registry
+from .store.inputs import InputStore
 from .store.journal import Journal, open_journal
 from .upstream.comfy import CallbackClient, ComfyClient, open_session
+from .upstream.fetch import InputFetcher
 from .upstream.gpus import Gpu
+from .upstream.inputs import InputDelivery
 from .upstream.listeners import cancel_and_wait, dispatch_held, listen, poll, retry_owed
 from .upstream.webhooks import WebhookSender
-from .web import api, events, gpus, metrics, openapi, outputs, params, render
+from .web import api, events, gpus, inputs, metrics, openapi, outputs, params, render
 from .web.auth import make_auth_middleware
 from .web.eventhub import EventHub
 from .web.middlewares import REQUEST_COUNTER, error_middleware, response_headers
@@ -57,7 +71,7 @@ def create_app(settings: Settings) -> web.Application:
     app[TASKS] = {}
 
     dashboard.setup(app)
-    for module in (api, outputs, gpus, events, metrics):
+    for module in (api, inputs, outputs, gpus, events, metrics):
         app.add_routes(module.routes)
     openapi.setup(app)
     # Open event streams end at shutdown, so the server does not wait on them.
@@ -92,6 +106,10 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
              sum(not job.terminal for job in loaded.jobs))
     # Decodes large JSON (workflows, ComfyUI's answers) in a worker process.
     reader = WorkflowReader(settings.max_nodes)
+    store = InputStore(settings.input_dir, settings.input_store_max, registry.uses_input,
+                       sync=settings.state_sync_full)
+    await store.open()
+    app[INPUTS] = store
     try:
         async with open_session(settings.num_gpus, timing) as session:
             # The clientId is the state file's: after a restart, ComfyUI sends the events
@@ -106,7 +124,11 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
                 gpu.comfy.observe = app[metrics.METRICS].comfy_timer(gpu.index)
             if loaded.run_times:
                 registry.run_times = RunTimes.from_state(loaded.run_times)
-            app[JOBS] = JobsService(registry, app[GPUS], settings, journal, reader)
+            delivery = InputDelivery(store, InputFetcher.for_settings(session, settings),
+                                     settings.input_max, timing.input_fetch_timeout,
+                                     timing.request_timeout)
+            delivery.observe = app[metrics.METRICS].uploaded
+            app[JOBS] = JobsService(registry, app[GPUS], settings, journal, reader, delivery)
             app[JOBS].restore(loaded.jobs, loaded.last_seq, loaded.evicted_through)
             # What start-up loaded lives long: keep the garbage collector's full passes
             # from walking it again and again (they would pause every request).
@@ -122,6 +144,7 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
                 for gpu in app[GPUS]:
                     await gpu.close()
     finally:
+        await store.close()
         await journal.close()
 
 
@@ -141,7 +164,7 @@ async def housekeeping_ctx(app: web.Application) -> AsyncIterator[None]:
     """One task that drops finished jobs past their retention, from the journal and
     from memory."""
     settings = app[SETTINGS]
-    task = asyncio.create_task(housekeep(app[REGISTRY], app[JOURNAL], settings),
+    task = asyncio.create_task(housekeep(app[REGISTRY], app[JOURNAL], app[INPUTS], settings),
                                name="housekeeping")
     keeper = asyncio.create_task(keep_run_times(app[REGISTRY], app[JOURNAL]),
                                  name="run-times")
@@ -164,10 +187,15 @@ async def keep_run_times(registry: Registry, journal: Journal) -> None:
             await journal.save_run_times(times.to_state())
 
 
-async def housekeep(registry: Registry, journal: Journal, settings: Settings) -> None:
+async def housekeep(registry: Registry, journal: Journal, store: InputStore,
+                    settings: Settings) -> None:
     while True:
         cutoff = registry.retention_cutoff(settings.retention_days)
         pruned = await journal.prune(cutoff)
+        dropped = await store.prune(cutoff.timestamp())
+        if dropped:
+            log.info("dropped %d input file(s) no job has used for %g day(s)", dropped,
+                     settings.retention_days)
         # In steps of a few hundred, so other work goes on in between.
         while True:
             if not registry.evict(retain_after=cutoff):

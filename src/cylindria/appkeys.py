@@ -9,6 +9,7 @@ from aiohttp import web
 from .config import Settings
 from .core.jobs import JobsService
 from .core.registry import Registry
+from .store.inputs import InputStore
 from .store.journal import Journal
 from .upstream.gpus import Gpu
 from .upstream.webhooks import WebhookSender
@@ -24,6 +25,7 @@ GPUS = web.AppKey("gpus", list[Gpu])
 JOBS = web.AppKey("jobs", JobsService)
 JOURNAL = web.AppKey("journal", Journal)
 WEBHOOKS = web.AppKey("webhooks", WebhookSender)
+INPUTS = web.AppKey("inputs", InputStore)
 # (The metrics' key is METRICS in web/metrics.py, which reads the keys above.)
 # Background tasks by name: each GPU's listener and poller.
 TASKS = web.AppKey("tasks", dict[str, asyncio.Task[None]])

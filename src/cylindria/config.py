@@ -23,6 +23,10 @@ DEFAULT_MAX_NODES = 20_000
 DEFAULT_MAX_HELD = 10_000
 DEFAULT_PRIORITY_AGING = 60.0
 DEFAULT_MODEL_WINDOW = 8
+# The input store: its size, and the largest file it takes (ComfyUI's own upload limit).
+DEFAULT_INPUT_STORE_MAX = 20 * 1024**3
+DEFAULT_INPUT_MAX = 100 * 1024**2
+SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 # Test hooks that stop the process at a chosen point, to show what a restart recovers.
 FAULTS = frozenset({"crash-before-submit", "crash-after-submit"})
 MAX_GPUS = 8
@@ -79,6 +83,10 @@ class Timing:
     # request being answered, nor an event stream.
     head_timeout: float = 10.0
     keepalive_timeout: float = 15.0
+    # A file being sent to Cylindria (an input) that stops arriving for this long is
+    # dropped with a 408; an input URL must deliver its file within `input_fetch_timeout`.
+    body_idle_timeout: float = 30.0
+    input_fetch_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +125,10 @@ class Settings:
     model_window: int = DEFAULT_MODEL_WINDOW
     # Host names and CIDRs webhooks may reach whatever their address (CYLINDRIA_CALLBACK_ALLOW).
     callback_allow: tuple[str, ...] = ()
+    # Input files: the store's size (least recently used inputs no job in flight uses
+    # go beyond it) and the largest single file (CYLINDRIA_INPUT_STORE_MAX, _INPUT_MAX).
+    input_store_max: int = DEFAULT_INPUT_STORE_MAX
+    input_max: int = DEFAULT_INPUT_MAX
     faults: frozenset[str] = frozenset()
     timing: Timing = field(default_factory=Timing)
 
@@ -132,6 +144,13 @@ class Settings:
     @property
     def gpu_urls(self) -> list[str]:
         return [self.gpu_url(n) for n in range(self.num_gpus)]
+
+    @property
+    def input_dir(self) -> Path | None:
+        """The input store's folder, beside the state file (None: a temporary one)."""
+        if self.state_file is None:
+            return None
+        return self.state_file.with_name(self.state_file.stem + "-inputs")
 
 
 def _same_host(a: str, b: str) -> bool:
@@ -219,6 +238,10 @@ def validate(s: Settings) -> None:
     if not s.priority_aging > 0:
         raise ConfigError("CYLINDRIA_PRIORITY_AGING must be a number of seconds above 0 "
                           f"(got {s.priority_aging})")
+    if s.input_max < 1 or s.input_store_max < s.input_max:
+        raise ConfigError("CYLINDRIA_INPUT_MAX must be 1 byte or more, and "
+                          "CYLINDRIA_INPUT_STORE_MAX at least as large (got "
+                          f"{s.input_max} and {s.input_store_max})")
     unknown = s.faults - FAULTS
     if unknown:
         raise ConfigError(f"CYLINDRIA_FAULTS knows {', '.join(sorted(FAULTS))} (got "
@@ -246,6 +269,17 @@ def _float(name: str, value: str) -> float:
         return float(value)
     except ValueError:
         raise ConfigError(f"{name} must be a number (got {value!r})") from None
+
+
+def _size(name: str, value: str) -> int:
+    """Bytes, as a whole number with an optional K, M, G or T (powers of 1024)."""
+    word = value.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = word[-1:] if word[-1:] in SIZE_UNITS and word[-1:] else ""
+    digits = word[:-1] if unit else word
+    if not digits.isdigit():
+        raise ConfigError(f"{name} must be a size in bytes, with K, M, G or T for KiB, MiB, "
+                          f"GiB or TiB (got {value!r})")
+    return int(digits) * SIZE_UNITS[unit]
 
 
 def parse_default_gpu(name: str, value: str) -> int | str:
@@ -279,6 +313,8 @@ _NUMBERS: tuple[tuple[str, str, Callable[[str, str], float]], ...] = (
     ("model_window", "CYLINDRIA_MODEL_WINDOW", _int),
     ("max_held", "CYLINDRIA_MAX_HELD", _int),
     ("priority_aging", "CYLINDRIA_PRIORITY_AGING", _float),
+    ("input_store_max", "CYLINDRIA_INPUT_STORE_MAX", _size),
+    ("input_max", "CYLINDRIA_INPUT_MAX", _size),
 )
 
 

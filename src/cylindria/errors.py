@@ -86,6 +86,63 @@ class WorkflowRejected(ApiError):
     code = "validation_failed"
 
 
+class UnsupportedMediaType(ApiError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class BodyTimeout(ApiError):
+    """A request body stopped arriving: nothing of it is kept."""
+
+    status = 408
+    code = "body_timeout"
+
+
+class InputInvalid(ApiError):
+    """An input file sent with a job or to the input store is not usable as sent."""
+
+    status = 422
+    code = "invalid_input"
+
+
+class UnknownInput(ApiError):
+    """A workflow references an input the store does not hold."""
+
+    status = 422
+    code = "unknown_input"
+
+
+class InputUnavailable(ApiError):
+    """An input given by URL could not be fetched (refused, unreachable, too large)."""
+
+    status = 422
+    code = "input_unavailable"
+
+
+class InputNotFound(ApiError):
+    status = 404
+    code = "input_not_found"
+
+
+class InputInUse(ApiError):
+    status = 409
+    code = "input_in_use"
+
+
+class InputGone(ApiError):
+    """A job's input was removed from the store before the job could run."""
+
+    status = 409
+    code = "input_gone"
+
+
+class InputStoreFull(ApiError):
+    """Every stored input is in use by a job in flight and a new one would not fit."""
+
+    status = 507
+    code = "input_store_full"
+
+
 class Unauthorized(ApiError):
     status = 401
     code = "unauthorized"

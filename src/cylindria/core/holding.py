@@ -51,7 +51,7 @@ class Holding:
         raise NotImplementedError
 
     async def _hold(self, job_id: str, workflow: Workflow, callback: str | None,
-                    priority: int) -> Outcome:
+                    priority: int, inputs: list[dict[str, Any]] | None = None) -> Outcome:
         """Put an auto job in Cylindria's queue (on disk before the answer), then let
         the dispatcher run: if a GPU has room, the job goes now and the answer is its
         submission's, as for a pinned job."""
@@ -66,7 +66,7 @@ class Holding:
         try:
             job = registry.begin(job_id, None, str(uuid.uuid4()), workflow.fingerprint,
                                  workflow.nodes, callback_url=callback, auto=True,
-                                 priority=priority, models=workflow.models)
+                                 priority=priority, models=workflow.models, inputs=inputs)
             job.costs = workflow.costs
         except JobConflict as exc:
             if exc.job.fingerprint != workflow.fingerprint:

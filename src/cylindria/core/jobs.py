@@ -4,11 +4,16 @@ does, with the registry in memory and the journal behind it."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import os
+import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import ujson
 
 from ..config import Settings
 from ..errors import (
@@ -16,6 +21,7 @@ from ..errors import (
     BackendError,
     BackendTimeout,
     GpuDrained,
+    InputGone,
     InvalidWorkflow,
     JobConflict,
     JobFinished,
@@ -28,10 +34,11 @@ from ..errors import (
 from . import placement
 from .answers import Raw
 from .holding import Holding
+from .inputs import bind, bound_fingerprint, check_references, ref_of
 from .outcomes import Outcome, Verdict
 from .outcomes import conflict as _conflict
 from .outcomes import repeat as _repeat
-from .ports import GpuPort, Store
+from .ports import GpuPort, InputFile, Inputs, Store
 from .reading import WorkflowReader
 from .records import RETRYABLE, Job, JobState
 from .recovery import Recovery
@@ -49,12 +56,13 @@ class JobsService(Holding, Recovery):
     jobs from memory or the journal; reconciliation with ComfyUI, at restart too."""
 
     def __init__(self, registry: Registry, gpus: Sequence[GpuPort], settings: Settings,
-                 store: Store, reader: WorkflowReader) -> None:
+                 store: Store, reader: WorkflowReader, inputs: Inputs) -> None:
         self.registry = registry
         self.gpus = gpus
         self.settings = settings
         self.store = store
         self.reader = reader
+        self.inputs = inputs
         # Cancels still talking to a slow ComfyUI after their answer was sent.
         self._background: set[asyncio.Task[None]] = set()
         # Submissions in flight, by job id: a concurrent PUT of the same job waits on it.
@@ -98,12 +106,12 @@ class JobsService(Holding, Recovery):
 
     # -- submission -----------------------------------------------------------------
 
-    async def read(self, job_id: str, raw: Raw) -> Workflow:
-        """Decode and check a PUT /startjob body, large ones off the event loop. A body
-        that is JSON but not a workflow Cylindria can run is recorded as a `rejected`
-        job, as ComfyUI's refusals are."""
+    async def read(self, job_id: str, raw: Raw, names: Iterable[str] = ()) -> Workflow:
+        """Decode and check a PUT /startjob body, large ones off the event loop (`names`:
+        the files sent beside it). A body that is JSON but not a workflow Cylindria can
+        run is recorded as a `rejected` job, as ComfyUI's refusals are."""
         try:
-            return await self.reader.read(raw)
+            return await self.reader.read(raw, frozenset(names))
         except (InvalidWorkflow, TooManyNodes) as exc:
             await self._record_refusal(job_id, raw, exc)
             raise
@@ -129,10 +137,13 @@ class JobsService(Holding, Recovery):
         self.reader.close()
 
     async def start(self, job_id: str, gpu_choice: str | None, workflow: Workflow,
-                    callback: str | None = None, priority: int = 0) -> Outcome:
+                    callback: str | None = None, priority: int = 0,
+                    attached: Mapping[str, InputFile] | None = None) -> Outcome:
         """Submit a job, or answer a repeat of it from the record. `gpu_choice` is the
         request's GpuId: a number, "auto", or None for the configured default. `auto`
-        jobs are held in Cylindria's queue until a GPU has room (at once if one has)."""
+        jobs are held in Cylindria's queue until a GPU has room (at once if one has).
+        `attached`: files sent beside the workflow, in the store already, by name."""
+        workflow, inputs = await self._bind_inputs(workflow, attached or {})
         existing = await self.lookup(job_id)
         if existing is not None and existing.state is not JobState.REJECTED:
             if existing.held:
@@ -142,14 +153,48 @@ class JobsService(Holding, Recovery):
             # A repeat is answered from the record, wherever the job was placed.
             gpu, auto = self.gpus[existing.gpu_id], existing.auto
         elif self._is_auto(gpu_choice):
-            return await self._hold(job_id, workflow, callback, priority)
+            return await self._hold(job_id, workflow, callback, priority, inputs)
         else:
             gpu, auto = self._pinned(gpu_choice), False
         try:
-            return await self._start(job_id, gpu, auto, workflow, callback, existing)
+            return await self._start(job_id, gpu, auto, workflow, callback, existing, inputs)
         except ApiError as exc:
             exc.reply.setdefault("gpu_id", gpu.index)
             raise
+
+    async def _bind_inputs(self, workflow: Workflow, attached: Mapping[str, InputFile]
+                           ) -> tuple[Workflow, list[dict[str, Any]]]:
+        """The files the workflow's references stand for, each in the store (inline
+        ones are stored, URLs fetched, before the answer): the job's inputs, and its
+        fingerprint over them. Nothing is stored while a reference is unknown."""
+        if not workflow.references and not workflow.inline and not attached:
+            return workflow, []
+        inline = [*attached, *(item.name for item in workflow.inline)]
+        known = {target: True for ref in workflow.references
+                 if (target := ref_of(ref.value)) is not None and self.inputs.get(target)}
+        check_references(workflow.references, inline, known)
+        files: dict[str, InputFile] = dict(attached)
+        sent = workflow.inline
+        stored = await asyncio.gather(*(
+            self.inputs.add_bytes(item.data, item.name) if item.data is not None
+            else self.inputs.fetch(item.url or "", item.name) for item in sent))
+        files.update((item.name, entry) for item, entry in zip(sent, stored, strict=True))
+        inputs: list[dict[str, Any]] = []
+        for ref in workflow.references:
+            if any(item["ref"] == ref.value for item in inputs):
+                continue
+            target = ref_of(ref.value)
+            entry = self.inputs.get(target) if target is not None else files[ref.value]
+            if entry is None:  # deleted while the others were stored
+                raise InputGone(f"The input {target} was deleted just now; upload it again.",
+                                extra={"input_id": target})
+            inputs.append({"ref": ref.value, "id": entry.id,
+                           "name": entry.name if target is not None else ref.value,
+                           "size": entry.size, "media_type": entry.media_type})
+        self.inputs.touch([item["id"] for item in inputs])
+        fingerprint = bound_fingerprint(workflow.fingerprint,
+                                        {item["ref"]: item["id"] for item in inputs})
+        return dataclasses.replace(workflow, fingerprint=fingerprint, inline=()), inputs
 
     def _choice(self, choice: str | None) -> str:
         """The request's GpuId, or the configured default when it has none."""
@@ -167,7 +212,8 @@ class JobsService(Holding, Recovery):
         return gpu
 
     async def _start(self, job_id: str, gpu: GpuPort, auto: bool, workflow: Workflow,
-                     callback: str | None, existing: Job | None) -> Outcome:
+                     callback: str | None, existing: Job | None,
+                     inputs: list[dict[str, Any]]) -> Outcome:
         registry = self.registry
         digest = workflow.fingerprint
         if existing is not None and existing.state is not JobState.REJECTED:
@@ -189,7 +235,7 @@ class JobsService(Holding, Recovery):
         self.store.remember_workflow(job_id, workflow.data)
         try:
             job = registry.begin(job_id, gpu.index, str(uuid.uuid4()), digest, workflow.nodes,
-                                 callback_url=callback, auto=auto)
+                                 callback_url=callback, auto=auto, inputs=inputs)
         except JobConflict as exc:
             # Another PUT of this job_id got in while ComfyUI was being asked.
             if exc.job.fingerprint != digest:
@@ -222,21 +268,28 @@ class JobsService(Holding, Recovery):
                                 error={"code": exc.code, "message": exc.message})
             raise
         self._fault("crash-before-submit")
-        try:
-            answer = await gpu.comfy.submit(workflow.data, gpu.client_id, job.prompt_id,
-                                            timeout=self.settings.timing.submit_timeout)
-        except BackendTimeout as exc:
-            return await self._after_timeout(job, gpu, exc)
-        except BackendError as exc:
-            if job.auto and job.placement is not None:
-                # Dispatched from Cylindria's queue and refused before ComfyUI took it:
-                # back in line, for another GPU or this one later.
-                registry.rehold(job, f"GPU {gpu.index} could not take it ({exc.message}); "
-                                     "back in Cylindria's queue.")
-            else:
-                registry.reject(job, exc.message,
-                                error={"code": exc.code, "message": exc.message})
-            raise
+        for first in (True, False):
+            try:
+                data, names = await self._with_inputs(job, gpu, workflow)
+            except (BackendError, InputGone) as exc:
+                self._not_taken(job, gpu, exc)
+                raise
+            try:
+                answer = await gpu.comfy.submit(data, gpu.client_id, job.prompt_id,
+                                                timeout=self.settings.timing.submit_timeout)
+            except BackendTimeout as exc:
+                return await self._after_timeout(job, gpu, exc)
+            except BackendError as exc:
+                self._not_taken(job, gpu, exc)
+                raise
+            if first and not answer.accepted and _names_missing(answer.body, names):
+                # Its ComfyUI lost files it was given (a restart with a new input
+                # folder): they are uploaded again, once.
+                log.warning("job %s: gpu %d no longer has its input files; uploading them "
+                            "again", job.job_id, gpu.index)
+                self.inputs.forget(gpu.index, [item["id"] for item in job.inputs or ()])
+                continue
+            break
         self._fault("crash-after-submit")
 
         if answer.accepted:
@@ -256,6 +309,31 @@ class JobsService(Holding, Recovery):
                         error={"code": WorkflowRejected.code, **comfy_error})
         raise WorkflowRejected(detail, reply={"node_errors": node_errors,
                                               "comfy_error": comfy_error})
+
+    def _not_taken(self, job: Job, gpu: GpuPort, exc: ApiError) -> None:
+        """ComfyUI never got the job (it refused the connection, an upload failed, or an
+        input is gone): a job from Cylindria's queue goes back in line, others fail."""
+        if job.auto and job.placement is not None and not isinstance(exc, InputGone):
+            # Dispatched from Cylindria's queue and refused before ComfyUI took it:
+            # back in line, for another GPU or this one later.
+            self.registry.rehold(job, f"GPU {gpu.index} could not take it ({exc.message}); "
+                                      "back in Cylindria's queue.")
+        else:
+            self.registry.reject(job, exc.message,
+                                 error={"code": exc.code, "message": exc.message})
+
+    async def _with_inputs(self, job: Job, gpu: GpuPort, workflow: Workflow
+                           ) -> tuple[bytes, dict[str, str]]:
+        """The workflow as this GPU runs it: its inputs uploaded there (what it holds
+        already is not sent again) and every reference replaced by the file's name."""
+        if not job.inputs:
+            return workflow.data, {}
+        self.registry.uploading(job, len(job.inputs), gpu.index)
+        started = time.perf_counter()
+        placed = await self.inputs.place(gpu, [item["id"] for item in job.inputs])
+        self.registry.uploaded(job, time.perf_counter() - started)
+        names = {item["ref"]: placed[item["id"]] for item in job.inputs}
+        return await self.reader.decode(bind, workflow.data, names), names
 
     async def _settled(self, job: Job) -> None:
         """Wait for the accepted state to be on disk before answering. If the journal
@@ -304,7 +382,8 @@ class JobsService(Holding, Recovery):
             return None
         self.store.remember_workflow(old.job_id, workflow.data)
         job = self.registry.begin(old.job_id, gpu.index, old.prompt_id, workflow.fingerprint,
-                                  workflow.nodes, callback_url=callback, auto=old.auto)
+                                  workflow.nodes, callback_url=callback, auto=old.auto,
+                                  inputs=old.inputs)
         self.registry.confirm(job)
         await self._settled(job)
         return Outcome(job, Verdict.ACCEPTED,
@@ -320,6 +399,13 @@ class JobsService(Holding, Recovery):
         was: on its GPU, or by `auto`."""
         job = await self.find(job_id)
         _check_retryable(job)
+        gone = [item for item in job.inputs or () if self.inputs.get(item["id"]) is None]
+        if gone:
+            raise InputGone(
+                f"Job {job_id!r} uses the input {gone[0]['name']!r} ({gone[0]['id']}), which "
+                "is no longer stored (deleted, or past its retention); submit the job again "
+                "with the file.", extra={"input_id": gone[0]["id"]},
+                reply={"gpu_id": job.gpu_id})
         stored = await self.store.workflow(job_id)
         if stored is None:
             raise NotRetryable(f"Job {job_id!r} has no stored workflow to run again (it was "
@@ -407,6 +493,14 @@ async def _knows(gpu: GpuPort, prompt_id: str) -> bool:
     if (await gpu.comfy.queue()).holds(prompt_id):
         return True
     return await gpu.comfy.job(prompt_id) is not None
+
+
+def _names_missing(body: dict[str, Any], names: Mapping[str, str]) -> bool:
+    """Whether ComfyUI refused a workflow for lacking a file Cylindria gave it."""
+    if not names:
+        return False
+    text = ujson.dumps(body.get("node_errors") or {}, escape_forward_slashes=False)
+    return any(name in text for name in names.values())
 
 
 def _check_retryable(job: Job) -> None:

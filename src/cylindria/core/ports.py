@@ -87,3 +87,33 @@ class Store(Protocol):
 
     async def page(self, states: Iterable[str] | None, gpu_id: int | None, before: int,
                    limit: int) -> list[Job]: ...
+
+
+class InputFile(Protocol):
+    """A stored input file, as the core sees it."""
+
+    id: str
+    size: int
+    media_type: str
+    name: str
+
+
+class Inputs(Protocol):
+    """The input store and the way files reach ComfyUIs, as the jobs service uses them."""
+
+    def get(self, ident: str) -> InputFile | None: ...
+
+    def touch(self, idents: list[str]) -> None: ...
+
+    async def add_bytes(self, data: bytes, name: str) -> InputFile:
+        """Store bytes sent inline (deduplicated); ApiError when they cannot be kept."""
+
+    async def fetch(self, url: str, name: str) -> InputFile:
+        """Fetch a URL into the store; InputUnavailable saying why it could not."""
+
+    async def place(self, gpu: GpuPort, idents: Iterable[str]) -> dict[str, str]:
+        """The name of each input on this GPU's ComfyUI, uploading what it lacks;
+        BackendError when ComfyUI does not take one, InputGone when one is lost."""
+
+    def forget(self, gpu: int, idents: Iterable[str] | None = None) -> None:
+        """This GPU's ComfyUI may have lost these files: upload them again."""

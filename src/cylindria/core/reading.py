@@ -27,8 +27,8 @@ class WorkflowReader:
         self.max_nodes = max_nodes
         self._pool: ProcessPoolExecutor | None = None
 
-    async def read(self, raw: bytes | str) -> Workflow:
-        return await self.decode(read_workflow, raw, self.max_nodes)
+    async def read(self, raw: Raw, names: frozenset[str] = frozenset()) -> Workflow:
+        return await self.decode(read_workflow, raw, self.max_nodes, names)
 
     async def decode(self, work: Callable[..., T], raw: Raw, *args: Any) -> T:
         """`work(raw, *args)`: here if `raw` is small, else in the worker. `work` is a

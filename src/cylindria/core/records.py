@@ -106,6 +106,11 @@ class Job:
     cancel_requested_at: datetime | None = None
     callback_url: str | None = None
     webhook: dict[str, Any] | None = None
+    # Input files the job uses: {"ref", "id", "name", "size", "media_type"} each, where
+    # `ref` is the string in the workflow that stands for the file.
+    inputs: list[dict[str, Any]] | None = None
+    # Seconds this attempt spent putting its inputs on its GPU's ComfyUI.
+    upload_seconds: float | None = None
     # Loaded from the journal at start-up and not yet checked against ComfyUI.
     unverified: bool = False
     # Once finished, a job is made compact: what its node sets told is kept as two
@@ -217,9 +222,13 @@ class Job:
 
     def attempt_summary(self) -> dict[str, Any]:
         """The current attempt as it stands in the `attempts` list."""
-        return {"attempt": self.attempt, "prompt_id": self.prompt_id, "gpu_id": self.gpu_id,
-                "state": self.state.value, "submitted_at": isoformat(self.submitted_at),
-                "finished_at": isoformat(self.finished_at), "error": self.error}
+        summary = {"attempt": self.attempt, "prompt_id": self.prompt_id,
+                   "gpu_id": self.gpu_id, "state": self.state.value,
+                   "submitted_at": isoformat(self.submitted_at),
+                   "finished_at": isoformat(self.finished_at), "error": self.error}
+        if self.upload_seconds is not None:
+            summary["upload_seconds"] = self.upload_seconds
+        return summary
 
     def attempts(self) -> list[dict[str, Any]]:
         return [*(self.earlier_attempts or ()), self.attempt_summary()]
@@ -265,7 +274,7 @@ _PLAIN = ("job_id", "gpu_id", "fingerprint", "prompt_id", "seq", "confirmed", "d
           "auto", "attempt", "automatic_retries", "retry_owed", "earlier_attempts",
           "queue_position", "priority", "placement",
           "current_node", "node_progress", "error", "node_errors", "outputs", "callback_url",
-          "webhook")
+          "webhook", "inputs", "upload_seconds")
 
 
 # Values not written, because a record read back gets them anyway.

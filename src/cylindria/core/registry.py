@@ -49,6 +49,8 @@ class Registry(JobMachine):
         self._flight: dict[int, dict[str, Job]] = {}
         self._running: dict[int, dict[str, Job]] = {}
         self._counts: Counter[JobState] = Counter()
+        # Input files used by jobs in flight, by input id: the store keeps these.
+        self._inputs: Counter[str] = Counter()
         # Lost jobs whose automatic retry waits for a GPU.
         self._owed: dict[str, Job] = {}
         # GpuId=auto jobs waiting in Cylindria for a GPU (state queued, no gpu_id).
@@ -106,6 +108,13 @@ class Registry(JobMachine):
     def counts(self) -> dict[str, int]:
         return {state.value: self._counts[state] for state in JobState}
 
+    def uses_input(self, input_id: str) -> bool:
+        """Whether a job in flight (held, queued or running) uses this input file."""
+        return input_id in self._inputs
+
+    def inputs_in_use(self) -> set[str]:
+        return set(self._inputs)
+
     def unverified(self, gpu_id: int) -> list[Job]:
         return [job for job in self.in_flight(gpu_id) if job.unverified]
 
@@ -146,7 +155,8 @@ class Registry(JobMachine):
     def begin(self, job_id: str, gpu_id: int | None, prompt_id: str, fingerprint: str,
               nodes: Iterable[str], callback_url: str | None = None,
               auto: bool = False, priority: int = 0,
-              models: frozenset[str] | None = None) -> Job:
+              models: frozenset[str] | None = None,
+              inputs: list[dict[str, Any]] | None = None) -> Job:
         """Record a new submission before ComfyUI is asked, so that events for its
         prompt id that race ahead of the HTTP answer are never lost."""
         old = self._jobs.get(job_id)
@@ -159,7 +169,7 @@ class Registry(JobMachine):
         job = Job(job_id=job_id, gpu_id=gpu_id, fingerprint=fingerprint,
                   prompt_id=prompt_id, nodes=frozenset(nodes), submitted_at=now,
                   updated_at=now, seq=self._seq, callback_url=callback_url, auto=auto,
-                  priority=priority, models=models or None)
+                  priority=priority, models=models or None, inputs=inputs or None)
         if job.held:
             job.detail = "Held in Cylindria's queue until a GPU frees."
         self._insert(job)
@@ -188,7 +198,7 @@ class Registry(JobMachine):
         for name in ("queue_position", "current_node", "node_progress", "done_nodes",
                      "planned_nodes", "started_at", "finished_at", "error", "node_errors",
                      "outputs", "cached_nodes", "missing_since", "cancel_requested_at",
-                     "webhook", "placement"):
+                     "webhook", "placement", "upload_seconds"):
             setattr(job, name, None)
         job.unverified = False
         job.retry_owed = False
@@ -221,6 +231,16 @@ class Registry(JobMachine):
     def set_webhook(self, job: Job, **fields: Any) -> None:
         job.webhook = {**(job.webhook or {}), **fields}
         self._touch(job)
+
+    def uploading(self, job: Job, count: int, gpu_id: int) -> None:
+        job.detail = (f"Putting {count} input file{'s' if count != 1 else ''} on GPU "
+                      f"{gpu_id}'s ComfyUI.")
+        self._touch(job, lasting=False)
+
+    def uploaded(self, job: Job, seconds: float) -> None:
+        """The attempt's inputs are on its GPU; the time it took joins its record."""
+        job.upload_seconds = round(seconds, 4)
+        self._touch(job, lasting=False)
 
     def doubt(self, job: Job, detail: str) -> None:
         """Until ComfyUI answers again, this in-flight job's state is not known for sure:
@@ -374,6 +394,8 @@ class Registry(JobMachine):
         self._counts[state] += 1
         self._states.add(state, job.seq)
         if state in IN_FLIGHT:
+            for item in job.inputs or ():
+                self._inputs[item["id"]] += 1
             self._flight.setdefault(job.gpu_id, {})[job.job_id] = job
             if job.gpu_id is None and state is JobState.QUEUED:
                 self.held.add(job)
@@ -385,6 +407,13 @@ class Registry(JobMachine):
     def _leave(self, job: Job, state: JobState) -> None:
         self._counts[state] -= 1
         self._states.discard(state, job.seq)
+        if state in IN_FLIGHT:
+            for item in job.inputs or ():
+                left = self._inputs[item["id"]] - 1
+                if left > 0:
+                    self._inputs[item["id"]] = left
+                else:
+                    del self._inputs[item["id"]]
         self._flight.get(job.gpu_id, {}).pop(job.job_id, None)
         self._running.get(job.gpu_id, {}).pop(job.job_id, None)
         if job.gpu_id is None:

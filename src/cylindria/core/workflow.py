@@ -16,6 +16,7 @@ import ujson
 from ..config import DEFAULT_MAX_NODES
 from ..errors import BadRequest, InvalidWorkflow, TooManyNodes
 from .estimates import NodeCost, models_of, node_costs
+from .inputs import InlineInput, Reference, find_references, read_inline
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,10 @@ class Workflow:
     # and what each node costs (run times are learned and forecast by it).
     models: frozenset[str] = frozenset()
     costs: dict[str, NodeCost] = field(default_factory=dict)
+    # String inputs that name input files, and files sent inline in the JSON form
+    # (dropped once they are in the input store).
+    references: tuple[Reference, ...] = ()
+    inline: tuple[InlineInput, ...] = ()
 
     def parts(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(prompt, extra_data)."""
@@ -45,10 +50,12 @@ class Workflow:
         return document["prompt"], document["extra_data"]
 
 
-def read_workflow(raw: bytes | str | list[bytes], max_nodes: int = MAX_NODES) -> Workflow:
+def read_workflow(raw: bytes | str | list[bytes], max_nodes: int = MAX_NODES,
+                  names: frozenset[str] = frozenset()) -> Workflow:
     """Decode, check and fingerprint a PUT /startjob body (one buffer or its chunks); an
-    ApiError says what is wrong. Plain Python with no shared state, so a worker process
-    can run it."""
+    ApiError says what is wrong. `names` are the files sent beside it (a multipart
+    form's); the JSON form may carry more under `inputs`. Plain Python with no shared
+    state, so a worker process can run it."""
     try:
         body = ujson.loads(b"".join(raw) if isinstance(raw, list) else raw)
     except (ValueError, RecursionError):
@@ -70,7 +77,14 @@ def read_workflow(raw: bytes | str | list[bytes], max_nodes: int = MAX_NODES) ->
     except (OverflowError, RecursionError, ValueError):
         raise BadRequest("The workflow is nested too deeply to handle. Send an API-format "
                          "workflow.") from None
-    return Workflow(data, digest, tuple(prompt), models_of(prompt), node_costs(prompt))
+    inline = tuple(read_inline(body)) if "prompt" in body else ()
+    clash = names & {item.name for item in inline}
+    if clash:
+        raise BadRequest(f"Two inputs are named {sorted(clash)[0]!r} (a file part and an "
+                         "entry of 'inputs'); give each its own name.")
+    references = find_references(prompt, names | {item.name for item in inline})
+    return Workflow(data, digest, tuple(prompt), models_of(prompt), node_costs(prompt),
+                    tuple(references), inline)
 
 
 def split_workflow(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -210,6 +210,21 @@ def output_view(entry: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def input_view(entry: dict[str, Any]) -> dict[str, Any]:
+    """One of a job's input files, as the job page shows it (pictures as thumbnails)."""
+    media = entry["media_type"]
+    return {"name": entry["name"], "url": entry["url"],
+            "thumbnail": media.startswith("image/") and "svg" not in media,
+            "caption": f"{entry['name']} · {size_label(entry['size'])} · {media}"}
+
+
+def size_label(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"
+
+
 def job_details(router: web.UrlDispatcher, job: Job, now: datetime) -> dict[str, Any]:
     error = job.error or None
     node_errors = job.node_errors or None
@@ -250,6 +265,7 @@ def job_details(router: web.UrlDispatcher, job: Job, now: datetime) -> dict[str,
             "raw": pretty_json(node_errors),
         },
         "outputs": outputs,
+        "inputs": [input_view(entry) for entry in body["inputs"]],
         # Lets the page tell whether the outputs changed without comparing them.
         "outputs_key": hashlib.sha256(dumps(outputs).encode()).hexdigest()[:16],
         "attempts": [attempt_row(a, now) for a in reversed(body["attempts"])],

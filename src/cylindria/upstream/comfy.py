@@ -30,7 +30,13 @@ from ..addresses import (
 from ..config import Settings, Timing
 from ..core.answers import Raw, history_entry, json_document, parse_queue, queue_snapshot
 from ..core.ports import QueueSnapshot, Submitted
-from ..errors import BackendError, BackendTimeout, BackendUnavailable, CallbackNotAllowed
+from ..errors import (
+    ApiError,
+    BackendError,
+    BackendTimeout,
+    BackendUnavailable,
+    CallbackNotAllowed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +194,40 @@ class ComfyClient:
         """Interrupt this prompt only if it is the one running (never a global one)."""
         await self._request("POST", "/interrupt", json_body={"prompt_id": prompt_id})
 
+    async def upload(self, path: str, name: str, media_type: str, subfolder: str,
+                     read_timeout: float) -> str:
+        """POST /upload/image: the file at `path`, streamed from disk (ComfyUI takes any
+        kind of file there). Returns the name a workflow gives it, "<subfolder>/<name>":
+        ComfyUI keeps an identical file it has under that name, and renames the upload
+        when the name holds other bytes."""
+        started = time.perf_counter()
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=read_timeout)
+        handle = await asyncio.to_thread(open, path, "rb")
+        try:
+            form = aiohttp.FormData()
+            form.add_field("image", handle, filename=name, content_type=media_type)
+            form.add_field("type", "input")
+            form.add_field("subfolder", subfolder)
+            with self._transport_errors("POST /upload/image"), \
+                    self._timed("/upload", started):
+                async with self._session.post(self.url("/upload/image"), data=form,
+                                              timeout=timeout) as resp:
+                    raw = await resp.read()
+                    if resp.status != 200 or resp.content_type != "application/json":
+                        raise BackendError(
+                            f"ComfyUI at {self.base_url} refused the upload of {name} with "
+                            f"HTTP {resp.status}.", extra={"upstream_status": resp.status})
+        finally:
+            await asyncio.to_thread(handle.close)
+        try:
+            answer = ujson.loads(raw)
+            stored = str(answer["name"])
+            folder = str(answer.get("subfolder") or "")
+        except (ValueError, KeyError, TypeError):
+            raise BackendError(f"ComfyUI at {self.base_url} answered an upload with "
+                               "something other than the name it stored.") from None
+        return f"{folder}/{stored}" if folder else stored
+
     @contextlib.asynccontextmanager
     async def view(self, params: dict[str, str], headers: dict[str, str],
                    read_timeout: float) -> AsyncIterator[aiohttp.ClientResponse]:
@@ -310,6 +350,11 @@ class CallbackClient:
     checked address (never to the name, which could resolve elsewhere a moment later)
     and never follows a redirect."""
 
+    # How refusals name the URL, and the error they raise.
+    WHAT = "X-Callback-Url"
+    WHO = "callbacks"
+    REFUSAL: type[ApiError] = CallbackNotAllowed
+
     def __init__(self, session: aiohttp.ClientSession, allow: AllowList,
                  own: Sequence[tuple[str, int, str]], resolve_timeout: float,
                  resolver: Resolver = resolve) -> None:
@@ -376,9 +421,9 @@ class CallbackClient:
         if not addresses:
             raise OSError(f"{host} has no address")
         for ip in addresses:
-            reason = callback_refusal(host, ip, port, self._allow, forbidden)
+            reason = callback_refusal(host, ip, port, self._allow, forbidden, self.WHO)
             if reason is not None:
-                raise CallbackNotAllowed(f"X-Callback-Url {url} {reason}")
+                raise self.REFUSAL(f"{self.WHAT} {url} {reason}")
         return addresses
 
     async def _lookup(self, host: str, port: int) -> list[IPAddress]:

@@ -125,8 +125,10 @@ async def listen(gpu: Gpu, jobs: JobsService, timing: Timing,
                 ever_connected = True
                 failures = 0
                 delays = backoff_delays(timing.reconnect_initial, timing.reconnect_max)
-                # Events sent while we were away are gone: reconcile by polling.
+                # Events sent while we were away are gone: reconcile by polling. Its
+                # ComfyUI may have restarted, perhaps without the input files it had.
                 wake_poller.set()
+                jobs.inputs.forget(gpu.index)
                 async for msg in ws:
                     if msg.type is aiohttp.WSMsgType.TEXT:
                         await dispatcher.handle_text(msg.data)

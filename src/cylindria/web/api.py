@@ -6,10 +6,10 @@ import asyncio
 
 from aiohttp import web
 
-from ..appkeys import GPUS, JOBS, JOURNAL
+from ..appkeys import GPUS, INPUTS, JOBS, JOURNAL, SETTINGS
 from ..errors import ApiError, JobFinished
 from ..jsonio import json_response
-from . import params, render
+from . import intake, params, render
 from .auth import Access, access
 
 routes = web.RouteTableDef()
@@ -59,9 +59,17 @@ async def put_startjob(request: web.Request) -> web.Response:
         job_id = params.job_id(request)
         callback = await params.callback_url(request)
         priority = params.priority(request.query)
-        workflow = await request.app[JOBS].read(job_id, await params.body(request))
-        outcome = await request.app[JOBS].start(job_id, request.query.get("GpuId"), workflow,
-                                                callback, priority)
+        jobs = request.app[JOBS]
+        if intake.is_multipart(request):
+            settings = request.app[SETTINGS]
+            form = await intake.job_form(request, request.app[INPUTS], settings.input_max,
+                                         settings.timing.body_idle_timeout)
+            raw, attached = form.workflow or [], form.files
+        else:
+            raw, attached = await params.body(request), {}
+        workflow = await jobs.read(job_id, raw, attached)
+        outcome = await jobs.start(job_id, request.query.get("GpuId"), workflow, callback,
+                                   priority, attached)
     except ApiError as exc:
         raise render.startjob_refusal(job_id, exc) from None
     return render.startjob_reply(outcome)

@@ -29,7 +29,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
-from ..appkeys import EVENTS, GPUS, JOURNAL, REGISTRY, WEBHOOKS
+from ..appkeys import EVENTS, GPUS, INPUTS, JOURNAL, REGISTRY, WEBHOOKS
 from ..core.records import Job
 from .auth import Access, access
 
@@ -68,6 +68,15 @@ class Metrics:
         self.loop_lag = Histogram(
             "cylindria_event_loop_lag_seconds", "How late the event loop ran a timer, "
             f"sampled every {LAG_INTERVAL} s.", buckets=LAG_SECONDS, registry=self.registry)
+        self.upload_bytes = Counter(
+            "cylindria_input_upload_bytes", "Input file bytes uploaded to each GPU's "
+            "ComfyUI.", ["gpu"], registry=self.registry)
+        self.upload_seconds = Counter(
+            "cylindria_input_upload_seconds", "Seconds spent uploading input files to each "
+            "GPU's ComfyUI.", ["gpu"], registry=self.registry)
+        self.uploads = Counter(
+            "cylindria_input_uploads", "Input files uploaded to each GPU's ComfyUI (a file "
+            "it holds already is not sent again).", ["gpu"], registry=self.registry)
         self.registry.register(StateCollector(app))
         self._counted: dict[tuple[str, int], None] = {}
         # Answers by (route, method, status); and by (route, method) the count in each
@@ -94,6 +103,13 @@ class Metrics:
         def observe(endpoint: str, seconds: float) -> None:
             self.comfy_seconds.labels(label, endpoint).observe(seconds)
         return observe
+
+    def uploaded(self, gpu: int, size: int, seconds: float) -> None:
+        """One input file put on a GPU's ComfyUI."""
+        label = str(gpu)
+        self.uploads.labels(label).inc()
+        self.upload_bytes.labels(label).inc(size)
+        self.upload_seconds.labels(label).inc(seconds)
 
     def on_change(self, job: Job) -> None:
         """A registry subscriber: counts each attempt's end once."""
@@ -215,6 +231,13 @@ class StateCollector(Collector):
             for outcome, count in sorted(app[WEBHOOKS].outcomes.items()):
                 hooks.add_metric([outcome], count)
             yield hooks
+        if INPUTS in app:
+            store = app[INPUTS]
+            yield GaugeMetricFamily("cylindria_input_store_files", "Input files stored.",
+                                    value=float(len(store)))
+            yield GaugeMetricFamily("cylindria_input_store_bytes",
+                                    "Bytes of input files stored.",
+                                    value=float(store.total_bytes))
         if JOURNAL in app:
             journal = app[JOURNAL]
             yield GaugeMetricFamily("cylindria_journal_backlog",

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..jsonio import json_response
+from . import openapi_inputs
 from .auth import Access, access
 
 routes = web.RouteTableDef()
@@ -120,6 +121,8 @@ def schemas() -> dict[str, Any]:
                 "error": {"type": ["object", "null"]},
                 "outputs": {"type": "array", "items": ref("Output")},
                 "outputs_reused": {"type": "boolean"},
+                "inputs": {"type": "array", "items": ref("JobInput"),
+                           "description": "The input files the job uses."},
                 "cancel_requested": {"type": "boolean"},
                 "webhook": {"type": ["object", "null"]},
                 "attempt": {"type": "integer"},
@@ -181,7 +184,9 @@ def schemas() -> dict[str, Any]:
         "Workflow": {"type": "object",
                      "description": "An API-format workflow: the bare graph `{node_id: "
                                     "{class_type, inputs}}`, or ComfyUI's envelope "
-                                    "`{prompt, extra_data}`."},
+                                    "`{prompt, extra_data}`, which may carry `inputs` "
+                                    "(WorkflowWithInputs)."},
+        **openapi_inputs.schemas(ref),
     }
 
 
@@ -192,7 +197,8 @@ ERROR_CODES = ["bad_request", "invalid_workflow", "payload_too_large",
                "unknown_gpu", "too_many_streams", "too_many_attempts",
                "backend_error", "backend_unavailable", "backend_timeout",
                "state_unavailable", "queue_full", "not_found", "method_not_allowed",
-               "origin_refused", "csrf_token_invalid", "internal_error"]
+               "origin_refused", "csrf_token_invalid", "internal_error",
+               *openapi_inputs.ERROR_CODES]
 
 
 def paths() -> dict[str, Any]:
@@ -200,14 +206,27 @@ def paths() -> dict[str, Any]:
     refused = {"403": SESSION_REFUSED}
     not_found = answer("No such job (`job_not_found`).")
     start_errors = {
-        "400": answer("Bad job_id or GpuId, a body that is not a JSON object, or a "
-                      "compressed body that does not decompress.", "StartRefusal"),
-        "409": answer("The job exists with another workflow, or the GPU is drained.",
+        "400": answer("Bad job_id or GpuId, a body that is not a JSON object, a "
+                      "compressed body that does not decompress, or a multipart form "
+                      "without one `workflow` part or with two files of one name.",
                       "StartRefusal"),
-        "413": answer("The body is over 32 MiB, or has too many nodes.", "StartRefusal"),
-        "415": answer("An unsupported Content-Encoding.", "StartRefusal"),
+        "408": answer("A multipart body stopped arriving (`body_timeout`).",
+                      "StartRefusal"),
+        "409": answer("The job exists with another workflow or other input files, the "
+                      "GPU is drained, or (retry) an input is no longer stored "
+                      "(`input_gone`).", "StartRefusal"),
+        "413": answer("The body is over 32 MiB, a file over CYLINDRIA_INPUT_MAX, or too "
+                      "many nodes.", "StartRefusal"),
+        "415": answer("An unsupported Content-Encoding, or a multipart type other than "
+                      "form-data.", "StartRefusal"),
         "422": answer("Not a workflow ComfyUI can run, refused by ComfyUI's validation, "
-                      "or a callback URL that may not be called.", "StartRefusal"),
+                      "a callback URL that may not be called, a reference to no stored "
+                      "input (`unknown_input`, naming the node and input), an input sent "
+                      "that no node uses or that is not valid base64 (`invalid_input`), "
+                      "or an input URL that could not be fetched (`input_unavailable`).",
+                      "StartRefusal"),
+        "507": answer("The input store is full of inputs jobs in flight use.",
+                      "StartRefusal", headers=RETRY_AFTER),
         "502": answer("ComfyUI unreachable or answering with an error.", "StartRefusal"),
         "503": answer("Cylindria's queue for `auto` is full (`queue_full`), or the state "
                       "file takes no writes (`state_unavailable`).",
@@ -251,7 +270,10 @@ def paths() -> dict[str, Any]:
                         {"name": "Content-Encoding", "in": "header", "required": False,
                          "schema": {"type": "string",
                                     "enum": ["identity", "gzip", "deflate"]}}],
-            body={"required": True, "content": {JSON: {"schema": ref("Workflow")}}})},
+            body={"required": True, "content": {
+                JSON: {"schema": {"anyOf": [ref("Workflow"),
+                                            ref("WorkflowWithInputs")]}},
+                "multipart/form-data": openapi_inputs.multipart_job()}})},
         "/jobstatus/{job_id}/": {"get": operation(
             "Where a job is.", {"200": status, "400": answer("A bad job_id."),
                                 "404": not_found}, parameters=[JOB_ID])},
@@ -370,6 +392,7 @@ def paths() -> dict[str, Any]:
                                              "properties": {"key": {"type": "string"},
                                                             "next": {"type": "string"}}}}}},
                               secured=False, tags=("dashboard",))},
+        **openapi_inputs.paths(operation, answer, RETRY_AFTER),
         "/dashboard/logout": {"post": operation(
             "Sign out.", {"303": {"description": "To the sign-in form."}},
             tags=("dashboard",))},

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import web
 
+from ..core.inputs import REF_PREFIX
 from ..core.jobs import Outcome, Verdict
 from ..core.records import Job, isoformat
 from ..errors import ApiError
 from ..jsonio import dumps, json_response
+from ..store.inputs import StoredInput
 from ..upstream.gpus import Gpu, Probe
 
 
@@ -37,6 +40,36 @@ def outputs(job: Job, router: web.UrlDispatcher) -> list[dict[str, Any]]:
                 entry.update(text=head, truncated=True,
                              url=output_url(router, job.job_id, index))
     return entries
+
+
+def input_url(router: web.UrlDispatcher, ident: str) -> str:
+    return str(router["input"].url_for(input_id=ident))
+
+
+def input_body(entry: StoredInput, router: web.UrlDispatcher, name: str) -> dict[str, Any]:
+    """One stored input as POST /inputs/ answers it: `ref` goes into a workflow."""
+    return {"id": entry.id, "size": entry.size, "media_type": entry.media_type,
+            "name": name, "url": input_url(router, entry.id), "ref": REF_PREFIX + entry.id}
+
+
+def input_headers(entry: StoredInput) -> dict[str, str]:
+    """Headers for serving a stored input: pictures, video and sound inline (the
+    dashboard shows them), anything else as a download; never run as a page."""
+    kind = entry.media_type.split("/")[0]
+    inline = kind in ("video", "audio") or (kind == "image" and "svg" not in entry.media_type)
+    plain = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_"
+                    for c in entry.name)
+    disposition = (f'{"inline" if inline else "attachment"}; filename="{plain}"; '
+                   f"filename*=UTF-8''{quote(entry.name, safe='')}")
+    return {"Content-Type": entry.media_type, "Content-Disposition": disposition,
+            "Content-Security-Policy": "default-src 'none'; sandbox",
+            "Cache-Control": "private, max-age=31536000, immutable"}
+
+
+def job_inputs(job: Job, router: web.UrlDispatcher) -> list[dict[str, Any]]:
+    return [{"id": item["id"], "name": item["name"], "size": item["size"],
+             "media_type": item["media_type"], "url": input_url(router, item["id"])}
+            for item in job.inputs or ()]
 
 
 def text_head(text: str, limit: int) -> str | None:
@@ -69,6 +102,7 @@ def status_body(job: Job, router: web.UrlDispatcher) -> dict[str, Any]:
         "error": job.error,
         "outputs": outputs(job, router),
         "outputs_reused": job.outputs_reused,
+        "inputs": job_inputs(job, router),
         "cancel_requested": job.cancel_requested_at is not None and not job.terminal,
         "webhook": job.webhook,
         "attempt": job.attempt,

@@ -1,0 +1,194 @@
+"""Input files that travel with jobs, measured: 200 `GpuId=auto` jobs over 8 simulated
+GPUs sharing 5 inputs of 8 MiB, sent three ways (a multipart form per job, base64 in
+the JSON, a reference to an input uploaded once), each through a fresh stack.
+
+Real processes on loopback: `cylindria simulate` (8 GPUs) and `cylindria serve`. For
+each way: how many uploads each GPU received (the goal is at most one per input), the
+submission latency seen by the client (p50/p99, 8 submissions in flight), and how late
+Cylindria's event loop ran while the files moved (its own lag histogram from
+/metrics, and /healthz answered on the side every 20 ms; the goal is under 50 ms).
+
+    .venv/bin/python bench/inputs.py                 # the three rows
+    .venv/bin/python bench/inputs.py --jobs 50 --size-mib 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import procs
+import ujson
+
+GPUS = 8
+IN_FLIGHT = 8
+LAG_GOAL = 0.05
+
+
+def workflow(ref: str, n: int) -> dict[str, Any]:
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": ref}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0],
+                                                    "filename_prefix": f"bench/in{n}"}},
+    }
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+async def submit(session: aiohttp.ClientSession, url: str, way: str, n: int,
+                 files: list[bytes], refs: list[str]) -> float:
+    pick = n % len(files)
+    name = f"in{pick}.png"
+    started = time.perf_counter()
+    target = f"{url}/startjob/b{n}/?GpuId=auto"
+    if way == "multipart":
+        form = aiohttp.FormData()
+        form.add_field("workflow", ujson.dumps(workflow(name, n)),
+                       content_type="application/json")
+        form.add_field("file", files[pick], filename=name, content_type="image/png")
+        request = session.put(target, data=form)
+    elif way == "base64":
+        body = {"prompt": workflow(name, n),
+                "inputs": {name: {"base64": base64.b64encode(files[pick]).decode()}}}
+        request = session.put(target, data=ujson.dumps(body),
+                              headers={"Content-Type": "application/json"})
+    else:
+        request = session.put(target, data=ujson.dumps(workflow(refs[pick], n)),
+                              headers={"Content-Type": "application/json"})
+    async with request as resp:
+        await resp.read()
+        if resp.status not in (200, 202):
+            raise RuntimeError(f"job b{n}: {resp.status} {await resp.text()}")
+    return time.perf_counter() - started
+
+
+async def lag_histogram(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    async with session.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    buckets: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("cylindria_event_loop_lag_seconds_bucket"):
+            bound = line.split('le="')[1].split('"')[0]
+            buckets[bound] = float(line.split()[-1])
+    return buckets
+
+
+def uploads_by_gpu(text: str) -> dict[int, int]:
+    found: dict[int, int] = {}
+    for line in text.splitlines():
+        if line.startswith("cylindria_input_uploads_total{"):
+            gpu = int(line.split('gpu="')[1].split('"')[0])
+            found[gpu] = int(float(line.split()[-1]))
+    return found
+
+
+async def one_way(work: Path, way: str, jobs: int, files: list[bytes]) -> dict[str, Any]:
+    run = Path(tempfile.mkdtemp(dir=work, prefix=f"{way}-"))
+    env = {"CYLINDRIA_INPUT_MAX": str(max(len(f) for f in files) + 1024)}
+    async with procs.stack(run, GPUS, run / "state.sqlite3", **env) as running, \
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+        url = running.url
+        refs: list[str] = []
+        if way == "reference":
+            for n, data in enumerate(files):
+                async with session.post(f"{url}/inputs/", params={"name": f"in{n}.png"},
+                                        data=data, headers={"Content-Type": "image/png"}
+                                        ) as resp:
+                    refs.append((await resp.json())["inputs"][0]["ref"])
+        before = await lag_histogram(session, url)
+        probes: list[float] = []
+        stop = asyncio.Event()
+
+        async def probe() -> None:
+            while not stop.is_set():
+                started = time.perf_counter()
+                async with session.get(f"{url}/healthz") as resp:
+                    await resp.read()
+                probes.append(time.perf_counter() - started)
+                await asyncio.sleep(0.02)
+
+        prober = asyncio.create_task(probe())
+        gate = asyncio.Semaphore(IN_FLIGHT)
+
+        async def bounded(n: int) -> float:
+            async with gate:
+                return await submit(session, url, way, n, files, refs)
+
+        started = time.perf_counter()
+        latencies = await asyncio.gather(*(bounded(n) for n in range(jobs)))
+        submitted = time.perf_counter() - started
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            async with session.get(f"{url}/jobs/", params={"state": "queued,running",
+                                                            "limit": "1"}) as resp:
+                if not (await resp.json())["jobs"]:
+                    break
+            await asyncio.sleep(0.1)
+        finished = time.perf_counter() - started
+        stop.set()
+        await prober
+        async with session.get(f"{url}/jobs/", params={"limit": "500"}) as resp:
+            states = [job["state"] for job in (await resp.json())["jobs"]]
+        after = await lag_histogram(session, url)
+        async with session.get(f"{url}/metrics") as resp:
+            uploads = uploads_by_gpu(await resp.text())
+    samples = after["+Inf"] - before["+Inf"]
+    within = after["0.05"] - before["0.05"]
+    late = {bound: after[bound] - before[bound] for bound in after}
+    p99_bound = next((b for b, c in late.items() if c >= 0.99 * samples), "+Inf")
+    return {"way": way, "jobs": jobs, "completed": states.count("completed"),
+            "uploads": [uploads.get(g, 0) for g in range(GPUS)],
+            "p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99),
+            "submitted_s": submitted, "finished_s": finished,
+            "lag_samples": samples, "lag_over_goal": samples - within, "lag_p99_le": p99_bound,
+            "healthz_p99": percentile(probes, 0.99), "healthz_max": max(probes)}
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--inputs", type=int, default=5)
+    parser.add_argument("--size-mib", type=float, default=8)
+    parser.add_argument("--only", choices=("multipart", "base64", "reference"))
+    args = parser.parse_args()
+    size = int(args.size_mib * 2**20)
+    files = [os.urandom(size) for _ in range(args.inputs)]
+    print(f"{args.jobs} auto jobs, {GPUS} simulated GPUs, {args.inputs} inputs of "
+          f"{args.size_mib:g} MiB ({', '.join(hashlib.sha256(f).hexdigest()[:8] for f in files)})")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="cylindria-bench-inputs-") as work:
+        for way in ("multipart", "base64", "reference"):
+            if args.only in (None, way):
+                row = await one_way(Path(work), way, args.jobs, files)
+                rows.append(row)
+                print(f"  {way:9}  done", file=sys.stderr)
+    print("| way | completed | uploads per GPU | submit p50 | submit p99 | loop lag > 50 ms "
+          "| lag p99 | /healthz p99 (max) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['way']} | {r['completed']}/{r['jobs']} | "
+              f"{' '.join(map(str, r['uploads']))} | {r['p50'] * 1000:.1f} ms | "
+              f"{r['p99'] * 1000:.1f} ms | {int(r['lag_over_goal'])} of "
+              f"{int(r['lag_samples'])} samples | <= {r['lag_p99_le']} s | "
+              f"{r['healthz_p99'] * 1000:.1f} ms ({r['healthz_max'] * 1000:.1f} ms) |")
+    print("wall: " + ", ".join(f"{r['way']} {r['finished_s']:.1f} s" for r in rows))
+    bad = [r for r in rows if r["completed"] != r["jobs"]
+           or any(u > args.inputs for u in r["uploads"])]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

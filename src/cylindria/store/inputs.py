@@ -1,0 +1,348 @@
+"""The input store: files clients send, kept once each by content address, next to the
+state file; every disk operation runs in a worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import mimetypes
+import os
+import re
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ujson
+
+from ..core.inputs import ID_RE, input_id
+from ..errors import BodyTooLarge, InputInUse, InputNotFound, InputStoreFull
+
+log = logging.getLogger(__name__)
+
+# Received bytes are written in batches of about this size: one thread hop each.
+WRITE_BATCH = 1 << 20
+DEFAULT_MEDIA_TYPE = "application/octet-stream"
+EXTENSION_RE = re.compile(r"\.[A-Za-z0-9]{1,8}$", re.ASCII)
+
+
+@dataclass(slots=True)
+class StoredInput:
+    """One stored file: its content address, what it is, and when a job last used it."""
+
+    id: str
+    size: int
+    media_type: str
+    name: str
+    created_at: float
+    last_used: float
+
+    @property
+    def extension(self) -> str:
+        """The file's extension for ComfyUI (some loaders list files by it)."""
+        found = EXTENSION_RE.search(self.name)
+        if found:
+            return found.group(0).lower()
+        return mimetypes.guess_extension(self.media_type, strict=False) or ""
+
+    @property
+    def comfy_name(self) -> str:
+        """The name it is uploaded under: the same on every ComfyUI, never colliding."""
+        return f"{self.id}{self.extension}"
+
+    def meta(self) -> dict[str, Any]:
+        return {"size": self.size, "media_type": self.media_type, "name": self.name,
+                "created_at": self.created_at}
+
+
+def media_type_for(declared: str | None, name: str) -> str:
+    """The declared type, or one guessed from the name when none useful was declared."""
+    declared = (declared or "").split(";")[0].strip().lower()
+    if declared and declared != DEFAULT_MEDIA_TYPE:
+        return declared
+    return mimetypes.guess_type(name, strict=False)[0] or DEFAULT_MEDIA_TYPE
+
+
+class InputStore:
+    """Files on disk under `directory` (a private temporary folder when None, removed
+    at close): `sha256-<hex>` holds the bytes, `sha256-<hex>.json` what they are, and
+    `incoming/` files still arriving (removed at start-up: they were cut short).
+
+    `in_use(id)` says whether a job in flight uses an input: such an input is never
+    evicted or deleted. Over `max_bytes`, the least recently used of the others go.
+    """
+
+    def __init__(self, directory: Path | None, max_bytes: int,
+                 in_use: Callable[[str], bool], sync: bool = False) -> None:
+        self._given = directory
+        self.directory = directory or Path(".")
+        self.max_bytes = max_bytes
+        self._in_use = in_use
+        self._sync = sync
+        self._entries: dict[str, StoredInput] = {}
+        self._touched: set[str] = set()
+        self.total_bytes = 0
+
+    # -- life --------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._given is None:
+            self.directory = Path(await asyncio.to_thread(
+                tempfile.mkdtemp, prefix="cylindria-inputs-"))
+        entries = await asyncio.to_thread(_scan, self.directory)
+        self._entries = {entry.id: entry for entry in entries}
+        self.total_bytes = sum(entry.size for entry in entries)
+        log.info("input files are kept in %s: %d stored, %.1f MiB", self.directory,
+                 len(entries), self.total_bytes / 2**20)
+
+    async def close(self) -> None:
+        await self.flush_touches()
+        if self._given is None:
+            await asyncio.to_thread(shutil.rmtree, self.directory, True)
+
+    # -- lookups -----------------------------------------------------------------
+
+    def get(self, ident: str) -> StoredInput | None:
+        return self._entries.get(ident)
+
+    def find(self, ident: str) -> StoredInput:
+        entry = self._entries.get(ident) if ID_RE.fullmatch(ident) else None
+        if entry is None:
+            raise InputNotFound(f"No input {ident[:80]!r} is stored here; upload it with "
+                                "POST /inputs/.", extra={"input_id": ident[:80]})
+        return entry
+
+    def path(self, ident: str) -> Path:
+        return self.directory / ident
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, ident: object) -> bool:
+        return ident in self._entries
+
+    def touch(self, idents: list[str]) -> None:
+        """A job uses these now: they are the last to be evicted."""
+        now = time.time()
+        for ident in idents:
+            entry = self._entries.get(ident)
+            if entry is not None:
+                entry.last_used = now
+                self._touched.add(ident)
+
+    async def flush_touches(self) -> None:
+        """Write recent uses as the files' modification times, so they outlive a restart."""
+        touched = [(self.path(i), self._entries[i].last_used)
+                   for i in self._touched if i in self._entries]
+        self._touched.clear()
+        if touched:
+            await asyncio.to_thread(_set_times, touched)
+
+    # -- adding --------------------------------------------------------------------
+
+    async def add(self, chunks: AsyncIterator[bytes], media_type: str, name: str,
+                  limit: int) -> tuple[StoredInput, bool]:
+        """Store what `chunks` yields (at most `limit` bytes, else 413 and nothing kept).
+        Returns the entry, and whether these bytes were new. A failure or a cancel
+        while they arrive leaves no file behind."""
+        part = self.directory / "incoming" / f"{secrets.token_hex(8)}.part"
+        sink = _Sink(part)
+        try:
+            await asyncio.to_thread(sink.open)
+            pending: list[bytes] = []
+            pending_size = 0
+            async for chunk in chunks:
+                if sink.size + pending_size + len(chunk) > limit:
+                    raise _too_large(name, limit)
+                pending.append(chunk)
+                pending_size += len(chunk)
+                if pending_size >= WRITE_BATCH:
+                    await asyncio.to_thread(sink.write, pending)
+                    pending, pending_size = [], 0
+            if pending:
+                await asyncio.to_thread(sink.write, pending)
+            return await self._settle(sink, media_type, name)
+        finally:
+            await asyncio.shield(asyncio.to_thread(sink.discard))
+
+    async def add_bytes(self, data: bytes, media_type: str, name: str,
+                        limit: int) -> tuple[StoredInput, bool]:
+        if len(data) > limit:
+            raise _too_large(name, limit)
+
+        async def one() -> AsyncIterator[bytes]:
+            yield data
+
+        return await self.add(one(), media_type, name, limit)
+
+    async def _settle(self, sink: _Sink, media_type: str, name: str
+                      ) -> tuple[StoredInput, bool]:
+        ident = input_id(sink.digest.hexdigest())
+        existing = self._entries.get(ident)
+        if existing is not None:
+            self.touch([ident])
+            return existing, False
+        self._make_room(sink.size, name)
+        now = time.time()
+        entry = StoredInput(ident, sink.size, media_type, name, now, now)
+        await asyncio.to_thread(sink.keep, self.path(ident), entry.meta(), self._sync)
+        existing = self._entries.get(ident)  # the same bytes may have settled meanwhile
+        if existing is not None:
+            return existing, False
+        self._entries[ident] = entry
+        self.total_bytes += entry.size
+        return entry, True
+
+    def _make_room(self, size: int, name: str) -> None:
+        """Forget least recently used inputs no job in flight uses until `size` more
+        bytes fit; 507 when they cannot."""
+        if self.total_bytes + size <= self.max_bytes:
+            return
+        free = sorted((e for e in self._entries.values() if not self._in_use(e.id)),
+                      key=lambda e: e.last_used)
+        room = self.max_bytes - self.total_bytes
+        doomed: list[StoredInput] = []
+        for entry in free:
+            if room >= size:
+                break
+            doomed.append(entry)
+            room += entry.size
+        if room < size:
+            raise InputStoreFull(
+                f"The input store cannot take {name!r} ({size} bytes): it holds "
+                f"{self.total_bytes} of its {self.max_bytes} bytes "
+                "(CYLINDRIA_INPUT_STORE_MAX) for jobs still in flight. Retry when some "
+                "have finished.", headers={"Retry-After": "30"})
+        for entry in doomed:
+            self._forget(entry)
+        log.info("input store: evicted %d least recently used input(s) to make room",
+                 len(doomed))
+
+    # -- removing ------------------------------------------------------------------
+
+    async def delete(self, ident: str) -> StoredInput:
+        entry = self.find(ident)
+        if self._in_use(ident):
+            raise InputInUse(f"Input {ident} is used by a job in flight; delete it once that "
+                             "job has finished.", extra={"input_id": ident})
+        self._forget(entry)
+        await asyncio.to_thread(_unlink, self.path(ident))
+        return entry
+
+    def _forget(self, entry: StoredInput) -> None:
+        if self._entries.pop(entry.id, None) is not None:
+            self.total_bytes -= entry.size
+            self._touched.discard(entry.id)
+            # Removed in a thread: eviction happens while a request waits.
+            task = asyncio.get_running_loop().run_in_executor(None, _unlink,
+                                                              self.path(entry.id))
+            task.add_done_callback(_log_failure)
+
+    async def prune(self, before: float) -> int:
+        """Forget inputs no job in flight uses that no job has used since `before`."""
+        await self.flush_touches()
+        doomed = [e for e in self._entries.values()
+                  if e.last_used < before and not self._in_use(e.id)]
+        for entry in doomed:
+            self._forget(entry)
+        return len(doomed)
+
+
+def _too_large(name: str, limit: int) -> BodyTooLarge:
+    return BodyTooLarge(f"The input {name!r} is more than {limit} bytes, this server's "
+                        "limit for one file (CYLINDRIA_INPUT_MAX); send a smaller file.",
+                        extra={"input": name})
+
+
+class _Sink:
+    """A file being received: written and hashed in a worker thread, a batch at a time."""
+
+    def __init__(self, part: Path) -> None:
+        self.part = part
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self._file: Any = None
+
+    def open(self) -> None:
+        self.part.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.part, "wb")
+
+    def write(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.digest.update(chunk)
+            self._file.write(chunk)
+            self.size += len(chunk)
+
+    def keep(self, target: Path, meta: dict[str, Any], sync: bool) -> None:
+        self._file.flush()
+        if sync:
+            os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        sidecar = target.with_name(target.name + ".json")
+        temp = sidecar.with_name(sidecar.name + ".part")
+        temp.write_text(ujson.dumps(meta))
+        os.replace(temp, sidecar)
+        os.replace(self.part, target)
+
+    def discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        _unlink(self.part)
+
+
+def _unlink(path: Path) -> None:
+    for each in (path, path.with_name(path.name + ".json")):
+        try:
+            each.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("input store: a file could not be removed: %s", future.exception())
+
+
+def _set_times(touched: list[tuple[Path, float]]) -> None:
+    for path, moment in touched:
+        try:
+            os.utime(path, (moment, moment))
+        except FileNotFoundError:
+            pass
+
+
+def _scan(directory: Path) -> list[StoredInput]:
+    """The stored inputs, as found: what arrived only in part is removed, and so is a
+    file without its description or a description without its file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    incoming = directory / "incoming"
+    if incoming.exists():
+        shutil.rmtree(incoming, ignore_errors=True)
+    found: list[StoredInput] = []
+    for path in directory.iterdir():
+        if path.name.endswith(".json.part"):
+            path.unlink(missing_ok=True)
+            continue
+        if not ID_RE.fullmatch(path.name):
+            continue
+        sidecar = path.with_name(path.name + ".json")
+        try:
+            meta = ujson.loads(sidecar.read_text())
+            stat = path.stat()
+            found.append(StoredInput(path.name, stat.st_size, str(meta["media_type"]),
+                                     str(meta["name"]), float(meta["created_at"]),
+                                     stat.st_mtime))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("input store: %s is incomplete (%s); removing it", path, exc)
+            _unlink(path)
+    for sidecar in directory.glob("sha256-*.json"):
+        if not sidecar.with_name(sidecar.name[:-5]).exists():
+            sidecar.unlink(missing_ok=True)
+    return found

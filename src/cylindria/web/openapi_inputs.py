@@ -1,0 +1,112 @@
+"""The contract's part for input files: the input store's routes, the multipart form of
+PUT /startjob, and the JSON form's `inputs`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+JSON = "application/json"
+BINARY = {"type": "string", "format": "binary"}
+INPUT_ID = {"name": "input_id", "in": "path", "required": True,
+            "description": "sha256- and the 64 lowercase hex digits of the file's SHA-256.",
+            "schema": {"type": "string", "pattern": "^sha256-[0-9a-f]{64}$"}}
+
+
+def schemas(ref: Any) -> dict[str, Any]:
+    return {
+        "StoredInput": {
+            "type": "object", "required": ["id", "size", "media_type", "name", "url", "ref"],
+            "properties": {
+                "id": {"type": "string", "pattern": "^sha256-[0-9a-f]{64}$"},
+                "size": {"type": "integer", "minimum": 0},
+                "media_type": {"type": "string"},
+                "name": {"type": "string", "description": "The name the client gave."},
+                "url": {"type": "string", "description": "Reads the file back."},
+                "ref": {"type": "string", "description": "Put this string as a loader "
+                        "node's input (LoadImage's `image`, LoadVideo's `file`...)."}}},
+        "StoredInputs": {
+            "type": "object", "required": ["inputs"],
+            "properties": {"inputs": {"type": "array", "items": ref("StoredInput")}}},
+        "JobInput": {
+            "type": "object", "required": ["id", "name", "size", "media_type", "url"],
+            "properties": {"id": {"type": "string"}, "name": {"type": "string"},
+                           "size": {"type": "integer"}, "media_type": {"type": "string"},
+                           "url": {"type": "string"}}},
+        "InlineInput": {
+            "oneOf": [
+                {"type": "object", "required": ["base64"], "additionalProperties": False,
+                 "properties": {"base64": {"type": "string", "description":
+                                           "The file's bytes in standard base64."}}},
+                {"type": "object", "required": ["url"], "additionalProperties": False,
+                 "properties": {"url": {"type": "string", "description":
+                                        "An http(s) URL Cylindria fetches, under the "
+                                        "webhooks' address policy."}}}]},
+        "WorkflowWithInputs": {
+            "type": "object", "required": ["prompt"],
+            "description": "ComfyUI's envelope, with files: a string input of any node "
+                           "equal to a key of `inputs` stands for that file.",
+            "properties": {"prompt": {"type": "object"},
+                           "extra_data": {"type": "object"},
+                           "inputs": {"type": "object",
+                                      "additionalProperties": ref("InlineInput")}}},
+    }
+
+
+def multipart_job() -> dict[str, Any]:
+    """PUT /startjob's multipart/form-data body."""
+    return {"schema": {
+        "type": "object", "required": ["workflow"],
+        "description": "A `workflow` part, and one part per file: a string input of any "
+                       "node equal to a file part's filename stands for that file.",
+        "properties": {"workflow": {"type": "string", "description":
+                                    "The JSON the JSON form of this route takes."}},
+        "additionalProperties": BINARY},
+        "encoding": {"workflow": {"contentType": JSON}}}
+
+
+def paths(operation: Any, answer: Any, retry_after: dict[str, Any]) -> dict[str, Any]:
+    tags = ("inputs",)
+    stored = answer("The files, each with the `ref` to use in a workflow.", "StoredInputs")
+    return {
+        "/inputs/": {"post": operation(
+            "Store input files (images, masks, video, audio) for workflows.",
+            {"201": stored,
+             "200": answer("Every file was stored already (identical bytes are kept "
+                           "once).", "StoredInputs"),
+             "400": answer("A form without files, two files of one name, or a body cut "
+                           "short."),
+             "408": answer("The body stopped arriving (`body_timeout`)."),
+             "413": answer("A file over CYLINDRIA_INPUT_MAX (`payload_too_large`)."),
+             "415": answer("No Content-Type, or one that is no file "
+                           "(`unsupported_media_type`)."),
+             "422": answer("A name that is no plain file name (`invalid_input`)."),
+             "507": answer("The store is full of inputs that jobs in flight use "
+                           "(`input_store_full`).", headers=retry_after)},
+            parameters=[{"name": "name", "in": "query", "required": False,
+                         "description": "The file's name, for a raw body (else its "
+                                        "Content-Disposition filename).",
+                         "schema": {"type": "string"}}],
+            body={"required": True, "content": {
+                "multipart/form-data": {"schema": {
+                    "type": "object", "additionalProperties": BINARY}},
+                "*/*": {"schema": BINARY}}},
+            tags=tags)},
+        "/inputs/{input_id}": {
+            "get": operation(
+                "Read a stored input back.",
+                {"200": {"description": "The file, as uploaded.",
+                         "content": {"*/*": {"schema": BINARY}}},
+                 "404": answer("No such input (`input_not_found`).")},
+                parameters=[INPUT_ID], tags=tags),
+            "delete": operation(
+                "Delete a stored input.",
+                {"204": {"description": "Deleted."},
+                 "404": answer("No such input (`input_not_found`)."),
+                 "409": answer("A job in flight uses it (`input_in_use`).")},
+                parameters=[INPUT_ID], tags=tags)},
+    }
+
+
+ERROR_CODES = ["unsupported_media_type", "body_timeout", "invalid_input", "unknown_input",
+               "input_unavailable", "input_not_found", "input_in_use", "input_gone",
+               "input_store_full"]

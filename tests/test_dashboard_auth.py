@@ -148,6 +148,7 @@ async def test_the_session_cookie_never_opens_the_api(start_cylindria):
             continue  # static assets: open to everyone, see test_api
         path = concrete(info.get("path") or info.get("formatter"))
         if (path in dashboard or path.startswith("/joboutput/")
+                or (path.startswith("/inputs/x") and route.method in ("GET", "HEAD"))
                 or path in ("/healthz", "/readyz")):
             continue
         resp = await client.request(route.method, path, headers=with_cookie(token),
@@ -177,6 +178,17 @@ async def test_job_files_open_to_a_session_for_reading_only(start_cylindria):
     assert resp.status == 200 and resp.content_type == "image/png"
     resp = await client.post("/joboutput/pic/0", headers=with_cookie(token))
     assert resp.status in (401, 405)
+    # A job's input files too (its page shows them): read, never changed.
+    resp = await client.post("/inputs/", params={"name": "in.png"}, data=b"\x89PNG",
+                             headers={"X-API-Key": KEY, "Content-Type": "image/png"})
+    url = (await resp.json())["inputs"][0]["url"]
+    assert (await client.get(url)).status == 401
+    resp = await client.get(url, headers=with_cookie(token))
+    assert resp.status == 200 and await resp.read() == b"\x89PNG"
+    assert (await client.delete(url, headers=with_cookie(token))).status == 401
+    resp = await client.post("/inputs/", params={"name": "b.png"}, data=b"b",
+                             headers={**with_cookie(token), "Content-Type": "image/png"})
+    assert resp.status == 401
 
 
 async def test_sign_out_ends_the_session_on_the_server(start_cylindria):

@@ -291,3 +291,32 @@ async def test_a_multipart_job_without_a_workflow_or_with_two_is_400(start_cylin
     resp = await client.put("/startjob/mixed/", data=b"--x--",
                             headers={"Content-Type": "multipart/mixed; boundary=x"})
     assert resp.status == 415, await resp.text()
+
+
+async def test_a_part_with_raw_bytes_in_its_headers_is_400(start_cylindria):
+    client = await start_cylindria()
+    body = (b'--B\r\nContent-Disposition: form-data; name="]\xc3\xbc\x02Q\x0f3"\r\n\r\n'
+            b"M\xffl|\r\n--B\r\nContent-Disposition: form-data; name=\"workflow\"\r\n\r\n("
+            b"\r\n--B--\r\n")
+    for path in ("/startjob/raw-bytes/", "/inputs/"):
+        method = client.put if path.startswith("/startjob") else client.post
+        resp = await method(path, data=body,
+                            headers={"Content-Type": "multipart/form-data; boundary=B"})
+        answer = await resp.json()
+        assert resp.status == 400, answer
+        assert "multipart form could not be read" in answer["error"]["message"]
+
+
+async def test_more_inputs_than_a_job_may_carry_are_refused(start_cylindria):
+    client = await start_cylindria()
+    many = {f"{n}.png": {"base64": base64.b64encode(b"x").decode()} for n in range(65)}
+    resp = await client.put("/startjob/many/", data=ujson.dumps(
+        {"prompt": workflows.img2img("0.png"), "inputs": many}))
+    answer = await resp.json()
+    assert resp.status == 422 and "at most 64" in answer["error"]["message"], answer
+    form = aiohttp.FormData()
+    for n in range(65):
+        form.add_field("f", b"x", filename=f"{n}.png", content_type="image/png")
+    resp = await client.post("/inputs/", data=form)
+    assert resp.status == 400 and "more than 64" in (await resp.json())["error"]["message"]
+    assert len(client.app[INPUTS]) == 1  # the same byte, stored once before the refusal

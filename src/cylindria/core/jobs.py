@@ -4,16 +4,12 @@ does, with the registry in memory and the journal behind it."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import logging
 import os
-import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
-
-import ujson
 
 from ..config import Settings
 from ..errors import (
@@ -33,8 +29,8 @@ from ..errors import (
 )
 from . import placement
 from .answers import Raw
+from .carrying import Carrying, names_missing
 from .holding import Holding
-from .inputs import bind, bound_fingerprint, check_references, ref_of
 from .outcomes import Outcome, Verdict
 from .outcomes import conflict as _conflict
 from .outcomes import repeat as _repeat
@@ -51,7 +47,7 @@ log = logging.getLogger(__name__)
 FAULT_EXIT = 70
 
 
-class JobsService(Holding, Recovery):
+class JobsService(Holding, Recovery, Carrying):
     """Submissions, duplicate PUTs, timeouts, adoption, retries and cancels; reading
     jobs from memory or the journal; reconciliation with ComfyUI, at restart too."""
 
@@ -162,40 +158,6 @@ class JobsService(Holding, Recovery):
             exc.reply.setdefault("gpu_id", gpu.index)
             raise
 
-    async def _bind_inputs(self, workflow: Workflow, attached: Mapping[str, InputFile]
-                           ) -> tuple[Workflow, list[dict[str, Any]]]:
-        """The files the workflow's references stand for, each in the store (inline
-        ones are stored, URLs fetched, before the answer): the job's inputs, and its
-        fingerprint over them. Nothing is stored while a reference is unknown."""
-        if not workflow.references and not workflow.inline and not attached:
-            return workflow, []
-        inline = [*attached, *(item.name for item in workflow.inline)]
-        known = {target: True for ref in workflow.references
-                 if (target := ref_of(ref.value)) is not None and self.inputs.get(target)}
-        check_references(workflow.references, inline, known)
-        files: dict[str, InputFile] = dict(attached)
-        sent = workflow.inline
-        stored = await asyncio.gather(*(
-            self.inputs.add_bytes(item.data, item.name) if item.data is not None
-            else self.inputs.fetch(item.url or "", item.name) for item in sent))
-        files.update((item.name, entry) for item, entry in zip(sent, stored, strict=True))
-        inputs: list[dict[str, Any]] = []
-        for ref in workflow.references:
-            if any(item["ref"] == ref.value for item in inputs):
-                continue
-            target = ref_of(ref.value)
-            entry = self.inputs.get(target) if target is not None else files[ref.value]
-            if entry is None:  # deleted while the others were stored
-                raise InputGone(f"The input {target} was deleted just now; upload it again.",
-                                extra={"input_id": target})
-            inputs.append({"ref": ref.value, "id": entry.id,
-                           "name": entry.name if target is not None else ref.value,
-                           "size": entry.size, "media_type": entry.media_type})
-        self.inputs.touch([item["id"] for item in inputs])
-        fingerprint = bound_fingerprint(workflow.fingerprint,
-                                        {item["ref"]: item["id"] for item in inputs})
-        return dataclasses.replace(workflow, fingerprint=fingerprint, inline=()), inputs
-
     def _choice(self, choice: str | None) -> str:
         """The request's GpuId, or the configured default when it has none."""
         return str(self.settings.default_gpu) if choice is None else choice
@@ -282,7 +244,7 @@ class JobsService(Holding, Recovery):
             except BackendError as exc:
                 self._not_taken(job, gpu, exc)
                 raise
-            if first and not answer.accepted and _names_missing(answer.body, names):
+            if first and not answer.accepted and names_missing(answer.body, names):
                 # Its ComfyUI lost files it was given (a restart with a new input
                 # folder): they are uploaded again, once.
                 log.warning("job %s: gpu %d no longer has its input files; uploading them "
@@ -321,19 +283,6 @@ class JobsService(Holding, Recovery):
         else:
             self.registry.reject(job, exc.message,
                                  error={"code": exc.code, "message": exc.message})
-
-    async def _with_inputs(self, job: Job, gpu: GpuPort, workflow: Workflow
-                           ) -> tuple[bytes, dict[str, str]]:
-        """The workflow as this GPU runs it: its inputs uploaded there (what it holds
-        already is not sent again) and every reference replaced by the file's name."""
-        if not job.inputs:
-            return workflow.data, {}
-        self.registry.uploading(job, len(job.inputs), gpu.index)
-        started = time.perf_counter()
-        placed = await self.inputs.place(gpu, [item["id"] for item in job.inputs])
-        self.registry.uploaded(job, time.perf_counter() - started)
-        names = {item["ref"]: placed[item["id"]] for item in job.inputs}
-        return await self.reader.decode(bind, workflow.data, names), names
 
     async def _settled(self, job: Job) -> None:
         """Wait for the accepted state to be on disk before answering. If the journal
@@ -493,14 +442,6 @@ async def _knows(gpu: GpuPort, prompt_id: str) -> bool:
     if (await gpu.comfy.queue()).holds(prompt_id):
         return True
     return await gpu.comfy.job(prompt_id) is not None
-
-
-def _names_missing(body: dict[str, Any], names: Mapping[str, str]) -> bool:
-    """Whether ComfyUI refused a workflow for lacking a file Cylindria gave it."""
-    if not names:
-        return False
-    text = ujson.dumps(body.get("node_errors") or {}, escape_forward_slashes=False)
-    return any(name in text for name in names.values())
 
 
 def _check_retryable(job: Job) -> None:

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from aiohttp import BodyPartReader, MultipartReader, hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import parse_content_disposition
 from aiohttp.web_protocol import RequestPayloadError
 
@@ -86,9 +87,9 @@ async def _form(request: web.Request, store: InputStore, limit: int, idle: float
                 raise BadRequest("Nested multipart forms are not taken; send each file as "
                                  "a part of its own.")
             await _part(part, received, store, limit, idle, workflow)
-    except (RequestPayloadError, ConnectionError, ValueError):
-        raise BadRequest("The multipart form could not be read as sent (cut short, or "
-                         "without its boundary); send it again.") from None
+    except (RequestPayloadError, HttpProcessingError, ConnectionError, ValueError):
+        raise BadRequest("The multipart form could not be read as sent (cut short, a part "
+                         "with malformed headers, or no boundary); send it again.") from None
     if not received.files and not workflow:
         raise BadRequest("The form holds no file: give each file a part with a filename.")
     return received

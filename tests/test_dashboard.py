@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import ujson
+import aiohttp
 from aiohttp import ClientSession, DummyCookieJar, web
 from playwright.async_api import Browser, Page, async_playwright, expect
 
@@ -761,3 +762,41 @@ async def test_the_jobs_waiting_for_a_gpu_are_listed_in_line_and_can_be_cancelle
     await expect(page.locator("[data-field=held-empty]")).to_be_visible(timeout=10_000)
     assert (await wait_state(client, "urgent", "completed"))["placement"]
     assert_clean(page)
+
+
+async def test_the_job_page_shows_its_input_pictures_beside_the_outputs(
+        browser, start_cylindria, start_sims, tmp_path):
+    cluster = await start_sims(1)
+    client = await start_cylindria(cluster)
+    examples = Path(__file__).resolve().parents[1] / "docs" / "examples"
+    form = aiohttp.FormData()
+    form.add_field("workflow", ujson.dumps(workflows.img2img("photo.png")),
+                   content_type="application/json")
+    form.add_field("photo", (examples / "photo.png").read_bytes(), filename="photo.png",
+                   content_type="image/png")
+    resp = await client.put("/startjob/with-input/", data=form)
+    assert resp.status == 202, await resp.text()
+    await wait_state(client, "with-input", "completed", timeout=10)
+    page = await open_page(browser, client, "/dashboard/job/with-input")
+    inputs = page.locator("[data-section=inputs]")
+    await expect(inputs).to_be_visible()
+    thumb = inputs.locator("img")
+    await expect(thumb).to_have_count(1)
+    status = await job_status(client, "with-input")
+    await expect(thumb).to_have_attribute("src", status["inputs"][0]["url"])
+    await expect(inputs.locator(".caption")).to_contain_text("photo.png · 7.7 KiB · image/png")
+    await page.wait_for_function(
+        "() => [...document.querySelectorAll('[data-section] img')]"
+        ".every(i => i.complete && i.naturalWidth > 0)", timeout=WAIT_MS)
+    await expect(page.locator("[data-section=outputs] img")).to_have_count(1)
+    # Side by side on a wide window.
+    boxes = [await page.locator(f"[data-section={name}]").bounding_box()
+             for name in ("inputs", "outputs")]
+    assert boxes[0]["y"] == boxes[1]["y"] and boxes[0]["x"] < boxes[1]["x"]
+    await shot(page, tmp_path, "job-with-input")
+    assert_clean(page)
+    # A job without inputs has no such section.
+    await put_job(client, "no-input", workflows.quick())
+    await wait_state(client, "no-input", "completed", timeout=10)
+    page = await open_page(browser, client, "/dashboard/job/no-input")
+    await expect(page.locator("[data-section=inputs]")).to_be_hidden()

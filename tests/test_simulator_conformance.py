@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import re
 import secrets
 from collections.abc import Awaitable, Callable
@@ -14,6 +15,7 @@ import aiohttp
 import pytest
 import ujson
 from aiohttp.test_utils import TestServer
+from PIL import Image
 
 from cylindria.simulator import ComfySimulator, SimSettings
 
@@ -25,6 +27,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # what the recorded server had done before.
 COMPARED_NUMBERS = {"queue_remaining", "value", "max", "outputs_count", "offset", "limit",
                     "total"}
+# How a recording describes an uploaded file: "<name, 93 bytes png>".
+RECORDED_FILE = re.compile(r"<(?P<name>.+), (?P<size>\d+) bytes (?P<kind>\w+)>")
 
 
 @dataclass
@@ -208,6 +212,9 @@ class Replay:
     current: str = "listener"
     # Jobs accepted and not deleted: each must end with `executing` null.
     expected: list[str] = field(default_factory=list)
+    # The bytes of each recorded upload, by file name, in the order they were sent (the
+    # recordings keep only names and sizes).
+    uploads: dict[str, list[bytes]] = field(default_factory=dict)
 
     def url(self, path: str) -> Any:
         return self.server.make_url(path)
@@ -232,6 +239,8 @@ class Replay:
         kwargs: dict[str, Any] = {}
         if isinstance(request, str) and request.startswith("<raw bytes: "):
             kwargs["data"] = request[len("<raw bytes: "):-1].encode()
+        elif isinstance(request, dict) and "multipart" in request:
+            kwargs["data"] = self.form(request["multipart"])
         elif request is not None:
             kwargs["json"] = request
         if "query" in exchange:
@@ -256,6 +265,18 @@ class Replay:
         if method == "POST" and path == "/queue" and isinstance(request, dict):
             for prompt_id in request.get("delete", []):
                 self.expected.remove(prompt_id)
+
+    def form(self, fields: dict[str, str]) -> aiohttp.FormData:
+        form = aiohttp.FormData()
+        for name, value in fields.items():
+            match = RECORDED_FILE.fullmatch(value)
+            if match is None:
+                form.add_field(name, value)
+                continue
+            data = self.uploads[match["name"]].pop(0)
+            form.add_field(name, io.BytesIO(data), filename=match["name"],
+                           content_type=f"image/{match['kind']}")
+        return form
 
     async def run(self, before: Callable[[int, dict[str, Any]], Awaitable[bool]] | None = None,
                   after: Callable[[int, dict[str, Any]], Awaitable[None]] | None = None
@@ -374,3 +395,26 @@ async def test_reconnect_mid_job_matches_the_recording(replay_for):
 
     await replay.run(after=after)
     replay.compare()
+
+
+def solid_png(rgba: tuple[int, ...], size: tuple[int, int] = (8, 8)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGBA" if len(rgba) == 4 else "RGB", size, rgba).save(out, format="PNG")
+    return out.getvalue()
+
+
+async def test_upload_and_load_matches_the_recording(replay_for):
+    replay = await replay_for("upload_and_load")
+    # The recorded server's input folder held the example.png ComfyUI ships with.
+    assert replay.sim.input_dir is not None
+    (replay.sim.input_dir / "example.png").write_bytes(solid_png((128, 128, 128)))
+    first, other = solid_png((10, 20, 30)), solid_png((200, 100, 50))
+    # Sent: the image (overwrite), the same bytes again, other bytes (renamed), other
+    # bytes with overwrite; then a path escape, a temp file and the mask.
+    replay.uploads = {"in-2e5c7c.png": [first, first, other, other],
+                      "../evil-2e5c7c.png": [first], "tmp-2e5c7c.png": [first],
+                      "mask-2e5c7c.png": [solid_png((0, 0, 0, 0))]}
+    await replay.run()
+    replay.compare()
+    assert all(not files for files in replay.uploads.values())
+    assert replay.sim.uploads == 6

@@ -17,6 +17,7 @@ from ..jsonio import dumps
 from .faults import Pauses
 from .files import Folders
 from .graph import is_link, plan, signatures
+from .inputs import InputFiles, Source
 from .nodes import NodeSpec, SimImage
 from .png import write_pngs
 from .settings import SimSettings
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 
 # ComfyUI drops the oldest entry once the history holds more than this many.
 MAXIMUM_HISTORY_SIZE = 10000
+# The tEXt key of saved PNGs listing the SHA-256 of the input files behind the image.
+SOURCE_KEY = "source_sha256"
 
 # (number, prompt_id, prompt, extra_data, outputs_to_execute, sensitive): heap-ordered
 # as a plain tuple, exactly like ComfyUI's queue, quirks included.
@@ -117,10 +120,16 @@ class NodeRun:
         pnginfo = self.extra_data.get("extra_pnginfo")
         if isinstance(pnginfo, dict):
             text.update({key: json.dumps(value) for key, value in pnginfo.items()})
+        if images.sources:
+            # Not ComfyUI's: tells tests which input files the image was made from.
+            text[SOURCE_KEY] = ",".join(sorted(images.sources))
         if images.width * images.height > 1_000_000:
             # Big images take a while to deflate; keep the event loop responsive.
             return await asyncio.to_thread(write_pngs, images, prefix, base, kind, text)
         return write_pngs(images, prefix, base, kind, text)
+
+    async def read_input(self, name: str) -> Source:
+        return await self._engine.inputs.read(name)
 
 
 def _format_input(value: Any) -> Any:
@@ -133,10 +142,12 @@ class Engine:
     """The state a ComfyUI process keeps in memory, and the task that runs the queue."""
 
     def __init__(self, settings: SimSettings, catalogue: dict[str, NodeSpec],
-                 sockets: Sockets, pauses: Pauses, folders: Folders) -> None:
+                 sockets: Sockets, pauses: Pauses, folders: Folders,
+                 inputs: InputFiles) -> None:
         self.settings = settings
         self.catalogue = catalogue
         self.folders = folders
+        self.inputs = inputs
         self._sockets = sockets
         self._pauses = pauses
         self._ticks = 0
@@ -371,7 +382,8 @@ class Engine:
         self._interrupt = False
         prompt_id = job.prompt_id
         self._record(job, "execution_start", {"prompt_id": prompt_id, "timestamp": now_ms()})
-        keys = signatures(self.catalogue, job.prompt, object())
+        keys = signatures(self.catalogue, job.prompt, object(),
+                          await self._fingerprints(job.prompt))
         live = set(keys.values())
         for key in [key for key in self.cache if key not in live]:
             del self.cache[key]
@@ -404,6 +416,17 @@ class Engine:
             job.succeeded = True
             self._record(job, "execution_success",
                          {"prompt_id": prompt_id, "timestamp": now_ms()})
+
+    async def _fingerprints(self, prompt: dict[str, Any]) -> dict[str, Hashable]:
+        """The version of each loader's file, read (off the loop) as the job starts, as
+        ComfyUI evaluates IS_CHANGED before it looks at its cache."""
+        found: dict[str, Hashable] = {}
+        for node_id, node in prompt.items():
+            declared = self.catalogue[node["class_type"]].input_file
+            if declared is not None:
+                found[node_id] = await self.inputs.fingerprint(
+                    node["inputs"].get(declared.input), declared.by_mtime)
+        return found
 
     async def _run_node(self, job: RunningPrompt, node_id: str, keys: dict[str, Hashable],
                         results: dict[str, tuple[Any, ...]]) -> None:

@@ -178,6 +178,7 @@ class Controls:
         router.add_get("/_sim/state", self.sim_state, name="sim_state")
         router.add_get("/_sim/ledger", self.sim_ledger, name="sim_ledger")
         router.add_get("/_sim/models", self.sim_models, name="sim_models")
+        router.add_get("/_sim/inputs", self.sim_inputs, name="sim_inputs")
 
     async def sim_ledger(self, request: web.Request) -> web.Response:
         """Every prompt this GPU began to run: {prompt_id: {runs, outcome, ...}}."""
@@ -192,8 +193,14 @@ class Controls:
         return json_response({"ok": True})
 
     async def sim_restart(self, request: web.Request) -> web.Response:
-        await self._sim.restart()
+        body = await _control_body(request)
+        await self._sim.restart(wipe_inputs=bool(body.get("wipe_inputs", False)))
         return json_response({"ok": True})
+
+    async def sim_inputs(self, request: web.Request) -> web.Response:
+        """The upload count and every file in the input folder, with size and digest."""
+        return json_response({"uploads": self._sim.uploads,
+                              "files": await self._sim.input_files()})
 
     async def sim_refuse_websockets(self, request: web.Request) -> web.Response:
         body = await _control_body(request)

@@ -22,6 +22,8 @@ class Folders:
         self.output: Path | None = None
         self.input: Path | None = None
         self.temp: Path | None = None
+        # Uploads arrive here first, then move to their folder once their name is known.
+        self.staging: Path | None = None
 
     def create(self) -> None:
         root = Path(tempfile.mkdtemp(prefix=f"cylindria-sim-gpu{self._gpu_index}-"))
@@ -32,7 +34,8 @@ class Folders:
             self.output = root / "output"
         self.input = root / "input"
         self.temp = root / "temp"
-        for directory in (self.output, self.input, self.temp):
+        self.staging = root / "uploading"
+        for directory in (self.output, self.input, self.temp, self.staging):
             directory.mkdir(parents=True, exist_ok=True)
 
     def remove(self) -> None:
@@ -44,6 +47,11 @@ class Folders:
         if self.temp is not None:
             shutil.rmtree(self.temp, ignore_errors=True)
             self.temp.mkdir(parents=True, exist_ok=True)
+
+    def clear_input(self) -> None:
+        if self.input is not None:
+            shutil.rmtree(self.input, ignore_errors=True)
+            self.input.mkdir(parents=True, exist_ok=True)
 
     def of(self, kind: str) -> Path | None:
         return {"output": self.output, "input": self.input, "temp": self.temp}.get(kind)

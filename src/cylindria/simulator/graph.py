@@ -15,10 +15,11 @@ def is_link(value: Any) -> bool:
             and isinstance(value[1], int))
 
 
-def signatures(catalogue: dict[str, NodeSpec], prompt: dict[str, Any],
-               job_token: object) -> dict[str, Hashable]:
+def signatures(catalogue: dict[str, NodeSpec], prompt: dict[str, Any], job_token: object,
+               fingerprints: dict[str, Hashable] | None = None) -> dict[str, Hashable]:
     """Cache keys: class, literal inputs and the ancestors' keys. Nodes that always
-    run get this job's token, which also makes everything downstream of them miss."""
+    run get this job's token, which also makes everything downstream of them miss.
+    A node's fingerprint (a loader's file version, ComfyUI's IS_CHANGED) joins its key."""
     memo: dict[str, Hashable] = {}
 
     def signature(node_id: str, visiting: set[str]) -> Hashable:
@@ -40,6 +41,8 @@ def signatures(catalogue: dict[str, NodeSpec], prompt: dict[str, Any],
                 else:
                     parts.append((name, json.dumps(value, sort_keys=True, default=repr)))
         token = job_token if spec is not None and spec.always_run else None
+        if fingerprints is not None and node_id in fingerprints:
+            parts.append(("#fingerprint", fingerprints[node_id]))
         result = (str(class_type), tuple(parts), token)
         visiting.discard(node_id)
         memo[node_id] = result

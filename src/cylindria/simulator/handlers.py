@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -14,8 +15,9 @@ from aiohttp import web
 
 from ..jsonio import json_response
 from .engine import Engine, now_ms
+from .inputs import InputFiles, content_type
 from .nodes import NodeSpec
-from .settings import COMFYUI_VERSION, SERVER_FEATURES, SimSettings
+from .settings import COMFYUI_VERSION, SimSettings, server_features
 from .validation import prompt_error, validate_prompt
 
 log = logging.getLogger(__name__)
@@ -44,12 +46,15 @@ class ComfyHandlers:
     """Parse the request as ComfyUI does, act on the engine, answer as ComfyUI does."""
 
     def __init__(self, engine: Engine, catalogue: dict[str, NodeSpec], settings: SimSettings,
-                 gpu_index: int) -> None:
+                 gpu_index: int, inputs: InputFiles) -> None:
         self._engine = engine
         self._catalogue = catalogue
         self._settings = settings
         self._gpu_index = gpu_index
-        self._object_info = {name: spec.object_info() for name, spec in catalogue.items()}
+        self._inputs = inputs
+        # Loaders' entries list the input folder, so they are made per request.
+        self._object_info = {name: spec.object_info() for name, spec in catalogue.items()
+                             if spec.input_file is None}
 
     # --- POST /prompt and the queue ------------------------------------------------------
 
@@ -68,7 +73,8 @@ class ComfyHandlers:
         prompt = body["prompt"]
         prompt_id = str(body.get("prompt_id", uuid.uuid4()))
         targets = body.get("partial_execution_targets")
-        ok, error, outputs, node_errors = validate_prompt(self._catalogue, prompt, targets)
+        ok, error, outputs, node_errors = validate_prompt(self._catalogue, prompt, targets,
+                                                          self._inputs.exists)
         extra_data = body.get("extra_data", {})
         if "client_id" in body:
             extra_data["client_id"] = body["client_id"]
@@ -174,16 +180,35 @@ class ComfyHandlers:
             }],
         })
 
+    async def _info(self, names: list[str]) -> dict[str, Any]:
+        """/object_info entries; a loader's options are the files at the top of the input
+        folder (not those in subfolders) of the content types it takes."""
+        files: list[str] | None = None
+        out: dict[str, Any] = {}
+        for name in names:
+            spec = self._catalogue[name]
+            declared = spec.input_file
+            if declared is None:
+                out[name] = self._object_info[name]
+                continue
+            if files is None:
+                files = await asyncio.to_thread(self._inputs.top_files)
+            options = sorted(f for f in files
+                             if declared.listed is None or content_type(f) in declared.listed)
+            out[name] = spec.object_info(options)
+        return out
+
     async def get_object_info(self, request: web.Request) -> web.Response:
-        return json_response(self._object_info)
+        return json_response(await self._info(list(self._catalogue)))
 
     async def get_object_info_class(self, request: web.Request) -> web.Response:
         name = request.match_info["node_class"]
-        info = self._object_info.get(name)
-        return json_response({name: info} if info is not None else {})
+        if name not in self._catalogue:
+            return json_response({})
+        return json_response(await self._info([name]))
 
     async def get_features(self, request: web.Request) -> web.Response:
-        return json_response(SERVER_FEATURES)
+        return json_response(server_features(self._settings))
 
     async def get_embeddings(self, request: web.Request) -> web.Response:
         return json_response([])

@@ -8,9 +8,12 @@ import re
 import string
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .png import png_bytes
+
+if TYPE_CHECKING:
+    from .inputs import Source
 
 MAX_RESOLUTION = 16384
 PREVIEW_METHODS = frozenset({"auto", "latent2rgb", "taesd"})
@@ -30,6 +33,7 @@ SCHEDULERS = (
     "linear_quadratic", "kl_optimal",
 )
 UPSCALE_METHODS = ("nearest-exact", "bilinear", "area", "bicubic", "lanczos")
+BLEND_MODES = ("normal", "multiply", "screen", "overlay", "soft_light", "difference")
 
 
 # --- values flowing between nodes -------------------------------------------------------
@@ -42,6 +46,8 @@ class SimImage:
     height: int
     batch: int
     rgb: tuple[int, int, int]
+    # SHA-256 of the input files the images were made from (SaveImage records them).
+    sources: frozenset[str] = frozenset()
 
     def __repr__(self) -> str:
         r, g, b = (round(c / 255, 4) for c in self.rgb)
@@ -55,6 +61,7 @@ class SimLatent:
     height: int
     batch: int
     rgb: tuple[int, int, int] = (0, 0, 0)
+    sources: frozenset[str] = frozenset()
 
     def __repr__(self) -> str:
         return f"{{'samples': tensor([{self.batch}, 4, {self.height // 8}, {self.width // 8}])}}"
@@ -99,6 +106,9 @@ class NodeContext(Protocol):
     async def save(self, images: SimImage, prefix: str, kind: str) -> list[dict[str, str]]:
         """Write the batch into the output ("output") or temp ("temp") directory."""
 
+    async def read_input(self, name: str) -> Source:
+        """Read the file a loader names (relative to the input folder), off the event loop."""
+
 
 @dataclass(slots=True)
 class NodeResult:
@@ -107,6 +117,21 @@ class NodeResult:
 
 
 Runner = Callable[[NodeContext, dict[str, Any]], Awaitable[NodeResult]]
+
+
+@dataclass(frozen=True, slots=True)
+class InputFile:
+    """An input naming a file of the input folder. The node's own validation (ComfyUI's
+    VALIDATE_INPUTS) checks that the file exists, in place of the option list."""
+
+    input: str
+    # The word of the error: "Invalid <kind> file: <name>".
+    kind: str
+    # Content types /object_info offers as options (None: every file).
+    listed: tuple[str, ...] | None
+    # Whether the cache tells versions apart by modification time (LoadVideo) rather
+    # than by content.
+    by_mtime: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +152,7 @@ class NodeSpec:
     cost: float = 0.0
     # ComfyUI nodes whose IS_CHANGED returns the time are never served from cache.
     always_run: bool = False
+    input_file: InputFile | None = None
 
     def input_spec(self, name: str) -> tuple[list[Any] | None, str | None]:
         if name in self.required:
@@ -135,8 +161,13 @@ class NodeSpec:
             return self.optional[name], "optional"
         return None, None
 
-    def object_info(self) -> dict[str, Any]:
-        inputs: dict[str, Any] = {"required": self.required}
+    def object_info(self, files: list[str] | None = None) -> dict[str, Any]:
+        """The /object_info entry; `files` are the options of the input naming a file."""
+        required = self.required
+        if self.input_file is not None and files is not None:
+            name = self.input_file.input
+            required = {**required, name: [files, *required[name][1:]]}
+        inputs: dict[str, Any] = {"required": required}
         order: dict[str, list[str]] = {"required": list(self.required)}
         if self.optional:
             inputs["optional"] = self.optional
@@ -181,7 +212,7 @@ async def _image_invert(ctx: NodeContext, inp: dict[str, Any]) -> NodeResult:
     image: SimImage = inp["image"]
     r, g, b = image.rgb
     return NodeResult((SimImage(image.width, image.height, image.batch,
-                                (255 - r, 255 - g, 255 - b)),))
+                                (255 - r, 255 - g, 255 - b), image.sources),))
 
 
 async def _image_scale(ctx: NodeContext, inp: dict[str, Any]) -> NodeResult:
@@ -195,7 +226,37 @@ async def _image_scale(ctx: NodeContext, inp: dict[str, Any]) -> NodeResult:
         height = max(1, round(image.height * width / image.width))
     # lanczos goes through PIL image by image in ComfyUI: by far the slowest method.
     await ctx.work(image.batch * (0.25 if inp["upscale_method"] == "lanczos" else 0.02))
-    return NodeResult((SimImage(width, height, image.batch, image.rgb),))
+    return NodeResult((SimImage(width, height, image.batch, image.rgb, image.sources),))
+
+
+def _blend(mode: str, a: float, b: float) -> float:
+    if mode == "multiply":
+        return a * b
+    if mode == "screen":
+        return 1 - (1 - a) * (1 - b)
+    if mode == "overlay":
+        return 2 * a * b if a <= 0.5 else 1 - 2 * (1 - a) * (1 - b)
+    if mode == "soft_light":
+        if b <= 0.5:
+            return a - (1 - 2 * b) * a * (1 - a)
+        g = ((16 * a - 12) * a + 4) * a if a <= 0.25 else a ** 0.5
+        return a + (2 * b - 1) * (g - a)
+    if mode == "difference":
+        return a - b
+    return b
+
+
+async def _image_blend(ctx: NodeContext, inp: dict[str, Any]) -> NodeResult:
+    first: SimImage = inp["image1"]
+    second: SimImage = inp["image2"]
+    factor: float = inp["blend_factor"]
+    # image2 is resized to image1's size, so the result has image1's shape.
+    rgb = tuple(
+        round(255 * min(1.0, max(0.0, a * (1 - factor)
+                                 + _blend(inp["blend_mode"], a, b) * factor)))
+        for a, b in ((x / 255, y / 255) for x, y in zip(first.rgb, second.rgb, strict=True)))
+    return NodeResult((SimImage(first.width, first.height, first.batch,
+                                (rgb[0], rgb[1], rgb[2]), first.sources | second.sources),))
 
 
 async def _save_image(ctx: NodeContext, inp: dict[str, Any]) -> NodeResult:
@@ -238,9 +299,11 @@ async def _empty_latent(ctx: NodeContext, inp: dict[str, Any]) -> NodeResult:
 async def _ksampler(ctx: NodeContext, inp: dict[str, Any]) -> NodeResult:
     latent: SimLatent = inp["latent_image"]
     steps: int = inp["steps"]
+    # An encoded input image (img2img) also shapes the result.
+    start = (latent.rgb,) if latent.sources else ()
     rgb = _digest_rgb(inp["model"].checkpoint, inp["seed"], inp["positive"].text,
                       inp["negative"].text, steps, inp["cfg"], inp["sampler_name"],
-                      inp["scheduler"], inp["denoise"])
+                      inp["scheduler"], inp["denoise"], *start)
     previews = ctx.extra_data.get("preview_method") in PREVIEW_METHODS
     for step in range(steps):
         await ctx.work(1.0)
@@ -249,12 +312,20 @@ async def _ksampler(ctx: NodeContext, inp: dict[str, Any]) -> NodeResult:
         preview = (png_bytes(max(1, latent.width // 8), max(1, latent.height // 8), shade)
                    if previews else None)
         await ctx.tick(step + 1, steps, preview)
-    return NodeResult((SimLatent(latent.width, latent.height, latent.batch, rgb),))
+    return NodeResult((SimLatent(latent.width, latent.height, latent.batch, rgb,
+                                 latent.sources),))
 
 
 async def _vae_decode(ctx: NodeContext, inp: dict[str, Any]) -> NodeResult:
     latent: SimLatent = inp["samples"]
-    return NodeResult((SimImage(latent.width, latent.height, latent.batch, latent.rgb),))
+    return NodeResult((SimImage(latent.width, latent.height, latent.batch, latent.rgb,
+                                latent.sources),))
+
+
+async def _vae_encode(ctx: NodeContext, inp: dict[str, Any]) -> NodeResult:
+    pixels: SimImage = inp["pixels"]
+    return NodeResult((SimLatent(pixels.width, pixels.height, pixels.batch, pixels.rgb,
+                                 pixels.sources),))
 
 
 async def _preview_any(ctx: NodeContext, inp: dict[str, Any]) -> NodeResult:
@@ -327,6 +398,10 @@ def build_catalogue(models: tuple[str, ...]) -> dict[str, NodeSpec]:
             outputs=("IMAGE",),
             description="Decodes latent images back into pixel space images.", cost=2.0),
         NodeSpec(
+            "VAEEncode", "VAE Encode", "latent", "nodes", _vae_encode,
+            required={"pixels": ["IMAGE", {}], "vae": ["VAE", {}]},
+            outputs=("LATENT",), cost=1.0),
+        NodeSpec(
             "EmptyImage", "EmptyImage", "image", "nodes", _empty_image,
             required={"width": _int(512, 1, MAX_RESOLUTION),
                       "height": _int(512, 1, MAX_RESOLUTION),
@@ -344,6 +419,14 @@ def build_catalogue(models: tuple[str, ...]) -> dict[str, NodeSpec]:
                       "height": _int(512, 0, MAX_RESOLUTION),
                       "crop": [["disabled", "center"], {}]},
             outputs=("IMAGE",)),
+        NodeSpec(
+            "ImageBlend", "Image Blend", "image/postprocessing",
+            "comfy_extras.nodes_post_processing", _image_blend,
+            required={"image1": image, "image2": image,
+                      "blend_factor": ["FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0,
+                                                 "step": 0.01}],
+                      "blend_mode": [list(BLEND_MODES), {}]},
+            outputs=("IMAGE",), cost=0.05),
         NodeSpec(
             "SaveImage", "Save Image", "image", "nodes", _save_image,
             required={"images": ["IMAGE", {"tooltip": "The images to save."}],

@@ -1,4 +1,4 @@
-"""Solid-colour PNG files, and where and how SaveImage writes them."""
+"""Solid-colour PNG files, the size and first pixel of any PNG, and SaveImage's naming."""
 
 from __future__ import annotations
 
@@ -7,11 +7,17 @@ import os
 import re
 import struct
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 if TYPE_CHECKING:
     from .nodes import SimImage
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Samples per pixel of each PNG colour type: grey, RGB, palette, grey+alpha, RGBA.
+_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -20,7 +26,7 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 
 
 @functools.lru_cache(maxsize=16)
-def _idat(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
+def _idat(width: int, height: int, rgb: tuple[int, ...]) -> bytes:
     # Every scanline is identical, so the deflate stream is fed a block of rows at a time
     # and never holds the raw image in memory.
     row = b"\x00" + bytes(rgb) * width
@@ -38,17 +44,109 @@ def _idat(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
     return b"".join(parts)
 
 
-def png_bytes(width: int, height: int, rgb: tuple[int, int, int],
+def png_bytes(width: int, height: int, rgb: tuple[int, ...],
               text: dict[str, str] | None = None) -> bytes:
-    """A valid 8-bit RGB PNG of one colour, with optional tEXt chunks (as SaveImage embeds)."""
-    out = [b"\x89PNG\r\n\x1a\n",
-           _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))]
+    """A valid 8-bit PNG of one colour, RGB or (given four values) RGBA, with optional
+    tEXt chunks (as SaveImage embeds)."""
+    colour_type = 6 if len(rgb) == 4 else 2
+    out = [PNG_SIGNATURE,
+           _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, colour_type, 0, 0, 0))]
     for key, value in (text or {}).items():
         out.append(_chunk(b"tEXt", key.encode("latin-1") + b"\0"
                           + value.encode("latin-1", "replace")))
     out.append(_chunk(b"IDAT", _idat(width, height, rgb)))
     out.append(_chunk(b"IEND", b""))
     return b"".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class PngHead:
+    width: int
+    height: int
+    # The top-left pixel; alpha is 255 when the image has no alpha channel.
+    rgba: tuple[int, int, int, int]
+    has_alpha: bool
+
+
+def read_png_head(file: BinaryIO) -> PngHead | None:
+    """The size and top-left pixel of a PNG, read no further than that pixel; None if the
+    file is not a PNG. Blocking: call it from a worker thread."""
+    try:
+        return _read_head(file)
+    except (struct.error, zlib.error, ValueError, IndexError):
+        return None
+
+
+def _read_head(file: BinaryIO) -> PngHead | None:
+    if file.read(8) != PNG_SIGNATURE:
+        return None
+    length, kind = struct.unpack(">I4s", file.read(8))
+    if kind != b"IHDR" or length != 13:
+        return None
+    width, height, depth, colour, _, _, _ = struct.unpack(">IIBBBBB", file.read(13))
+    file.seek(4, os.SEEK_CUR)
+    if colour not in _SAMPLES or depth not in (1, 2, 4, 8, 16) or not width or not height:
+        return None
+    palette = transparency = b""
+    # The filter byte of the first row, then the first pixel. Whatever the filter, the
+    # first pixel of the first row (also of an interlaced image's first pass) is stored
+    # as it is, because every predictor of it is zero.
+    need = 1 + max(1, _SAMPLES[colour] * depth // 8)
+    inflate = zlib.decompressobj()
+    raw = b""
+    while len(raw) < need:
+        header = file.read(8)
+        if len(header) < 8:
+            return None
+        length, kind = struct.unpack(">I4s", header)
+        if kind == b"IDAT":
+            left = length
+            while left and len(raw) < need:
+                piece = file.read(min(left, 1 << 16))
+                if not piece:
+                    return None
+                left -= len(piece)
+                raw += inflate.decompress(inflate.unconsumed_tail + piece, need - len(raw))
+            file.seek(left + 4, os.SEEK_CUR)
+        elif kind == b"IEND":
+            return None
+        elif kind in (b"PLTE", b"tRNS"):
+            data = file.read(length)
+            file.seek(4, os.SEEK_CUR)
+            if kind == b"PLTE":
+                palette = data
+            else:
+                transparency = data
+        else:
+            file.seek(length + 4, os.SEEK_CUR)
+    return PngHead(width, height, *_first_pixel(raw[1:], colour, depth, palette, transparency))
+
+
+def _first_pixel(pixel: bytes, colour: int, depth: int, palette: bytes,
+                 transparency: bytes) -> tuple[tuple[int, int, int, int], bool]:
+    if depth < 8:
+        value = pixel[0] >> (8 - depth)
+        if colour == 3:
+            index = value
+        else:
+            grey = value * 255 // ((1 << depth) - 1)
+            return (grey, grey, grey, 255), False
+    else:
+        # 16-bit samples: the high byte is the 8-bit value.
+        step = depth // 8
+        samples = [pixel[i * step] for i in range(_SAMPLES[colour])]
+        if colour == 0:
+            return (samples[0], samples[0], samples[0], 255), False
+        if colour == 2:
+            return (samples[0], samples[1], samples[2], 255), False
+        if colour == 4:
+            return (samples[0], samples[0], samples[0], samples[1]), True
+        if colour == 6:
+            return (samples[0], samples[1], samples[2], samples[3]), True
+        index = samples[0]
+    r, g, b = palette[3 * index:3 * index + 3]
+    alpha = transparency[index] if index < len(transparency) else 255
+    return (r, g, b, alpha), bool(transparency)
 
 
 def save_image_path(prefix: str, base_dir: Path) -> tuple[Path, str, int, str]:

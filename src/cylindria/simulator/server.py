@@ -21,10 +21,13 @@ from .engine import Engine
 from .faults import Controls, Faults, Pauses
 from .files import Folders
 from .handlers import ComfyHandlers
+from .inputs import InputFiles
 from .jobs_api import JobsHandlers
+from .loaders import loader_specs
 from .nodes import build_catalogue
-from .settings import COMFYUI_VERSION, SERVER_FEATURES, SimSettings
+from .settings import COMFYUI_VERSION, SimSettings, server_features
 from .sockets import Sockets
+from .uploads import Uploads
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +52,15 @@ class ComfySimulator:
     def __init__(self, settings: SimSettings, gpu_index: int = 0) -> None:
         self.settings = settings
         self.gpu_index = gpu_index
-        self.catalogue = build_catalogue(settings.models)
+        self.catalogue = {**build_catalogue(settings.models), **loader_specs()}
         self._folders = Folders(gpu_index, settings.output_dir)
+        self._inputs = InputFiles(self._folders)
+        self._uploads = Uploads(self._folders, self._inputs, settings.max_upload_size)
         self._sockets = Sockets()
         self._faults = Faults()
         self._pauses = Pauses()
         self._engine = Engine(settings, self.catalogue, self._sockets, self._pauses,
-                              self._folders)
+                              self._folders, self._inputs)
         self._tasks: list[asyncio.Task[None]] = []
 
     # --- read-only views for tests -------------------------------------------------------
@@ -71,6 +76,16 @@ class ComfySimulator:
     @property
     def temp_dir(self) -> Path | None:
         return self._folders.temp
+
+    @property
+    def uploads(self) -> int:
+        """POST /upload/image and /upload/mask requests answered 200, since the start."""
+        return self._uploads.count
+
+    async def input_files(self) -> list[dict[str, Any]]:
+        """Every file in the input folder, subfolders included:
+        [{"name", "subfolder", "type", "size", "sha256"}]."""
+        return await self._inputs.inventory()
 
     @property
     def queue_remaining(self) -> int:
@@ -143,13 +158,16 @@ class ComfySimulator:
     async def drop_sockets(self) -> None:
         await self._sockets.close_all()
 
-    async def restart(self) -> None:
+    async def restart(self, wipe_inputs: bool = False) -> None:
+        """Restart as ComfyUI would: the input folder stays unless `wipe_inputs`."""
         running = bool(self._tasks)
         await self._stop_tasks()
         self._engine.reset()
         self._sockets.drop_queued()
         self._pauses.unblock()
         self._folders.clear_temp()
+        if wipe_inputs:
+            await self._inputs.wipe()
         await self._sockets.close_all()
         self._sockets.forget_clients()
         # Once the application is shut down, a restart must not bring the worker back.
@@ -187,9 +205,11 @@ class ComfySimulator:
     # --- application ---------------------------------------------------------------------
 
     def create_app(self) -> web.Application:
-        app = web.Application(client_max_size=100 * 1024 * 1024,
+        app = web.Application(client_max_size=self.settings.max_upload_size,
                               middlewares=[self._faults.middleware, _origin_middleware])
-        comfy = ComfyHandlers(self._engine, self.catalogue, self.settings, self.gpu_index)
+        comfy = ComfyHandlers(self._engine, self.catalogue, self.settings, self.gpu_index,
+                              self._inputs)
+        uploads = self._uploads
         jobs = JobsHandlers(self._engine)
         routes: list[tuple[str, str, Handler, str]] = [
             ("GET", "/ws", self.get_ws, "ws"),
@@ -205,6 +225,8 @@ class ComfySimulator:
             ("GET", "/api/jobs", jobs.get_jobs, "get_jobs"),
             ("GET", "/api/jobs/{job_id}", jobs.get_job, "get_job"),
             ("GET", "/view", self._folders.get_view, "view"),
+            ("POST", "/upload/image", uploads.post_upload_image, "upload_image"),
+            ("POST", "/upload/mask", uploads.post_upload_mask, "upload_mask"),
             ("GET", "/system_stats", comfy.get_system_stats, "system_stats"),
             ("GET", "/object_info", comfy.get_object_info, "object_info"),
             ("GET", "/object_info/{node_class}", comfy.get_object_info_class,
@@ -281,7 +303,8 @@ class ComfySimulator:
                         target = sockets.registered(sid)
                         if target is not None:
                             await sockets.deliver(target, dumps(
-                                {"type": "feature_flags", "data": SERVER_FEATURES}))
+                                {"type": "feature_flags",
+                                 "data": server_features(self.settings)}))
                     first = False
                 elif msg.type == WSMsgType.ERROR:
                     log.warning("websocket %s closed with exception %s", sid, ws.exception())

@@ -32,3 +32,10 @@ class SimSettings:
     # GiB of VRAM model files may fill before the least recently used are unloaded;
     # 0 is unlimited. Sizes per file are in vram.py.
     vram_budget_gib: float = 0.0
+    # Bytes a POST body may hold: ComfyUI's --max-upload-size (100 MB by default).
+    max_upload_size: int = 100 * 1024 * 1024
+
+
+def server_features(settings: SimSettings) -> dict[str, Any]:
+    """The feature flags /features and the websocket report, with this server's upload limit."""
+    return {**SERVER_FEATURES, "max_upload_size": settings.max_upload_size}

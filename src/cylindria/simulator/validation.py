@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import operator
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from .nodes import NodeSpec
 
 # Per node: (valid, the errors found on that node itself).
 Verdicts = dict[str, tuple[bool, list[dict[str, Any]]]]
+# Whether a loader's file name names an existing file (it raises on a name that is not
+# a string, as ComfyUI's check does).
+FileCheck = Callable[[Any], bool]
 
 _BOUNDS = (("min", "smaller", operator.lt), ("max", "bigger", operator.gt))
 
@@ -46,8 +50,24 @@ def _out_of_range(name: str, config: list[Any], extra: dict[str, Any],
     return None
 
 
+def _file_error(spec: NodeSpec, inputs: dict[str, Any],
+                file_exists: FileCheck | None) -> dict[str, Any] | None:
+    """The loader's own validation of the input naming its file, run after the others."""
+    declared = spec.input_file
+    if declared is None or file_exists is None:
+        return None
+    name = declared.input
+    if name not in inputs or isinstance(inputs[name], list) or file_exists(inputs[name]):
+        return None
+    return {"type": "custom_validation_failed",
+            "message": "Custom validation failed for node",
+            "details": f"{name} - Invalid {declared.kind} file: {inputs[name]}",
+            "extra_info": {"input_name": name}}
+
+
 def _validate_node(catalogue: dict[str, NodeSpec], prompt: dict[str, Any], node_id: str,
-                   validated: Verdicts, visiting: set[str]) -> tuple[bool, list[dict[str, Any]]]:
+                   validated: Verdicts, visiting: set[str],
+                   file_exists: FileCheck | None) -> tuple[bool, list[dict[str, Any]]]:
     """Check one node's inputs, following links upstream; coerces literal values in place.
 
     Lookup failures (a link to a missing node, a node without "inputs") raise, and the
@@ -98,7 +118,7 @@ def _validate_node(catalogue: dict[str, NodeSpec], prompt: dict[str, Any], node_
                 continue
             try:
                 upstream_ok, _ = _validate_node(catalogue, prompt, source_id, validated,
-                                                visiting)
+                                                visiting, file_exists)
             except Exception as exc:
                 valid = False
                 validated[source_id] = (False, [{
@@ -135,6 +155,9 @@ def _validate_node(catalogue: dict[str, NodeSpec], prompt: dict[str, Any], node_
                 "extra_info": {"input_name": name, "input_config": config,
                                "received_value": value, "exception_message": str(exc)}})
             continue
+        if spec.input_file is not None and name == spec.input_file.input:
+            # Checked by the node's own validation below, in place of range and options.
+            continue
         out_of_range = _out_of_range(name, config, extra, value)
         if out_of_range is not None:
             errors.append(out_of_range)
@@ -151,15 +174,21 @@ def _validate_node(catalogue: dict[str, NodeSpec], prompt: dict[str, Any], node_
                 "extra_info": {"input_name": name, "input_config": shown,
                                "received_value": value}})
             continue
+    file_error = _file_error(spec, inputs, file_exists)
+    if file_error is not None:
+        errors.append(file_error)
     visiting.discard(node_id)
     result = (valid and not errors, errors)
     validated[node_id] = result
     return result
 
 
-def validate_prompt(catalogue: dict[str, NodeSpec], prompt: Any,
-                    targets: Any = None) -> tuple[bool, Any, list[str], dict[str, Any]]:
+def validate_prompt(catalogue: dict[str, NodeSpec], prompt: Any, targets: Any = None,
+                    file_exists: FileCheck | None = None
+                    ) -> tuple[bool, Any, list[str], dict[str, Any]]:
     """(ok, error, outputs to execute, node_errors), as POST /prompt reports them.
+
+    `file_exists` checks the file names of loader nodes; without it they are not checked.
 
     Malformed prompts (a list, a node that is a number) raise TypeError, which the
     server turns into its plain-text 500, like ComfyUI.
@@ -189,7 +218,8 @@ def validate_prompt(catalogue: dict[str, NodeSpec], prompt: Any,
     validated: Verdicts = {}
     for output_id in outputs:
         try:
-            ok, reasons = _validate_node(catalogue, prompt, output_id, validated, set())
+            ok, reasons = _validate_node(catalogue, prompt, output_id, validated, set(),
+                                         file_exists)
         except Exception as exc:
             ok = False
             reasons = [{"type": "exception_during_validation",

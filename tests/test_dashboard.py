@@ -7,9 +7,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import ujson
-import aiohttp
 from aiohttp import ClientSession, DummyCookieJar, web
 from playwright.async_api import Browser, Page, async_playwright, expect
 
@@ -19,6 +19,7 @@ import workflows
 from helpers import job_status, put_job, start_paused, wait_state
 
 CHROMIUM = Path("/usr/bin/chromium")
+EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 LAUNCH_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                "--disable-background-networking", "--disable-component-update",
                "--disable-sync"]
@@ -768,7 +769,7 @@ async def test_the_job_page_shows_its_input_pictures_beside_the_outputs(
         browser, start_cylindria, start_sims, tmp_path):
     cluster = await start_sims(1)
     client = await start_cylindria(cluster)
-    examples = Path(__file__).resolve().parents[1] / "docs" / "examples"
+    examples = EXAMPLES
     form = aiohttp.FormData()
     form.add_field("workflow", ujson.dumps(workflows.img2img("photo.png")),
                    content_type="application/json")

@@ -8,6 +8,7 @@ import base64
 import hashlib
 import struct
 import zlib
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -18,6 +19,8 @@ from cylindria.appkeys import INPUTS
 
 import workflows
 from helpers import job_status, put_job, wait_state, wait_until
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 
 
 def png(seed: int, size: int = 8) -> bytes:
@@ -110,6 +113,7 @@ async def test_each_way_in_brings_the_right_bytes_to_the_gpu(start_sims, start_c
     entry = await stored(client, pictures[0])
     status, body = await put_job(client, "by-ref", workflows.img2img(entry["ref"]), "auto")
     assert status == 202, body
+    assert not body["detail"].startswith("Putting"), body  # says where the job is now
 
     status, body = await put_form(client, "by-form", workflows.img2img("mine.png"),
                                   {"mine.png": pictures[1]}, "auto")
@@ -341,3 +345,24 @@ async def test_an_inline_input_over_the_cap_is_413_and_nothing_is_kept(start_cyl
     assert body["error"]["code"] == "payload_too_large"
     assert len(client.app[INPUTS]) == 0
     assert (await client.get("/jobstatus/big/")).status == 404
+
+
+async def test_the_documented_img2img_and_inpainting_examples_run(start_sims, start_cylindria):
+    cluster = await start_sims(2)
+    client = await start_cylindria(cluster)
+    examples = EXAMPLES
+    photo = (examples / "photo.png").read_bytes()
+    mask = (examples / "mask.png").read_bytes()
+    img2img = ujson.loads((examples / "img2img.json").read_text())
+    inpaint = ujson.loads((examples / "inpaint.json").read_text())
+    status, body = await put_form(client, "doc-img2img", img2img, {"photo.png": photo},
+                                  "auto")
+    assert status == 202, body
+    status, body = await put_form(client, "doc-inpaint", inpaint,
+                                  {"photo.png": photo, "mask.png": mask}, "auto")
+    assert status == 202, body
+    assert await source_of(client, "doc-img2img") == sha(photo)
+    assert await source_of(client, "doc-inpaint") == ",".join(sorted((sha(photo),
+                                                                      sha(mask))))
+    names = [i["name"] for i in (await job_status(client, "doc-inpaint"))["inputs"]]
+    assert sorted(names) == ["mask.png", "photo.png"]

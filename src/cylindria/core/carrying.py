@@ -66,10 +66,10 @@ class Carrying:
         already is not sent again) and every reference replaced by the file's name."""
         if not job.inputs:
             return workflow.data, {}
-        self.registry.uploading(job, len(job.inputs), gpu.index)
+        before = self.registry.uploading(job, len(job.inputs), gpu.index)
         started = time.perf_counter()
         placed = await self.inputs.place(gpu, [item["id"] for item in job.inputs])
-        self.registry.uploaded(job, time.perf_counter() - started)
+        self.registry.uploaded(job, time.perf_counter() - started, before)
         names = {item["ref"]: placed[item["id"]] for item in job.inputs}
         return await self.reader.decode(bind, workflow.data, names), names
 

@@ -232,14 +232,20 @@ class Registry(JobMachine):
         job.webhook = {**(job.webhook or {}), **fields}
         self._touch(job)
 
-    def uploading(self, job: Job, count: int, gpu_id: int) -> None:
+    def uploading(self, job: Job, count: int, gpu_id: int) -> str:
+        """Say that the attempt's input files are going to its GPU; returns what the
+        job said before, for `uploaded` to say again."""
+        before = job.detail
         job.detail = (f"Putting {count} input file{'s' if count != 1 else ''} on GPU "
                       f"{gpu_id}'s ComfyUI.")
         self._touch(job, lasting=False)
+        return before
 
-    def uploaded(self, job: Job, seconds: float) -> None:
+    def uploaded(self, job: Job, seconds: float, detail: str) -> None:
         """The attempt's inputs are on its GPU; the time it took joins its record."""
         job.upload_seconds = round(seconds, 4)
+        if job.state is JobState.QUEUED and not job.confirmed:
+            job.detail = detail
         self._touch(job, lasting=False)
 
     def doubt(self, job: Job, detail: str) -> None:

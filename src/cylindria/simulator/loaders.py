@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .nodes import InputFile, NodeContext, NodeResult, NodeSpec, SimImage
+from .nodes import InputFile, NodeContext, NodeResult, NodeSpec, SimImage, SimLatent
 
 MASK_CHANNELS = ("alpha", "red", "green", "blue")
 # LoadImage's mask when the image has no alpha channel: 64x64 zeros, as in ComfyUI.
@@ -77,6 +77,14 @@ async def _mask_to_image(ctx: NodeContext, inp: dict[str, Any]) -> NodeResult:
                                 mask.sources),))
 
 
+async def _vae_encode_for_inpaint(ctx: NodeContext, inp: dict[str, Any]) -> NodeResult:
+    pixels, mask = inp["pixels"], inp["mask"]
+    # The masked part is repainted: the mask's strength shades what the sampler starts from.
+    rgb = tuple(c * (255 - mask.value) // 255 for c in pixels.rgb)
+    return NodeResult((SimLatent(pixels.width, pixels.height, pixels.batch, rgb,
+                                 pixels.sources | mask.sources),))
+
+
 async def _load_video(ctx: NodeContext, inp: dict[str, Any]) -> NodeResult:
     source = await ctx.read_input(inp["file"])
     r, g, b, _ = source.rgba
@@ -112,6 +120,13 @@ def loader_specs() -> dict[str, NodeSpec]:
         NodeSpec(
             "MaskToImage", "Convert Mask to Image", "mask", "comfy_extras.nodes_mask",
             _mask_to_image, required={"mask": ["MASK", {}]}, outputs=("IMAGE",), cost=0.02),
+        NodeSpec(
+            "VAEEncodeForInpaint", "VAE Encode (for Inpainting)", "latent/inpaint", "nodes",
+            _vae_encode_for_inpaint,
+            required={"pixels": ["IMAGE", {}], "vae": ["VAE", {}], "mask": ["MASK", {}],
+                      "grow_mask_by": ["INT", {"default": 6, "min": 0, "max": 64,
+                                               "step": 1}]},
+            outputs=("LATENT",), cost=1.0),
         NodeSpec(
             "LoadVideo", "Load Video", "image/video", "comfy_extras.nodes_video", _load_video,
             required={"file": [[], {"video_upload": True}]}, outputs=("VIDEO",), cost=0.05,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import select
@@ -21,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 from PIL import ImageGrab
 
 from cylindria import desktop as tester
+from cylindria import desktop_form
 from cylindria.addresses import free_port_run
 from cylindria.desktop import InputError, parse_target
 
@@ -153,6 +156,18 @@ class FileDialog:
         return self.path
 
 
+class FilesDialog:
+    """Stands in for tkinter.filedialog.askopenfilenames: answers with fixed paths."""
+
+    def __init__(self, *paths: Path | str) -> None:
+        self.paths = tuple(str(path) for path in paths)
+        self.calls: list[dict[str, Any]] = []
+
+    def __call__(self, **options: Any) -> tuple[str, ...] | str:
+        self.calls.append(options)
+        return self.paths or ""  # Tk answers "" when cancelled
+
+
 class Prompt:
     """Stands in for tkinter.simpledialog.askstring: the user presses OK on what is shown,
     or types `answer` instead."""
@@ -186,7 +201,8 @@ def make_app(display: str, service: Service) -> Iterator[Callable[..., tester.Te
 
     def make(**options: Any) -> tester.TesterApp:
         options = {"port": service.port, "api_key": API_KEY, "timeout": 5.0,
-                   "askopenfilename": FileDialog(), "askstring": Prompt(), **options}
+                   "askopenfilename": FileDialog(), "askopenfilenames": FilesDialog(),
+                   "askstring": Prompt(), **options}
         app = tester.TesterApp(tk.Tk(), **options)
         apps.append(app)
         pump_until(app, lambda: app.root.winfo_viewable(), "the window to show")
@@ -399,6 +415,9 @@ def test_cancelled_dialogs_send_nothing(make_app, calls):
     app = make_app(askopenfilename=FileDialog(""), askstring=Prompt(None, accept_shown=False))
     app.start_job_button.invoke()
     assert "cancelled" in app.status_var.get()
+    app.attach_button.invoke()
+    assert app.status_var.get() == "Attach files cancelled: no file chosen."
+    assert app.attached == {}
     app.job_status_button.invoke()
     assert "cancelled" in app.status_var.get()
     app.root.update()
@@ -482,3 +501,190 @@ def test_launchers_open_the_window(display, tmp_path, command):
         finally:
             stop(proc, signal.SIGTERM)
     assert "Traceback" not in log.read_text(errors="replace")
+
+
+# -- input files -------------------------------------------------------------------------
+
+PHOTO = ROOT / "docs" / "examples" / "photo.png"
+
+
+def load_image(name: str = "photo.png") -> dict[str, Any]:
+    """LoadImage -> ImageInvert -> SaveImage: the job needs the file called `name`."""
+    return {"1": {"class_type": "LoadImage", "inputs": {"image": name}},
+            "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0],
+                                                        "filename_prefix": "tester"}}}
+
+
+def write_workflow(folder: Path, workflow: dict[str, Any]) -> Path:
+    path = folder / "workflow.json"
+    path.write_text(json.dumps(workflow))
+    return path
+
+
+async def test_multipart_form_reads_back_as_sent(aiohttp_server, tmp_path):
+    async def read_form(request: web.Request) -> web.Response:
+        # Read part by part with aiohttp's reader, as Cylindria itself reads the form.
+        fields = []
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            fields.append({"field": part.name, "filename": part.filename,
+                           "content_type": part.headers["Content-Type"],
+                           "data": (await part.read()).decode("latin-1")})
+        return web.json_response({"content_type": request.headers["Content-Type"],
+                                  "fields": fields})
+    app = web.Application()
+    app.router.add_put("/form", read_form)
+    server = await aiohttp_server(app)
+    # Bytes that look like the form's own syntax must come back untouched.
+    tricky = b"\r\n--cylindria-tester-x\r\n\x00\xff" * 3
+    files = [tmp_path / "photo.png", tmp_path / 'ét"é']
+    files[0].write_bytes(PHOTO.read_bytes())
+    files[1].write_bytes(tricky)
+    workflow = json.dumps(load_image()).encode()
+
+    body, content_type = desktop_form.multipart_form(workflow, files)
+    reply = await asyncio.to_thread(tester.call, "PUT", str(server.make_url("/form")),
+                                    body=body, content_type=content_type)
+
+    assert reply.status == 200, reply.render()
+    answer = json.loads(reply.body)
+    assert content_type.startswith("multipart/form-data; boundary=cylindria-tester-")
+    assert answer["content_type"] == content_type
+    assert answer["fields"] == [
+        {"field": "workflow", "filename": None, "content_type": "application/json",
+         "data": workflow.decode()},
+        {"field": "file", "filename": "photo.png", "content_type": "image/png",
+         "data": PHOTO.read_bytes().decode("latin-1")},
+        {"field": "file", "filename": 'ét"é', "content_type": "application/octet-stream",
+         "data": tricky.decode("latin-1")},
+    ]
+    # The exact framing: CRLF line endings, the parts, then the closing delimiter.
+    small = tmp_path / "notes.txt"
+    small.write_bytes(b"hi")
+    assert desktop_form.multipart_form(b"{}", [small], boundary="B") == (
+        b'--B\r\nContent-Disposition: form-data; name="workflow"\r\n'
+        b"Content-Type: application/json\r\n\r\n{}\r\n"
+        b'--B\r\nContent-Disposition: form-data; name="file"; filename="notes.txt"\r\n'
+        b"Content-Type: text/plain\r\n\r\nhi\r\n--B--\r\n",
+        "multipart/form-data; boundary=B")
+
+
+def test_attached_file_travels_with_the_job(make_app, display, service, tmp_path):
+    dialog = FilesDialog(PHOTO)
+    app = make_app(askopenfilename=FileDialog(write_workflow(tmp_path, load_image())),
+                   askopenfilenames=dialog)
+
+    app.attach_button.invoke()
+    size = PHOTO.stat().st_size
+    assert dialog.calls[0]["parent"] is app.root
+    assert app.attached == {PHOTO: size}
+    assert app.files_var.get() == f"photo.png ({size:,} bytes)"
+
+    shown = press(app, app.start_job_button)
+    shot = screenshot(app, display, tmp_path / "cylindria-tester-attach.png")
+    print(f"\nscreenshot: {shot}")
+
+    lines = shown.splitlines()
+    assert lines[1].startswith("HTTP 202 Accepted") and lines[2] == "Files sent: photo.png"
+    job_id = body_of(shown)["job_id"]
+    assert job_id == app.last_job_id
+    url = f"http://127.0.0.1:{service.port}/jobstatus/{job_id}/"
+    status, job = http_get(url, {"X-API-Key": API_KEY})
+    assert status == 200
+    assert [{k: item[k] for k in ("name", "size", "media_type")} for item in job["inputs"]] \
+        == [{"name": "photo.png", "size": size, "media_type": "image/png"}]
+    wait_for(lambda: http_get(url, {"X-API-Key": API_KEY})[1]["state"] == "completed",
+             "the job with its input file to complete")
+    # The files stay attached for the next job until cleared.
+    assert app.attached == {PHOTO: size}
+
+
+def test_a_file_no_node_uses_gets_the_servers_refusal(make_app, tmp_path):
+    app = make_app(askopenfilename=FileDialog(write_workflow(tmp_path, workflows.quick())),
+                   askopenfilenames=FilesDialog(PHOTO))
+    app.attach_button.invoke()
+
+    shown = press(app, app.start_job_button)
+
+    assert shown.splitlines()[1].startswith("HTTP 422")
+    assert shown.splitlines()[2] == "Files sent: photo.png"
+    assert body_of(shown)["error"]["code"] == "invalid_input"
+
+
+def test_two_files_of_one_name_are_refused(make_app, calls, tmp_path):
+    first, second = tmp_path / "a" / "photo.png", tmp_path / "b" / "photo.png"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(b"png")
+    dialog = FilesDialog(first, second)
+    app = make_app(askopenfilenames=dialog)
+
+    app.attach_button.invoke()
+
+    shown = app.response_text()
+    assert shown.startswith(f"Two files are named photo.png ({first} and {second})")
+    assert app.status_var.get() == "Files not attached."
+    assert app.attached == {} and app.files_var.get() == tester.NO_FILES
+
+    # One at a time: the same file picked again is no second file; another of its name
+    # is refused, and the first stays attached.
+    dialog.paths = (str(first),)
+    app.attach_button.invoke()
+    app.attach_button.invoke()
+    assert app.attached == {first: 3} and app.status_var.get().startswith("1 file(s)")
+    dialog.paths = (str(second),)
+    app.attach_button.invoke()
+    assert "Two files are named photo.png" in app.response_text()
+    assert app.attached == {first: 3} and app.files_var.get() == "photo.png (3 bytes)"
+    app.clear_button.invoke()
+    assert app.attached == {} and app.files_var.get() == tester.NO_FILES
+    assert calls == []
+
+
+def test_unreadable_and_oversized_files_are_refused(make_app, calls, tmp_path, monkeypatch):
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(PHOTO.read_bytes())
+    dialog = FilesDialog(tmp_path / "missing.png")
+    app = make_app(askopenfilename=FileDialog(write_workflow(tmp_path, load_image())),
+                   askopenfilenames=dialog)
+
+    app.attach_button.invoke()
+    assert app.response_text() == (f"Cannot read {tmp_path / 'missing.png'}: "
+                                   "No such file or directory.")
+
+    monkeypatch.setattr(desktop_form, "MAX_ATTACHED_BYTES", 100)
+    dialog.paths = (str(photo),)
+    app.attach_button.invoke()
+    assert app.response_text().startswith(f"These files come to {photo.stat().st_size:,} "
+                                          "bytes; the tester sends at most 100 bytes")
+    assert app.attached == {}
+
+    # Attached, then gone before Start Job: the worker finds out, and nothing is sent.
+    monkeypatch.undo()
+    app.attach_button.invoke()
+    photo.unlink()
+    shown = press(app, app.start_job_button)
+    assert shown.splitlines()[-1] == (f"Cannot read {photo}: No such file or directory. "
+                                      "The job was not sent.")
+    assert "Traceback" not in shown and not app.busy
+    assert calls == [] and app.last_job_id is None
+
+
+def test_a_refusal_before_the_files_are_sent_is_a_message(make_app, odd_server, tmp_path):
+    # Cylindria answers 413 as soon as a file passes its limit and closes the connection
+    # while the rest is still coming; the tester cannot read that answer, but says so.
+    big = tmp_path / "photo.png"
+    big.write_bytes(bytes(32 * 1024 * 1024))  # more than loopback buffers take at once
+    port = odd_server(b"HTTP/1.1 413 Request Entity Too Large\r\nConnection: close\r\n"
+                      b"Content-Length: 0\r\n\r\n")
+    app = make_app(port=port, askopenfilename=FileDialog(write_workflow(tmp_path,
+                                                                        load_image())),
+                   askopenfilenames=FilesDialog(big))
+    app.attach_button.invoke()
+
+    shown = press(app, app.start_job_button)
+
+    assert f"127.0.0.1:{port} closed the connection before the whole request was sent" \
+        in shown and "Traceback" not in shown
+    assert not app.busy and app.last_job_id is None

@@ -15,10 +15,12 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
+
+from .desktop_form import InputError, attach, load_workflow, multipart_form
 
 try:
     import tkinter as tk
@@ -40,11 +42,6 @@ DEFAULT_TIMEOUT = 10.0
 # Long enough for the worker's answer to feel immediate, short enough to cost nothing.
 POLL_MS = 30
 WHOLE_NUMBER = re.compile(r"-?[0-9]+")
-MAX_WORKFLOW_BYTES = 32 * 1024 * 1024  # the service refuses larger bodies with a 413
-
-
-class InputError(ValueError):
-    """Something the user typed or picked cannot be used; the message says what to fix."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +68,7 @@ class Reply:
     body: str = ""
     error: str | None = None
     seconds: float = 0.0
+    note: str = ""
 
     @property
     def ok(self) -> bool:
@@ -82,7 +80,8 @@ class Reply:
             lines += ["", self.error or "No answer."]
         else:
             lines += [f"HTTP {self.status} {self.reason}".rstrip()
-                      + f"   ({self.seconds * 1000:.0f} ms)", "", self.body]
+                      + f"   ({self.seconds * 1000:.0f} ms)", *filter(None, [self.note]),
+                      "", self.body]
         return "\n".join(lines)
 
 
@@ -129,41 +128,14 @@ def new_job_id() -> str:
     return f"tester-{uuid.uuid4().hex[:12]}"
 
 
-def load_workflow(path: str | Path) -> bytes:
-    """Read a workflow file and return it as a JSON request body, or raise InputError."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        if size > MAX_WORKFLOW_BYTES:
-            raise InputError(f"{path.name} is {size} bytes; Cylindria takes at most "
-                             f"{MAX_WORKFLOW_BYTES} bytes.")
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise InputError(f"Cannot read {path}: {exc.strerror or exc}.") from exc
-    try:
-        data = json.loads(raw.decode("utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path.name} is not a JSON workflow: it is not UTF-8 text "
-                         f"(byte {exc.start}).") from exc
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path.name} is not a JSON workflow: {exc.msg} at line "
-                         f"{exc.lineno}, column {exc.colno}.") from exc
-    if not isinstance(data, dict):
-        raise InputError(f"{path.name} holds JSON but not a workflow: expected an object "
-                         f"of nodes, got {type(data).__name__}. Export it from ComfyUI "
-                         "with Workflow > Export (API).")
-    # Sent re-encoded so a byte order mark or odd encoding never reaches the service.
-    return json.dumps(data).encode()
-
-
-def call(method: str, url: str, *, api_key: str = "", body: bytes | None = None,
-         timeout: float = DEFAULT_TIMEOUT) -> Reply:
+def call(method: str, url: str, *, api_key: str = "", body: bytes | bytearray | None = None,
+         content_type: str = "application/json", timeout: float = DEFAULT_TIMEOUT) -> Reply:
     """One blocking HTTP call that never raises: failures come back as Reply.error."""
     headers = {"Accept": "application/json"}
     if api_key:
         headers["X-API-Key"] = api_key
     if body is not None:
-        headers["Content-Type"] = "application/json"
+        headers["Content-Type"] = content_type
     request = urllib.request.Request(url, data=body, headers=headers, method=method)
     started = time.monotonic()
     try:
@@ -198,6 +170,11 @@ def describe_failure(exc: BaseException, url: str, timeout: float) -> str:
                 "Check the URL and the port.")
     if isinstance(reason, TimeoutError):
         return f"No answer from {where} within {timeout:g} seconds."
+    if isinstance(reason, ConnectionResetError | BrokenPipeError) and reason is not exc:
+        # urllib wraps only what fails while sending: the server stopped reading early.
+        return (f"{where} closed the connection before the whole request was sent: it "
+                "refused the request early, most often because a file is over its size "
+                "limit (100 MiB by default).")
     if isinstance(reason, http.client.HTTPException | ConnectionResetError):
         return (f"{where} did not answer in HTTP ({type(reason).__name__}): is that "
                 "Cylindria's port?")
@@ -216,24 +193,28 @@ def pretty(data: bytes) -> str:
 
 AskOpenFilename = Callable[..., Any]
 AskString = Callable[..., str | None]
+NO_FILES = "No files attached: Start Job sends the workflow alone."
 
 
 class TesterApp:
     """The window. Network calls run on worker threads; only the Tk thread touches widgets.
 
-    `askopenfilename` and `askstring` are the dialogs; tests pass stand-ins for them.
+    `askopenfilename(s)` and `askstring` are the dialogs; tests pass stand-ins for them.
     """
 
     def __init__(self, root: tk.Tk | None = None, *,
                  askopenfilename: AskOpenFilename = filedialog.askopenfilename,
+                 askopenfilenames: AskOpenFilename = filedialog.askopenfilenames,
                  askstring: AskString = simpledialog.askstring,
                  url: str = DEFAULT_URL, port: int = DEFAULT_PORT, gpu_id: int = 0,
                  api_key: str = "", timeout: float = DEFAULT_TIMEOUT) -> None:
         self.root = root if root is not None else tk.Tk()
         self.askopenfilename = askopenfilename
+        self.askopenfilenames = askopenfilenames
         self.askstring = askstring
         self.timeout = timeout
         self.last_job_id: str | None = None
+        self.attached: dict[Path, int] = {}
         self._replies: queue.Queue[tuple[Reply, Callable[[Reply], None] | None]] = \
             queue.Queue()
         self._busy = False
@@ -247,6 +228,7 @@ class TesterApp:
         self.show_key_var = tk.BooleanVar(self.root, False)
         self.last_job_var = tk.StringVar(self.root, "Last job: none yet")
         self.status_var = tk.StringVar(self.root, "Ready.")
+        self.files_var = tk.StringVar(self.root, NO_FILES)
         self._build()
         self.root.protocol("WM_DELETE_WINDOW", self.close)
 
@@ -259,7 +241,7 @@ class TesterApp:
         if style.theme_use() == "default" and "clam" in style.theme_names():
             style.theme_use("clam")
         root.columnconfigure(0, weight=1)
-        root.rowconfigure(2, weight=1)
+        root.rowconfigure(3, weight=1)
 
         form = ttk.LabelFrame(root, text="Connection", padding=(10, 6))
         form.grid(row=0, column=0, sticky="ew", padx=10, pady=(10, 4))
@@ -301,8 +283,17 @@ class TesterApp:
         ttk.Label(actions, textvariable=self.last_job_var, foreground="#444").grid(
             row=0, column=3, sticky="e")
 
+        files = ttk.LabelFrame(root, text="Input files", padding=(10, 4))
+        files.grid(row=2, column=0, sticky="ew", padx=10, pady=4)
+        self.attach_button = ttk.Button(files, text="Attach files…", command=self.attach_files)
+        self.clear_button = ttk.Button(files, text="Clear files", command=self.clear_files)
+        for column, button in enumerate((self.attach_button, self.clear_button)):
+            button.grid(row=0, column=column, padx=(0, 8))
+        ttk.Label(files, textvariable=self.files_var, foreground="#444",
+                  wraplength=400).grid(row=0, column=2, sticky="w")
+
         shown = ttk.LabelFrame(root, text="Response", padding=(6, 4))
-        shown.grid(row=2, column=0, sticky="nsew", padx=10, pady=4)
+        shown.grid(row=3, column=0, sticky="nsew", padx=10, pady=4)
         shown.columnconfigure(0, weight=1)
         shown.rowconfigure(0, weight=1)
         self.response = scrolledtext.ScrolledText(
@@ -310,12 +301,12 @@ class TesterApp:
             width=80, borderwidth=0, padx=6, pady=4, state="disabled")
         self.response.grid(row=0, column=0, sticky="nsew")
 
-        ttk.Separator(root).grid(row=3, column=0, sticky="ew")
+        ttk.Separator(root).grid(row=4, column=0, sticky="ew")
         self.status_label = ttk.Label(root, textvariable=self.status_var, anchor="w",
                                       padding=(10, 3))
-        self.status_label.grid(row=4, column=0, sticky="ew")
+        self.status_label.grid(row=5, column=0, sticky="ew")
 
-    # -- the three actions -------------------------------------------------------------
+    # -- the actions -------------------------------------------------------------------
 
     def server_status(self) -> None:
         target = self._target()
@@ -335,7 +326,7 @@ class TesterApp:
             self.status_var.set("Start Job cancelled: no file chosen.")
             return
         try:
-            body = load_workflow(chosen)
+            workflow = load_workflow(chosen)
         except InputError as exc:
             self._show_message(str(exc), "Workflow not sent.")
             return
@@ -348,8 +339,9 @@ class TesterApp:
                 self.last_job_id = job_id
                 self.last_job_var.set(f"Last job: {job_id}")
 
-        self._run(f"Submitting {Path(chosen).name} as {job_id}…", "PUT", url, target,
-                  body=body, then=remember)
+        names = "".join(f", {path.name}" for path in self.attached)
+        self._run(f"Submitting {Path(chosen).name}{names} as {job_id}…", "PUT", url, target,
+                  body=workflow, files=list(self.attached), then=remember)
 
     def job_status(self) -> None:
         target = self._target()
@@ -367,6 +359,29 @@ class TesterApp:
         url = target.url(f"/jobstatus/{urllib.parse.quote(job_id, safe='')}/")
         self._run(f"Asking about {job_id}…", "GET", url, target)
 
+    def attach_files(self) -> None:
+        chosen = self.askopenfilenames(parent=self.root, title="Attach files to the next job")
+        # A tuple, or one Tcl list string on some Tk builds; "" when cancelled.
+        chosen = self.root.tk.splitlist(chosen) if chosen else ()
+        if not chosen:
+            self.status_var.set("Attach files cancelled: no file chosen.")
+            return
+        try:
+            attached = attach(self.attached, chosen)
+        except InputError as exc:
+            self._show_message(str(exc), "Files not attached.")
+            return
+        self._set_files(attached, f"{len(attached)} file(s) attached to the next Start Job.")
+
+    def clear_files(self) -> None:
+        self._set_files({}, "Files cleared.")
+
+    def _set_files(self, attached: dict[Path, int], status: str) -> None:
+        self.attached = attached
+        shown = [f"{path.name} ({size:,} bytes)" for path, size in attached.items()]
+        self.files_var.set(", ".join(shown) if shown else NO_FILES)
+        self.status_var.set(status)
+
     # -- plumbing ----------------------------------------------------------------------
 
     def _target(self) -> Target | None:
@@ -378,14 +393,23 @@ class TesterApp:
             return None
 
     def _run(self, waiting: str, method: str, url: str, target: Target, *,
-             body: bytes | None = None, then: Callable[[Reply], None] | None = None) -> None:
+             body: bytes | None = None, files: list[Path] | None = None,
+             then: Callable[[Reply], None] | None = None) -> None:
         self._set_busy(True)
         self.status_var.set(waiting)
         timeout = self.timeout
 
         def work() -> None:
             try:
-                reply = call(method, url, api_key=target.api_key, body=body, timeout=timeout)
+                sent, content_type = body, "application/json"
+                if files:  # checked again: a file may have changed since it was attached
+                    sent, content_type = multipart_form(body or b"", attach({}, files))
+                reply = call(method, url, api_key=target.api_key, body=sent,
+                             content_type=content_type, timeout=timeout)
+                if files and reply.status is not None:
+                    reply = replace(reply, note=f"Files sent: {', '.join(p.name for p in files)}")
+            except InputError as exc:  # a file cannot be read (any more): nothing was sent
+                reply = Reply(method, url, error=f"{exc} The job was not sent.")
             except Exception as exc:
                 # call() expects every network failure; anything else is a bug, and it
                 # must still reach the window or the buttons would stay disabled.

@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/store.py
 	$(BIN)/python bench/dispatch.py
+	$(BIN)/python bench/inputs.py
 
 # Thousands of jobs through real processes under faults, checked against what ran.
 chaos: $(STAMP)

@@ -53,8 +53,14 @@ def finished_jobs(metrics: str) -> int:
 
 
 def working(n: int) -> dict[str, Any]:
-    """A short txt2img (two sampler steps): the GPUs are busy while the line lasts."""
-    return txt2img(n, 2)
+    """A short txt2img (two sampler steps) that also saves two images at once: the GPUs
+    are busy while the line lasts, and a crash can fall between a job's outputs."""
+    workflow = txt2img(n, 2)
+    workflow["10"] = {"class_type": "EmptyImage", "inputs": {
+        "width": 64, "height": 64, "batch_size": 2, "color": n % 0xFFFFFF}}
+    workflow["11"] = {"class_type": "SaveImage", "inputs": {"images": ["10", 0],
+                                                            "filename_prefix": "bench/early"}}
+    return workflow
 
 
 def failing(n: int) -> dict[str, Any]:
@@ -246,6 +252,7 @@ def judge(jobs: list[dict[str, Any]], kinds: dict[str, str],
     counts: Counter[str] = Counter()
     wrong: list[str] = []
     twice: list[str] = []
+    outputs_differ: list[str] = []
     known_prompts: set[str] = set()
     for job in jobs:
         state = job["state"]
@@ -272,6 +279,10 @@ def judge(jobs: list[dict[str, Any]], kinds: dict[str, str],
         last = ledger.get(job.get("prompt_id") or "", {})
         expected = {"success": "completed", "error": "failed",
                     "interrupted": "cancelled"}.get(last.get("outcome") or "")
+        if state == "completed" and "files" in last:
+            told = sorted(o["filename"] for o in job.get("outputs") or [] if "filename" in o)
+            if told != last["files"]:
+                outputs_differ.append(job["job_id"])
         if state in ("completed", "cancelled") or (state == "failed"
                                                    and error.get("type") != "lost"):
             ok = ok and expected == state
@@ -282,7 +293,8 @@ def judge(jobs: list[dict[str, Any]], kinds: dict[str, str],
         if not ok and state in ("completed", "failed", "cancelled", "rejected"):
             wrong.append(job["job_id"])
     unknown_runs = sum(1 for p in ledger if p not in known_prompts)
-    return {"counts": counts, "wrong": wrong, "twice": twice, "unknown_runs": unknown_runs}
+    return {"counts": counts, "wrong": wrong, "twice": twice, "unknown_runs": unknown_runs,
+            "outputs_differ": outputs_differ}
 
 
 async def run(count: int, retry_lost: int, comfy_restarts: int, kills: int,
@@ -360,12 +372,13 @@ async def run(count: int, retry_lost: int, comfy_restarts: int, kills: int,
         "stuck (not final 60 s after the end)": counts["queued"] + counts["running"],
         "run twice": len(verdict["twice"]),
         "wrong state": len(verdict["wrong"]),
+        "completed with outputs other than the GPU's": len(verdict["outputs_differ"]),
         "accepted but missing": len(missing),
         "prompts run that no job names": verdict["unknown_runs"],
         "faults": dict(did),
         "wall time: submitting / until settled (s)": f"{submitted:.0f} / {settled:.0f}",
         "examples": {"wrong": verdict["wrong"][:5], "twice": verdict["twice"][:5],
-                     "missing": missing[:5]},
+                     "missing": missing[:5], "outputs": verdict["outputs_differ"][:5]},
     }
 
 
@@ -384,7 +397,8 @@ def main() -> int:
         result = asyncio.run(run(args.jobs, args.retry_lost, args.comfy_restarts, args.kills,
                                  args.seed, Path(tmp)))
     bad = (result["stuck (not final 60 s after the end)"] + result["run twice"]
-           + result["wrong state"] + result["accepted but missing"])
+           + result["wrong state"] + result["accepted but missing"]
+           + result["completed with outputs other than the GPU's"])
     if args.json:
         print(ujson.dumps(result))
         return 1 if bad else 0

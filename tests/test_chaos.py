@@ -45,6 +45,7 @@ def test_nothing_is_lost_stuck_or_run_twice_through_crashes():
     assert result["stuck (not final 60 s after the end)"] == 0
     assert result["run twice"] == 0
     assert result["wrong state"] == 0
+    assert result["completed with outputs other than the GPU's"] == 0
     assert result["accepted but missing"] == 0
     assert result["prompts run that no job names"] == 0
     # Every kind of job reached its own end: the refusals, the run-time failures and
@@ -61,4 +62,5 @@ def test_with_retries_every_lost_job_completes():
     assert result["lost (failed, type lost)"] == 0
     assert result["stuck (not final 60 s after the end)"] == 0
     assert result["run twice"] == 0 and result["wrong state"] == 0
+    assert result["completed with outputs other than the GPU's"] == 0
     assert result["accepted but missing"] == 0

@@ -309,3 +309,27 @@ async def test_a_lost_job_whose_gpu_is_drained_owes_its_retry_until_undrained(
 async def _owed(client) -> dict[str, Any] | None:
     body = await job_status(client, "owed")
     return body if "automatically as soon as a GPU is ready" in body["detail"] else None
+
+
+async def test_outputs_made_while_the_listener_was_away_are_all_reported(start_sims,
+                                                                         start_cylindria):
+    cluster = await start_sims(1, step_seconds=0.01)
+    sim = cluster.sims[0]
+    client = await start_cylindria(cluster)
+    gpu = client.app[GPUS][0]
+    sim.refuse_websockets(True)
+    await sim.drop_sockets()
+    await wait_until(lambda: not gpu.listener_connected, what="the listener to drop")
+    sim.pause(at="tick")
+    status, body = await put_job(client, "away", workflows.two_saves(steps=4), gpu=0)
+    assert status == 202, body
+    async with asyncio.timeout(5):
+        await sim.until_blocked()  # the early images are saved; no event reached us
+    sim.refuse_websockets(False)
+    await wait_until(lambda: gpu.listener_connected, what="the listener to come back")
+    sim.resume()
+    done = await wait_state(client, "away", "completed")
+    history = sim.history[done["prompt_id"]]["outputs"]
+    assert sorted(o["filename"] for o in done["outputs"]) == sorted(
+        image["filename"] for output in history.values() for image in output["images"])
+    assert len(done["outputs"]) == 3

@@ -162,6 +162,36 @@ async def test_a_killed_service_comes_back_with_every_job(rig):
     assert sorted(history) == sorted(b["prompt_id"] for b in done.values())
 
 
+def files(outputs) -> list[str]:
+    """The file names of a job's outputs (a status body's list, or ComfyUI's history)."""
+    if isinstance(outputs, list):
+        return sorted(o["filename"] for o in outputs if "filename" in o)
+    return sorted(image["filename"] for output in outputs.values()
+                  for image in output.get("images", []))
+
+
+async def test_outputs_saved_before_a_crash_are_all_reported(rig):
+    await rig.start_sim()
+    serve = await rig.start_serve()
+    # Long enough (5 s) that the job still runs when the service is back.
+    assert await rig.put("two-saves", workflows.two_saves(steps=100), gpu=0) == 202
+
+    async def early_saved_and_sampling():
+        body = (await rig.get("/jobstatus/two-saves/"))[1]
+        return body if body["outputs"] and body["current_node"] == "3" else None
+    before = await wait_until(early_saved_and_sampling, 10, "the early images and sampling")
+    assert len(before["outputs"]) == 2
+    kill(serve)
+
+    await rig.start_serve()
+    assert (await rig.get("/jobstatus/two-saves/"))[1]["state"] == "running"
+    done = (await rig.until_all(["two-saves"], "completed"))["two-saves"]
+    prompt = done["prompt_id"]
+    history = (await rig.get(f"/history/{prompt}", rig.sim_url(0)))[1][prompt]["outputs"]
+    assert files(done["outputs"]) == files(history)
+    assert len(done["outputs"]) == 3, done["outputs"]
+
+
 async def both_crash(rig: Rig, serve: Proc, job_ids: list[str]) -> None:
     """Submit long jobs, then kill the service and restart every simulated ComfyUI, which
     forgets its queue."""

@@ -87,3 +87,14 @@ def img2img(image: str, prefix: str = "cyl/img2img") -> dict[str, Any]:
                                                     "filename_prefix": prefix}},
     }
 
+
+
+def two_saves(steps: int = 8, seed: int | None = None) -> dict[str, Any]:
+    """Saves twice: two images of an EmptyImage at once (node 11), then a sampler's
+    result at the end (node 9)."""
+    workflow = txt2img(steps=steps, seed=seed)
+    workflow["10"] = {"class_type": "EmptyImage", "inputs": {
+        "width": 64, "height": 64, "batch_size": 2, "color": next(_colors)}}
+    workflow["11"] = {"class_type": "SaveImage", "inputs": {"images": ["10", 0],
+                                                            "filename_prefix": "cyl/early"}}
+    return workflow

@@ -37,6 +37,38 @@ class JobMachine:
 
     # -- events from ComfyUI --------------------------------------------------
 
+    def missed_events(self, gpu_id: int) -> None:
+        """Events of this GPU's jobs in flight may have been lost (its listener was
+        away): each one's end is to be read from ComfyUI's history."""
+        for job in self.in_flight(gpu_id):
+            job.events_missed = True
+
+    def _from_history(self, job: Job, how: str, data: dict[str, Any]) -> bool:
+        """An end told by an event, for a job whose earlier events may be lost: kept
+        until the reconciliation reads the history, which has all of its outputs (the
+        listener wakes it at the job's last event). True when the end waits."""
+        if not job.events_missed or job.terminal:
+            return False
+        job.ending = (how, data)
+        job.detail = "Finished on ComfyUI; reading its outputs from ComfyUI's history."
+        self._touch(job, lasting=False)
+        return True
+
+    def settle_by_events(self, job: Job) -> bool:
+        """The end the events told, when the history has none to give (it was cleared
+        in between): the outputs are those the events told. True if there was one."""
+        if job.ending is None or job.terminal:
+            return False
+        how, data = job.ending
+        job.events_missed, job.ending = False, None
+        log.warning("job %s: ComfyUI's history has no entry for prompt %s; its end is "
+                    "taken from the events received", job.job_id, job.prompt_id)
+        if how == "success":
+            self.on_success(job.prompt_id)
+        else:
+            self.on_error(job.prompt_id, data)
+        return True
+
     def on_start(self, prompt_id: str) -> None:
         job = self.by_prompt(prompt_id)
         if job is None:
@@ -106,6 +138,8 @@ class JobMachine:
         job = self.by_prompt(prompt_id)
         if job is None:
             return
+        if self._from_history(job, "success", {}):
+            return
         if job.timeline is not None:
             job.timeline.finished(self._moment(), success=True)
         if self._move(job, JobState.COMPLETED):
@@ -118,6 +152,8 @@ class JobMachine:
     def on_error(self, prompt_id: str, data: dict[str, Any]) -> None:
         job = self.by_prompt(prompt_id)
         if job is None:
+            return
+        if self._from_history(job, "error", data):
             return
         if self._move(job, JobState.FAILED):
             job.error = error_summary(data)
@@ -229,12 +265,12 @@ class JobMachine:
         if job is None or job.terminal:
             return
         job.unverified = False
+        job.events_missed, job.ending = False, None
         outputs = entry.get("outputs")
-        if isinstance(outputs, dict) and outputs:
-            merged = dict(job.outputs or {})
-            for node, output in outputs.items():
-                merged.setdefault(str(node), output)
-            job.outputs = merged
+        if isinstance(outputs, dict):
+            # The history holds every output of the prompt: it is the truth, whatever
+            # the events that reached Cylindria told.
+            job.outputs = {str(node): output for node, output in outputs.items()} or None
         status = entry.get("status") or {}
         messages = status.get("messages") or []
         names = [m[0] for m in messages if isinstance(m, list | tuple) and m]

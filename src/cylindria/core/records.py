@@ -113,6 +113,11 @@ class Job:
     upload_seconds: float | None = None
     # Loaded from the journal at start-up and not yet checked against ComfyUI.
     unverified: bool = False
+    # Cylindria may have missed some of this attempt's events (it restarted, or its
+    # listener reconnected while the job ran): its end is taken from ComfyUI's history,
+    # which holds every output. `ending` keeps the end the events told meanwhile.
+    events_missed: bool = False
+    ending: tuple[str, dict[str, Any]] | None = None
     # Once finished, a job is made compact: what its node sets told is kept as two
     # values, its outputs as JSON text (no containers for the garbage collector).
     final_progress: float | None = None

@@ -42,6 +42,7 @@ class Recovery:
                 continue  # held in Cylindria's queue, or refused: nothing to re-check
             if not job.terminal:
                 job.unverified = True
+                job.events_missed = True
                 job.detail = RESTART_DETAIL
                 if job.gpu_id >= len(self.gpus):
                     lost.append(job)
@@ -85,7 +86,7 @@ class Recovery:
             entry = await gpu.comfy.history(job.prompt_id)
             if entry is not None:
                 registry.settle_from_history(job.prompt_id, entry)
-            elif registry.confirm_removed(job):
+            elif registry.confirm_removed(job) or registry.settle_by_events(job):
                 continue
             elif job.missing_since is None:
                 registry.note_missing(job, grace, _lost_detail(job))

@@ -201,6 +201,7 @@ class Registry(JobMachine):
                      "webhook", "placement", "upload_seconds"):
             setattr(job, name, None)
         job.unverified = False
+        job.events_missed, job.ending = False, None
         job.retry_owed = False
         self._owed.pop(job.job_id, None)
         job.reopen(nodes)

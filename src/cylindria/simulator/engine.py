@@ -271,11 +271,16 @@ class Engine:
 
     def _finish(self, job: RunningPrompt) -> None:
         entry = self.ledger.get(job.prompt_id)
+        outputs = job.ui
         if entry is not None:
             entry["outcome"] = ("success" if job.succeeded else
                                 "interrupted" if job.interrupted else "error")
             entry["ended"] = time.time()
-        outputs = job.ui
+            # The files each run reported, kept when the history is gone (a restart).
+            entry["files"] = sorted(item["filename"] for ui in outputs.values()
+                                    for items in ui.values() if isinstance(items, list)
+                                    for item in items
+                                    if isinstance(item, dict) and "filename" in item)
         entry = {
             "prompt": list(job.item[:5]),
             "outputs": outputs,

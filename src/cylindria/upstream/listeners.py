@@ -129,6 +129,7 @@ async def listen(gpu: Gpu, jobs: JobsService, timing: Timing,
                 # ComfyUI may have restarted, perhaps without the input files it had.
                 wake_poller.set()
                 jobs.inputs.forget(gpu.index)
+                jobs.registry.missed_events(gpu.index)
                 async for msg in ws:
                     if msg.type is aiohttp.WSMsgType.TEXT:
                         await dispatcher.handle_text(msg.data)

@@ -14,9 +14,10 @@ from aiohttp import ClientSession, DummyCookieJar, web
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from cylindria.appkeys import REGISTRY
+from cylindria.core.estimates import node_costs
 
 import workflows
-from helpers import job_status, put_job, start_paused, wait_state
+from helpers import job_status, put_job, start_paused, wait_state, wait_until
 
 CHROMIUM = Path("/usr/bin/chromium")
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
@@ -208,6 +209,163 @@ async def test_a_narrow_window_stacks_the_table(browser, start_cylindria, start_
         "document.documentElement.scrollWidth - document.documentElement.clientWidth")
     assert overflow <= 0
     await shot(page, tmp_path, "narrow")
+    assert_clean(page)
+
+
+# -- one forecast per job ----------------------------------------------------------------
+
+def learn_run_times(client, workflow: dict[str, Any], gpu: int,
+                    sampler_seconds: float) -> None:
+    """As if `gpu` had run this workflow before: its sampler took `sampler_seconds`, each
+    other node a tenth of a second."""
+    times = client.app[REGISTRY].run_times
+    for cost in node_costs(workflow).values():
+        times.observe(gpu, cost.key, cost.units, sampler_seconds if cost.steps else 0.1)
+
+
+async def test_a_running_job_reads_the_same_time_left_on_its_card_and_in_the_table(
+        browser, start_cylindria, start_sims, tmp_path):
+    cluster = await start_sims(4, step_seconds=0.05)
+    client = await start_cylindria(cluster)
+    workflow = workflows.txt2img(steps=8)
+    # A sampler learned to take minutes: held at its first step, the job's forecast falls
+    # second by second for half a minute (until its next step is due), so a forecast
+    # made at another moment would read differently.
+    learn_run_times(client, workflow, gpu=2, sampler_seconds=240)
+    sim = cluster.sims[2]
+    await start_paused(client, sim, "slow-render", workflow, gpu=2, timeout=10)
+    time_left = re.compile(r" · about \d+ min \d\d s left$")
+
+    # The feed: the card's running job is the table's row, to the letter.
+    state = await (await client.get("/dashboard/state")).json()
+    on_card = state["gpus"][2]["running"]
+    in_table = next(job for job in state["jobs"] if job["job_id"] == "slow-render")
+    assert time_left.search(on_card["node_label"]), on_card["node_label"]
+    assert on_card == in_table
+
+    # The first paint.
+    page = await open_page(browser, client, javascript=False)
+    card_text = await gpu_card(page, 2).locator("[data-field=running-node]").text_content()
+    row_text = await row(page, "slow-render").locator("[data-field=node]").text_content()
+    assert card_text and time_left.search(card_text), card_text
+    assert card_text == row_text
+    await page.context.close()
+
+    # The live updates: each poll rewrites both from one state, seconds after the last.
+    page = await open_page(browser, client)
+    polls: list[str] = []
+    page.on("response", lambda r: polls.append(r.url)
+            if r.url.endswith("/dashboard/state") else None)
+    await wait_until(lambda: len(polls) >= 3, timeout=WAIT_MS / 1000,
+                     what="three live updates")
+    card_text, row_text = await page.evaluate(
+        """() => [document.querySelector('article.gpu[data-gpu="2"] [data-field=running-node]'),
+                  [...document.querySelectorAll('tr.job')]
+                    .find(tr => tr.dataset.job === 'slow-render')
+                    .querySelector('[data-field=node]')].map(e => e.textContent)""")
+    assert time_left.search(card_text), card_text
+    assert card_text == row_text
+    await shot(page, tmp_path, "time-left")
+    sim.resume()
+    await expect(row(page, "slow-render").locator("[data-field=state]")).to_have_text(
+        "Completed")
+    assert_clean(page)
+
+
+# -- layout ------------------------------------------------------------------------------
+
+# Every value on the GPU cards and every job id, laid out: a line may end only at a space,
+# never inside a word nor after a hyphen (each character's box, measured with a Range,
+# says which line it is on), and a box whose text does not fit must cut it short with an
+# ellipsis and carry the whole text in its title. Returns what breaks these rules.
+BROKEN_TEXT = """selector => {
+  const problems = [];
+  const range = document.createRange();
+  for (const element of document.querySelectorAll(selector)) {
+    if (element.getClientRects().length === 0) {
+      continue;  // not shown
+    }
+    const where = (element.closest("[data-gpu]") ? "GPU " + element.closest("[data-gpu]")
+      .dataset.gpu : "row " + element.closest("[data-job]").dataset.job) + " "
+      + (element.dataset.field || element.className || element.tagName);
+    const walker = document.createTreeWalker(element, NodeFilter.SHOW_TEXT);
+    for (let node = walker.nextNode(); node; node = walker.nextNode()) {
+      let last = null;
+      for (let i = 0; i < node.length; i++) {
+        range.setStart(node, i);
+        range.setEnd(node, i + 1);
+        const box = range.getBoundingClientRect();
+        if (box.width === 0) {
+          continue;  // whitespace collapsed or hung at the end of a line
+        }
+        if (last && box.top > last.box.top + last.box.height / 2
+            && !/\\s/.test(node.data.slice(last.at, i + 1))) {
+          problems.push(where + ": " + JSON.stringify(
+            node.data.slice(0, i) + "|" + node.data.slice(i)));
+        }
+        last = {at: i, box};
+      }
+    }
+    const style = getComputedStyle(element);
+    if (style.display !== "inline" && element.scrollWidth > element.clientWidth
+        && (style.textOverflow !== "ellipsis"
+            || !element.title.includes(element.textContent.trim()))) {
+      problems.push(where + ": does not fit and is cut short without ellipsis and title");
+    }
+  }
+  return problems;
+}"""
+CARD_TEXT = ("article.gpu h3, article.gpu .pill, article.gpu .url, article.gpu .facts dt, "
+             "article.gpu .facts dd, article.gpu [data-field=device], "
+             "article.gpu [data-field=problem], article.gpu [data-field=running-link], "
+             "article.gpu [data-field=running-node], tr.job [data-field=link]")
+# Job ids as people name them, hyphens and all, and one too long for any column.
+LONG_ID = "nightly-portfolio-render-" + "-".join(["batch"] * 10) + "-final-upscale"
+
+
+@pytest.mark.parametrize(("width", "count"), [(1280, 8), (1400, 4)])
+async def test_gpu_cards_and_job_ids_never_break_inside_a_word(
+        browser, start_cylindria, start_sims, tmp_path, width, count):
+    cluster = await start_sims(count, step_seconds=0.01)
+    client = await start_cylindria(cluster)
+    workflow = workflows.txt2img(steps=8)
+    for n in range(count - 1):
+        learn_run_times(client, workflow, gpu=n, sampler_seconds=240)
+    for n in range(count - 1):
+        job_id = LONG_ID if n == 1 else f"render-{n:04d}-portrait-upscale"
+        await start_paused(client, cluster.sims[n], job_id, workflow, gpu=n, timeout=10)
+    for job_id in ("thumb-x-1", "queued-after-the-render"):
+        status, body = await put_job(client, job_id, workflows.quick(), gpu=0)
+        assert status == 202, body
+    # The last GPU stops: its card says unreachable, disconnected, and why.
+    await cluster.servers[-1].close()
+
+    page = await open_page(browser, client, width=width)
+    dead = gpu_card(page, count - 1)
+    await expect(dead.locator("[data-field=listener]")).to_have_text("disconnected")
+    await expect(dead.locator("[data-field=reachable]")).to_have_text("unreachable")
+    await expect(dead.locator("[data-field=problem]")).to_be_visible()
+    await expect(gpu_card(page, 0).locator("[data-field=queue]")).to_have_text(
+        "running 1 + waiting 2")
+    # Four cards across at both widths: eight GPUs make two rows of four.
+    tops = [(await gpu_card(page, n).bounding_box())["y"] for n in range(count)]
+    assert [tops.index(top) for top in tops] == [n - n % 4 for n in range(count)]
+    await shot(page, tmp_path, f"gpus-{count}-at-{width}")
+
+    broken = await page.evaluate(BROKEN_TEXT, CARD_TEXT)
+    assert broken == [], "\n".join(broken)
+    for link in (gpu_card(page, 1).locator("[data-field=running-link]"),
+                 row(page, LONG_ID).locator("[data-field=link]")):
+        await expect(link).to_have_attribute("title", LONG_ID)
+        await expect(link).to_have_css("text-overflow", "ellipsis")
+    # Nothing spills out of a card or out of the table, where it would be cut off unseen.
+    spills = await page.evaluate(
+        """() => [...document.querySelectorAll('article.gpu, .table-wrap')]
+                 .filter(box => box.scrollWidth > box.clientWidth)
+                 .map(box => box.dataset.gpu || box.className)""")
+    assert spills == []
+    for sim in cluster.sims[:-1]:
+        sim.resume()
     assert_clean(page)
 
 

@@ -42,6 +42,15 @@
     }
   }
 
+  // A job's link: its id (whole in the title, which a long id shows cut short) and page.
+  function setJobLink(node, job) {
+    setText(node, job.job_id);
+    setHref(node, job.url);
+    if (node && node.title !== job.job_id) {
+      node.title = job.job_id;
+    }
+  }
+
   // Swap the one class that starts with `prefix` (state-*, status-*).
   function setVariant(node, prefix, value) {
     if (!node) {
@@ -175,9 +184,7 @@
     show(field(card, "running-job"), Boolean(run));
     show(field(card, "idle"), !run);
     if (run) {
-      const link = field(card, "running-link");
-      setText(link, run.job_id);
-      setHref(link, run.url);
+      setJobLink(field(card, "running-link"), run);
       setBar(field(card, "running-bar"), run.progress, run.progress_label);
       setText(field(card, "running-percent"), run.progress_label);
       setText(field(card, "running-node"), run.node_label);
@@ -213,9 +220,7 @@
 
   function fillRow(tr, job) {
     tr.dataset.state = job.state;
-    const link = field(tr, "link");
-    setText(link, job.job_id);
-    setHref(link, job.url);
+    setJobLink(field(tr, "link"), job);
     setText(field(tr, "gpu"), job.gpu_id === null ? "—" : job.gpu_id);
     const state = field(tr, "state");
     setVariant(state, "state-", job.state);

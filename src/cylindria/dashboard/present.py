@@ -139,9 +139,19 @@ def line_labels(job: Job) -> list[str]:
     if job.held or (job.priority and not job.terminal):
         labels.append(f"priority {job.priority}")
     if not job.terminal and job.eta_seconds is not None:
-        labels.append(f"about {job.eta_seconds:.0f} s left" if job.eta_seconds >= 1
-                      else "under a second left")
+        labels.append(f"{time_left(job.eta_seconds)} left")
     return labels
+
+
+def time_left(seconds: float) -> str:
+    """A job's forecast in words: every place that shows one says it this way, so one
+    forecast never reads as two."""
+    whole = round(seconds)
+    if seconds < 1:
+        return "under a second"
+    if whole < 60:
+        return f"about {whole} s"
+    return f"about {format_duration(whole)}"
 
 
 def gpu_card(router: web.UrlDispatcher, gpu: Gpu, status: dict[str, Any],
@@ -298,7 +308,7 @@ def extras(body: dict[str, Any], now: datetime) -> dict[str, str | None]:
     is_number = isinstance(eta, int | float) and not isinstance(eta, bool)
     return {
         "priority": None if priority is None else str(priority),
-        "eta": f"about {format_duration(float(eta))}" if is_number else None,
+        "eta": time_left(float(eta)) if is_number else None,
         "expected-finish": _moment_label(str(finish), now) if finish else None,
         "placement": str(placement) if placement else None,
     }

@@ -19,6 +19,8 @@ import pytest
 
 from cylindria.addresses import free_port_run
 from cylindria.cli import build_parser
+from cylindria.config import load_settings
+from cylindria.web.throttle import ATTEMPTS
 
 import workflows
 
@@ -85,7 +87,9 @@ async def balancer(nginx, start_cylindria, start_sims, tmp_path):
     hosts = []
     for _ in range(2):
         cluster = await start_sims(2)
-        hosts.append(await start_cylindria(cluster, api_key=KEY))
+        # nginx connects from loopback, as it would from the balancer's address.
+        hosts.append(await start_cylindria(cluster, api_key=KEY,
+                                           trusted_proxies=("127.0.0.1",)))
     front = free_port_run(1)
     ports = {"8001": free_port_run(1), "8002": free_port_run(1)}
     conf = nginx_config(tmp_path, front, ports, [h.server.port for h in hosts])
@@ -206,6 +210,44 @@ async def test_two_hosts_behind_nginx_each_job_on_its_host(balancer):
             else:
                 assert resp.status == 202
     assert 0 < refused < 40
+
+
+async def test_behind_nginx_one_clients_wrong_keys_lock_out_that_client_alone(balancer):
+    """nginx passes each client's address on in X-Forwarded-For, and the hosts believe
+    it from nginx only: a client that guesses keys is held back alone, and what it
+    writes in the header itself changes nothing."""
+    _, _, _, per_host = balancer
+    url = f"{per_host[0]}/gpus/"
+
+    def client(address: str) -> aiohttp.ClientSession:
+        # Other loopback addresses stand for other machines reaching the balancer.
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(address, 0)))
+
+    async with client("127.0.0.2") as guesser, client("127.0.0.3") as other:
+        for n in range(ATTEMPTS):
+            async with guesser.get(url, headers={"X-API-Key": "wrong",
+                                                 "X-Forwarded-For": f"198.51.100.{n}"}) as resp:
+                assert resp.status == 401
+        async with guesser.get(url, headers={"X-API-Key": KEY}) as resp:
+            assert resp.status == 429
+        async with other.get(url, headers={"X-API-Key": KEY}) as resp:
+            assert resp.status == 200
+
+
+def test_every_proxied_server_passes_the_client_address_on():
+    conf = re.sub(r"#.*", "", (DEPLOY / "nginx" / "cylindria.conf").read_text())
+    servers = [block for block in conf.split("\nserver {")[1:] if "proxy_pass" in block]
+    assert len(servers) == 3
+    for block in servers:
+        assert "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;" in block
+        assert "proxy_set_header Host $http_host;" in block
+    # The unit listens on loopback, so the proxy it trusts is on loopback too.
+    unit = (DEPLOY / "cylindria.service").read_text()
+    proxies = re.search(r"^Environment=CYLINDRIA_TRUSTED_PROXIES=(\S+)$", unit,
+                        re.MULTILINE).group(1)
+    assert "--host 127.0.0.1" in unit and proxies == "127.0.0.1,::1"
+    settings = load_settings({}, {"CYLINDRIA_TRUSTED_PROXIES": proxies})
+    assert settings.trusted_proxies == ("127.0.0.1", "::1")
 
 
 def test_the_systemd_units_pass_systemd_analyze(tmp_path):

@@ -23,7 +23,7 @@ from .appkeys import (
     TASKS,
     WEBHOOKS,
 )
-from .config import Settings
+from .config import Settings, trusted_networks
 from .core.estimates import RunTimes
 from .core.jobs import JobsService
 from .core.reading import WorkflowReader
@@ -38,6 +38,7 @@ from .upstream.listeners import cancel_and_wait, dispatch_held, listen, poll, re
 from .upstream.webhooks import WebhookSender
 from .web import api, events, gpus, inputs, metrics, openapi, outputs, params, render
 from .web.auth import make_auth_middleware
+from .web.clients import TRUSTED_PROXIES, TrustedProxies
 from .web.eventhub import EventHub
 from .web.middlewares import REQUEST_COUNTER, error_middleware, response_headers
 from .web.signins import Signins
@@ -60,6 +61,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_response_prepare.append(params.close_if_body_unread)
     app[SETTINGS] = settings
     app[SIGNINS] = signins
+    app[TRUSTED_PROXIES] = TrustedProxies(trusted_networks(settings.trusted_proxies))
     registry = Registry(memory_jobs=settings.memory_jobs)
     app[REGISTRY] = registry
     app[EVENTS] = EventHub(settings.event_buffer,

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from .addresses import bracket, is_loopback, parse_allow
+from .addresses import IPNetwork, bracket, is_loopback, parse_allow
 from .errors import ConfigError
 
 DEFAULT_COMFY_URL = "http://127.0.0.1:8188"
@@ -125,6 +126,9 @@ class Settings:
     model_window: int = DEFAULT_MODEL_WINDOW
     # Host names and CIDRs webhooks may reach whatever their address (CYLINDRIA_CALLBACK_ALLOW).
     callback_allow: tuple[str, ...] = ()
+    # The reverse proxies in front, by address or CIDR, whose X-Forwarded-For and
+    # Forwarded headers name the client (CYLINDRIA_TRUSTED_PROXIES).
+    trusted_proxies: tuple[str, ...] = ()
     # Input files: the store's size (least recently used inputs no job in flight uses
     # go beyond it) and the largest single file (CYLINDRIA_INPUT_STORE_MAX, _INPUT_MAX).
     input_store_max: int = DEFAULT_INPUT_STORE_MAX
@@ -253,8 +257,32 @@ def validate(s: Settings) -> None:
             f"CYLINDRIA_CALLBACK_ALLOW entry {str(exc)!r} is neither a CIDR, an IP address "
             "nor a host name; list them separated by commas, e.g. "
             "hooks.example.com,10.0.0.0/8,::1") from None
+    try:
+        trusted_networks(s.trusted_proxies)
+    except ValueError as exc:
+        raise ConfigError(
+            f"CYLINDRIA_TRUSTED_PROXIES entry {str(exc)!r} is neither an IP address nor a "
+            "CIDR (whose host bits are zero); list the proxies in front of Cylindria "
+            "separated by commas, e.g. 127.0.0.1,::1,10.0.0.0/24") from None
     if s.api_key is not None and not s.api_key.strip():
         raise ConfigError("CYLINDRIA_API_KEY is set but empty; give it a value or unset it")
+
+
+def trusted_networks(entries: Iterable[str]) -> tuple[IPNetwork, ...]:
+    """The trusted proxies as networks (an address is a network of one). Raises
+    ValueError naming the first entry that is neither an address nor a CIDR."""
+    networks: list[IPNetwork] = []
+    for raw in entries:
+        entry = raw.strip()
+        if not entry:
+            continue
+        try:
+            # Strict, unlike the callback allow list: a trust wider than was written
+            # (10.1.2.3/8 read as 10.0.0.0/8) would let more hosts name any client.
+            networks.append(ipaddress.ip_network(entry))
+        except ValueError:
+            raise ValueError(entry) from None
+    return tuple(networks)
 
 
 def _int(name: str, value: str) -> int:
@@ -368,6 +396,10 @@ def load_settings(
         values["callback_allow"] = tuple(entry.strip() for entry in
                                          env["CYLINDRIA_CALLBACK_ALLOW"].split(",")
                                          if entry.strip())
+    if env.get("CYLINDRIA_TRUSTED_PROXIES"):
+        values["trusted_proxies"] = tuple(entry.strip() for entry in
+                                          env["CYLINDRIA_TRUSTED_PROXIES"].split(",")
+                                          if entry.strip())
     if env.get("CYLINDRIA_FAULTS"):
         values["faults"] = frozenset(f.strip() for f in env["CYLINDRIA_FAULTS"].split(",")
                                      if f.strip())

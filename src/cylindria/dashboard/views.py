@@ -52,15 +52,18 @@ async def dashboard_state(request: web.Request) -> dict[str, Any]:
     # Probes are cached and shared with /serverstatus, so a poll costs at most one
     # upstream call per GPU per cache period, and they run side by side.
     probes = await asyncio.gather(*(gpu.probe() for gpu in gpus))
-    cards = [present.gpu_card(router, gpu, render.gpu_status(gpu, probe),
-                              registry.running_on(gpu.index), now)
-             for gpu, probe in zip(gpus, probes, strict=True)]
     known = len(registry)
     jobs = request.app[JOBS]
+    running = [registry.running_on(gpu.index) for gpu in gpus]
     recent = registry.page(limit=RECENT_JOBS)
     held = registry.held.ordered(HELD_SHOWN)
-    for job in (*held, *recent):
-        jobs.foresee(job)
+    # Every job is foreseen before any card or row is made of it, so a job on its GPU's
+    # card and in a table reads one forecast, not this one and the last poll's.
+    for job in (*running, *held, *recent):
+        if job is not None:
+            jobs.foresee(job)
+    cards = [present.gpu_card(router, gpu, render.gpu_status(gpu, probe), job, now)
+             for gpu, probe, job in zip(gpus, probes, running, strict=True)]
     return {
         "generated_at": isoformat(now),
         "generated_label": now.strftime("%H:%M:%S UTC"),
@@ -197,7 +200,7 @@ async def post_login(request: web.Request) -> web.Response:
         return login_form(request, target, "That key is wrong. Try again.", 401)
     response = see_other(target)
     signins.sign_in(request, response, request.app[SIGNINS])
-    log.info("dashboard sign-in from %s", request.remote)
+    log.info("dashboard sign-in from %s", address)
     return response
 
 

@@ -12,6 +12,7 @@ from yarl import URL
 
 from ..errors import TooManyAttempts, Unauthorized
 from ..jsonio import dumps
+from .clients import client_address
 from .signins import COOKIE, Signins, signed_in
 from .throttle import Throttle
 
@@ -124,11 +125,6 @@ def check_action(request: web.Request, signins: Signins) -> None:
             "key in an X-API-Key header.")
 
 
-def client_address(request: web.Request) -> str:
-    # The peer's address: behind a reverse proxy, all its clients share one.
-    return request.remote or "-"
-
-
 def check_throttle(throttle: Throttle, address: str, *, api: bool) -> None:
     """Raise TooManyAttempts while `address` must wait before its key is checked."""
     if not throttle.wait(address):
@@ -163,6 +159,7 @@ def make_auth_middleware(api_key: str, signins: Signins, login: str,
         if level is Access.OPEN or (level is Access.METRICS and metrics_public):
             return await handler(request)
         given = given_key(request)
+        # Behind a trusted proxy, the client it names: each client is throttled alone.
         address = client_address(request)
         if given:
             check_throttle(signins.throttle, address, api=True)

@@ -27,8 +27,9 @@ class Signins:
     timing difference in the dict lookup tells anything about a live cookie. A
     restart signs everybody out, which is the safe direction.
 
-    `throttle` counts wrong keys per client address, from the sign-in form and from
-    the X-API-Key header alike: both guess the same key.
+    `throttle` counts wrong keys per client address (`clients.client_address`: behind
+    a trusted proxy, the client the proxy names), from the sign-in form and from the
+    X-API-Key header alike: both guess the same key.
 
     Each sign-in also has a CSRF token, which its pages carry and send back with the
     actions they take. It is derived from the session token under a key that lives in

@@ -333,3 +333,30 @@ async def test_outputs_made_while_the_listener_was_away_are_all_reported(start_s
     assert sorted(o["filename"] for o in done["outputs"]) == sorted(
         image["filename"] for output in history.values() for image in output["images"])
     assert len(done["outputs"]) == 3
+
+
+async def test_a_long_queue_is_read_less_often_while_the_listener_is_connected(
+        start_sims, start_cylindria):
+    cluster = await start_sims(1)
+    sim = cluster.sims[0]
+    client = await start_cylindria(cluster)
+    sim.pause(at="dequeue")
+    for n in range(100):  # 100 jobs waiting: a whole reading every 0.5 s at most
+        status, body = await put_job(client, f"long-{n}", workflows.quick(), gpu=0)
+        assert status == 202, body
+    before = cluster.count(0, "GET", "/queue")
+    started = time.monotonic()
+    await asyncio.sleep(1.0)  # the poll interval is 0.05 s: 20 readings without the rule
+    reads = cluster.count(0, "GET", "/queue") - before
+    assert 1 <= reads <= 1 + (time.monotonic() - started) / 0.5, reads
+    # Without its listener, polling is all there is: the queue is read every interval.
+    sim.refuse_websockets(True)
+    await sim.drop_sockets()
+    gpu = client.app[GPUS][0]
+    await wait_until(lambda: not gpu.listener_connected, what="the listener to drop")
+    before = cluster.count(0, "GET", "/queue")
+    await asyncio.sleep(1.0)
+    assert cluster.count(0, "GET", "/queue") - before >= 6
+    sim.refuse_websockets(False)
+    sim.resume()
+    await wait_state(client, "long-99", "completed", timeout=10)

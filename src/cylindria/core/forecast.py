@@ -15,6 +15,10 @@ from .registry import Registry
 PLAYED_OUT = 200
 # Seconds a played-out line is reused for.
 LINE_KEPT = 0.05
+# Jobs waiting on one GPU whose expected times are worked out one by one; those behind
+# them are counted at the average of these (a queue of 100,000 costs one pass, not
+# 100,000 estimates).
+PLAYED_OUT_ON_GPU = 500
 
 
 class Forecast:
@@ -71,21 +75,33 @@ class Forecast:
             return cached[1]
         line = _GpuLine()
         total: float | None = 0.0
-        waiting = []
+        seen: list[Job] = []
+        unseen: list[Job] = []
         for job in self.registry.in_flight(gpu):
             if job.state is JobState.RUNNING:
                 left = self._remaining(job, now)
                 total = None if left is None or total is None else total + left
+            elif job.queue_position is not None:
+                seen.append(job)
             else:
-                waiting.append(job)
+                unseen.append(job)
         # ComfyUI's order where it is known; jobs not yet seen in its queue after.
-        waiting.sort(key=lambda j: (j.queue_position or len(waiting) + 1, j.seq))
-        for job in waiting:
+        seen.sort(key=_place)
+        unseen.sort(key=_seq)
+        waiting = seen + unseen
+        costs: list[float] = []
+        for job in waiting[:PLAYED_OUT_ON_GPU]:
             cost = self.expected(job, gpu)
             total = None if cost is None or total is None else total + cost
             if total is None:
                 break
+            costs.append(cost)
             line.etas[job.job_id] = total
+        if total is not None and len(waiting) > PLAYED_OUT_ON_GPU:
+            average = sum(costs) / len(costs)
+            for job in waiting[PLAYED_OUT_ON_GPU:]:
+                total += average
+                line.etas[job.job_id] = total
         line.total = total
         self._gpus[gpu] = (key, line)
         return line
@@ -148,6 +164,14 @@ class _Line:
         self.etas: dict[str, float] = {}
         self.played: list[float] = []
         self.broken = False
+
+
+def _place(job: Job) -> tuple[int, int]:
+    return (job.queue_position or 0, job.seq)
+
+
+def _seq(job: Job) -> int:
+    return job.seq
 
 
 def finish_at(start: datetime, seconds: float | None) -> datetime | None:

@@ -19,6 +19,9 @@ class JobMachine:
 
     _clock: Callable[[], datetime]
     run_times: RunTimes
+    # Jobs whose end an event told while their earlier events may be lost, by prompt
+    # id: each waits for one read of its history.
+    awaiting_history: dict[str, Job]
 
     def by_prompt(self, prompt_id: str | None) -> Job | None:
         raise NotImplementedError
@@ -50,6 +53,7 @@ class JobMachine:
         if not job.events_missed or job.terminal:
             return False
         job.ending = (how, data)
+        self.awaiting_history[job.prompt_id] = job
         job.detail = "Finished on ComfyUI; reading its outputs from ComfyUI's history."
         self._touch(job, lasting=False)
         return True
@@ -61,6 +65,7 @@ class JobMachine:
             return False
         how, data = job.ending
         job.events_missed, job.ending = False, None
+        self.awaiting_history.pop(job.prompt_id, None)
         log.warning("job %s: ComfyUI's history has no entry for prompt %s; its end is "
                     "taken from the events received", job.job_id, job.prompt_id)
         if how == "success":
@@ -266,6 +271,7 @@ class JobMachine:
             return
         job.unverified = False
         job.events_missed, job.ending = False, None
+        self.awaiting_history.pop(prompt_id, None)
         outputs = entry.get("outputs")
         if isinstance(outputs, dict):
             # The history holds every output of the prompt: it is the truth, whatever

@@ -100,6 +100,18 @@ class Recovery:
         await self._press_cancels(gpu, snapshot)
         return snapshot
 
+    async def settle_awaiting(self, gpu: GpuPort) -> None:
+        """The jobs of this GPU whose end came by an event while earlier events may be
+        lost: one history read each, without reading the whole queue."""
+        registry = self.registry
+        for job in [j for j in registry.awaiting_history.values() if j.gpu_id == gpu.index]:
+            if job.terminal:
+                registry.awaiting_history.pop(job.prompt_id, None)
+                continue
+            entry = await gpu.comfy.history(job.prompt_id)
+            if entry is not None:
+                registry.settle_from_history(job.prompt_id, entry)
+
     async def _press_cancels(self, gpu: GpuPort, snapshot: QueueSnapshot) -> None:
         """Jobs whose cancel was asked and that ComfyUI still holds: ask again (a cancel
         may have been lost to an outage). The interrupt names the prompt, so no other

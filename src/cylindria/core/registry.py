@@ -53,6 +53,7 @@ class Registry(JobMachine):
         self._inputs: Counter[str] = Counter()
         # Lost jobs whose automatic retry waits for a GPU.
         self._owed: dict[str, Job] = {}
+        self.awaiting_history: dict[str, Job] = {}
         # GpuId=auto jobs waiting in Cylindria for a GPU (state queued, no gpu_id).
         self.held = HeldQueue()
         # What each kind of node takes on each GPU, learned from the events.
@@ -201,6 +202,7 @@ class Registry(JobMachine):
                      "webhook", "placement", "upload_seconds"):
             setattr(job, name, None)
         job.unverified = False
+        self.awaiting_history.pop(job.prompt_id, None)
         job.events_missed, job.ending = False, None
         job.retry_owed = False
         self._owed.pop(job.job_id, None)

@@ -35,6 +35,8 @@ class Gpu:
     comfy: ComfyClient
     timing: Timing
     listener_connected: bool = False
+    # Its listener (re)connected: the next reconciliation reads the whole queue at once.
+    reconcile_due: bool = True
     queue_remaining: int | None = None
     drained: bool = False
     unreachable_since: datetime | None = None

@@ -127,6 +127,7 @@ async def listen(gpu: Gpu, jobs: JobsService, timing: Timing,
                 delays = backoff_delays(timing.reconnect_initial, timing.reconnect_max)
                 # Events sent while we were away are gone: reconcile by polling. Its
                 # ComfyUI may have restarted, perhaps without the input files it had.
+                gpu.reconcile_due = True
                 wake_poller.set()
                 jobs.inputs.forget(gpu.index)
                 jobs.registry.missed_events(gpu.index)
@@ -160,8 +161,16 @@ async def listen(gpu: Gpu, jobs: JobsService, timing: Timing,
 
 async def poll(gpu: Gpu, jobs: JobsService, timing: Timing, wake: asyncio.Event) -> None:
     """The safety net under the websocket: while this GPU has jobs in flight, reconcile
-    them with ComfyUI's queue and history about once per `poll_interval`, and at once
-    when the listener says something changed."""
+    them with ComfyUI's queue and history, and settle at once the jobs whose end needs
+    their history when the listener says one ended.
+
+    A reading of `/queue` costs ComfyUI and Cylindria in proportion to the queue. While
+    the listener is connected its events tell what changes, so the whole queue is read
+    at most once per `QUEUE_READ_COST` seconds per job on the GPU (at least
+    `poll_min_gap` apart); while it is not, polling is all there is, and the queue is
+    read every `poll_interval`."""
+    loop = asyncio.get_running_loop()
+    last = -float("inf")
     while True:
         # asyncio.timeout rather than wait_for: on Python 3.11, wait_for can swallow
         # a cancellation that races with the event, and teardown would hang.
@@ -171,17 +180,23 @@ async def poll(gpu: Gpu, jobs: JobsService, timing: Timing, wake: asyncio.Event)
         except TimeoutError:
             pass
         wake.clear()
-        if not jobs.registry.load(gpu.index):
+        load = jobs.registry.load(gpu.index)
+        if not load:
             continue
+        gap = max(timing.poll_min_gap, QUEUE_READ_COST * load)
+        if not gpu.listener_connected:
+            gap = min(gap, timing.poll_interval)
         try:
-            await jobs.reconcile(gpu)
+            if gpu.reconcile_due or loop.time() - last >= gap:
+                gpu.reconcile_due = False
+                last = loop.time()
+                await jobs.reconcile(gpu)
+            else:
+                await jobs.settle_awaiting(gpu)
         except BackendError as exc:
             log.debug("gpu %d: poll failed: %s", gpu.index, exc.message)
             jobs.unreachable(gpu)
-        # A reading of /queue costs ComfyUI and Cylindria in proportion to the queue:
-        # the longer it is, the longer the pause before the next one.
-        gap = max(timing.poll_min_gap, QUEUE_READ_COST * jobs.registry.load(gpu.index))
-        await asyncio.sleep(min(gap, timing.poll_interval))
+        await asyncio.sleep(min(gap, timing.poll_min_gap))
 
 
 async def dispatch_held(jobs: JobsService, timing: Timing) -> None:

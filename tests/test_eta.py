@@ -3,6 +3,11 @@ and held jobs and for each GPU, and what was learned kept across a restart."""
 
 from __future__ import annotations
 
+import itertools
+
+import pytest
+import ujson
+
 from cylindria.appkeys import REGISTRY
 
 import workflows
@@ -118,3 +123,33 @@ async def test_learned_times_survive_a_restart(start_cylindria, start_sims, tmp_
     assert body["gpu_id"] is None and body["queue_position"] == 1
     sim.resume()
     await wait_state(client, "held", "completed", timeout=10)
+
+
+def test_a_long_line_on_a_gpu_is_worked_out_in_one_pass():
+    """Past the first few hundred jobs waiting on a GPU, each counts at their average;
+    a job newer than the line kept a moment comes after all of it."""
+    import uuid
+
+    from cylindria.core.forecast import PLAYED_OUT_ON_GPU, Forecast
+    from cylindria.core.registry import Registry
+    from cylindria.core.workflow import read_workflow
+
+    registry = Registry()
+    workflow = read_workflow(ujson.dumps(workflows.txt2img(steps=4)).encode())
+    for _node, cost in workflow.costs.items():
+        registry.run_times.observe(0, cost.key, cost.units, 0.25)
+    jobs = []
+    for n in range(PLAYED_OUT_ON_GPU + 100):
+        job = registry.begin(f"w{n}", 0, str(uuid.uuid4()), "f", workflow.nodes)
+        job.costs = workflow.costs
+        registry.confirm(job)
+        job.queue_position = n + 1
+        jobs.append(job)
+    forecast = Forecast(registry)
+    etas = [forecast.eta(job, 1000.0, [0]) for job in jobs]
+    assert all(e is not None for e in etas)
+    steps = {round(b - a, 6) for a, b in itertools.pairwise(etas)}
+    assert len(steps) == 1, steps  # every job costs the same: exact and averaged agree
+    late = registry.begin("late", 0, str(uuid.uuid4()), "f", workflow.nodes)
+    late.costs = workflow.costs
+    assert forecast.eta(late, 1000.2, [0]) == pytest.approx(etas[-1] + steps.pop())

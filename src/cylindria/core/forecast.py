@@ -19,6 +19,9 @@ LINE_KEPT = 0.05
 # them are counted at the average of these (a queue of 100,000 costs one pass, not
 # 100,000 estimates).
 PLAYED_OUT_ON_GPU = 500
+# Seconds a line longer than that is reused for, whatever changes meanwhile: working it
+# out costs in proportion to its length, and far down a long line a second is nothing.
+LONG_LINE_KEPT = 1.0
 
 
 class Forecast:
@@ -63,7 +66,12 @@ class Forecast:
 
     def _queued_on(self, job: Job, gpu: int, now: float) -> float | None:
         """The running job's rest, the jobs ahead in ComfyUI's queue, then this one."""
-        return self._gpu_line(gpu, now).etas.get(job.job_id)
+        line = self._gpu_line(gpu, now)
+        found = line.etas.get(job.job_id)
+        if found is None and line.long and line.total is not None:
+            # Newer than the long line kept a moment: it comes after all of it.
+            return line.total + line.average
+        return found
 
     def _gpu_line(self, gpu: int, now: float) -> _GpuLine:
         """One pass over a GPU's jobs, in the order it runs them, each with the time
@@ -71,9 +79,10 @@ class Forecast:
         # Any change to a job changes the line at once, not a moment later.
         key = (round(now / LINE_KEPT), self.registry.changes)
         cached = self._gpus.get(gpu)
-        if cached is not None and cached[0] == key:
+        if cached is not None and (cached[0] == key or (
+                cached[1].long and now - cached[1].made < LONG_LINE_KEPT)):
             return cached[1]
-        line = _GpuLine()
+        line = _GpuLine(now)
         total: float | None = 0.0
         seen: list[Job] = []
         unseen: list[Job] = []
@@ -98,7 +107,8 @@ class Forecast:
             costs.append(cost)
             line.etas[job.job_id] = total
         if total is not None and len(waiting) > PLAYED_OUT_ON_GPU:
-            average = sum(costs) / len(costs)
+            average = line.average = sum(costs) / len(costs)
+            line.long = True
             for job in waiting[PLAYED_OUT_ON_GPU:]:
                 total += average
                 line.etas[job.job_id] = total
@@ -153,9 +163,13 @@ class Forecast:
 
 
 class _GpuLine:
-    def __init__(self) -> None:
+    def __init__(self, made: float) -> None:
+        self.made = made
         self.total: float | None = None
         self.etas: dict[str, float] = {}
+        # Past PLAYED_OUT_ON_GPU waiting jobs: the average cost counted for the rest.
+        self.long = False
+        self.average = 0.0
 
 
 class _Line:

@@ -8,10 +8,13 @@ state file, started afresh for each row.
   and (for comparison) the same `POST /prompt` straight to a GPU, ROUNDS times, on an
   empty history; then JOBS pinned jobs go through (pushed 64 at a time, every
   simulated queue drained), and the same mix is measured again.
+- held: the same mix against a service whose state file holds HELD finished jobs
+  (written straight into the file), side by side with one on an empty file.
 - queue: JOBS pinned jobs are pushed faster than the GPUs run them (each takes a
   while), so ComfyUI's queues hold them; then `/jobstatus` and pinned `PUT` are timed.
 
-    .venv/bin/python bench/flat.py                    # both rows, 100,000 jobs
+    .venv/bin/python bench/flat.py                    # every row, 100,000 jobs
+    .venv/bin/python bench/flat.py --only held --held 1000000
     .venv/bin/python bench/flat.py --only queue --jobs 20000
 """
 
@@ -28,6 +31,7 @@ from typing import Any
 
 import aiohttp
 import procs
+from history import fill
 from support import quick, txt2img
 
 GPUS = 8
@@ -78,11 +82,11 @@ async def drained(session: aiohttp.ClientSession, url: str, timeout: float) -> N
     raise RuntimeError("the jobs did not drain")
 
 
-async def mix(session: aiohttp.ClientSession, running: procs.Stack, tag: str
-              ) -> dict[str, list[float]]:
+async def mix(session: aiohttp.ClientSession, running: procs.Stack, tag: str,
+              rounds: int = ROUNDS) -> dict[str, list[float]]:
     url = running.url
     got: dict[str, list[float]] = {"auto": [], "pinned": [], "status": [], "direct": []}
-    for n in range(ROUNDS):
+    for n in range(rounds):
         color = hash((tag, n)) & 0xFFFFFF
         got["auto"].append(await timed(session.put(
             f"{url}/startjob/{tag}-a{n}/", params={"GpuId": "auto"}, json=quick(color))))
@@ -109,6 +113,33 @@ async def mix_row(work: Path, jobs: int) -> list[str]:
         a, b = ms(empty[what], 0.5), ms(full[what], 0.5)
         rows.append(f"| mix {what} p50 | {a:.2f} ms | {b:.2f} ms | {b / a:.2f} | "
                     f"p99 {ms(empty[what], 0.99):.2f} -> {ms(full[what], 0.99):.2f} ms |")
+    return rows
+
+
+async def held_row(work: Path, held: int) -> list[str]:
+    full = work / "full.sqlite3"
+    started = time.perf_counter()
+    await asyncio.to_thread(lambda: (work.mkdir(parents=True, exist_ok=True),
+                                     fill(full, held, GPUS)))
+    filled = time.perf_counter() - started
+    async with procs.stack(work / "empty", GPUS, work / "empty.sqlite3") as empty, \
+            procs.stack(work / "full", GPUS, full) as loaded, \
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        # Alternate rounds, so a noisy machine weighs on both alike.
+        sides: dict[str, dict[str, list[float]]] = {"empty": {}, "full": {}}
+        for n in range(5):
+            for side, running in (("empty", empty), ("full", loaded)):
+                got = await mix(session, running, f"{side}{n}", rounds=ROUNDS // 5)
+                for what, values in got.items():
+                    sides[side].setdefault(what, []).extend(values)
+        rss = {"empty": empty.serve.rss_mib(), "full": loaded.serve.rss_mib()}
+    rows = [f"{held:,} finished jobs written in {filled:.0f} s; service RSS "
+            f"{rss['empty']:.0f} / {rss['full']:.0f} MiB"]
+    for what in ("auto", "pinned", "status", "direct"):
+        a, b = ms(sides["empty"][what], 0.5), ms(sides["full"][what], 0.5)
+        rows.append(f"| held {what} p50 | {a:.2f} ms | {b:.2f} ms | {b / a:.2f} | p99 "
+                    f"{ms(sides['empty'][what], 0.99):.2f} -> "
+                    f"{ms(sides['full'][what], 0.99):.2f} ms |")
     return rows
 
 
@@ -144,11 +175,15 @@ async def queue_row(work: Path, jobs: int) -> list[str]:
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=100_000)
-    parser.add_argument("--only", choices=("mix", "queue"))
+    parser.add_argument("--held", type=int, default=1_000_000)
+    parser.add_argument("--only", choices=("mix", "held", "queue"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cylindria-bench-flat-") as tmp:
         if args.only in (None, "mix"):
             for line in await mix_row(Path(tmp) / "mix", args.jobs):
+                print(line, flush=True)
+        if args.only in (None, "held"):
+            for line in await held_row(Path(tmp) / "held", args.held):
                 print(line, flush=True)
         if args.only in (None, "queue"):
             for line in await queue_row(Path(tmp) / "queue", args.jobs):

@@ -53,9 +53,10 @@ def finished_jobs(metrics: str) -> int:
 
 
 def working(n: int) -> dict[str, Any]:
-    """A short txt2img (two sampler steps) that also saves two images at once: the GPUs
-    are busy while the line lasts, and a crash can fall between a job's outputs."""
-    workflow = txt2img(n, 2)
+    """A short txt2img (eight sampler steps) that also saves two images at once: the
+    GPUs are busy while the line lasts, and a crash falls between the outputs of the
+    jobs running then."""
+    workflow = txt2img(n, 8)
     workflow["10"] = {"class_type": "EmptyImage", "inputs": {
         "width": 64, "height": 64, "batch_size": 2, "color": n % 0xFFFFFF}}
     workflow["11"] = {"class_type": "SaveImage", "inputs": {"images": ["10", 0],

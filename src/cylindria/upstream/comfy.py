@@ -310,7 +310,13 @@ Resolver = Callable[[str, int], Awaitable[list[IPAddress]]]
 
 async def resolve(host: str, port: int) -> list[IPAddress]:
     """Every address the system's resolver gives for `host`, in its order."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port,
+                                                             type=socket.SOCK_STREAM)
+    except UnicodeError as exc:
+        # The IDNA codec refuses an empty label or one over 63 characters: no such name
+        # resolves, which callers hear as they hear any other such name.
+        raise OSError(f"{host!r} is not a host name ({exc})") from None
     return [ipaddress.ip_address(str(info[4][0])) for info in infos]
 
 

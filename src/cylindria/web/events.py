@@ -34,13 +34,14 @@ def sse(event_id: int, data: bytes, event: str = "job") -> bytes:
 async def get_events(request: web.Request) -> web.StreamResponse:
     hub = request.app[EVENTS]
     settings = request.app[SETTINGS]
-    job_id = request.query.get("job_id") or None
+    # A job_id not known yet is fine (its events start when it is submitted); one that
+    # can never be a job's is a mistake worth saying.
+    job_id = params.job_filter(request.query)
     last_id = params.last_event_id(request)
     if hub.streams >= settings.max_event_streams:
         raise TooManyStreams(
             f"Too many event streams are open ({settings.max_event_streams}); retry later "
             "or poll GET /jobstatus/{job_id}/.", headers={"Retry-After": "5"})
-    # A job_id not known yet is fine: its events start when it is submitted.
     sub, replay, complete = hub.subscribe(job_id, last_id,
                                           alive=lambda: request.transport is not None)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",

@@ -39,6 +39,11 @@ async def files(request: web.Request, store: InputStore, limit: int,
                 idle: float) -> Received:
     """POST /inputs/: one file as the raw body (its Content-Type says what it is), or a
     multipart/form-data form of one or more files."""
+    given = request.query.get("name")
+    if given:
+        # Checked whatever the body: a form's files take their filenames instead, but a
+        # bad name is never passed over in silence.
+        check_name(given, "The file's name (?name=)")
     if is_multipart(request):
         return await _form(request, store, limit, idle, workflow=False)
     declared = request.content_type
@@ -49,8 +54,8 @@ async def files(request: web.Request, store: InputStore, limit: int,
             f"{request.headers.get(hdrs.CONTENT_TYPE, 'no Content-Type')[:60]!r}.")
     if (request.content_length or 0) > limit:
         raise _too_large(limit)
-    name = check_name(request.query.get("name") or _disposition_name(request) or
-                      "upload", "The file's name (?name=)")
+    name = check_name(given or _disposition_name(request) or "upload",
+                      "The file's name (?name=)")
     entry, created = await store.add(_body_chunks(request, idle), declared, name, limit)
     return Received(files={name: entry}, created=[created])
 

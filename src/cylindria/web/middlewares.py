@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import Callable
@@ -52,15 +53,25 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
             message = f"{request.method} is not allowed here; use {allowed}."
         headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
         response = json_response(_error(code, message), status=exc.status, headers=headers)
-    except Exception:
-        # Unexpected: log it with the traceback, answer JSON rather than a bare 500.
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        response = json_response(_error("internal_error", "Cylindria hit an unexpected "
-                                        "error; it is logged. Retry, and report it if it "
-                                        "persists."), status=500)
+    except Exception as exc:
+        if _name_too_long(request, exc):
+            # Static assets are looked up by the name as given, and one longer than the
+            # file system takes names no file.
+            response = json_response(_error("not_found", "No such file."), status=404)
+        else:
+            # Unexpected: log it with the traceback, answer JSON rather than a bare 500.
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            response = json_response(_error("internal_error", "Cylindria hit an "
+                                            "unexpected error; it is logged. Retry, and "
+                                            "report it if it persists."), status=500)
     # A request whose client went away (cancelled) got no answer: it is not counted.
     _count(request, response.status, started)
     return response
+
+
+def _name_too_long(request: web.Request, exc: Exception) -> bool:
+    return (isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG
+            and isinstance(request.match_info.route.resource, web.StaticResource))
 
 
 def _count(request: web.Request, status: int, started: float) -> None:

@@ -1,13 +1,14 @@
 """GET /openapi.json: the API's contract, OpenAPI 3.1, and GET /docs, its page.
 
-The document is written here by hand, route by route; a test walks the router and
-fails when a route or method is missing from it, so the two cannot drift.
+The document is written here by hand, route by route, for the settings the server runs
+with (its GPUs, whether a key guards it); a test walks the router and fails when a route
+or method is missing from it, so the two cannot drift.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,73 +17,58 @@ import swagger_ui_bundle
 from aiohttp import web
 
 from .. import __version__
+from ..appkeys import SETTINGS
+from ..config import Settings
 from ..jsonio import json_response
-from . import openapi_inputs
+from . import openapi_dashboard, openapi_inputs
+from .api import DEFAULT_PAGE, MAX_PAGE
 from .auth import Access, access
+from .openapi_parts import (
+    COUNTING,
+    CSRF_HEADER,
+    JOB_ID,
+    JOB_ID_CHARACTERS,
+    JSON,
+    NUMBER,
+    RETRY_AFTER,
+    SESSION_REFUSED,
+    Shape,
+    answer,
+    optional,
+    ref,
+)
+from .params import MAX_CALLBACK_URL, PRIORITY_RANGE
 
 routes = web.RouteTableDef()
 
-JOB_ID = {"name": "job_id", "in": "path", "required": True,
-          "description": "1 to 128 letters, digits, '.', '_' or '-'.",
-          "schema": {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,128}$"}}
-GPU_QUERY = {"name": "GpuId", "in": "query", "required": False,
-             "description": "A GPU number (ASCII digits), or `auto` for placement.",
-             "schema": {"type": "string", "pattern": "^([0-9]+|auto)$"}}
-JSON = "application/json"
-CSRF_HEADER = {"name": "X-CSRF-Token", "in": "header", "required": False,
-               "description": "With a dashboard sign-in (not the key): the token of the "
-                              "page, from its `csrf-token` meta tag.",
-               "schema": {"type": "string"}}
-FAILURE_FILTERS = [
-    {"name": "state", "in": "query", "required": False,
-     "description": "failed, rejected, cancelled, or several separated by commas.",
-     "schema": {"type": "string"}},
-    {"name": "gpu", "in": "query", "required": False, "schema": {"type": "string",
-                                                                  "pattern": "^[0-9]+$"}},
-    {"name": "before", "in": "query", "required": False,
-     "schema": {"type": "string", "pattern": "^[0-9]+$"}}]
+STATES = "(queued|running|completed|failed|cancelled|rejected)"
+# params.priority (PRIORITY_RANGE) and the page size of /jobs/ (MAX_PAGE) as patterns.
+PRIORITY = optional("0|-?([1-9][0-9]{0,2}|1000)")
+LIMIT = optional("[1-9][0-9]?|[1-4][0-9]{2}|500")
+# An http(s) URL with a host name, or an IP address (IPv6 in brackets), and a port:
+# what params.callback_url takes before the address policy has its say. No user name or
+# password; empty asks for no callback.
+H16 = "[0-9A-Fa-f]{1,4}"
+OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+LS32 = f"({H16}:{H16}|{OCTET}(\\.{OCTET}){{3}})"
 
 
-def ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
+def ipv6_pattern() -> str:
+    """RFC 3986's IPv6address: eight groups, or fewer around one `::`."""
+    forms = [f"({H16}:){{6}}{LS32}", f"::({H16}:){{5}}{LS32}"]
+    for before, after in ((0, 4), (1, 3), (2, 2), (3, 1), (4, 0)):
+        head = f"(({H16}:){{0,{before}}}{H16})?" if before else f"({H16})?"
+        forms.append(f"{head}::" + (f"({H16}:){{{after}}}" if after else "") + LS32)
+    forms += [f"(({H16}:){{0,5}}{H16})?::{H16}", f"(({H16}:){{0,6}}{H16})?::"]
+    return "(" + "|".join(forms) + ")"
 
 
-def answer(description: str, schema: str | dict[str, Any] = "Error",
-           media: str = JSON, headers: dict[str, Any] | None = None) -> dict[str, Any]:
-    body = {"description": description,
-            "content": {media: {"schema": ref(schema) if isinstance(schema, str) else schema}}}
-    if headers:
-        body["headers"] = headers
-    return body
+PORT = "(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4})"
+CALLBACK_URL = optional(f"[Hh][Tt][Tt][Pp][Ss]?://([A-Za-z0-9.-]+|\\[{ipv6_pattern()}\\])"
+                        f"(:{PORT})?([/?#][\\x21-\\x7e]*)?")
 
 
-RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again.",
-                               "schema": {"type": "string"}}}
-UNAUTHORIZED = answer("The API key is missing or wrong (only when the server has "
-                      "CYLINDRIA_API_KEY).")
-THROTTLED = answer("Too many wrong keys from this address (`too_many_attempts`).",
-                   headers=RETRY_AFTER)
-SESSION_REFUSED = answer("A dashboard sign-in without this page's X-CSRF-Token "
-                         "(`csrf_token_invalid`), or from another site's page "
-                         "(`origin_refused`). The API key needs neither.")
-
-
-def operation(summary: str, responses: dict[str, Any], *, parameters: list[Any] = (),
-              body: dict[str, Any] | None = None, secured: bool = True,
-              tags: tuple[str, ...] = ("jobs",)) -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, "tags": list(tags),
-                          "parameters": list(parameters), "responses": dict(responses)}
-    if body is not None:
-        op["requestBody"] = body
-    if secured:
-        op["responses"].setdefault("401", UNAUTHORIZED)
-        op["responses"].setdefault("429", THROTTLED)
-    else:
-        op["security"] = []
-    return op
-
-
-def schemas() -> dict[str, Any]:
+def schemas(shape: Shape) -> dict[str, Any]:
     nullable_str = {"type": ["string", "null"]}
     nullable_int = {"type": ["integer", "null"]}
     time = {"type": ["string", "null"], "format": "date-time"}
@@ -181,12 +167,29 @@ def schemas() -> dict[str, Any]:
                                      "usable_gpus": {"type": "array",
                                                      "items": {"type": "integer"}},
                                      "reasons": {"type": "object"}}},
-        "Workflow": {"type": "object",
-                     "description": "An API-format workflow: the bare graph `{node_id: "
-                                    "{class_type, inputs}}`, or ComfyUI's envelope "
-                                    "`{prompt, extra_data}`, which may carry `inputs` "
-                                    "(WorkflowWithInputs)."},
-        **openapi_inputs.schemas(ref),
+        "Workflow": {
+            "type": "object", "minProperties": 1,
+            "description": "An API-format workflow, the bare graph: `{node_id: {class_type, "
+                           "inputs}}`, no node named `prompt` (an object with `prompt` is "
+                           "ComfyUI's envelope, WorkflowWithInputs), at most "
+                           f"{shape.max_nodes} nodes (CYLINDRIA_MAX_NODES; else 413). Which "
+                           "node types exist, and what inputs they take, is for the ComfyUI "
+                           "behind to say (422).",
+            "additionalProperties": {
+                "type": "object", "required": ["class_type"],
+                "properties": {"class_type": {"type": "string"},
+                               "inputs": {"type": "object"}}}},
+        "Event": {
+            "type": "object", "required": ["event", "data", "id"],
+            "description": "One server-sent event.",
+            "properties": {
+                "event": {"type": "string", "enum": ["job", "resync"]},
+                "id": {"type": "string", "pattern": f"^{NUMBER}$"},
+                "data": {"type": "string", "contentMediaType": JSON,
+                         "description": "`job`: the job's status, as GET /jobstatus/ "
+                                        "answers it; `resync`: what to do when events "
+                                        "were missed."}}},
+        **openapi_inputs.schemas(),
     }
 
 
@@ -201,15 +204,13 @@ ERROR_CODES = ["bad_request", "invalid_workflow", "payload_too_large",
                *openapi_inputs.ERROR_CODES]
 
 
-def paths() -> dict[str, Any]:
-    status = answer("The job.", "JobStatus")
-    refused = {"403": SESSION_REFUSED}
-    not_found = answer("No such job (`job_not_found`).")
-    start_errors = {
+def start_errors() -> dict[str, Any]:
+    """What PUT /startjob and POST /retryjob may answer besides taking the job."""
+    return {
         "400": answer("Bad job_id or GpuId, a body that is not a JSON object, a "
-                      "compressed body that does not decompress, or a multipart form "
-                      "without one `workflow` part or with two files of one name.",
-                      "StartRefusal"),
+                      "compressed body that does not decompress, an X-Callback-Url that "
+                      "is no http(s) URL, or a multipart form without one `workflow` part "
+                      "or with two files of one name.", "StartRefusal"),
         "408": answer("A multipart body stopped arriving (`body_timeout`).",
                       "StartRefusal"),
         "409": answer("The job exists with another workflow or other input files, the "
@@ -220,11 +221,12 @@ def paths() -> dict[str, Any]:
         "415": answer("An unsupported Content-Encoding, or a multipart type other than "
                       "form-data.", "StartRefusal"),
         "422": answer("Not a workflow ComfyUI can run, refused by ComfyUI's validation, "
-                      "a callback URL that may not be called, a reference to no stored "
-                      "input (`unknown_input`, naming the node and input), an input sent "
-                      "that no node uses or that is not valid base64 (`invalid_input`), "
-                      "or an input URL that could not be fetched (`input_unavailable`).",
-                      "StartRefusal"),
+                      "a callback URL that may not be called (credentials in it, or a host "
+                      "that does not resolve or resolves to a closed address), a "
+                      "reference to no stored input (`unknown_input`, naming the node and "
+                      "input), an input sent that no node uses or that is not valid base64 "
+                      "(`invalid_input`), or an input URL that could not be fetched "
+                      "(`input_unavailable`).", "StartRefusal"),
         "507": answer("The input store is full of inputs jobs in flight use.",
                       "StartRefusal", headers=RETRY_AFTER),
         "502": answer("ComfyUI unreachable or answering with an error.", "StartRefusal"),
@@ -234,50 +236,60 @@ def paths() -> dict[str, Any]:
         "504": answer("ComfyUI did not answer in time and had not queued the job.",
                       "StartRefusal"),
     }
-    html = {"text/html": {"schema": {"type": "string"}}}
-    page = {"200": {"description": "An HTML page.", "content": html},
-            "303": {"description": "Not signed in: to the sign-in form."}}
+
+
+def paths(shape: Shape) -> dict[str, Any]:
+    op = shape.operation
+    status = answer("The job.", "JobStatus")
+    refused = {"403": SESSION_REFUSED} if shape.keyed else {}
+    not_found = answer("No such job (`job_not_found`).")
+    event_id = f"^{NUMBER}?$"
     return {
-        "/healthz": {"get": operation(
+        "/healthz": {"get": op(
             "Liveness: Cylindria itself is up.", {"200": answer("Up.", "Health")},
             secured=False, tags=("health",))},
-        "/readyz": {"get": operation(
+        "/readyz": {"get": op(
             "Readiness: a job can be taken now.",
             {"200": answer("Ready.", "Readiness"),
              "503": answer("Not ready, with the reasons.", "Readiness")},
             secured=False, tags=("health",))},
-        "/serverstatus": {"get": operation(
+        "/serverstatus": {"get": op(
             "The state of one GPU.",
             {"200": answer("The GPU (`degraded` when ComfyUI or the listener is down).",
                            "GpuStatus"),
              "400": answer("A GpuId that is no GPU (`unknown_gpu`).")},
-            parameters=[{**GPU_QUERY, "schema": {"type": "string", "pattern": "^[0-9]+$"}}],
+            parameters=[shape.gpu_parameter("GpuId", "query", default="0")],
             tags=("gpus",))},
-        "/startjob/{job_id}/": {"put": operation(
+        "/startjob/{job_id}/": {"put": op(
             "Submit a workflow under your job id.",
             {"202": answer("Accepted by ComfyUI, or held in Cylindria's queue until a "
                            "GPU frees (GpuId=auto; `held` is true).", "StartReply"),
              "200": answer("The same job and workflow were accepted before; nothing is "
-                           "sent again.", "StartReply"), **start_errors},
-            parameters=[JOB_ID, GPU_QUERY,
+                           "sent again.", "StartReply"), **start_errors()},
+            parameters=[JOB_ID, shape.gpu_parameter("GpuId", "query", auto=True),
                         {"name": "priority", "in": "query", "required": False,
-                         "description": "For GpuId=auto: higher leaves Cylindria's queue "
-                                        "first (-1000 to 1000, default 0).",
-                         "schema": {"type": "string", "pattern": "^-?[0-9]+$"}},
+                         "description": f"For GpuId=auto: higher leaves Cylindria's queue "
+                                        f"first (-{PRIORITY_RANGE} to {PRIORITY_RANGE}, "
+                                        "default 0).",
+                         "schema": {"type": "string", "pattern": PRIORITY}},
                         {"name": "X-Callback-Url", "in": "header", "required": False,
-                         "description": "An http(s) URL to POST the final status to.",
-                         "schema": {"type": "string"}},
-                        {"name": "Content-Encoding", "in": "header", "required": False,
-                         "schema": {"type": "string",
-                                    "enum": ["identity", "gzip", "deflate"]}}],
-            body={"required": True, "content": {
-                JSON: {"schema": {"anyOf": [ref("Workflow"),
-                                            ref("WorkflowWithInputs")]}},
-                "multipart/form-data": openapi_inputs.multipart_job()}})},
-        "/jobstatus/{job_id}/": {"get": operation(
+                         "description": "An http(s) URL to POST the final status to: no "
+                                        "user name or password in it, and a host that "
+                                        "resolves to an address webhooks may go to "
+                                        "(else 422). Empty: no callback.",
+                         "schema": {"type": "string", "maxLength": MAX_CALLBACK_URL,
+                                    "pattern": CALLBACK_URL}}],
+            body={"required": True,
+                  "description": "The body may be compressed, as its Content-Encoding "
+                                 "says (gzip or deflate).",
+                  "content": {
+                      JSON: {"schema": {"anyOf": [ref("Workflow"),
+                                                  ref("WorkflowWithInputs")]}},
+                      "multipart/form-data": openapi_inputs.multipart_job()}})},
+        "/jobstatus/{job_id}/": {"get": op(
             "Where a job is.", {"200": status, "400": answer("A bad job_id."),
                                 "404": not_found}, parameters=[JOB_ID])},
-        "/joboutput/{job_id}/{index}": {"get": operation(
+        "/joboutput/{job_id}/{index}": {"get": op(
             "One output of a job, streamed from its GPU.",
             {"200": {"description": "The file (or text).",
                      "content": {"*/*": {"schema": {"type": "string",
@@ -289,161 +301,134 @@ def paths() -> dict[str, Any]:
              "404": answer("No such job or output, or ComfyUI no longer has the file."),
              "502": answer("ComfyUI unreachable.")},
             parameters=[JOB_ID, {"name": "index", "in": "path", "required": True,
-                                 "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+                                 "schema": {"type": "string", "pattern": f"^{NUMBER}$"}},
                         {"name": "Range", "in": "header", "required": False,
                          "schema": {"type": "string"}}])},
-        "/canceljob/{job_id}/": {"post": operation(
+        "/canceljob/{job_id}/": {"post": op(
             "Cancel a queued or running job (a job held for a GPU at once).",
             {"202": answer("Asked; the job as it stands.", "JobStatus"),
              "400": answer("A bad job_id."), "404": not_found,
              "409": answer("The job is finished (`job_finished`).", "FinishedJob"),
              **refused},
             parameters=[JOB_ID, CSRF_HEADER])},
-        "/retryjob/{job_id}/": {"post": operation(
+        "/retryjob/{job_id}/": {"post": op(
             "Run a failed, cancelled or rejected job again.",
             {"202": answer("A new attempt, accepted (or held for a GPU).", "StartReply"),
-             "404": not_found, **start_errors, **refused},
-            parameters=[JOB_ID, GPU_QUERY, CSRF_HEADER])},
-        "/jobs/": {"get": operation(
+             "404": not_found, **start_errors(), **refused},
+            parameters=[JOB_ID, shape.gpu_parameter("GpuId", "query", auto=True),
+                        CSRF_HEADER])},
+        "/jobs/": {"get": op(
             "Jobs, newest first, a page at a time.",
             {"200": answer("A page.", "JobsPage"),
              "400": answer("A bad state, gpu, limit or before.")},
             parameters=[
                 {"name": "state", "in": "query", "required": False,
-                 "description": "One state or a comma-separated list.",
-                 "schema": {"type": "string"}},
-                {"name": "gpu", "in": "query", "required": False,
-                 "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+                 "description": "One state or a comma-separated list (empty: all).",
+                 "schema": {"type": "string",
+                            "pattern": f"^\\s*{STATES}?\\s*(,\\s*{STATES}?\\s*)*$"}},
+                shape.gpu_parameter("gpu", "query", empty=True),
                 {"name": "limit", "in": "query", "required": False,
-                 "schema": {"type": "string", "pattern": "^[0-9]+$"}},
+                 "description": f"Jobs a page, 1 to {MAX_PAGE} (default {DEFAULT_PAGE}).",
+                 "schema": {"type": "string", "pattern": LIMIT}},
                 {"name": "before", "in": "query", "required": False,
-                 "schema": {"type": "string", "pattern": "^[0-9]+$"}}])},
-        "/gpus/": {"get": operation(
+                 "description": "A page's `next_before`: the jobs older than it.",
+                 "schema": {"type": "string", "pattern": optional(COUNTING)}}])},
+        "/gpus/": {"get": op(
             "Every GPU.", {"200": answer("The GPUs.", {
                 "type": "object", "required": ["gpus"],
                 "properties": {"gpus": {"type": "array", "items": ref("GpuStatus")}}})},
             tags=("gpus",))},
-        "/gpus/{gpu_id}/drain": {"post": _drain("Stop automatic placement on a GPU.")},
-        "/gpus/{gpu_id}/undrain": {"post": _drain("Open a drained GPU again.")},
-        "/events/": {"get": operation(
+        "/gpus/{gpu_id}/drain": {"post": drain(shape, "Stop automatic placement on a GPU.")},
+        "/gpus/{gpu_id}/undrain": {"post": drain(shape, "Open a drained GPU again.")},
+        "/events/": {"get": op(
             "A server-sent event stream of job changes.",
             {"200": {"description": "Events `job` (data: the job's status JSON) and "
-                                    "`resync`, each with an increasing id.",
-                     "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                                    "`resync` (data: what to do), each with an "
+                                    "increasing id.",
+                     "content": {"text/event-stream": {"schema": ref("Event")}}},
              "400": answer("A bad job_id or Last-Event-ID."),
-             "429": answer("Too many open streams (`too_many_streams`) or wrong keys.",
+             "429": answer("Too many open streams (`too_many_streams`)"
+                           + (", or wrong keys." if shape.keyed else "."),
                            headers=RETRY_AFTER)},
-            parameters=[{**JOB_ID, "in": "query", "required": False},
+            parameters=[{**JOB_ID, "in": "query", "required": False,
+                         "description": "Only this job's events (empty: every job's).",
+                         "schema": {"type": "string",
+                                    "pattern": optional(JOB_ID_CHARACTERS)}},
                         {"name": "Last-Event-ID", "in": "header", "required": False,
-                         "schema": {"type": "string", "pattern": "^[0-9]+$"}}])},
-        "/metrics": {"get": operation(
+                         "description": "The id of the last event received: the stream "
+                                        "starts with what changed since (empty: now).",
+                         "schema": {"type": "string", "pattern": event_id}},
+                        {"name": "last_event_id", "in": "query", "required": False,
+                         "description": "Last-Event-ID, for clients that cannot send "
+                                        "the header; the header wins.",
+                         "schema": {"type": "string", "pattern": event_id}}])},
+        "/metrics": {"get": op(
             "Metrics in Prometheus' text format (docs/monitoring.md).",
             {"200": {"description": "The metrics.",
                      "content": {"text/plain": {"schema": {"type": "string"}}}}},
-            tags=("operations",))},
-        "/openapi.json": {"get": operation(
+            secured=shape.metrics_keyed, tags=("operations",))},
+        "/openapi.json": {"get": op(
             "This document.", {"200": {"description": "OpenAPI 3.1.",
                                        "content": {JSON: {"schema": {"type": "object"}}}}},
             tags=("operations",))},
-        "/docs": {"get": operation("This document, for people.", page, tags=("operations",))},
-        "/docs/openapi-3.0.json": {"get": operation(
+        "/docs": {"get": op("This document, for people.", shape.page(),
+                            tags=("operations",))},
+        "/docs/openapi-3.0.json": {"get": op(
             "This document in OpenAPI 3.0 form, for the page's viewer.",
             {"200": {"description": "OpenAPI 3.0.",
                      "content": {JSON: {"schema": {"type": "object"}}}}},
             tags=("operations",))},
-        "/docs/static/{filename}": {"get": operation(
+        "/docs/static/{filename}": {"get": op(
             "The page's assets.", {"200": {"description": "A file."},
                                    "404": {"description": "No such file."}},
             parameters=[{"name": "filename", "in": "path", "required": True,
                          "schema": {"type": "string"}}], secured=False,
             tags=("operations",))},
-        "/": {"get": operation("The dashboard.", page, tags=("dashboard",))},
-        "/dashboard/state": {"get": operation(
-            "The dashboard's data.", {"200": answer("GPUs and recent jobs.",
-                                                    {"type": "object"})},
-            tags=("dashboard",))},
-        "/dashboard/failures": {"get": operation(
-            "Failed, rejected and cancelled jobs, with counts for the last hour.",
-            {**page, "400": answer("A bad state, gpu or before.")},
-            parameters=FAILURE_FILTERS, tags=("dashboard",))},
-        "/dashboard/failures/state": {"get": operation(
-            "The failures page's data.",
-            {"200": answer("A page of failures.", {"type": "object"}),
-             "400": answer("A bad state, gpu or before.")},
-            parameters=FAILURE_FILTERS, tags=("dashboard",))},
-        "/dashboard/job/{job_id}": {"get": operation(
-            "A job's page.", {**page, "404": {"description": "No such job."}},
-            parameters=[JOB_ID], tags=("dashboard",))},
-        "/dashboard/job/{job_id}/state": {"get": operation(
-            "A job page's data.", {"200": answer("The job.", {"type": "object"}),
-                                   "404": not_found},
-            parameters=[JOB_ID], tags=("dashboard",))},
-        "/dashboard/login": {
-            "get": operation("The sign-in form.", {"200": page["200"]}, secured=False,
-                             tags=("dashboard",)),
-            "post": operation("Sign in with the API key.",
-                              {"303": {"description": "Signed in: to the dashboard."},
-                               "400": answer("The form could not be read."),
-                               "429": THROTTLED,
-                               "401": {"description": "A wrong key: the form again.",
-                                       "content": html}},
-                              body={"content": {"application/x-www-form-urlencoded": {
-                                  "schema": {"type": "object",
-                                             "properties": {"key": {"type": "string"},
-                                                            "next": {"type": "string"}}}}}},
-                              secured=False, tags=("dashboard",))},
-        **openapi_inputs.paths(operation, answer, RETRY_AFTER),
-        "/dashboard/logout": {"post": operation(
-            "Sign out.", {"303": {"description": "To the sign-in form."}},
-            tags=("dashboard",))},
-        "/dashboard/static/{filename}": {"get": operation(
-            "The dashboard's assets.", {"200": {"description": "A file."},
-                                        "404": {"description": "No such file."}},
-            parameters=[{"name": "filename", "in": "path", "required": True,
-                         "schema": {"type": "string"}}], secured=False,
-            tags=("dashboard",))},
+        **openapi_dashboard.paths(shape),
+        **openapi_inputs.paths(shape),
     }
 
 
-def _drain(summary: str) -> dict[str, Any]:
-    return operation(summary, {"200": answer("The GPU.", "GpuStatus"),
-                               "400": answer("No such GPU (`unknown_gpu`)."),
-                               "403": SESSION_REFUSED},
-                     parameters=[{"name": "gpu_id", "in": "path", "required": True,
-                                  "schema": {"type": "string", "pattern": "^[0-9]+$"}},
-                                 CSRF_HEADER],
-                     tags=("gpus",))
+def drain(shape: Shape, summary: str) -> dict[str, Any]:
+    return shape.operation(
+        summary, {"200": answer("The GPU.", "GpuStatus"),
+                  "400": answer("No such GPU (`unknown_gpu`)."),
+                  **({"403": SESSION_REFUSED} if shape.keyed else {})},
+        parameters=[shape.gpu_parameter("gpu_id", "path"), CSRF_HEADER], tags=("gpus",))
 
 
-@functools.cache
-def document() -> dict[str, Any]:
-    return {
+def document(settings: Settings) -> dict[str, Any]:
+    """The contract of a server run with `settings`."""
+    shape = Shape.of(settings)
+    doc: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "Cylindria", "version": __version__,
                  "description": "One job service in front of the ComfyUI instances of a "
                                 "multi-GPU machine."},
-        "paths": paths(),
-        "components": {
-            "schemas": schemas(),
-            "securitySchemes": {
-                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key",
-                           "description": "Needed when the server has CYLINDRIA_API_KEY."},
-                "bearer": {"type": "http", "scheme": "bearer",
-                           "description": "The same key as a Bearer token."}}},
-        "security": [{"apiKey": []}, {"bearer": []}],
+        "paths": paths(shape),
+        "components": {"schemas": schemas(shape)},
     }
+    if shape.keyed:
+        # Without a key nothing is asked for, so nothing is declared.
+        doc["components"]["securitySchemes"] = {
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key",
+                       "description": "The server's key (CYLINDRIA_API_KEY)."},
+            "bearer": {"type": "http", "scheme": "bearer",
+                       "description": "The same key as a Bearer token."}}
+        doc["security"] = [{"apiKey": []}, {"bearer": []}]
+    return doc
 
 
-@routes.get("/openapi.json", name="openapi")
-async def get_openapi(request: web.Request) -> web.Response:
-    return json_response(document())
+# JSON Schema keywords that OpenAPI 3.0's schemas lack; they only narrow or annotate.
+NOT_IN_30 = frozenset({"propertyNames", "contentMediaType"})
 
 
 def as_openapi_30(node: Any) -> Any:
     """The document in OpenAPI 3.0 form: `type: [t, "null"]` becomes `type: t,
-    nullable: true` (the page's viewer reads 3.0 only)."""
+    nullable: true`, and what 3.0 lacks is left out (the page's viewer reads 3.0 only)."""
     if isinstance(node, dict):
-        out = {key: as_openapi_30(value) for key, value in node.items()}
+        out = {key: as_openapi_30(value) for key, value in node.items()
+               if key not in NOT_IN_30}
         kinds = out.get("type")
         if isinstance(kinds, list):
             rest = [k for k in kinds if k != "null"]
@@ -456,17 +441,32 @@ def as_openapi_30(node: Any) -> Any:
     return node
 
 
-@functools.cache
-def document_30() -> dict[str, Any]:
-    doc = as_openapi_30(copy.deepcopy(document()))
+def document_30(settings: Settings) -> dict[str, Any]:
+    doc = as_openapi_30(copy.deepcopy(document(settings)))
     doc["openapi"] = "3.0.3"
     return doc
+
+
+@dataclass(frozen=True, slots=True)
+class Documents:
+    """The contract of one app, built once from its settings."""
+
+    v31: dict[str, Any]
+    v30: dict[str, Any]
+
+
+DOCUMENTS: web.AppKey[Documents] = web.AppKey("openapi_documents", Documents)
+
+
+@routes.get("/openapi.json", name="openapi")
+async def get_openapi(request: web.Request) -> web.Response:
+    return json_response(request.app[DOCUMENTS].v31)
 
 
 @routes.get("/docs/openapi-3.0.json", name="openapi_ui")
 @access(Access.FEED)  # what the page reads: the key, or a dashboard sign-in
 async def get_openapi_30(request: web.Request) -> web.Response:
-    return json_response(document_30())
+    return json_response(request.app[DOCUMENTS].v30)
 
 
 # Swagger UI runs its own scripts from this server, and sets styles inline.
@@ -489,6 +489,8 @@ async def get_docs(request: web.Request) -> web.Response:
 
 
 def setup(app: web.Application) -> None:
+    settings = app[SETTINGS]
+    app[DOCUMENTS] = Documents(document(settings), document_30(settings))
     app.add_routes(routes)
     app.router.add_static("/docs/static", Path(swagger_ui_bundle.swagger_ui_path),
                           name="docs_static")

@@ -31,7 +31,16 @@ MAX_CALLBACK_URL = 2048
 
 
 def job_id(request: web.Request) -> str:
-    value = request.match_info["job_id"]
+    return _checked_job_id(request.match_info["job_id"])
+
+
+def job_filter(query: Mapping[str, str]) -> str | None:
+    """`?job_id=`: one job, or None (absent or empty) for every job."""
+    value = query.get("job_id")
+    return _checked_job_id(value) if value else None
+
+
+def _checked_job_id(value: str) -> str:
     if not JOB_ID_RE.fullmatch(value):
         raise BadRequest("job_id must be 1 to 128 characters of letters, digits, '.', '_' "
                          f"or '-' (got {value[:140]!r}).")
@@ -46,9 +55,10 @@ def gpu(request: web.Request, raw: str, name: str = "GpuId") -> Gpu:
 async def callback_url(request: web.Request) -> str | None:
     """The X-Callback-Url, once webhooks may go there: 400 for what is no http(s) URL,
     422 (callback_not_allowed) for credentials in it or a host that resolves to a
-    place the policy closes, or does not resolve."""
+    place the policy closes, or does not resolve. An empty header asks for none, as an
+    empty query value is no filter."""
     url = request.headers.get("X-Callback-Url")
-    if url is None:
+    if not url:
         return None
     try:
         parts = urlsplit(url)
@@ -177,11 +187,18 @@ def priority(query: Mapping[str, str]) -> int:
 
 
 def last_event_id(request: web.Request) -> int | None:
-    raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    """The Last-Event-ID header, else the `last_event_id` query value; None when both
+    are absent or empty. Each one given is checked, even the one that does not count."""
+    header = _event_id(request.headers.get("Last-Event-ID"), "Last-Event-ID")
+    query = _event_id(request.query.get("last_event_id"), "last_event_id")
+    return query if header is None else header
+
+
+def _event_id(raw: str | None, name: str) -> int | None:
     if not raw:
         return None
     value = canonical_int(raw)
     if value is None:
-        raise BadRequest("Last-Event-ID must be an event id this stream sent "
-                         f"(a whole number), got {raw[:40]!r}.")
+        raise BadRequest(f"{name} must be an event id this stream sent (a whole number), "
+                         f"got {raw[:40]!r}.")
     return value

@@ -1,0 +1,107 @@
+"""What every part of the contract is built of: references, answers, shared parameters,
+and what the settings decide (a key, the GPUs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import Settings
+
+JSON = "application/json"
+HTML = {"text/html": {"schema": {"type": "string"}}}
+# Whole numbers as core/numbers reads them: ASCII digits, no sign, no leading zero.
+NUMBER = "(0|[1-9][0-9]{0,17})"
+COUNTING = "[1-9][0-9]{0,17}"
+JOB_ID_CHARACTERS = "[A-Za-z0-9._-]{1,128}"
+JOB_ID = {"name": "job_id", "in": "path", "required": True,
+          "description": "1 to 128 letters, digits, '.', '_' or '-'.",
+          "schema": {"type": "string", "pattern": f"^{JOB_ID_CHARACTERS}$"}}
+CSRF_HEADER = {"name": "X-CSRF-Token", "in": "header", "required": False,
+               "description": "With a dashboard sign-in (not the key): the token of the "
+                              "page, from its `csrf-token` meta tag.",
+               "schema": {"type": "string"}}
+
+
+def optional(pattern: str) -> str:
+    """A query value that may also be empty, which means the same as leaving it out."""
+    return f"^({pattern})?$"
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def answer(description: str, schema: str | dict[str, Any] = "Error",
+           media: str = JSON, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    body = {"description": description,
+            "content": {media: {"schema": ref(schema) if isinstance(schema, str) else schema}}}
+    if headers:
+        body["headers"] = headers
+    return body
+
+
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before trying again.",
+                               "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
+UNAUTHORIZED = answer("The API key is missing or wrong.")
+THROTTLED = answer("Too many wrong keys from this address (`too_many_attempts`).",
+                   headers=RETRY_AFTER)
+SESSION_REFUSED = answer("A dashboard sign-in without this page's X-CSRF-Token "
+                         "(`csrf_token_invalid`), or from another site's page "
+                         "(`origin_refused`). The API key needs neither.")
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What the contract says that follows from the settings: whether a key guards the
+    API (and /metrics), how many GPUs there are, and how large a workflow may be."""
+
+    keyed: bool
+    metrics_keyed: bool
+    gpus: int
+    max_nodes: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> Shape:
+        keyed = bool(settings.api_key)
+        return cls(keyed, keyed and not settings.metrics_public, settings.num_gpus,
+                   settings.max_nodes)
+
+    def gpu_parameter(self, name: str, location: str, auto: bool = False,
+                      empty: bool = False, default: str | None = None) -> dict[str, Any]:
+        """A GPU's number (at most 8 GPUs: one digit), or `auto`; `empty` for a filter
+        that an empty value leaves out."""
+        pattern = f"[0-{self.gpus - 1}]" + ("|auto" if auto else "")
+        what = (f"A GPU number from 0 to {self.gpus - 1}" if self.gpus > 1
+                else "The GPU's number, 0")
+        what += ", or `auto` for placement." if auto else "."
+        if default is not None:
+            what += f" Default {default}."
+        return {"name": name, "in": location, "required": location == "path",
+                "description": what,
+                "schema": {"type": "string",
+                           "pattern": optional(pattern) if empty else f"^({pattern})$"}}
+
+    def page(self) -> dict[str, Any]:
+        """The answers of a page of the dashboard or of /docs."""
+        answers: dict[str, Any] = {"200": {"description": "An HTML page.", "content": HTML}}
+        if self.keyed:
+            answers["303"] = {"description": "Not signed in: to the sign-in form."}
+        return answers
+
+    def operation(self, summary: str, responses: dict[str, Any], *,
+                  parameters: list[Any] = (), body: dict[str, Any] | None = None,
+                  secured: bool = True, tags: tuple[str, ...] = ("jobs",)) -> dict[str, Any]:
+        """`secured`: whether the key guards the route when the server has one."""
+        op: dict[str, Any] = {"summary": summary, "tags": list(tags),
+                              "parameters": list(parameters), "responses": dict(responses)}
+        if body is not None:
+            op["requestBody"] = body
+        if not self.keyed:
+            return op
+        if secured:
+            op["responses"].setdefault("401", UNAUTHORIZED)
+            op["responses"].setdefault("429", THROTTLED)
+        else:
+            op["security"] = []
+        return op

@@ -40,8 +40,7 @@ PUSH = 64
 
 
 def ms(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))] * 1000
+    return procs.percentile(values, share) * 1000
 
 
 async def timed(request: Any) -> float:
@@ -72,14 +71,8 @@ async def push(session: aiohttp.ClientSession, url: str, count: int, prefix: str
 
 
 async def drained(session: aiohttp.ClientSession, url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        async with session.get(f"{url}/jobs/", params={"state": "queued,running",
-                                                        "limit": "1"}) as resp:
-            if not (await resp.json())["jobs"]:
-                return
-        await asyncio.sleep(0.5)
-    raise RuntimeError("the jobs did not drain")
+    if not await procs.until_drained(session, url, timeout, every=0.5):
+        raise RuntimeError("the jobs did not drain")
 
 
 async def mix(session: aiohttp.ClientSession, running: procs.Stack, tag: str,

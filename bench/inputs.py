@@ -65,11 +65,6 @@ def encoded(data: bytes) -> str:
     return _encoded(data)
 
 
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
-
-
 async def submit(session: aiohttp.ClientSession, url: str, way: str, n: int,
                  files: list[bytes], refs: list[str]) -> float:
     pick = n % len(files)
@@ -144,13 +139,7 @@ async def one_way(work: Path, way: str, jobs: int, files: list[bytes]) -> dict[s
         started = time.perf_counter()
         latencies = await asyncio.gather(*(bounded(n) for n in range(jobs)))
         submitted = time.perf_counter() - started
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            async with session.get(f"{url}/jobs/", params={"state": "queued,running",
-                                                            "limit": "1"}) as resp:
-                if not (await resp.json())["jobs"]:
-                    break
-            await asyncio.sleep(0.1)
+        await procs.until_drained(session, url, 120)
         finished = time.perf_counter() - started
         out, _ = await prober.communicate(b"stop\n")
         probes = ujson.loads(out)
@@ -165,10 +154,10 @@ async def one_way(work: Path, way: str, jobs: int, files: list[bytes]) -> dict[s
     p99_bound = next((b for b, c in late.items() if c >= 0.99 * samples), "+Inf")
     return {"way": way, "jobs": jobs, "completed": states.count("completed"),
             "uploads": [uploads.get(g, 0) for g in range(GPUS)],
-            "p50": percentile(latencies, 0.5), "p99": percentile(latencies, 0.99),
+            "p50": procs.percentile(latencies, 0.5), "p99": procs.percentile(latencies, 0.99),
             "submitted_s": submitted, "finished_s": finished,
             "lag_samples": samples, "lag_over_goal": samples - within, "lag_p99_le": p99_bound,
-            "healthz_p99": percentile(probes, 0.99), "healthz_max": max(probes)}
+            "healthz_p99": procs.percentile(probes, 0.99), "healthz_max": max(probes)}
 
 
 async def main() -> int:

@@ -82,6 +82,25 @@ async def until_up(session: aiohttp.ClientSession, url: str, proc: Process,
     raise RuntimeError(f"{url} did not answer within {timeout} s")
 
 
+async def until_drained(session: aiohttp.ClientSession, url: str, timeout: float,
+                        every: float = 0.1) -> bool:
+    """Whether no job was queued or running at `url` within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        async with session.get(f"{url}/jobs/", params={"state": "queued,running",
+                                                        "limit": "1"}) as resp:
+            if not (await resp.json())["jobs"]:
+                return True
+        await asyncio.sleep(every)
+    return False
+
+
+def percentile(values: list[float], share: float) -> float:
+    """The value `share` of the way up the sorted values (0.5: the median)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
 class Stack:
     """Simulated GPUs and a Cylindria with its state file, each its own process."""
 

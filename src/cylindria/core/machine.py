@@ -58,14 +58,19 @@ class JobMachine:
         self._touch(job, lasting=False)
         return True
 
+    def _heard_in_full(self, job: Job) -> None:
+        """Nothing of the attempt is missing any more (its history was read, or a new
+        attempt begins): its end is taken as the events tell it."""
+        job.events_missed, job.ending = False, None
+        self.awaiting_history.pop(job.prompt_id, None)
+
     def settle_by_events(self, job: Job) -> bool:
         """The end the events told, when the history has none to give (it was cleared
         in between): the outputs are those the events told. True if there was one."""
         if job.ending is None or job.terminal:
             return False
         how, data = job.ending
-        job.events_missed, job.ending = False, None
-        self.awaiting_history.pop(job.prompt_id, None)
+        self._heard_in_full(job)
         log.warning("job %s: ComfyUI's history has no entry for prompt %s; its end is "
                     "taken from the events received", job.job_id, job.prompt_id)
         if how == "success":
@@ -270,8 +275,7 @@ class JobMachine:
         if job is None or job.terminal:
             return
         job.unverified = False
-        job.events_missed, job.ending = False, None
-        self.awaiting_history.pop(prompt_id, None)
+        self._heard_in_full(job)
         outputs = entry.get("outputs")
         if isinstance(outputs, dict):
             # The history holds every output of the prompt: it is the truth, whatever

@@ -113,9 +113,6 @@ class Registry(JobMachine):
         """Whether a job in flight (held, queued or running) uses this input file."""
         return input_id in self._inputs
 
-    def inputs_in_use(self) -> set[str]:
-        return set(self._inputs)
-
     def unverified(self, gpu_id: int) -> list[Job]:
         return [job for job in self.in_flight(gpu_id) if job.unverified]
 
@@ -182,6 +179,8 @@ class Registry(JobMachine):
         """Start a new attempt of a finished job under the same job id: a new prompt
         id, perhaps another GPU; the attempt that ended is kept in summary."""
         self._remove(job)
+        # Before the prompt id changes: what waited for the last attempt's history.
+        self._heard_in_full(job)
         job.earlier_attempts = [*(job.earlier_attempts or ()), job.attempt_summary()]
         job.attempt += 1
         if automatic:
@@ -202,8 +201,6 @@ class Registry(JobMachine):
                      "webhook", "placement", "upload_seconds"):
             setattr(job, name, None)
         job.unverified = False
-        self.awaiting_history.pop(job.prompt_id, None)
-        job.events_missed, job.ending = False, None
         job.retry_owed = False
         self._owed.pop(job.job_id, None)
         job.reopen(nodes)

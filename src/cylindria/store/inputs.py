@@ -230,18 +230,22 @@ class InputStore:
         if self._in_use(ident):
             raise InputInUse(f"Input {ident} is used by a job in flight; delete it once that "
                              "job has finished.", extra={"input_id": ident})
-        self._forget(entry)
-        await asyncio.to_thread(_unlink, self.path(ident))
+        removed = self._forget(entry)
+        if removed is not None:
+            await removed
         return entry
 
-    def _forget(self, entry: StoredInput) -> None:
-        if self._entries.pop(entry.id, None) is not None:
-            self.total_bytes -= entry.size
-            self._touched.discard(entry.id)
-            # Removed in a thread: eviction happens while a request waits.
-            task = asyncio.get_running_loop().run_in_executor(None, _unlink,
-                                                              self.path(entry.id))
-            task.add_done_callback(_log_failure)
+    def _forget(self, entry: StoredInput) -> asyncio.Future[None] | None:
+        """Drop the entry at once; its files go in a thread (eviction happens while a
+        request waits). Returns that removal, or None if the entry was gone already."""
+        if self._entries.pop(entry.id, None) is None:
+            return None
+        self.total_bytes -= entry.size
+        self._touched.discard(entry.id)
+        removal = asyncio.get_running_loop().run_in_executor(None, _unlink,
+                                                             self.path(entry.id))
+        removal.add_done_callback(_log_failure)
+        return removal
 
     async def prune(self, before: float) -> int:
         """Forget inputs no job in flight uses that no job has used since `before`."""

@@ -158,7 +158,7 @@ class InputStore:
             pending_size = 0
             async for chunk in chunks:
                 if sink.size + pending_size + len(chunk) > limit:
-                    raise _too_large(name, limit)
+                    raise too_large(limit, name)
                 pending.append(chunk)
                 pending_size += len(chunk)
                 if pending_size >= WRITE_BATCH:
@@ -173,7 +173,7 @@ class InputStore:
     async def add_bytes(self, data: bytes, media_type: str, name: str,
                         limit: int) -> tuple[StoredInput, bool]:
         if len(data) > limit:
-            raise _too_large(name, limit)
+            raise too_large(limit, name)
 
         async def one() -> AsyncIterator[bytes]:
             yield data
@@ -257,10 +257,12 @@ class InputStore:
         return len(doomed)
 
 
-def _too_large(name: str, limit: int) -> BodyTooLarge:
-    return BodyTooLarge(f"The input {name!r} is more than {limit} bytes, this server's "
-                        "limit for one file (CYLINDRIA_INPUT_MAX); send a smaller file.",
-                        extra={"input": name})
+def too_large(limit: int, name: str | None = None) -> BodyTooLarge:
+    """413 for a file over the limit for one input file."""
+    what = f"The input {name!r}" if name else "The file"
+    return BodyTooLarge(f"{what} is more than {limit} bytes, this server's limit for one "
+                        "file (CYLINDRIA_INPUT_MAX); send a smaller file.",
+                        extra={"input": name} if name else None)
 
 
 class _Sink:

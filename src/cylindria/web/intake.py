@@ -14,7 +14,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from ..core.inputs import MAX_INPUTS, check_name
 from ..errors import BadRequest, BodyTimeout, BodyTooLarge, UnsupportedMediaType
-from ..store.inputs import InputStore, StoredInput, media_type_for
+from ..store.inputs import InputStore, StoredInput, media_type_for, too_large
 from .params import MAX_BODY_BYTES
 
 CHUNK = 256 * 1024
@@ -53,7 +53,7 @@ async def files(request: web.Request, store: InputStore, limit: int,
             "or several as multipart/form-data; got "
             f"{request.headers.get(hdrs.CONTENT_TYPE, 'no Content-Type')[:60]!r}.")
     if (request.content_length or 0) > limit:
-        raise _too_large(limit)
+        raise too_large(limit)
     name = check_name(given or _disposition_name(request) or "upload",
                       "The file's name (?name=)")
     entry, created = await store.add(_body_chunks(request, idle), declared, name, limit)
@@ -105,8 +105,10 @@ async def _part(part: BodyPartReader, received: Received, store: InputStore, lim
     if workflow and part.name == "workflow":
         if received.workflow is not None:
             raise BadRequest("The form has two parts named 'workflow'; send one.")
-        received.workflow = [chunk async for chunk in _part_chunks(part, idle,
-                                                                    MAX_BODY_BYTES)]
+        received.workflow = [chunk async for chunk in _part_chunks(
+            part, idle, MAX_BODY_BYTES, too_much=BodyTooLarge(
+                f"The workflow part is more than {MAX_BODY_BYTES // 2**20} MiB; send a "
+                "smaller workflow."))]
         return
     if not part.filename:
         expected = "'workflow' and files" if workflow else "files"
@@ -125,13 +127,13 @@ async def _part(part: BodyPartReader, received: Received, store: InputStore, lim
     received.created.append(created)
 
 
-async def _part_chunks(part: BodyPartReader, idle: float, limit: int,
-                       name: str = "workflow") -> AsyncIterator[bytes]:
+async def _part_chunks(part: BodyPartReader, idle: float, limit: int, name: str = "",
+                       too_much: BodyTooLarge | None = None) -> AsyncIterator[bytes]:
     size = 0
     while chunk := await _idle(part.read_chunk(CHUNK), idle):
         size += len(chunk)
         if size > limit:
-            raise _too_large(limit, name)
+            raise too_much or too_large(limit, name)
         yield chunk
 
 
@@ -159,9 +161,3 @@ def _disposition_name(request: web.Request) -> str | None:
         return None
     _, params = parse_content_disposition(header)
     return params.get("filename*") or params.get("filename")
-
-
-def _too_large(limit: int, name: str | None = None) -> BodyTooLarge:
-    what = f"The input {name!r}" if name else "The file"
-    return BodyTooLarge(f"{what} is more than {limit} bytes, this server's limit for one "
-                        "file (CYLINDRIA_INPUT_MAX); send a smaller file.")

@@ -528,7 +528,7 @@ async def test_every_route_but_the_health_checks_needs_the_key(start_cylindria):
         ("GET", "/healthz"): 200, ("HEAD", "/healthz"): 200,
         ("GET", "/readyz"): 200, ("HEAD", "/readyz"): 200,
         ("GET", "/dashboard/login"): 200, ("HEAD", "/dashboard/login"): 200,
-        ("POST", "/dashboard/login"): 400,
+        ("POST", "/dashboard/login"): 401,
         ("GET", "/dashboard/static/dashboard.css"): 200,
         ("HEAD", "/dashboard/static/dashboard.css"): 200,
         ("GET", "/docs/static/swagger-ui.css"): 200,

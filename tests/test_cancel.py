@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import workflows
-from helpers import job_status, put_job, start_paused, wait_state, wait_until
+from helpers import job_status, put_job, start_paused, wait_state, wait_until, with_timing
 
 
 async def cancel(client, job_id):
@@ -85,6 +85,35 @@ async def test_cancel_finished_is_409_and_unknown_is_404(start_cylindria):
     assert status == 409 and body["state"] == "completed"
     status, body = await cancel(client, "ghost")
     assert status == 404 and body["error"]["code"] == "job_not_found"
+
+
+async def test_a_cancel_asks_about_its_own_job_not_the_whole_queue(start_cylindria,
+                                                                     start_sims):
+    cluster = await start_sims(1)
+    sim = cluster.sims[0]
+    # The poller reads the queue once a minute here: every read seen is the cancels'.
+    client = await start_cylindria(cluster, timing=with_timing(poll_interval=60.0))
+    await start_paused(client, sim, "runner", workflows.txt2img(steps=3))
+    ids = [f"line-{n}" for n in range(12)]
+    for job_id in ids:
+        status, _ = await put_job(client, job_id, workflows.quick())
+        assert status == 202
+    await wait_until(lambda: sim.queue_remaining == len(ids) + 1, what="the line queued")
+    queue_reads = cluster.count(0, "GET", "/queue")
+    for job_id in ids[:6]:
+        status, body = await cancel(client, job_id)
+        assert status == 202 and body["state"] == "cancelled", body
+        asked = cluster.count(0, "GET", f"/api/jobs/{body['prompt_id']}")
+        assert asked == 1
+    assert cluster.count(0, "GET", "/queue") == queue_reads
+    assert sim.queue_remaining == len(ids) + 1 - 6
+    # The one running is interrupted, on its own word.
+    status, body = await cancel(client, "runner")
+    assert status == 202 and body["cancel_requested"] is True
+    sim.resume()
+    await wait_state(client, "runner", "cancelled")
+    for job_id in ids[6:]:
+        await wait_state(client, job_id, "completed")
 
 
 async def test_cancel_never_interrupts_globally(start_cylindria, start_sims):

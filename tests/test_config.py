@@ -18,11 +18,11 @@ def test_defaults():
 
 def test_environment_over_defaults_and_flags_over_environment():
     env = {"COMFYUI_BASE_URL": "http://127.0.0.1:9000", "CYLINDRIA_NUM_GPUS": "4",
-           "CYLINDRIA_API_KEY": "k", "CYLINDRIA_DEV_MODE": "true",
+           "CYLINDRIA_API_KEY": "config-test-key-7Qx", "CYLINDRIA_DEV_MODE": "true",
            "CYLINDRIA_DEV_SAVE_DIR": "/tmp/wf"}
     s = load_settings({}, env)
     assert (s.comfy_url, s.num_gpus, s.api_key, s.dev_mode, s.dev_save_dir) == (
-        "http://127.0.0.1:9000", 4, "k", True, Path("/tmp/wf"))
+        "http://127.0.0.1:9000", 4, "config-test-key-7Qx", True, Path("/tmp/wf"))
     s = load_settings({"comfy_url": "http://127.0.0.1:7000/", "num_gpus": 2,
                        "dev_save_dir": "/tmp/other"}, env)
     assert (s.comfy_url, s.num_gpus, s.dev_save_dir) == ("http://127.0.0.1:7000", 2,

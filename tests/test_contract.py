@@ -140,6 +140,14 @@ def test_with_a_key_the_service_keeps_its_contract(case, services):
     call(case, services["keyed"], KEYED_CHECKS)
 
 
+def test_the_services_serve_the_contracts_tested(services):
+    for name, settings_ in (("keyed", KEYED), ("open", OPEN)):
+        service = services[name]
+        resp = requests.get(f"{service.base}/openapi.json", headers=service.headers,
+                            timeout=10)
+        assert resp.json() == document(settings_), name
+
+
 # After the others: the sign-in form's wrong keys lock this address out for a minute.
 @keyed.include(**SIGN_IN).parametrize()
 @HYPOTHESIS
@@ -151,14 +159,6 @@ def test_with_a_key_the_sign_in_form_keeps_its_contract(case, services):
 @HYPOTHESIS
 def test_without_a_key_the_service_keeps_its_contract(case, services):
     call(case, services["open"], EVERY_CHECK)
-
-
-def test_the_services_serve_the_contracts_tested(services):
-    for name, settings_ in (("keyed", KEYED), ("open", OPEN)):
-        service = services[name]
-        resp = requests.get(f"{service.base}/openapi.json", headers=service.headers,
-                            timeout=10)
-        assert resp.json() == document(settings_), name
 
 
 # -- what the fuzzer found once, kept ---------------------------------------------------

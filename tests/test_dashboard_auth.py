@@ -7,7 +7,7 @@ import re
 import pytest
 import ujson
 
-from cylindria.appkeys import GPUS, REGISTRY
+from cylindria.appkeys import GPUS, REGISTRY, SIGNINS
 from cylindria.dashboard.present import format_duration, output_view, queue_label
 from cylindria.web.signins import COOKIE as SESSION_COOKIE
 from cylindria.web.signins import Signins, safe_next
@@ -99,9 +99,11 @@ async def test_a_wrong_key_says_so_and_sets_no_cookie(start_cylindria):
     assert resp.status == 401
     assert "That key is wrong" in await resp.text()
     assert SESSION_COOKIE not in resp.cookies
+    # An empty key is a wrong one: it is counted like any other.
     resp = await client.post("/dashboard/login", data={"key": ""}, allow_redirects=False)
-    assert resp.status == 400
+    assert resp.status == 401
     assert "Enter the key" in await resp.text()
+    assert client.app[SIGNINS].throttle.failures("127.0.0.1") == 2
 
 
 async def test_the_right_key_gives_a_strict_httponly_session(start_cylindria):
@@ -191,16 +193,53 @@ async def test_job_files_open_to_a_session_for_reading_only(start_cylindria):
     assert resp.status == 401
 
 
+async def sign_out(client, token: str, origin: str | None = None,
+                   csrf: str | None = None):
+    """Posts the page's sign-out form (from `origin`, with `csrf` as its hidden field)."""
+    headers = {**with_cookie(token), **({"Origin": origin} if origin else {})}
+    data = {"csrf_token": csrf} if csrf is not None else None
+    return await client.post("/dashboard/logout", headers=headers, data=data,
+                             allow_redirects=False)
+
+
 async def test_sign_out_ends_the_session_on_the_server(start_cylindria):
     client = await start_cylindria(api_key=KEY)
     _, token, _ = await sign_in(client)
-    resp = await client.post("/dashboard/logout", headers=with_cookie(token),
-                             allow_redirects=False)
+    page = await (await client.get("/", headers=with_cookie(token))).text()
+    found = re.search(r'<input type="hidden" name="csrf_token" value="([^"]+)">', page)
+    assert found, "the sign-out form carries no CSRF token"
+    resp = await sign_out(client, token, origin_of(client), found.group(1))
     assert resp.status == 303 and resp.headers["Location"] == "/dashboard/login"
     assert resp.cookies[SESSION_COOKIE]["max-age"] == "0"
     client.session.cookie_jar.clear()
     resp = await client.get("/dashboard/state", headers=with_cookie(token))
     assert resp.status == 401
+
+
+async def test_sign_out_from_another_site_or_without_the_token_is_refused(
+        start_cylindria):
+    client = await start_cylindria(api_key=KEY)
+    _, token, _ = await sign_in(client)
+    assert token
+    csrf = await csrf_of(client, token)
+    own = origin_of(client)
+    refusals = [("http://evil.example", csrf, "origin_refused"),
+                ("http://127.0.0.1:1", csrf, "origin_refused"),
+                (None, csrf, "origin_refused"),
+                (own, None, "csrf_token_invalid"),
+                (own, "x" + csrf[1:], "csrf_token_invalid")]
+    for origin, given, code in refusals:
+        resp = await sign_out(client, token, origin, given)
+        assert resp.status == 403, (origin, given)
+        assert (await resp.json())["error"]["code"] == code
+        assert SESSION_COOKIE not in resp.cookies
+    # Still signed in; the header does as the form field does.
+    assert (await client.get("/dashboard/state", headers=with_cookie(token))).status == 200
+    resp = await client.post("/dashboard/logout", allow_redirects=False, headers={
+        **with_cookie(token), "Origin": own, "X-CSRF-Token": csrf})
+    assert resp.status == 303
+    client.session.cookie_jar.clear()
+    assert (await client.get("/dashboard/state", headers=with_cookie(token))).status == 401
 
 
 async def test_the_api_key_header_also_opens_the_dashboard(start_cylindria):
@@ -428,7 +467,7 @@ async def test_a_session_that_ended_cannot_act(start_cylindria):
     client = await start_cylindria(api_key=KEY)
     _, session, _ = await sign_in(client)
     proof = {"Origin": origin_of(client), "X-CSRF-Token": await csrf_of(client, session)}
-    resp = await client.post("/dashboard/logout", headers=with_cookie(session),
+    resp = await client.post("/dashboard/logout", headers={**with_cookie(session), **proof},
                              allow_redirects=False)
     assert resp.status == 303
     client.session.cookie_jar.clear()

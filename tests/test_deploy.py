@@ -27,7 +27,7 @@ import workflows
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 NGINX = Path("/usr/sbin/nginx")
-KEY = "deploy-test-key"
+KEY = "deploy-test-key-4Hc"
 JOBS = 200
 
 pytestmark = pytest.mark.slow

@@ -17,6 +17,7 @@ from helpers import Proc, clean_env, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 CYLINDRIA = [sys.executable, "-m", "cylindria"]
+KEY = "e2e-test-key-5f3Qa"
 
 
 @pytest.fixture
@@ -54,10 +55,10 @@ async def test_two_processes_end_to_end(procs, tmp_path):
     serve = Proc([*CYLINDRIA, "serve", "--port", str(port), "--numberOfGpus", "2",
                   "--comfy-url", f"http://127.0.0.1:{sim_port}",
                   "--state-file", str(tmp_path / "state.sqlite3")],
-                 clean_env(CYLINDRIA_API_KEY="k"), tmp_path / "serve.log")
+                 clean_env(CYLINDRIA_API_KEY=KEY), tmp_path / "serve.log")
     procs.append(serve)
     base = f"http://127.0.0.1:{port}"
-    headers = {"X-API-Key": "k"}
+    headers = {"X-API-Key": KEY}
     async with aiohttp.ClientSession() as session:
         await wait_http(session, f"http://127.0.0.1:{sim_port + 1}/system_stats", sim)
         await wait_http(session, f"{base}/healthz", serve)

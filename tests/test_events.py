@@ -176,6 +176,49 @@ async def test_stream_cap_is_429(start_cylindria):
     assert (await client.get("/events/", params={"job_id": "x"})).status == 200
 
 
+def forwarded_for(address):
+    return {"X-Forwarded-For": address}
+
+
+async def test_one_client_address_cannot_take_every_stream(start_cylindria):
+    client = await start_cylindria(max_event_streams=4, max_event_streams_per_address=2,
+                                   trusted_proxies=("127.0.0.1", "::1"))
+    greedy = [await client.get("/events/", headers=forwarded_for("198.51.100.7"))
+              for _ in range(2)]
+    assert [r.status for r in greedy] == [200, 200]
+    await wait_until(lambda: _streams(client) == 2, what="streams registered")
+    resp = await client.get("/events/", params={"job_id": "x"},
+                            headers=forwarded_for("198.51.100.7"))
+    assert resp.status == 429 and resp.headers["Retry-After"] == "5"
+    error = (await resp.json())["error"]
+    assert error["code"] == "too_many_streams" and error["per"] == "address"
+    assert "198.51.100.7" in error["message"]
+    assert "CYLINDRIA_MAX_EVENT_STREAMS_PER_ADDRESS" in error["message"]
+    # Another client is served meanwhile.
+    other = await client.get("/events/", headers=forwarded_for("198.51.100.8"))
+    assert other.status == 200
+    # A slot of the greedy client's is its own again once it closes one.
+    greedy[0].close()
+    await wait_until(lambda: _streams(client) == 2, what="a stream released")
+    again = await client.get("/events/", headers=forwarded_for("198.51.100.7"))
+    assert again.status == 200
+    for stream in (greedy[1], other, again):
+        stream.close()
+
+
+async def test_a_forwarded_header_from_an_untrusted_peer_names_no_other_client(
+        start_cylindria):
+    client = await start_cylindria(max_event_streams=4, max_event_streams_per_address=1)
+    first = await client.get("/events/", headers=forwarded_for("198.51.100.7"))
+    assert first.status == 200
+    await wait_until(lambda: _streams(client) == 1, what="stream registered")
+    # Both come from this test's address; the header is anyone's to write.
+    resp = await client.get("/events/", headers=forwarded_for("198.51.100.8"))
+    assert resp.status == 429
+    assert "127.0.0.1" in (await resp.json())["error"]["message"]
+    first.close()
+
+
 def _streams(client):
     from cylindria.appkeys import EVENTS
     return client.app[EVENTS].streams

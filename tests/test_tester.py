@@ -35,7 +35,7 @@ from helpers import clean_env, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 CYLINDRIA = [sys.executable, "-m", "cylindria"]
-API_KEY = "tester-key"
+API_KEY = "tester-key-8Jd2pQ"
 # Generous bounds: on a loaded two-core machine a subprocess can take seconds to answer.
 START_TIMEOUT = 30.0
 PRESS_TIMEOUT = 15.0

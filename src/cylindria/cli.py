@@ -165,9 +165,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_serve(settings)
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(EscapingFormatter(LOG_FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+class EscapingFormatter(logging.Formatter):
+    """One record, one line: what a request carries (paths, header values, job ids) is
+    written into messages by many call sites, so the escaping is done here, once, for
+    all of them and for aiohttp's access log. A control character or a byte that is no
+    UTF-8 shows escaped (a CR LF as `\\r\\n`), and a traceback's lines are indented,
+    so no line that does not start a record can pass for one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = record.getMessage()
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        text = escape_line(self.formatMessage(record))
+        # Not cached on the record (as Formatter does): other handlers format their own.
+        details = [self.formatException(record.exc_info) if record.exc_info
+                   else record.exc_text or "",
+                   self.formatStack(record.stack_info) if record.stack_info else ""]
+        for block in filter(None, details):
+            text += "".join(f"\n  {escape_line(line)}" for line in block.splitlines())
+        return text
+
+
+def escape_line(text: str) -> str:
+    """`text` with every character that is not printable escaped, newlines included."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else _escaped(c) for c in text)
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:
+        # A byte that was no UTF-8, as the request carried it.
+        return f"\\x{code - 0xDC00:02x}"
+    return char.encode("unicode_escape").decode("ascii")
 
 
 def run_serve(settings: Settings) -> int:
@@ -198,8 +238,11 @@ async def serve(app: web.Application, settings: Settings,
     aiohttp's runner rather than `web.run_app`, which does the same but keeps its server
     out of reach: the request-head timeout has to be put on that server.
     """
+    from .web.connections import raise_descriptor_limit
     from .web.serving import start_server
 
+    # Before the server starts: its connection limits are derived from this one.
+    raise_descriptor_limit()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

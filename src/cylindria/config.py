@@ -24,6 +24,11 @@ DEFAULT_MAX_NODES = 20_000
 DEFAULT_MAX_HELD = 10_000
 DEFAULT_PRIORITY_AGING = 60.0
 DEFAULT_MODEL_WINDOW = 8
+# A job id runs at most this many attempts (each retry is one); past them a retry is
+# refused, and the job is submitted anew under another id.
+DEFAULT_MAX_ATTEMPTS = 20
+# Event streams one client address may hold, so one client cannot take every slot.
+DEFAULT_STREAMS_PER_ADDRESS = 10
 # The input store: its size, and the largest file it takes (ComfyUI's own upload limit).
 DEFAULT_INPUT_STORE_MAX = 20 * 1024**3
 DEFAULT_INPUT_MAX = 100 * 1024**2
@@ -33,6 +38,12 @@ FAULTS = frozenset({"crash-before-submit", "crash-after-submit"})
 MAX_GPUS = 8
 LOG_LEVELS = ("debug", "info", "warning", "error")
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+# The wrong-key throttle is per client address, so what stops a guesser with many
+# addresses is the key's length. The longest fits the dashboard's sign-in form.
+KEY_MIN_LENGTH = 16
+KEY_MIN_DISTINCT = 5
+KEY_MAX_LENGTH = 128
+MAKE_A_KEY = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
 FALSE_WORDS = frozenset({"0", "false", "no", "off", ""})
 
 
@@ -84,8 +95,12 @@ class Timing:
     # request being answered, nor an event stream.
     head_timeout: float = 10.0
     keepalive_timeout: float = 15.0
-    # A file being sent to Cylindria (an input) that stops arriving for this long is
-    # dropped with a 408; an input URL must deliver its file within `input_fetch_timeout`.
+    # A request body must arrive within `body_timeout`, plus a second for each
+    # `body_min_rate` bytes received (so a large one needs only a steady pace), and must
+    # not stop arriving for `body_idle_timeout`: past either it is cut with a 408 and the
+    # connection closed. An input URL must deliver its file within `input_fetch_timeout`.
+    body_timeout: float = 10.0
+    body_min_rate: float = 500.0
     body_idle_timeout: float = 30.0
     input_fetch_timeout: float = 60.0
 
@@ -108,6 +123,9 @@ class Settings:
     # GET /metrics without the API key (CYLINDRIA_METRICS_PUBLIC).
     metrics_public: bool = False
     max_event_streams: int = 100
+    # Event streams one client address may hold at once, of those
+    # (CYLINDRIA_MAX_EVENT_STREAMS_PER_ADDRESS).
+    max_event_streams_per_address: int = DEFAULT_STREAMS_PER_ADDRESS
     event_buffer: int = 1000
     # None keeps everything in memory only (--no-state); the command line's default is
     # DEFAULT_STATE_FILE.
@@ -116,6 +134,8 @@ class Settings:
     retention_days: float = DEFAULT_RETENTION_DAYS
     memory_jobs: int = DEFAULT_MEMORY_JOBS
     retry_lost: int = 0
+    # Attempts one job id may run, the first included (CYLINDRIA_MAX_ATTEMPTS).
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
     max_nodes: int = DEFAULT_MAX_NODES
     # GpuId=auto: jobs a GPU may hold waiting in ComfyUI besides the running one, the
     # most Cylindria holds for GPUs, and the seconds of waiting worth one priority level.
@@ -129,6 +149,11 @@ class Settings:
     # The reverse proxies in front, by address or CIDR, whose X-Forwarded-For and
     # Forwarded headers name the client (CYLINDRIA_TRUSTED_PROXIES).
     trusted_proxies: tuple[str, ...] = ()
+    # Client connections held at once, in all and per client address (0: no cap per
+    # address); None derives each from the process's file descriptor limit
+    # (CYLINDRIA_MAX_CONNECTIONS, CYLINDRIA_MAX_CONNECTIONS_PER_ADDRESS).
+    max_connections: int | None = None
+    max_connections_per_address: int | None = None
     # Input files: the store's size (least recently used inputs no job in flight uses
     # go beyond it) and the largest single file (CYLINDRIA_INPUT_STORE_MAX, _INPUT_MAX).
     input_store_max: int = DEFAULT_INPUT_STORE_MAX
@@ -224,6 +249,11 @@ def validate(s: Settings) -> None:
             f"(got {s.default_gpu!r})")
     if s.max_event_streams < 1:
         raise ConfigError(f"max_event_streams must be 1 or more (got {s.max_event_streams})")
+    if s.max_event_streams_per_address < 1:
+        raise ConfigError("CYLINDRIA_MAX_EVENT_STREAMS_PER_ADDRESS must be 1 or more (got "
+                          f"{s.max_event_streams_per_address})")
+    if s.max_attempts < 1:
+        raise ConfigError(f"CYLINDRIA_MAX_ATTEMPTS must be 1 or more (got {s.max_attempts})")
     if not s.retention_days > 0:
         raise ConfigError("CYLINDRIA_RETENTION_DAYS must be a number of days above 0 "
                           f"(got {s.retention_days})")
@@ -242,6 +272,13 @@ def validate(s: Settings) -> None:
     if not s.priority_aging > 0:
         raise ConfigError("CYLINDRIA_PRIORITY_AGING must be a number of seconds above 0 "
                           f"(got {s.priority_aging})")
+    if s.max_connections is not None and s.max_connections < 1:
+        raise ConfigError("CYLINDRIA_MAX_CONNECTIONS must be 1 or more (got "
+                          f"{s.max_connections}); leave it unset to derive it from the "
+                          "file descriptor limit")
+    if s.max_connections_per_address is not None and s.max_connections_per_address < 0:
+        raise ConfigError("CYLINDRIA_MAX_CONNECTIONS_PER_ADDRESS must be 0 (no cap) or more "
+                          f"(got {s.max_connections_per_address})")
     if s.input_max < 1 or s.input_store_max < s.input_max:
         raise ConfigError("CYLINDRIA_INPUT_MAX must be 1 byte or more, and "
                           "CYLINDRIA_INPUT_STORE_MAX at least as large (got "
@@ -333,6 +370,8 @@ def _bool(name: str, value: str) -> bool:
 # checked by `validate`).
 _NUMBERS: tuple[tuple[str, str, Callable[[str, str], float]], ...] = (
     ("max_event_streams", "CYLINDRIA_MAX_EVENT_STREAMS", _int),
+    ("max_event_streams_per_address", "CYLINDRIA_MAX_EVENT_STREAMS_PER_ADDRESS", _int),
+    ("max_attempts", "CYLINDRIA_MAX_ATTEMPTS", _int),
     ("retention_days", "CYLINDRIA_RETENTION_DAYS", _float),
     ("memory_jobs", "CYLINDRIA_MEMORY_JOBS", _int),
     ("max_nodes", "CYLINDRIA_MAX_NODES", _int),
@@ -343,7 +382,14 @@ _NUMBERS: tuple[tuple[str, str, Callable[[str, str], float]], ...] = (
     ("priority_aging", "CYLINDRIA_PRIORITY_AGING", _float),
     ("input_store_max", "CYLINDRIA_INPUT_STORE_MAX", _size),
     ("input_max", "CYLINDRIA_INPUT_MAX", _size),
+    ("max_connections", "CYLINDRIA_MAX_CONNECTIONS", _int),
+    ("max_connections_per_address", "CYLINDRIA_MAX_CONNECTIONS_PER_ADDRESS", _int),
 )
+# Timing fields read from the environment: numbers above 0.
+_TIMINGS = (("poll_interval", "CYLINDRIA_POLL_INTERVAL"),
+            ("lost_grace", "CYLINDRIA_LOST_GRACE"),
+            ("body_timeout", "CYLINDRIA_BODY_TIMEOUT"),
+            ("body_min_rate", "CYLINDRIA_BODY_MIN_RATE"))
 
 
 def load_settings(
@@ -382,14 +428,11 @@ def load_settings(
         if env.get(name):
             values[key] = parse(name, env[name])
     timing: dict[str, float] = {}
-    if env.get("CYLINDRIA_POLL_INTERVAL"):
-        timing["poll_interval"] = _float("CYLINDRIA_POLL_INTERVAL",
-                                         env["CYLINDRIA_POLL_INTERVAL"])
-    if env.get("CYLINDRIA_LOST_GRACE"):
-        timing["lost_grace"] = _float("CYLINDRIA_LOST_GRACE", env["CYLINDRIA_LOST_GRACE"])
-    if any(v <= 0 for v in timing.values()):
-        raise ConfigError("CYLINDRIA_POLL_INTERVAL and CYLINDRIA_LOST_GRACE must be a number "
-                          "of seconds above 0")
+    for key, name in _TIMINGS:
+        if env.get(name):
+            timing[key] = _float(name, env[name])
+            if not timing[key] > 0:
+                raise ConfigError(f"{name} must be a number above 0 (got {env[name]!r})")
     if timing:
         values["timing"] = replace(Timing(), **timing)
     if env.get("CYLINDRIA_CALLBACK_ALLOW"):
@@ -422,7 +465,32 @@ def load_settings(
                 for key in _FLAG_NAMES if key in values}
     token = _GIVEN_AS.set(given_as)
     try:
-        return Settings(**values)  # type: ignore[arg-type]
+        settings = Settings(**values)  # type: ignore[arg-type]
     finally:
         _GIVEN_AS.reset(token)
+    # Here rather than in Settings: tests build Settings with short keys of their own.
+    check_api_key(settings.api_key)
+    return settings
+
+
+def check_api_key(key: str | None) -> None:
+    """Raise ConfigError, in one line saying how to make a good key, unless `key` is
+    long and varied enough that guessing it is out of reach, and goes in an HTTP header
+    and the sign-in form as it is."""
+    if key is None:
+        return
+    if not (key.isascii() and key.isprintable()) or " " in key:
+        problem = "holds a space or a character that is not printable ASCII"
+    elif len(key) < KEY_MIN_LENGTH:
+        problem = (f"is shorter than {KEY_MIN_LENGTH} characters (it has {len(key)}): its "
+                   "length is what stops guessing")
+    elif len(set(key)) < KEY_MIN_DISTINCT:
+        problem = (f"has fewer than {KEY_MIN_DISTINCT} different characters (it has "
+                   f"{len(set(key))}): it is easy to guess")
+    elif len(key) > KEY_MAX_LENGTH:
+        problem = (f"is longer than the {KEY_MAX_LENGTH} characters the dashboard's "
+                   f"sign-in form takes (it has {len(key)})")
+    else:
+        return
+    raise ConfigError(f"CYLINDRIA_API_KEY {problem}; make a good one with {MAKE_A_KEY}")
 

@@ -92,7 +92,7 @@ class UnsupportedMediaType(ApiError):
 
 
 class BodyTimeout(ApiError):
-    """A request body stopped arriving: nothing of it is kept."""
+    """A request body arrived too slowly, or stopped arriving: nothing of it is kept."""
 
     status = 408
     code = "body_timeout"
@@ -181,6 +181,13 @@ class NotRetryable(ApiError):
     code = "not_retryable"
 
 
+class AttemptsExhausted(ApiError):
+    """The job ran every attempt CYLINDRIA_MAX_ATTEMPTS allows one job id."""
+
+    status = 409
+    code = "attempts_exhausted"
+
+
 class GpuDrained(ApiError):
     status = 409
     code = "gpu_drained"
@@ -208,6 +215,21 @@ class QueueFull(ApiError):
 
     status = 503
     code = "queue_full"
+
+
+class TooManyConnections(ApiError):
+    """One client address holds as many connections as it may: answered as a connection
+    opens, before any request on it is read."""
+
+    status = 503
+    code = "too_many_connections"
+
+
+class ServerBusy(ApiError):
+    """Cylindria holds as many connections as it takes from all clients together."""
+
+    status = 503
+    code = "server_busy"
 
 
 class BackendError(ApiError):

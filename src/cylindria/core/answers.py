@@ -3,6 +3,11 @@
 Plain functions of their arguments: for a large answer they run in the worker process
 (core/reading.py), so that only what is kept comes back, never a whole body. A body
 may come as the chunks it arrived in, joined here rather than on the event loop.
+
+ComfyUI writes JSON with Python's json, which puts a NaN or an infinity as the bare
+words NaN and Infinity, which are not JSON. They are turned into the strings the one
+encoder writes for them (jsonio.py) as they come in, so nothing kept (the registry, the
+state file) holds a number no strict parser reads.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from typing import Any
 
 import ujson
 
+from ..jsonio import finite
 from .ports import QueueSnapshot
 
 Raw = bytes | str | list[bytes]
@@ -26,8 +32,24 @@ def raw_size(raw: Raw) -> int:
 
 
 def json_document(raw: Raw) -> Any:
-    """Any JSON answer, decoded whole. ValueError if it is not JSON."""
-    return ujson.loads(whole(raw))
+    """Any JSON answer, decoded whole, non-finite numbers as their words. ValueError if
+    it is not JSON."""
+    text = whole(raw)
+    data = ujson.loads(text)
+    return finite(data) if _may_hold_non_finite(text) else data
+
+
+def _may_hold_non_finite(text: bytes | str) -> bool:
+    """Whether ComfyUI's words for a non-finite number appear in `text`: a substring
+    search is quick, and the walk is made only when it says so (a text that merely
+    mentions NaN costs the walk, and loses nothing). A number too large for a float
+    (1e999) is not looked for: Python never writes one; the encoder still never
+    emits what it reads as."""
+    # A capital N is rare in ComfyUI's JSON, and one byte is found at memchr's speed:
+    # most answers are cleared of NaN without the slower search for three.
+    if isinstance(text, bytes):
+        return (b"N" in text and b"NaN" in text) or b"Infinity" in text
+    return ("N" in text and "NaN" in text) or "Infinity" in text
 
 
 def queue_snapshot(raw: Raw) -> QueueSnapshot:
@@ -79,6 +101,7 @@ def _is_item(item: Any) -> bool:
 
 def _number(value: Any) -> float:
     try:
-        return float(value)
-    except (TypeError, ValueError):
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
         return 0.0
+    return number if number == number else 0.0

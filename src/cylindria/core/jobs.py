@@ -14,6 +14,7 @@ from typing import Any
 from ..config import Settings
 from ..errors import (
     ApiError,
+    AttemptsExhausted,
     BackendError,
     BackendTimeout,
     GpuDrained,
@@ -70,15 +71,17 @@ class JobsService(Holding, Recovery, Carrying):
     def gpu(self, raw: str, name: str = "GpuId") -> GpuPort:
         return self.gpus[placement.gpu_number(raw, len(self.gpus), name)]
 
-    async def lookup(self, job_id: str) -> Job | None:
-        """The job from memory, or from the journal when memory let it go."""
+    async def lookup(self, job_id: str, foresee: bool = True) -> Job | None:
+        """The job from memory, or from the journal when memory let it go; with its
+        forecast unless `foresee` is False (a queued job's forecast walks its GPU's
+        line, which is wasted on a job about to change)."""
         job = self.registry.get(job_id)
         if job is None and self.registry.evicted_through:
             job = await self.store.fetch(job_id)
-        return None if job is None else self.foresee(job)
+        return None if job is None else self.foresee(job) if foresee else job
 
-    async def find(self, job_id: str, advice: str = "") -> Job:
-        job = await self.lookup(job_id)
+    async def find(self, job_id: str, advice: str = "", foresee: bool = True) -> Job:
+        job = await self.lookup(job_id, foresee)
         if job is None:
             raise JobNotFound(f"No job {job_id!r} is known here.{advice}",
                               extra={"job_id": job_id})
@@ -347,7 +350,8 @@ class JobsService(Holding, Recovery, Carrying):
         same job id, as a new attempt. Without `gpu_choice` it is placed as the job
         was: on its GPU, or by `auto`."""
         job = await self.find(job_id)
-        _check_retryable(job)
+        most = self.settings.max_attempts
+        _check_retryable(job, most)
         gone = [item for item in job.inputs or () if self.inputs.get(item["id"]) is None]
         if gone:
             raise InputGone(
@@ -365,7 +369,7 @@ class JobsService(Holding, Recovery, Carrying):
         if self._is_auto(gpu_choice):
             self.store.ensure_writable()
             workflow = await self.reader.read(stored)
-            _check_retryable(job)  # a concurrent retry may have started meanwhile
+            _check_retryable(job, most)  # a concurrent retry may have started meanwhile
             if self.registry.get(job_id) is None:
                 self.registry.restore([job])
             job.auto = True
@@ -376,12 +380,12 @@ class JobsService(Holding, Recovery, Carrying):
                      " (automatic, after it was lost)" if automatic else "")
             return await self._line_up(job, workflow)
         gpu = self._pinned(gpu_choice)
-        _check_retryable(job)  # a concurrent retry may have started meanwhile
+        _check_retryable(job, most)  # a concurrent retry may have started meanwhile
         if self.registry.get(job_id) is None:
             self.registry.restore([job])
         job.auto = False
         workflow = await self.reader.read(stored)
-        _check_retryable(job)
+        _check_retryable(job, most)
         self.registry.retry(job, gpu.index, str(uuid.uuid4()), workflow.nodes,
                             automatic=automatic)
         log.info("job %s: attempt %d on gpu %d%s", job_id, job.attempt, gpu.index,
@@ -396,7 +400,9 @@ class JobsService(Holding, Recovery, Carrying):
 
     async def cancel(self, job_id: str) -> Job:
         """Ask for a job to stop; its state changes only on ComfyUI's word."""
-        job = await self.find(job_id)
+        # Its forecast is made for the answer, once the cancel went through: most jobs
+        # are cancelled by then, and need none.
+        job = await self.find(job_id, foresee=False)
         if job.terminal:
             raise JobFinished(job, f"Job {job_id!r} is already {job.state.value}; there is "
                                    "nothing to cancel.")
@@ -414,17 +420,33 @@ class JobsService(Holding, Recovery, Carrying):
             if not done:
                 self.registry.set_detail(job, "Cancel requested; ComfyUI is not answering, "
                                               "so Cylindria keeps trying.")
-        return job
+        return self.foresee(job)
 
     async def _cancel_upstream(self, job: Job) -> None:
-        """Drop the job from ComfyUI's queue, read back what ComfyUI did, and interrupt it
-        if it is running. The interrupt names the prompt, so no other job is touched."""
+        """Drop the job from ComfyUI's queue, then ask ComfyUI about this one prompt and
+        act on its answer: unknown (deleted before it ran), the job is cancelled; running,
+        it is interrupted (the interrupt names the prompt, so no other job is touched);
+        finished meanwhile, it is settled from its history. Never the whole queue: with
+        thousands waiting, reading it would make each cancel cost in proportion. ComfyUI
+        looks at its queue before its history, as `reconcile` does, so a job ending in
+        between is not missed; the poller presses a cancel that did not get through."""
         gpu = self.gpus[job.gpu_id]
+        # A retry may start a new attempt while this runs: act on this one only.
+        prompt_id = job.prompt_id
         try:
-            await gpu.comfy.delete_pending(job.prompt_id)
-            snapshot = await self.reconcile(gpu)
-            if job.prompt_id in snapshot.running:
-                await gpu.comfy.interrupt(job.prompt_id)
+            await gpu.comfy.delete_pending(prompt_id)
+            found = await gpu.comfy.job(prompt_id)
+            if job.prompt_id != prompt_id:
+                return
+            status = None if found is None else found.get("status")
+            if found is None:
+                self.registry.confirm_removed(job)
+            elif status == "in_progress":
+                await gpu.comfy.interrupt(prompt_id)
+            elif status != "pending":
+                entry = await gpu.comfy.history(prompt_id)
+                if entry is not None:
+                    self.registry.settle_from_history(prompt_id, entry)
         except BackendError as exc:
             # The poller keeps trying to settle the job; the cancel stays requested.
             log.warning("cancel of job %s: ComfyUI did not answer (%s)", job.job_id,
@@ -444,11 +466,20 @@ async def _knows(gpu: GpuPort, prompt_id: str) -> bool:
     return await gpu.comfy.job(prompt_id) is not None
 
 
-def _check_retryable(job: Job) -> None:
+def _check_retryable(job: Job, max_attempts: int) -> None:
     if job.state not in RETRYABLE:
         raise NotRetryable(
             f"Job {job.job_id!r} is {job.state.value}; only a failed, cancelled or rejected "
             "job can run again.", reply={"gpu_id": job.gpu_id, "state": job.state.value})
+    if job.attempt >= max_attempts:
+        # Each attempt stays in the job's record and its answers: a job id retried
+        # without end would grow them, and every retry would cost more than the last.
+        raise AttemptsExhausted(
+            f"Job {job.job_id!r} has run {job.attempt} attempts, the most this server "
+            f"allows one job (CYLINDRIA_MAX_ATTEMPTS={max_attempts}); submit it as a new "
+            "job, under a new job_id, with PUT /startjob/{job_id}/.",
+            extra={"attempts": job.attempt, "max_attempts": max_attempts},
+            reply={"gpu_id": job.gpu_id, "state": job.state.value})
 
 
 def _digest(raw: Raw) -> str:

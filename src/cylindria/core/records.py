@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -11,6 +12,7 @@ from typing import Any
 
 import ujson
 
+from ..jsonio import dumps
 from .estimates import NodeCost, Timeline
 
 
@@ -200,8 +202,8 @@ class Job:
         done = len(done_nodes & plan)
         fraction = 0.0
         np = self.node_progress
-        if np and np.get("max") and np.get("node") not in done_nodes:
-            fraction = min(max(float(np["value"]) / float(np["max"]), 0.0), 1.0)
+        if np and np.get("node") not in done_nodes:
+            fraction = _share(np.get("value"), np.get("max"))
         # Never report 1.0 before ComfyUI says the job succeeded.
         return round(min((done + fraction) / len(plan), 0.999), 4)
 
@@ -212,7 +214,7 @@ class Job:
         self.final_reused = self.outputs_reused
         self.final_progress = self.progress
         if self.outputs and not _has_long_text(self.outputs):
-            self.outputs_text = ujson.dumps(self.outputs, escape_forward_slashes=False)
+            self.outputs_text = dumps(self.outputs)
             self.outputs = None
         self.nodes = NO_NODES
         self.done_nodes = self.cached_nodes = self.planned_nodes = None
@@ -236,8 +238,25 @@ class Job:
         return summary
 
     def attempts(self) -> list[dict[str, Any]]:
-        return [*(self.earlier_attempts or ()), self.attempt_summary()]
+        """The last ATTEMPTS_SHOWN attempts, oldest first, this one last (`attempt` is
+        the count of all)."""
+        earlier = self.earlier_attempts or ()
+        return [*earlier[max(len(earlier) + 1 - ATTEMPTS_SHOWN, 0):], self.attempt_summary()]
 
+
+def _share(value: Any, maximum: Any) -> float:
+    """`value` of `maximum` (a progress tick's), within [0, 1]; 0 for anything that is
+    not two finite numbers (ComfyUI's NaN arrives as the word, see core/answers.py)."""
+    try:
+        share = float(value) / float(maximum)
+    except (TypeError, ValueError, OverflowError, ZeroDivisionError):
+        return 0.0
+    return min(max(share, 0.0), 1.0) if math.isfinite(share) else 0.0
+
+
+# Attempts a status body lists (and the journal keeps): the last ones, so the answers
+# about a job retried many times stay small (CYLINDRIA_MAX_ATTEMPTS caps the count).
+ATTEMPTS_SHOWN = 20
 
 NO_NODES: frozenset[str] = frozenset()
 # Outputs holding a text this long stay as they are when a job is made compact: turning
@@ -302,6 +321,8 @@ def to_record(job: Job) -> dict[str, Any]:
         values = getattr(job, name)
         if values:
             record[name] = sorted(values)
+    if job.earlier_attempts and len(job.earlier_attempts) >= ATTEMPTS_SHOWN:
+        record["earlier_attempts"] = job.earlier_attempts[1 - ATTEMPTS_SHOWN:]
     if job.planned_nodes is not None:
         record["planned_nodes"] = sorted(job.planned_nodes)
     if job.models:

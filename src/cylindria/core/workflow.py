@@ -15,6 +15,7 @@ import ujson
 
 from ..config import DEFAULT_MAX_NODES
 from ..errors import BadRequest, InvalidWorkflow, TooManyNodes
+from ..jsonio import first_non_finite, pretty, word
 from .estimates import NodeCost, models_of, node_costs
 from .inputs import InlineInput, Reference, find_references, read_inline
 
@@ -68,13 +69,16 @@ def read_workflow(raw: bytes | str | list[bytes], max_nodes: int = MAX_NODES,
                            "jobs.")
     document = {"prompt": prompt, "extra_data": extra}
     try:
-        data = ujson.dumps(document, ensure_ascii=False, escape_forward_slashes=False).encode()
-        digest = hashlib.sha256(ujson.dumps(document, sort_keys=True, ensure_ascii=False)
-                                .encode()).hexdigest()
+        # allow_nan=False: a NaN or an infinity is refused below, never sent on.
+        data = ujson.dumps(document, ensure_ascii=False, escape_forward_slashes=False,
+                           allow_nan=False).encode()
+        digest = hashlib.sha256(ujson.dumps(document, sort_keys=True, ensure_ascii=False,
+                                            allow_nan=False).encode()).hexdigest()
     except UnicodeEncodeError:
         raise BadRequest("The body holds a lone UTF-16 surrogate (such as \\ud800), which "
                          "is not text. Send valid Unicode.") from None
     except (OverflowError, RecursionError, ValueError):
+        refuse_non_finite(prompt, extra)
         raise BadRequest("The workflow is nested too deeply to handle. Send an API-format "
                          "workflow.") from None
     inline = tuple(read_inline(body)) if "prompt" in body else ()
@@ -122,6 +126,38 @@ def split_workflow(body: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     # Cylindria routes ComfyUI's events by its own client id; a client's would steal them.
     extra = {k: v for k, v in extra.items() if k != "client_id"}
     return prompt, extra
+
+
+def refuse_non_finite(prompt: dict[str, Any], extra: dict[str, Any]) -> None:
+    """BadRequest naming where the workflow holds NaN or an infinity (written NaN,
+    Infinity, -Infinity, or a number too large for a float, such as 1e999), if it does.
+    Those are not JSON: sent on, ComfyUI's answers and every status body would carry
+    them, and strict parsers would refuse them whole. Found only once encoding failed,
+    so a workflow without one costs nothing more."""
+    for node_id, node in prompt.items():
+        for key, value in node.items():
+            places = value.items() if key == "inputs" else ((None, value),)
+            for name, item in places:
+                found = first_non_finite(item)
+                if found is None:
+                    continue
+                where = (f"input {name!r}" if key == "inputs" else f"field {key!r}")
+                extra_info = {"node_id": node_id, "value": word(found)}
+                if key == "inputs":
+                    extra_info["input_name"] = name
+                raise BadRequest(f"Node {node_id!r} ({node['class_type']}) {where} "
+                                 f"{_holds(found)}", extra=extra_info)
+    found = first_non_finite(extra)
+    if found is not None:
+        raise BadRequest(f"'extra_data' {_holds(found)}", extra={"value": word(found)})
+
+
+def _holds(number: float) -> str:
+    said = word(number)
+    if said != "NaN":
+        said += " (or a number too large for a float, such as 1e999, which reads as one)"
+    return (f"holds {said}, which is not a JSON number and cannot go to ComfyUI. Send a "
+            "finite number in its place, one the input takes (such as 0 or 1.0).")
 
 
 def looks_like_ui_export(value: Any) -> bool:
@@ -198,8 +234,7 @@ async def save_copy(directory: Path, job_id: str, workflow: Workflow) -> None:
         if len(text) <= PRETTY_UP_TO:
             prompt, extra = workflow.parts()
             document = {"prompt": prompt, "extra_data": extra} if extra else prompt
-            text = ujson.dumps(document, indent=2, ensure_ascii=False,
-                               escape_forward_slashes=False)
+            text = pretty(document)
         directory.mkdir(parents=True, exist_ok=True)
         path.write_text(text + "\n", encoding="utf-8")
 

@@ -7,12 +7,11 @@ from datetime import datetime
 from pathlib import PurePosixPath
 from typing import Any
 
-import ujson
 from aiohttp import web
 
 from ..core.records import IN_FLIGHT, RETRYABLE, Job, JobState, isoformat
 from ..core.workflow import node_error_lines
-from ..jsonio import dumps
+from ..jsonio import dumps, pretty
 from ..upstream.gpus import Gpu
 from ..web import render
 
@@ -21,7 +20,8 @@ STATE_LABELS = {state: state.value.capitalize() for state in JobState}
 
 
 def pretty_json(value: Any) -> str:
-    return ujson.dumps(value, indent=2, ensure_ascii=False, escape_forward_slashes=False)
+    # Through the one encoder: the page embeds it, and its feed carries it as text.
+    return pretty(value)
 
 
 def format_duration(seconds: float | None) -> str:

@@ -9,11 +9,10 @@ from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
 
 from ..appkeys import GPUS, JOBS, REGISTRY, SETTINGS, SIGNINS
 from ..core.records import Job, isoformat
-from ..errors import BadRequest, JobNotFound, TooManyAttempts
+from ..errors import JobNotFound, TooManyAttempts
 from ..jsonio import json_response
 from ..web import auth, render, signins
 from ..web.auth import Access, access
@@ -172,32 +171,35 @@ async def get_login(request: web.Request) -> web.Response:
 @routes.post("/dashboard/login", name="dashboard_login")
 @access(Access.OPEN)
 async def post_login(request: web.Request) -> web.Response:
-    try:
-        form = await request.post()
-    except (ValueError, RequestPayloadError):
-        # A multipart type without a boundary, or a body that is not what it says.
-        raise BadRequest("The sign-in form could not be read. Send it as a form "
-                         "(application/x-www-form-urlencoded) with the field 'key'.") from None
-    target = signins.safe_next(str(form.get("next") or "")) or str(
-        request.app.router["index"].url_for())
     api_key = request.app[SETTINGS].api_key
-    if not api_key:
-        return see_other(target)
-    given = str(form.get("key") or "")
-    if not given:
-        return login_form(request, target, "Enter the key this server was started with.",
-                          400)
     throttle = request.app[SIGNINS].throttle
     address = auth.client_address(request)
+    if api_key:
+        # Before the body is read: an address held back costs no reading.
+        try:
+            auth.check_throttle(throttle, address, api=False)
+        except TooManyAttempts as exc:
+            response = login_form(request, "", exc.message, exc.status)
+            response.headers.update(exc.headers or {})
+            return response
     try:
-        auth.check_throttle(throttle, address, api=False)
-    except TooManyAttempts as exc:
-        response = login_form(request, target, exc.message, exc.status)
-        response.headers.update(exc.headers or {})
-        return response
+        form = await signins.read_form(request)
+    except (ConnectionError, asyncio.CancelledError):
+        # The client went away mid-form: a guess whose answer it chose not to wait for.
+        if api_key:
+            throttle.fail(address, "dashboard sign-in cut short")
+        raise
+    target = signins.safe_next(form.get("next")) or str(
+        request.app.router["index"].url_for())
+    if not api_key:
+        return see_other(target)
+    given = form.get("key", "")
     if not auth.key_matches(given, api_key):
+        # An empty key counts too: every answer to this form is one guess.
         throttle.fail(address, "dashboard sign-in")
-        return login_form(request, target, "That key is wrong. Try again.", 401)
+        message = ("That key is wrong. Try again." if given
+                   else "Enter the key this server was started with.")
+        return login_form(request, target, message, 401)
     response = see_other(target)
     signins.sign_in(request, response, request.app[SIGNINS])
     log.info("dashboard sign-in from %s", address)
@@ -207,7 +209,16 @@ async def post_login(request: web.Request) -> web.Response:
 @routes.post("/dashboard/logout", name="dashboard_logout")
 @access(Access.PAGE)
 async def post_logout(request: web.Request) -> web.Response:
+    """Sign out: with a sign-in, only from this service's own pages and with their CSRF
+    token (the form sends it as a field), so no other site can sign the operator out."""
+    sessions = request.app[SIGNINS]
+    if request.app[SETTINGS].api_key and signins.signed_in(request, sessions):
+        token = None
+        # The origin first: a form from elsewhere is refused before it is read.
+        if auth.same_origin(request) and auth.CSRF_HEADER not in request.headers:
+            token = (await signins.read_form(request)).get("csrf_token")
+        auth.check_action(request, sessions, token)
     response = see_other(str(request.app.router["dashboard_login"].url_for()))
     if request.app[SETTINGS].api_key:
-        signins.sign_out(request, response, request.app[SIGNINS])
+        signins.sign_out(request, response, sessions)
     return response

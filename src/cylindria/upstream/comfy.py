@@ -37,6 +37,7 @@ from ..errors import (
     BackendUnavailable,
     CallbackNotAllowed,
 )
+from ..jsonio import dumps
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class ComfyClient:
         worker process, so only what it returns comes back to the loop."""
         kwargs: dict[str, Any] = {}
         if json_body is not None:
-            body = ujson.dumps(json_body).encode()
+            body = dumps(json_body).encode()
         if body is not None:
             kwargs["data"] = body
             kwargs["headers"] = JSON_HEADERS
@@ -154,7 +155,7 @@ class ComfyClient:
                      timeout: float) -> Submitted:
         """POST /prompt. `workflow` is the JSON document `{"prompt": ..., "extra_data":
         ...}`, sent as it is (never decoded again here: it may be large)."""
-        head = ujson.dumps({"client_id": client_id, "prompt_id": prompt_id}).encode()
+        head = dumps({"client_id": client_id, "prompt_id": prompt_id}).encode()
         # Joined only when small: a large workflow goes out in slices, never copied.
         parts = (head[:-1], b",", memoryview(workflow)[1:])
         body: bytes | Parts = (b"".join(parts) if len(workflow) < STREAM_BODY_BYTES

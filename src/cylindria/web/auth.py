@@ -13,7 +13,7 @@ from yarl import URL
 from ..errors import TooManyAttempts, Unauthorized
 from ..jsonio import dumps
 from .clients import client_address
-from .signins import COOKIE, Signins, signed_in
+from .signins import COOKIE, Signins, as_bytes, malformed, signed_in
 from .throttle import Throttle
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -40,6 +40,9 @@ ACCESS_ATTRIBUTE = "cylindria_access"
 # handlers are the API's own, and a signed-in page may call them as actions.
 ACTION_ROUTES = frozenset({"canceljob", "retryjob", "gpu_drain", "gpu_undrain"})
 CSRF_HEADER = "X-CSRF-Token"
+# Tells a browser to forget a session cookie this service cannot have set.
+DROP_COOKIE = (f'{COOKIE}=""; expires=Thu, 01 Jan 1970 00:00:00 GMT; Max-Age=0; Path=/; '
+               "HttpOnly; SameSite=Strict")
 
 
 def access(level: Access) -> Callable[[H], H]:
@@ -61,7 +64,9 @@ def route_access(request: web.Request) -> Access:
 
 
 def key_matches(given: str | None, expected: str) -> bool:
-    return hmac.compare_digest((given or "").encode(), expected.encode())
+    """Whether `given` is the key, in constant time; any text at all is only a wrong key
+    (a header's bytes that are no UTF-8 included)."""
+    return hmac.compare_digest(as_bytes(given or ""), as_bytes(expected))
 
 
 def sign_in_opens(level: Access, method: str) -> bool:
@@ -104,9 +109,10 @@ def forbidden(code: str, message: str) -> web.HTTPForbidden:
                              content_type="application/json")
 
 
-def check_action(request: web.Request, signins: Signins) -> None:
-    """A signed-in browser's action on the API: refused (403) unless it comes from a
-    page of this service and carries that sign-in's CSRF token.
+def check_action(request: web.Request, signins: Signins, token: str | None = None) -> None:
+    """A signed-in browser's action: refused (403) unless it comes from a page of this
+    service and carries that sign-in's CSRF token, in the X-CSRF-Token header or (from
+    a plain HTML form, which cannot set headers) as `token`.
 
     The session cookie is SameSite=Strict, but a site is a host, not an origin: a page
     served by anything else on this host (another port) would still send the cookie.
@@ -117,7 +123,8 @@ def check_action(request: web.Request, signins: Signins) -> None:
             "This request carries a dashboard sign-in but does not come from a page of "
             "this service (its Origin or Referer header names another site, or none). "
             "Use the dashboard's own buttons, or send the API key in an X-API-Key header.")
-    if not signins.csrf_matches(request.cookies[COOKIE], request.headers.get(CSRF_HEADER)):
+    given = request.headers.get(CSRF_HEADER, token)
+    if not signins.csrf_matches(request.cookies[COOKIE], given):
         raise forbidden(
             "csrf_token_invalid",
             f"This request carries a dashboard sign-in but not its {CSRF_HEADER} header "
@@ -161,10 +168,20 @@ def make_auth_middleware(api_key: str, signins: Signins, login: str,
         given = given_key(request)
         # Behind a trusted proxy, the client it names: each client is throttled alone.
         address = client_address(request)
-        if given:
+        # A cookie of bytes no sign-in ever had is a guess as much as a wrong key is.
+        forged = malformed(request.cookies.get(COOKIE))
+        if given or forged:
             check_throttle(signins.throttle, address, api=True)
-            if key_matches(given, api_key):
+            if given and key_matches(given, api_key):
                 return await handler(request)
+        if forged and not given:
+            signins.throttle.fail(address, "session cookie")
+            raise Unauthorized(
+                "The dashboard's session cookie is malformed; it is dropped. Sign in to "
+                "the dashboard again, or send the key this server was started with "
+                "(CYLINDRIA_API_KEY) in an X-API-Key header.",
+                headers={"WWW-Authenticate": 'ApiKey header="X-API-Key"',
+                         "Set-Cookie": DROP_COOKIE})
         if sign_in_opens(level, request.method) and signed_in(request, signins):
             return await handler(request)
         if (level is Access.ACTION and request.method == "POST"

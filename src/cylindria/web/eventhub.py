@@ -38,6 +38,8 @@ class Subscriber:
     # Whether the client is still connected; a stream whose client has gone is ended
     # as soon as the hub notices, so it never holds a slot or a backlog.
     alive: Callable[[], bool] = _always
+    # The client address (web/clients.py) the stream is counted against.
+    address: str = ""
     queue: asyncio.Queue[Event | None] = field(
         default_factory=lambda: asyncio.Queue(CLIENT_QUEUE))
     queued_bytes: int = 0
@@ -70,9 +72,17 @@ class EventHub:
     def streams(self) -> int:
         """Open streams; those whose client has gone are ended first, so a slot is
         free again the moment its client leaves."""
+        return len(self._live())
+
+    def streams_from(self, address: str) -> int:
+        """Open streams of one client address; those whose client has gone are ended
+        first, as for `streams`."""
+        return sum(1 for sub in self._live() if sub.address == address)
+
+    def _live(self) -> set[Subscriber]:
         for sub in [s for s in self._subscribers if not s.alive()]:
             self._end(sub)
-        return len(self._subscribers)
+        return self._subscribers
 
     @property
     def last_id(self) -> int:
@@ -117,13 +127,13 @@ class EventHub:
         sub.queue.put_nowait(None)
 
     def subscribe(self, job_id: str | None, last_event_id: int | None,
-                  alive: Callable[[], bool] = _always
+                  alive: Callable[[], bool] = _always, address: str = ""
                   ) -> tuple[Subscriber, list[Event], bool]:
         """A new subscriber, what it missed (each job that changed since
         `last_event_id`, as it is now), and whether that is the whole gap: not when
         the gap is older than the buffer, nor when its bodies pass REPLAY_BYTES (the
         replay is then empty, and the client should re-read the state)."""
-        sub = Subscriber(job_id, alive)
+        sub = Subscriber(job_id, alive, address)
         replay: list[Event] = []
         complete = True
         if last_event_id is not None:

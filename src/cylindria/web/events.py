@@ -11,6 +11,7 @@ from ..appkeys import EVENTS, SETTINGS
 from ..errors import TooManyStreams
 from ..jsonio import dumps
 from . import params
+from .clients import client_address
 from .eventhub import Event, Subscriber
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,24 @@ async def get_events(request: web.Request) -> web.StreamResponse:
     # can never be a job's is a mistake worth saying.
     job_id = params.job_filter(request.query)
     last_id = params.last_event_id(request)
+    # Per client address as well as in all, so that one client cannot take every
+    # slot; behind trusted proxies, the address is the client's they name.
+    address = client_address(request)
+    per_address = settings.max_event_streams_per_address
+    if hub.streams_from(address) >= per_address:
+        raise TooManyStreams(
+            f"This client address ({address}) has {per_address} event streams open, the "
+            "most one address may (CYLINDRIA_MAX_EVENT_STREAMS_PER_ADDRESS); close one "
+            "first. One stream without ?job_id= carries every job's events.",
+            headers={"Retry-After": "5"}, extra={"limit": per_address, "per": "address"})
     if hub.streams >= settings.max_event_streams:
         raise TooManyStreams(
             f"Too many event streams are open ({settings.max_event_streams}); retry later "
-            "or poll GET /jobstatus/{job_id}/.", headers={"Retry-After": "5"})
+            "or poll GET /jobstatus/{job_id}/.", headers={"Retry-After": "5"},
+            extra={"limit": settings.max_event_streams, "per": "server"})
     sub, replay, complete = hub.subscribe(job_id, last_id,
-                                          alive=lambda: request.transport is not None)
+                                          alive=lambda: request.transport is not None,
+                                          address=address)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})

@@ -58,6 +58,12 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
             # Static assets are looked up by the name as given, and one longer than the
             # file system takes names no file.
             response = json_response(_error("not_found", "No such file."), status=404)
+        elif _client_left(request, exc):
+            # Anyone can open a connection and drop it mid-body: one DEBUG line, never a
+            # traceback. Nobody reads this answer, and it is not counted.
+            log.debug("%s %s: the client went away (%s)", request.method, request.path, exc)
+            return json_response(_error("client_gone", "The connection closed before the "
+                                        "request was read."), status=400)
         else:
             # Unexpected: log it with the traceback, answer JSON rather than a bare 500.
             log.exception("unhandled error in %s %s", request.method, request.path)
@@ -72,6 +78,13 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
 def _name_too_long(request: web.Request, exc: Exception) -> bool:
     return (isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG
             and isinstance(request.match_info.route.resource, web.StaticResource))
+
+
+def _client_left(request: web.Request, exc: Exception) -> bool:
+    # A ConnectionError of an upstream call (aiohttp's client raises them too) while
+    # this client is still there is a real error, logged as one.
+    return isinstance(exc, ConnectionError) and (
+        request.transport is None or request.transport.is_closing())
 
 
 def _count(request: web.Request, status: int, started: float) -> None:

@@ -111,8 +111,9 @@ def schemas(shape: Shape) -> dict[str, Any]:
                            "description": "The input files the job uses."},
                 "cancel_requested": {"type": "boolean"},
                 "webhook": {"type": ["object", "null"]},
-                "attempt": {"type": "integer"},
-                "attempts": {"type": "array", "items": {"type": "object"}},
+                "attempt": {"type": "integer"}, "attempts_total": {"type": "integer"},
+                "attempts": {"type": "array", "items": {"type": "object"},
+                             "description": "The last 20 attempts, this one last."},
                 "priority": {"type": "integer"},
                 "placement": {**nullable_str, "description": "Why `auto` chose its GPU."},
                 "eta_seconds": {"type": ["number", "null"], "minimum": 0,
@@ -196,8 +197,8 @@ def schemas(shape: Shape) -> dict[str, Any]:
 ERROR_CODES = ["bad_request", "invalid_workflow", "payload_too_large",
                "unsupported_encoding", "too_many_nodes", "callback_not_allowed",
                "validation_failed", "unauthorized", "job_not_found", "output_not_found",
-               "job_id_conflict", "job_finished", "not_retryable", "gpu_drained",
-               "unknown_gpu", "too_many_streams", "too_many_attempts",
+               "job_id_conflict", "job_finished", "not_retryable", "attempts_exhausted",
+               "gpu_drained", "unknown_gpu", "too_many_streams", "too_many_attempts",
                "backend_error", "backend_unavailable", "backend_timeout",
                "state_unavailable", "queue_full", "not_found", "method_not_allowed",
                "origin_refused", "csrf_token_invalid", "internal_error",
@@ -208,14 +209,16 @@ def start_errors() -> dict[str, Any]:
     """What PUT /startjob and POST /retryjob may answer besides taking the job."""
     return {
         "400": answer("Bad job_id or GpuId, a body that is not a JSON object, a "
+                      "workflow holding NaN or Infinity (naming the node and input), a "
                       "compressed body that does not decompress, an X-Callback-Url that "
                       "is no http(s) URL, or a multipart form without one `workflow` part "
                       "or with two files of one name.", "StartRefusal"),
-        "408": answer("A multipart body stopped arriving (`body_timeout`).",
+        "408": answer("The body came too slowly or stopped (`body_timeout`).",
                       "StartRefusal"),
         "409": answer("The job exists with another workflow or other input files, the "
                       "GPU is drained, or (retry) an input is no longer stored "
-                      "(`input_gone`).", "StartRefusal"),
+                      "(`input_gone`) or the job ran CYLINDRIA_MAX_ATTEMPTS attempts "
+                      "(`attempts_exhausted`).", "StartRefusal"),
         "413": answer("The body is over 32 MiB, a file over CYLINDRIA_INPUT_MAX, or too "
                       "many nodes.", "StartRefusal"),
         "415": answer("An unsupported Content-Encoding, or a multipart type other than "
@@ -347,7 +350,8 @@ def paths(shape: Shape) -> dict[str, Any]:
                                     "increasing id.",
                      "content": {"text/event-stream": {"schema": ref("Event")}}},
              "400": answer("A bad job_id or Last-Event-ID."),
-             "429": answer("Too many open streams (`too_many_streams`)"
+             "429": answer("Too many open streams (`too_many_streams`), in all or "
+                           "from this client address"
                            + (", or wrong keys." if shape.keyed else "."),
                            headers=RETRY_AFTER)},
             parameters=[{**JOB_ID, "in": "query", "required": False,

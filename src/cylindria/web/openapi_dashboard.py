@@ -5,7 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from .openapi_parts import HTML, JOB_ID, JSON, RETRY_AFTER, Shape, answer, ref
+from .openapi_parts import HTML, JOB_ID, RETRY_AFTER, SESSION_REFUSED, Shape, answer
+from .signins import FORM_LIMIT, FORM_TYPE, NEXT_LIMIT
+
+# What the sign-in form's fields hold at most, so that any form the contract allows fits
+# within FORM_LIMIT bytes however it is percent-encoded.
+PRINTABLE_ASCII = "^[ -~]*$"
+KEY_FIELD_LIMIT = 128
 
 # The failures page is read by people, who type or follow its links: a filter it does
 # not understand is left out (the answer's `filter` says what was applied), not refused.
@@ -29,15 +35,22 @@ def paths(shape: Shape) -> dict[str, Any]:
         "key": {"type": "string", "description": "The server's API key."},
         "next": {"type": "string", "description": "Where to go once signed in: a path "
                                                   "on this server (else the dashboard)."}}}
+    too_large = answer(f"A form of more than {FORM_LIMIT} bytes (`payload_too_large`), "
+                       "refused before it is read.")
     if keyed:
+        # Bounds only where a form outside them is refused (as a wrong key); without a
+        # key every form leads on, so none is stated.
         form["required"] = ["key"]
-        form["properties"]["key"]["minLength"] = 1
+        form["additionalProperties"] = False
+        form["properties"]["key"].update(minLength=1, maxLength=KEY_FIELD_LIMIT,
+                                         pattern=PRINTABLE_ASCII)
+        form["properties"]["next"].update(maxLength=NEXT_LIMIT, pattern=PRINTABLE_ASCII)
         signin_answers = {
             "303": {"description": "Signed in: to `next`, or the dashboard."},
-            "400": {"description": "No key entered (the form again, saying so), or a body "
-                                   "that is no form (JSON).",
-                    "content": {**HTML, JSON: {"schema": ref("Error")}}},
-            "401": {"description": "A wrong key: the form again.", "content": HTML},
+            "400": answer(f"A body that is no form ({FORM_TYPE}), or one cut short."),
+            "401": {"description": "A wrong key, or none: the form again. Each counts "
+                                   "as a wrong key for this address.", "content": HTML},
+            "413": too_large,
             "429": {"description": "Too many wrong keys from this address: the form "
                                    "again, saying how long to wait.", "content": HTML,
                     "headers": RETRY_AFTER}}
@@ -45,7 +58,8 @@ def paths(shape: Shape) -> dict[str, Any]:
         signin_answers = {
             "303": {"description": "No key to sign in with on this server: to `next`, or "
                                    "the dashboard."},
-            "400": answer("A body that is no form.")}
+            "400": answer("A body that is no form."),
+            "413": too_large}
     return {
         "/": {"get": operation("The dashboard.", page, tags=tags)},
         "/dashboard/state": {"get": operation(
@@ -82,7 +96,13 @@ def paths(shape: Shape) -> dict[str, Any]:
                                   "application/x-www-form-urlencoded": {"schema": form}}},
                               secured=False, tags=tags)},
         "/dashboard/logout": {"post": operation(
-            "Sign out.", {"303": {"description": "To the sign-in form."}}, tags=tags)},
+            "Sign out.", {"303": {"description": "To the sign-in form."},
+                          **({"403": SESSION_REFUSED, "413": too_large} if keyed else {})},
+            body={"required": False, "content": {FORM_TYPE: {"schema": {
+                "type": "object", "properties": {"csrf_token": {
+                    "type": "string", "description": "With a dashboard sign-in: the "
+                    "page's token (or send it as X-CSRF-Token)."}}}}}},
+            tags=tags)},
         "/dashboard/static/{filename}": {"get": operation(
             "The dashboard's assets.", {"200": {"description": "A file."},
                                         "404": {"description": "No such file."}},

@@ -95,7 +95,7 @@ def paths(shape: Shape) -> dict[str, Any]:
                            "once).", "StoredInputs"),
              "400": answer("A form without files, a part without a filename, two files "
                            "of one name, or a body cut short."),
-             "408": answer("The body stopped arriving (`body_timeout`)."),
+             "408": answer("The body came too slowly or stopped (`body_timeout`)."),
              "413": answer("A file over CYLINDRIA_INPUT_MAX (`payload_too_large`)."),
              "415": answer("No Content-Type, or one that is no file "
                            "(`unsupported_media_type`)."),

@@ -13,9 +13,10 @@ HTML = {"text/html": {"schema": {"type": "string"}}}
 # Whole numbers as core/numbers reads them: ASCII digits, no sign, no leading zero.
 NUMBER = "(0|[1-9][0-9]{0,17})"
 COUNTING = "[1-9][0-9]{0,17}"
-JOB_ID_CHARACTERS = "[A-Za-z0-9._-]{1,128}"
+# Not only dots: URLs fold '.' and '..' path segments away.
+JOB_ID_CHARACTERS = r"(?!\.+$)[A-Za-z0-9._-]{1,128}"
 JOB_ID = {"name": "job_id", "in": "path", "required": True,
-          "description": "1 to 128 letters, digits, '.', '_' or '-'.",
+          "description": "1 to 128 letters, digits, '.', '_' or '-', not only dots.",
           "schema": {"type": "string", "pattern": f"^{JOB_ID_CHARACTERS}$"}}
 CSRF_HEADER = {"name": "X-CSRF-Token", "in": "header", "required": False,
                "description": "With a dashboard sign-in (not the key): the token of the "

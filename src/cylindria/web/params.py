@@ -44,6 +44,11 @@ def _checked_job_id(value: str) -> str:
     if not JOB_ID_RE.fullmatch(value):
         raise BadRequest("job_id must be 1 to 128 characters of letters, digits, '.', '_' "
                          f"or '-' (got {value[:140]!r}).")
+    if not value.strip("."):
+        # The URLs Cylindria hands out name the job in a path segment, and browsers and
+        # URL libraries fold '.' and '..' segments away (/joboutput/../0 is /0).
+        raise BadRequest(f"job_id {value[:140]!r} is only dots, which URLs cannot carry as "
+                         "a path segment; give it at least one letter, digit, '_' or '-'.")
     return value
 
 

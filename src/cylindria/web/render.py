@@ -106,7 +106,9 @@ def status_body(job: Job, router: web.UrlDispatcher) -> dict[str, Any]:
         "cancel_requested": job.cancel_requested_at is not None and not job.terminal,
         "webhook": job.webhook,
         "attempt": job.attempt,
+        # The last attempts only, and how many there were in all.
         "attempts": job.attempts(),
+        "attempts_total": job.attempt,
         "priority": job.priority,
         "placement": job.placement,
         "eta_seconds": None if job.terminal else job.eta_seconds,

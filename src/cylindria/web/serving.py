@@ -1,4 +1,5 @@
-"""Serving the app on a socket: aiohttp's runner, with idle and request-head timeouts."""
+"""Serving the app on a socket: aiohttp's runner, with idle, request-head and body
+timeouts, and connection limits."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from ..config import Settings
 from ..errors import CannotListen
+from .connections import BACKLOG, guard
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +115,9 @@ async def start_server(app: web.Application, settings: Settings, *,
         if server is None:  # setup() made it; the type allows None only before that
             raise RuntimeError("aiohttp's runner has no server after setup()")
         HeadTimeouts(server, timing.head_timeout)
-        site = web.TCPSite(runner, settings.host, settings.port)
+        # After HeadTimeouts: a connection refused at once never gets its timer.
+        guard(server, settings)
+        site = web.TCPSite(runner, settings.host, settings.port, backlog=BACKLOG)
         try:
             await site.start()
         except OSError as exc:

@@ -9,14 +9,23 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass, field
+from urllib.parse import parse_qsl
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
+from ..errors import BadRequest, BodyTooLarge
 from .throttle import Throttle
 
 SIGNIN_SECONDS = 12 * 3600
 MAX_SIGNINS = 1000
 COOKIE = "cylindria_session"
+# The sign-in form's body, at most: a key of up to 128 characters and a `next` path of
+# up to NEXT_LIMIT, each percent-encoded (three bytes a character at worst), fit. It is
+# read on the event loop, so it stays this small.
+FORM_LIMIT = 1024
+NEXT_LIMIT = 200
+FORM_TYPE = "application/x-www-form-urlencoded"
 
 
 @dataclass(slots=True)
@@ -69,11 +78,11 @@ class Signins:
 
     def csrf_token(self, token: str) -> str:
         """The CSRF token of the sign-in whose session token is `token`."""
-        mac = hmac.new(self._csrf_key, b"csrf\0" + token.encode(), hashlib.sha256)
+        mac = hmac.new(self._csrf_key, b"csrf\0" + as_bytes(token), hashlib.sha256)
         return base64.urlsafe_b64encode(mac.digest()).rstrip(b"=").decode()
 
     def csrf_matches(self, token: str, given: str | None) -> bool:
-        return hmac.compare_digest(self.csrf_token(token).encode(), (given or "").encode())
+        return hmac.compare_digest(self.csrf_token(token).encode(), as_bytes(given or ""))
 
     def __len__(self) -> int:
         return len(self._expiry)
@@ -85,7 +94,19 @@ class Signins:
 
 
 def _digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
+    return hashlib.sha256(as_bytes(token)).digest()
+
+
+def as_bytes(text: str) -> bytes:
+    """`text` as bytes, whatever it holds: what a request carries may be any bytes
+    (aiohttp hands the ones that are no UTF-8 over as lone surrogates, which a plain
+    `encode()` refuses)."""
+    return text.encode("utf-8", "surrogatepass")
+
+
+def malformed(token: str | None) -> bool:
+    """Whether a session cookie is one this service never set: printable ASCII only."""
+    return token is not None and not (token.isascii() and token.isprintable())
 
 
 def signed_in(request: web.Request, signins: Signins) -> bool:
@@ -109,10 +130,49 @@ def sign_out(request: web.Request, response: web.StreamResponse, signins: Signin
                         secure=request.secure)
 
 
+async def read_form(request: web.Request, limit: int = FORM_LIMIT) -> dict[str, str]:
+    """The sign-in form's fields (the first of each name), from at most `limit` bytes.
+
+    A declared length over the limit is refused before anything is read; a body of
+    undeclared length is read only up to the limit. A client that goes away meanwhile
+    raises ConnectionError (the caller counts it).
+    """
+    too_large = BodyTooLarge(f"The sign-in form is more than {limit} bytes; send only its "
+                             "fields 'key' and 'next'.")
+    if (request.content_length or 0) > limit:
+        raise too_large
+    if request.can_read_body and request.content_type != FORM_TYPE:
+        raise BadRequest(f"The sign-in form could not be read. Send it as a form ({FORM_TYPE}) "
+                         "with the field 'key'.")
+    body = bytearray()
+    try:
+        while len(body) <= limit:
+            chunk = await request.content.read(limit + 1 - len(body))
+            if not chunk:
+                break
+            body += chunk
+    except RequestPayloadError:
+        raise BadRequest("The sign-in form could not be read as sent (cut short, or a "
+                         "broken chunked encoding); send it again.") from None
+    if len(body) > limit:
+        raise too_large
+    # Latin-1 takes any byte; percent-escapes are read as UTF-8, and bytes that are
+    # none are kept apart (they only make a key that matches nothing).
+    fields: dict[str, str] = {}
+    for name, value in parse_qsl(body.decode("latin-1"), keep_blank_values=True,
+                                 encoding="utf-8", errors="surrogateescape"):
+        fields.setdefault(name, value)
+    return fields
+
+
 def safe_next(target: str | None) -> str | None:
-    """`target` if it is a path on this server, else None: never an open redirect."""
+    """`target` if it is a path on this server, else None: never an open redirect.
+
+    Only printable ASCII (what a page's own path is), and short enough that the form
+    carrying it stays within FORM_LIMIT.
+    """
     if not target or not target.startswith("/") or target.startswith("//"):
         return None
-    if "\\" in target or any(ord(c) < 0x20 for c in target):
+    if "\\" in target or not (target.isascii() and target.isprintable()):
         return None
-    return target
+    return target if len(target) <= NEXT_LIMIT else None

@@ -77,6 +77,12 @@ class Throttle:
         else:
             log.debug("a wrong key from %s (%s)", address, via)
 
+    def failures(self, address: str) -> int:
+        """Wrong keys from `address` within the window (at most `limit` are kept)."""
+        record = self._records.get(address)
+        cutoff = self.clock() - self.window
+        return 0 if record is None else sum(1 for t in record.failures if t > cutoff)
+
     def retry_after(self, address: str) -> int:
         """`wait` as whole seconds for a Retry-After header: never 0 while waiting."""
         return max(math.ceil(self.wait(address)), 1)

@@ -40,7 +40,7 @@ from .web import api, events, gpus, inputs, metrics, openapi, outputs, params, r
 from .web.auth import make_auth_middleware
 from .web.clients import TRUSTED_PROXIES, TrustedProxies
 from .web.eventhub import EventHub
-from .web.middlewares import REQUEST_COUNTER, error_middleware, response_headers
+from .web.middlewares import REQUEST_COUNTER, error_middleware
 from .web.signins import Signins
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,6 @@ def create_app(settings: Settings) -> web.Application:
         middlewares.append(make_auth_middleware(settings.api_key, signins, "dashboard_login",
                                                 settings.metrics_public))
     app = web.Application(middlewares=middlewares, client_max_size=params.MAX_BODY_BYTES)
-    app.on_response_prepare.append(response_headers)
-    app.on_response_prepare.append(params.close_if_body_unread)
     app[SETTINGS] = settings
     app[SIGNINS] = signins
     app[TRUSTED_PROXIES] = TrustedProxies(trusted_networks(settings.trusted_proxies))

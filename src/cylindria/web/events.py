@@ -13,6 +13,7 @@ from ..jsonio import dumps
 from . import params
 from .clients import client_address
 from .eventhub import Event, Subscriber
+from .middlewares import answer_headers
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ async def get_events(request: web.Request) -> web.StreamResponse:
                                        "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
     try:
+        answer_headers(request, resp)
         await resp.prepare(request)
         await resp.write(b"retry: 2000\n\n")
         if not complete:

@@ -10,6 +10,7 @@ from ..appkeys import GPUS, JOBS, SETTINGS
 from ..core.numbers import canonical_int
 from ..errors import BackendError, BackendUnavailable, BadRequest, OutputNotFound
 from .auth import Access, access
+from .middlewares import answer_headers
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ async def get_joboutput(request: web.Request) -> web.StreamResponse:
             for name in PASSED_HEADERS:
                 if name in upstream.headers:
                     resp.headers[name] = upstream.headers[name]
+            answer_headers(request, resp)
             await resp.prepare(request)
             async for chunk in upstream.content.iter_chunked(CHUNK):
                 await resp.write(chunk)

@@ -138,8 +138,8 @@ def inflate(raw: bytes, wbits: int, limit: int, encoding: str) -> bytes:
     return data
 
 
-async def close_if_body_unread(request: web.Request, response: web.StreamResponse) -> None:
-    """An application hook: a request whose body was not read to its end (a route that
+def close_if_body_unread(request: web.Request, response: web.StreamResponse) -> None:
+    """Called as an answer is prepared: a request whose body was not read to its end (a route that
     takes none, or one that could not be decoded) ends its connection with the answer,
     instead of aiohttp draining and decoding the rest (and logging its failure)."""
     if not request.content.is_eof():

@@ -34,6 +34,7 @@ class HeadTimeouts:
     def __init__(self, server: web.Server, timeout: float) -> None:
         self.timeout = timeout
         self._timers: dict[web.RequestHandler, asyncio.TimerHandle] = {}
+        timers = self._timers
         loop = asyncio.get_running_loop()
         made, lost, factory = (server.connection_made, server.connection_lost,
                                server.request_factory)
@@ -52,7 +53,10 @@ class HeadTimeouts:
         # Called once a request head is complete (or found malformed, to answer 400).
         def request_factory(message: Any, payload: Any, protocol: web.RequestHandler,
                             writer: Any, task: Any) -> web.BaseRequest:
-            self._forget(protocol)
+            # _forget, inline: this runs for every request.
+            timer = timers.pop(protocol, None)
+            if timer is not None:
+                timer.cancel()
             return factory(message, payload, protocol, writer, task)
 
         server.connection_made = connection_made  # type: ignore[method-assign]

@@ -29,6 +29,35 @@ app.router.add_get("/jobstatus/{job_id}/", handler)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
 """
 
+# The least a forwarding service can do with one extra aiohttp hop: read the PUT's
+# workflow, send it to the GPU's POST /prompt through one shared ClientSession, answer
+# 202 with ComfyUI's prompt id. No checks, no records, no journal: the floor under
+# Cylindria's submission overhead.
+BARE_PROXY = """
+import sys, uuid, ujson, aiohttp
+from aiohttp import web
+gpu = sys.argv[2]
+async def handler(request):
+    workflow = ujson.loads(await request.read())
+    body = ujson.dumps({"prompt": workflow, "client_id": "bare",
+                        "prompt_id": str(uuid.uuid4())})
+    async with request.app["session"].post(f"{gpu}/prompt", data=body,
+            headers={"Content-Type": "application/json"}) as resp:
+        answer = ujson.loads(await resp.read())
+    return web.json_response({"job_id": request.match_info["job_id"],
+                              "prompt_id": answer["prompt_id"]}, status=202,
+                             dumps=ujson.dumps)
+async def session(app):
+    app["session"] = aiohttp.ClientSession()
+    yield
+    await app["session"].close()
+app = web.Application()
+app.cleanup_ctx.append(session)
+app.router.add_put("/startjob/{job_id}/", handler)
+app.router.add_get("/healthz", lambda request: web.json_response({}))
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
+"""
+
 
 def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CYLINDRIA_", "COMFYUI_"))}
@@ -149,15 +178,30 @@ async def stack(work: Path, gpus: int, state: Path | None, sim_args: tuple[str, 
 
 
 @contextlib.asynccontextmanager
-async def bare_server(work: Path, record: str) -> AsyncIterator[str]:
-    """An aiohttp + ujson handler returning `record` at /jobstatus/{job_id}/."""
+async def bare_proxy(work: Path, gpu_url: str) -> AsyncIterator[str]:
+    """A minimal aiohttp forwarder of PUT /startjob/{job_id}/ to `gpu_url`'s /prompt."""
+    port = free_port_run(1)
+    proc = Process([PYTHON, "-c", BARE_PROXY, str(port), gpu_url], work / "proxy.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            await until_up(session, f"{url}/healthz", proc)
+        yield url
+    finally:
+        proc.stop()
+
+
+@contextlib.asynccontextmanager
+async def bare_server(work: Path, record: str) -> AsyncIterator[tuple[str, Process]]:
+    """An aiohttp + ujson handler returning `record` at /jobstatus/{job_id}/: its URL and
+    its process."""
     port = free_port_run(1)
     proc = Process([PYTHON, "-c", BARE_SERVER, str(port), record], work / "bare.log")
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as session:
             await until_up(session, f"{url}/jobstatus/x/", proc)
-        yield url
+        yield url, proc
     finally:
         proc.stop()
 

@@ -3,13 +3,15 @@
 Run with `make bench` (or `.venv/bin/python bench/store.py`). Each comparison is
 measured side by side in one run, interleaved, so a noisy machine affects both sides
 alike. `wrk` (Debian: apt-get install wrk) measures requests per second; without it
-those rows are skipped.
+those rows are skipped. `--database-url postgresql://...` runs the submission rows again
+with the jobs in PostgreSQL.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import os
 import random
@@ -17,12 +19,14 @@ import statistics
 import tempfile
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import ujson
 from history import fill
-from procs import PYTHON, bare_server, stack, until_up, wrk, wrk_submit
+from procs import PYTHON, Process, bare_proxy, bare_server, stack, until_up, wrk, wrk_submit
 from support import quick
 
 GPUS = 8
@@ -110,7 +114,9 @@ def side_by_side(stat, empty: dict[str, list[float]], full: dict[str, list[float
 
 async def status_speed(work: Path, seconds: float) -> dict[str, str]:
     """GET /jobstatus at 32 connections against a bare aiohttp+ujson handler returning a
-    record of the same size, alternating, best of two each."""
+    record of the same size, alternating, best of two each; and the CPU each server
+    spent per answer in those runs, which wrk and the other processes on the machine
+    sway less than requests per second."""
     async with stack(work / "status", 1, work / "status.sqlite3") as running, \
             aiohttp.ClientSession() as session:
         await timed_put(session, running.url, "probe", "0", 1)
@@ -120,28 +126,45 @@ async def status_speed(work: Path, seconds: float) -> dict[str, str]:
             if '"state":"completed"' in body:
                 break
             await asyncio.sleep(0.02)
-        async with bare_server(work, body) as bare:
+        async with bare_server(work, body) as (bare, bare_proc):
             ours, theirs = [], []
             for _ in range(2):
-                theirs.append(wrk(f"{bare}/jobstatus/probe/", 32, seconds))
-                ours.append(wrk(f"{running.url}/jobstatus/probe/", 32, seconds))
+                theirs.append(cpu_wrk(bare_proc, f"{bare}/jobstatus/probe/", seconds))
+                ours.append(cpu_wrk(running.serve, f"{running.url}/jobstatus/probe/",
+                                    seconds))
     if ours[0] is None:
         return {"GET /jobstatus requests/s at 32 connections": "skipped: wrk not installed"}
     best = max(ours, key=lambda r: r[0])
     bare_best = max(theirs, key=lambda r: r[0])
+    cpu = min(r[2] for r in ours)
+    bare_cpu = min(r[2] for r in theirs)
     return {
         f"GET /jobstatus at 32 connections ({len(body)} B body): requests/s":
             f"{best[0]:.0f} (bare aiohttp+ujson handler {bare_best[0]:.0f}, ratio "
             f"{best[0] / bare_best[0]:.2f})",
         "GET /jobstatus at 32 connections: p99 (ms)": f"{best[1]:.2f}",
+        "GET /jobstatus at 32 connections: server CPU per answer (us)":
+            f"{cpu:.0f} (bare handler {bare_cpu:.0f}, ratio {bare_cpu / cpu:.2f})",
     }
 
 
-async def submit_overhead(work: Path, count: int) -> dict[str, str]:
+def cpu_wrk(proc: Process, url: str, seconds: float) -> tuple[float, float, float] | None:
+    """wrk at 32 connections: (requests/s, p99 ms, server CPU microseconds per answer)."""
+    before = proc.cpu_seconds()
+    result = wrk(url, 32, seconds)
+    if result is None:
+        return None
+    spent = proc.cpu_seconds() - before
+    return result[0], result[1], spent / (result[0] * seconds) * 1e6
+
+
+async def submit_overhead(work: Path, count: int, **env: str) -> dict[str, str]:
     """PUT /startjob through Cylindria against POST /prompt straight to the same
-    simulated GPU, one at a time, alternating."""
-    direct, proxied = [], []
-    async with stack(work / "overhead", 1, work / "overhead.sqlite3") as running, \
+    simulated GPU and against a minimal aiohttp forwarder to it (the cost of one more
+    hop and nothing else), one at a time, in turn."""
+    direct, bare, proxied = [], [], []
+    async with stack(work / "overhead", 1, work / "overhead.sqlite3", **env) as running, \
+            bare_proxy(work, running.gpu_url(0)) as forwarder, \
             aiohttp.ClientSession() as session:
         for n in range(count):
             body = {"prompt": quick(2_000_000 + n), "client_id": "bench",
@@ -151,21 +174,26 @@ async def submit_overhead(work: Path, count: int) -> dict[str, str]:
                 await resp.read()
                 assert resp.status == 200
             direct.append(time.perf_counter() - started)
+            bare.append(await timed_put(session, forwarder, f"b-{n}", "0", 5_000_000 + n))
             proxied.append(await timed_put(session, running.url, f"o-{n}", "0",
                                            3_000_000 + n))
     warm = count // 5
-    d, p = p50(direct[warm:]), p50(proxied[warm:])
+    d, b, p = p50(direct[warm:]), p50(bare[warm:]), p50(proxied[warm:])
     return {"PUT /startjob p50 vs POST /prompt straight to the GPU (ms)":
-            f"{p:.2f} vs {d:.2f}: +{p - d:.2f} ms, journal on"}
+            f"{p:.2f} vs {d:.2f}: +{p - d:.2f} ms, journal on",
+            "the same PUT through a minimal aiohttp forwarder (ms)":
+            f"{b:.2f}: +{b - d:.2f} ms for the hop alone; Cylindria +{p - b:.2f} ms "
+            "over it"}
 
 
-async def throughput(work: Path, jobs: int, concurrency: int,
-                     seconds: float) -> dict[str, str]:
+async def throughput(work: Path, jobs: int, concurrency: int, seconds: float,
+                     **env: str) -> dict[str, str]:
     """Jobs submitted with GpuId=auto and run to completion on 8 simulated GPUs. wrk
     submits, when it is installed, so that the client takes little of the CPU the
     service and the simulator share; otherwise an aiohttp client sends `jobs` jobs."""
     template = ujson.dumps(quick(0)).replace('"color":0', '"color":%d')
-    async with stack(work / "throughput", GPUS, work / "throughput.sqlite3") as running, \
+    async with stack(work / "throughput", GPUS, work / "throughput.sqlite3",
+                     **env) as running, \
             aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
         cpu_before = (running.sim.cpu_seconds(), running.serve.cpu_seconds())
         started = time.perf_counter()
@@ -282,6 +310,25 @@ async def million(work: Path, count: int) -> dict[str, str]:
     }
 
 
+# The rows that --database-url runs a second time, with the jobs in PostgreSQL.
+ON_POSTGRES = ("overhead", "throughput")
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(server_url: str) -> AsyncIterator[str]:
+    """A new database on the server of `server_url`, dropped afterwards; its URL."""
+    import psycopg
+
+    name = f"cylindria_bench_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name}")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--held", type=int, default=100_000)
@@ -292,12 +339,17 @@ async def main() -> None:
     parser.add_argument("--submit-seconds", type=float, default=10.0)
     parser.add_argument("--only", choices=("flatness", "status", "overhead", "throughput",
                                            "stalls", "million"), default=None)
+    parser.add_argument("--database-url", default=None, metavar="URL",
+                        help="a PostgreSQL server whose role may create databases: the "
+                             "overhead and throughput rows run again with the jobs there, "
+                             "each in a database of its own, dropped afterwards")
     args = parser.parse_args()
     runs = {
         "flatness": lambda work: flatness(work, args.held, args.rounds),
         "status": lambda work: status_speed(work, args.wrk_seconds),
-        "overhead": lambda work: submit_overhead(work, 500),
-        "throughput": lambda work: throughput(work, args.jobs, 64, args.submit_seconds),
+        "overhead": lambda work, **env: submit_overhead(work, 500, **env),
+        "throughput": lambda work, **env: throughput(work, args.jobs, 64,
+                                                     args.submit_seconds, **env),
         "stalls": lambda work: stalls(work, 32),
         "million": lambda work: million(work, args.million),
     }
@@ -308,6 +360,12 @@ async def main() -> None:
                 work = Path(tmp) / name
                 work.mkdir()
                 rows |= await run(work)
+                if args.database_url and name in ON_POSTGRES:
+                    work = Path(tmp) / f"{name}-postgres"
+                    work.mkdir()
+                    async with scratch_database(args.database_url) as url:
+                        found = await run(work, CYLINDRIA_DATABASE_URL=url)
+                    rows |= {f"{row} [PostgreSQL]": value for row, value in found.items()}
     width = max(map(len, rows))
     print(f"cpus: {os.cpu_count()}")
     for name, value in rows.items():

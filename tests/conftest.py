@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
+import ujson
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -15,9 +19,11 @@ from cylindria.app import create_app
 from cylindria.appkeys import GPUS
 from cylindria.config import Settings
 from cylindria.simulator import ComfySimulator, SimSettings
+from cylindria.store.journal import open_journal
 from cylindria.web.serving import server_options, start_server
 
 from helpers import FAST, wait_until
+from pg import MISSING, PostgresServer, find_binaries
 
 
 @dataclass
@@ -136,3 +142,69 @@ async def start_cylindria(start_sims, aiohttp_client):
                              what="listeners to connect")
         return client
     return start
+
+
+# -- where jobs are kept: the SQLite state file, or PostgreSQL ----------------------------
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server for the whole run, started when a test first needs it."""
+    binaries = find_binaries()
+    if binaries is None:
+        # CI installs it; a missing server must fail the run, never skip these tests.
+        pytest.fail(MISSING)
+    server = PostgresServer(binaries)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def database_url(postgres_server: PostgresServer) -> str:
+    """A new, empty database of its own for each test."""
+    return postgres_server.create_database()
+
+
+@dataclass
+class Store:
+    """Where a test keeps its jobs: `sqlite` (a state file) or `postgres` (a database of
+    its own), as Settings, as `cylindria serve` flags, and opened as a journal."""
+
+    kind: str
+    path: Path
+    url: str | None = None
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {"state_file": self.path, "database_url": self.url}
+
+    @property
+    def serve_args(self) -> list[str]:
+        # The state file's path places the input files, PostgreSQL or not.
+        url = ["--database-url", self.url] if self.url else []
+        return ["--state-file", str(self.path), *url]
+
+    async def open(self, memory_jobs: int, on_saved: Callable[..., None]) -> Any:
+        return await open_journal(self.path, memory_jobs, on_saved, database_url=self.url)
+
+    def record(self, job_id: str) -> dict[str, Any] | None:
+        """A job's record as the store holds it, read past Cylindria."""
+        if self.url is None:
+            with sqlite3.connect(self.path) as conn:
+                row = conn.execute("SELECT record FROM jobs WHERE job_id = ?",
+                                   (job_id,)).fetchone()
+        else:
+            with psycopg.connect(self.url) as conn:
+                row = conn.execute("SELECT record FROM jobs WHERE job_id = %s",
+                                   (job_id,)).fetchone()
+        return None if row is None else ujson.loads(row[0])
+
+
+@pytest.fixture
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """The SQLite state file, unless the test is parametrized with `both_stores`."""
+    kind = getattr(request, "param", "sqlite")
+    url = request.getfixturevalue("database_url") if kind == "postgres" else None
+    return Store(kind, tmp_path / "state.sqlite3", url)

@@ -13,10 +13,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 import ujson
 from aiohttp import web
 
 from cylindria.config import Timing
+
+# A test of the journal's store, run on the SQLite state file and on PostgreSQL.
+both_stores = pytest.mark.parametrize("store", ["sqlite", "postgres"], indirect=True)
 
 FAST = Timing(connect_timeout=1.0, request_timeout=2.0, submit_timeout=1.0,
               status_timeout=0.5, status_cache_seconds=0.3, poll_interval=0.05,

@@ -104,3 +104,23 @@ def test_the_dispatch_settings_come_from_the_environment():
                       ("CYLINDRIA_PRIORITY_AGING", "0"), ("CYLINDRIA_MODEL_WINDOW", "0")]:
         with pytest.raises(ConfigError, match=name):
             load_settings({}, {name: bad})
+
+
+def test_a_database_url_keeps_the_jobs_and_the_state_file_places_the_inputs():
+    url = "postgresql://cylindria:pw@db.internal:5432/cylindria"
+    s = load_settings({}, {})
+    assert s.database_url is None
+    s = load_settings({}, {"CYLINDRIA_DATABASE_URL": url,
+                           "CYLINDRIA_STATE_FILE": "/var/lib/c/state.sqlite3"})
+    assert s.database_url == url and s.input_dir == Path("/var/lib/c/state-inputs")
+    flag = "postgres://other@127.0.0.1/jobs"
+    assert load_settings({"database_url": flag}, {"CYLINDRIA_DATABASE_URL": url}
+                         ).database_url == flag
+    # --no-state keeps jobs in memory, whatever the environment says.
+    s = load_settings({"no_state": True}, {"CYLINDRIA_DATABASE_URL": url})
+    assert s.database_url is None and s.state_file is None
+    with pytest.raises(ConfigError, match=r"^--no-state keeps jobs in memory only"):
+        load_settings({"no_state": True, "database_url": url}, {})
+    with pytest.raises(ConfigError, match=r"CYLINDRIA_DATABASE_URL must start with "
+                                          r"postgresql://; give it as postgresql://"):
+        load_settings({}, {"CYLINDRIA_DATABASE_URL": "sqlite:///x.db"})

@@ -47,8 +47,9 @@ HYPOTHESIS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
 
 # The contracts of the two services, as their settings make them (the served documents
 # are checked to be these). Expectations beyond the contract come from schemathesis.toml.
-KEYED = Settings(api_key=KEY, num_gpus=2)
-OPEN = Settings(num_gpus=1)
+# A generated ?wait= holds its answer until the job ends: one second at most here.
+KEYED = Settings(api_key=KEY, num_gpus=2, max_wait=1)
+OPEN = Settings(num_gpus=1, max_wait=1)
 keyed = schemathesis.openapi.from_dict(document(KEYED))
 open_ = schemathesis.openapi.from_dict(document(OPEN))
 
@@ -67,7 +68,7 @@ def start_demo(stack: ExitStack, log_dir: Path, name: str,
                wanted: Settings) -> tuple[subprocess.Popen[bytes], Service]:
     gpus = wanted.num_gpus
     port, sim_port = free_port_run(1), free_port_run(gpus)
-    env, headers = clean_env(), {}
+    env, headers = clean_env(CYLINDRIA_MAX_WAIT=str(wanted.max_wait)), {}
     if wanted.api_key:
         env["CYLINDRIA_API_KEY"] = wanted.api_key
         headers["X-API-Key"] = wanted.api_key

@@ -10,7 +10,15 @@ from cylindria.core.dispatch import HeldQueue, ModelMemory
 from cylindria.core.records import Job
 
 import workflows
-from helpers import job_status, put_job, start_paused, wait_state, wait_until, with_timing
+from helpers import (
+    both_stores,
+    job_status,
+    put_job,
+    start_paused,
+    wait_state,
+    wait_until,
+    with_timing,
+)
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -171,12 +179,11 @@ async def test_the_held_queue_has_a_limit(start_cylindria, start_sims):
     cluster.sims[0].resume()
 
 
-async def test_held_jobs_keep_their_order_across_a_restart(start_cylindria, start_sims,
-                                                         tmp_path):
+@both_stores
+async def test_held_jobs_keep_their_order_across_a_restart(start_cylindria, start_sims, store):
     cluster = await start_sims(1)
     sim = cluster.sims[0]
-    state = tmp_path / "state.sqlite3"
-    client = await start_cylindria(cluster, state_file=state)
+    client = await start_cylindria(cluster, **store.settings)
     await start_paused(client, sim, "busy", workflows.txt2img(), gpu="auto")
     for job_id, priority in [("a", 0), ("b", 5), ("c", 0)]:
         resp = await client.put(f"/startjob/{job_id}/",
@@ -185,7 +192,7 @@ async def test_held_jobs_keep_their_order_across_a_restart(start_cylindria, star
         assert resp.status == 202
     await client.close()
 
-    client = await start_cylindria(cluster, state_file=state)
+    client = await start_cylindria(cluster, **store.settings)
     positions = {j: (await job_status(client, j))["queue_position"] for j in "abc"}
     assert positions == {"b": 1, "a": 2, "c": 3}
     sim.resume()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 
 import pytest
 import ujson
@@ -15,11 +14,11 @@ from hypothesis import strategies as st
 from cylindria.appkeys import JOURNAL, REGISTRY
 from cylindria.core.records import Job, JobState
 from cylindria.core.registry import Registry
-from cylindria.store.database import encode_record
-from cylindria.store.journal import open_journal
+from cylindria.store.backend import encode_record
 
 import workflows
 from helpers import (
+    both_stores,
     job_status,
     put_job,
     start_paused,
@@ -37,16 +36,15 @@ async def restart(client, start_cylindria, cluster, **settings):
     return await start_cylindria(cluster, **settings)
 
 
-async def test_a_restart_keeps_every_job_and_its_outputs(start_cylindria, start_sims,
-                                                         tmp_path):
+@both_stores
+async def test_a_restart_keeps_every_job_and_its_outputs(start_cylindria, start_sims, store):
     cluster = await start_sims(1)
-    state = tmp_path / "state.sqlite3"
-    client = await start_cylindria(cluster, state_file=state)
+    client = await start_cylindria(cluster, **store.settings)
     await put_job(client, "kept", workflows.quick())
     before = await wait_state(client, "kept", "completed")
     await start_paused(client, cluster.sims[0], "running", workflows.txt2img(steps=3))
 
-    client = await restart(client, start_cylindria, cluster, state_file=state)
+    client = await restart(client, start_cylindria, cluster, **store.settings)
     after = await job_status(client, "kept")
     assert after == before
     assert (await client.get(after["outputs"][0]["url"])).status == 200
@@ -110,10 +108,11 @@ async def test_a_repeated_put_of_a_failed_job_names_the_retry_endpoint(start_cyl
     assert status == 200 and "POST /retryjob/broken/" in body["detail"]
 
 
+@both_stores
 async def test_old_jobs_are_answered_from_disk_after_they_leave_memory(start_cylindria,
-                                                                       start_sims, tmp_path):
+                                                                       start_sims, store):
     cluster = await start_sims(1)
-    client = await start_cylindria(cluster, state_file=tmp_path / "s.sqlite3", memory_jobs=2)
+    client = await start_cylindria(cluster, **store.settings, memory_jobs=2)
     for n in range(6):
         await put_job(client, f"j{n}", workflows.quick())
         await wait_state(client, f"j{n}", "completed")
@@ -134,10 +133,11 @@ async def test_old_jobs_are_answered_from_disk_after_they_leave_memory(start_cyl
     assert (await client.post("/canceljob/j0/")).status == 409
 
 
-async def test_jobs_past_retention_are_gone(start_cylindria, start_sims, tmp_path):
+@both_stores
+async def test_jobs_past_retention_are_gone(start_cylindria, start_sims, store):
     cluster = await start_sims(1)
     # About 0.4 s of retention, checked every 50 ms.
-    client = await start_cylindria(cluster, state_file=tmp_path / "s.sqlite3",
+    client = await start_cylindria(cluster, **store.settings,
                                    retention_days=0.4 / 86400,
                                    timing=with_timing(housekeeping_interval=0.05))
     await put_job(client, "brief", workflows.quick())
@@ -210,9 +210,10 @@ async def test_two_cylindrias_on_one_comfyui_keep_to_their_own_jobs(
 
 # -- the journal itself --------------------------------------------------------------------
 
-async def test_a_burst_of_changes_shares_commits(tmp_path):
+@both_stores
+async def test_a_burst_of_changes_shares_commits(store):
     registry = Registry()
-    journal, loaded = await open_journal(tmp_path / "j.sqlite3", 100, registry.saved)
+    journal, loaded = await store.open(100, registry.saved)
     registry.subscribe(journal.note)
     try:
         assert loaded.jobs == [] and loaded.last_seq == 0
@@ -229,10 +230,10 @@ async def test_a_burst_of_changes_shares_commits(tmp_path):
         await journal.close()
 
 
-async def test_the_file_holds_each_job_as_the_registry_last_had_it(tmp_path):
-    path = tmp_path / "j.sqlite3"
+@both_stores
+async def test_the_store_holds_each_job_as_the_registry_last_had_it(store):
     registry = Registry()
-    journal, _ = await open_journal(path, 100, registry.saved)
+    journal, _ = await store.open(100, registry.saved)
     registry.subscribe(journal.note)
     job = registry.begin("life", 1, "pl", "f", ["1", "2"], callback_url="http://127.0.0.1:9/h")
     journal.remember_workflow("life", '{"prompt":{},"extra_data":{}}')
@@ -242,34 +243,34 @@ async def test_the_file_holds_each_job_as_the_registry_last_had_it(tmp_path):
     registry.on_success("pl")
     await journal.close()
 
-    with sqlite3.connect(path) as conn:
-        (record,) = conn.execute("SELECT record FROM jobs WHERE job_id = 'life'").fetchone()
-    assert ujson.loads(record)["state"] == "completed"
+    assert store.record("life")["state"] == "completed"
     again = Registry()
-    journal, loaded = await open_journal(path, 100, again.saved)
+    journal, loaded = await store.open(100, again.saved)
     try:
         (back,) = loaded.jobs
         assert isinstance(back, Job) and back.state is JobState.COMPLETED
         assert back.output_map() == job.output_map() == {"2": {"images": [{"filename": "a.png"}]}}
         assert back.gpu_id == 1 and back.seq == job.seq and back.progress == 1.0
         assert back.webhook["state"] == "pending" and back.finished_at == job.finished_at
-        assert await journal.workflow("life") == '{"prompt":{},"extra_data":{}}'
+        stored = await journal.workflow("life")
+        assert isinstance(stored, bytes | str)
+        assert ujson.loads(stored) == {"prompt": {}, "extra_data": {}}
     finally:
         await journal.close()
 
 
+@both_stores
 @pytest.mark.parametrize("bound", [0, 3])
-async def test_start_up_loads_jobs_in_flight_and_the_newest_finished(tmp_path, bound):
-    path = tmp_path / "j.sqlite3"
+async def test_start_up_loads_jobs_in_flight_and_the_newest_finished(store, bound):
     registry = Registry()
-    journal, _ = await open_journal(path, bound, registry.saved)
+    journal, _ = await store.open(bound, registry.saved)
     registry.subscribe(journal.note)
     live = registry.begin("live", 0, "p-live", "f", ["1"])
     for n in range(6):
         job = registry.begin(f"done{n}", 0, f"p{n}", "f", ["1"])
         registry.reject(job, "x")
     await journal.close()
-    journal, loaded = await open_journal(path, bound, Registry().saved)
+    journal, loaded = await store.open(bound, Registry().saved)
     await journal.close()
     assert [j.job_id for j in loaded.jobs] == ["live"] + [f"done{n}" for n in
                                                           range(6 - bound, 6)]
@@ -278,20 +279,20 @@ async def test_start_up_loads_jobs_in_flight_and_the_newest_finished(tmp_path, b
     assert live.seq == 1
 
 
+@both_stores
 async def test_a_webhook_owed_before_a_restart_is_delivered_after_it(
-        start_cylindria, start_sims, aiohttp_server, tmp_path):
+        start_cylindria, start_sims, aiohttp_server, store):
     cluster = await start_sims(1)
     hook, calls = await webhook_receiver(aiohttp_server, fail_first=1)
-    state = tmp_path / "s.sqlite3"
     # A long pause between tries: the delivery is still owed when the service stops.
-    client = await start_cylindria(cluster, state_file=state,
+    client = await start_cylindria(cluster, **store.settings,
                                    timing=with_timing(webhook_backoff=60))
     await put_job(client, "owed", workflows.quick(), headers={"X-Callback-Url": hook})
     await wait_until(lambda: webhook_state(client, "owed", "retrying"), what="a failed try")
     await client.close()
     assert len(calls) == 1
 
-    client = await start_cylindria(cluster, state_file=state)
+    client = await start_cylindria(cluster, **store.settings)
     body = await wait_until(lambda: webhook_state(client, "owed", "delivered"),
                             what="the delivery after the restart")
     assert body["webhook"]["attempts"] == 1 and len(calls) == 2

@@ -14,6 +14,7 @@ def test_the_core_and_the_store_run_without_aiohttp():
              "import cylindria.core.jobs, cylindria.core.placement, cylindria.core.ports\n"
              "import cylindria.core.records, cylindria.core.registry, cylindria.core.workflow\n"
              "import cylindria.store.journal, cylindria.store.database, cylindria.store.inputs\n"
+             "import cylindria.store.postgres\n"
              "import cylindria.core.inputs\n"
              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'aiohttp'))\n")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,

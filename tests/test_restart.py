@@ -18,7 +18,7 @@ import pytest
 from cylindria.addresses import free_port_run
 
 import workflows
-from helpers import Proc, clean_env, wait_until
+from helpers import Proc, both_stores, clean_env, wait_until
 
 CYLINDRIA = [sys.executable, "-m", "cylindria"]
 GPUS = 2
@@ -32,12 +32,13 @@ class Rig:
     """Simulated GPUs in one process, and `cylindria serve` processes in front of them,
     started and killed as a test needs."""
 
-    def __init__(self, tmp_path: Path, session: aiohttp.ClientSession) -> None:
+    def __init__(self, tmp_path: Path, session: aiohttp.ClientSession, store) -> None:
         self.tmp = tmp_path
         self.session = session
         self.sim_port = free_port_run(GPUS)
         self.port = free_port_run(1)
-        self.state = tmp_path / "state.sqlite3"
+        self.store = store
+        self.state = store.path
         self.procs: list[Proc] = []
         self.serves = 0
 
@@ -59,8 +60,7 @@ class Rig:
     async def start_serve(self, **env: str) -> Proc:
         self.serves += 1
         proc = Proc([*CYLINDRIA, "serve", "--port", str(self.port), "--numberOfGpus",
-                     str(GPUS), "--comfy-url", self.sim_url(0), "--state-file",
-                     str(self.state)],
+                     str(GPUS), "--comfy-url", self.sim_url(0), *self.store.serve_args],
                     clean_env(CYLINDRIA_LOST_GRACE="0.5", CYLINDRIA_POLL_INTERVAL="0.2",
                               **env),
                     self.tmp / f"serve-{self.serves}.log")
@@ -114,9 +114,9 @@ class Rig:
 
 
 @pytest.fixture
-async def rig(tmp_path):
+async def rig(tmp_path, store):
     async with aiohttp.ClientSession() as session:
-        rig = Rig(tmp_path, session)
+        rig = Rig(tmp_path, session, store)
         try:
             yield rig
         finally:
@@ -127,6 +127,7 @@ def kill(proc: Proc) -> None:
     assert proc.stop(signal.SIGKILL) == -signal.SIGKILL
 
 
+@both_stores
 async def test_a_killed_service_comes_back_with_every_job(rig):
     await rig.start_sim()
     serve = await rig.start_serve()
@@ -147,6 +148,8 @@ async def test_a_killed_service_comes_back_with_every_job(rig):
     await rig.start_serve()
     after = await rig.states(finished + in_flight)
     assert all(after[j]["state"] == "completed" for j in finished)
+    listed = (await rig.get("/jobs/?state=completed&limit=100"))[1]["jobs"]
+    assert [j["job_id"] for j in listed if j["job_id"] in finished] == finished[::-1]
     assert all(after[j]["state"] in ("queued", "running", "completed") for j in in_flight)
     running = [j for j in in_flight if after[j]["state"] == "running"]
     assert running, after
@@ -160,6 +163,8 @@ async def test_a_killed_service_comes_back_with_every_job(rig):
     assert all(b["progress"] == 1.0 and b["attempt"] == 1 for b in done.values())
     history = await rig.comfy_history()
     assert sorted(history) == sorted(b["prompt_id"] for b in done.values())
+    # The state file's path only placed the input files: the jobs were in PostgreSQL.
+    assert rig.state.exists() == (rig.store.kind == "sqlite")
 
 
 def files(outputs) -> list[str]:

@@ -168,6 +168,23 @@ def parse_allow(entries: Iterable[str]) -> AllowList:
     return AllowList(frozenset(hosts), tuple(networks))
 
 
+def trusted_networks(entries: Iterable[str]) -> tuple[IPNetwork, ...]:
+    """The trusted proxies as networks (an address is a network of one). Raises
+    ValueError naming the first entry that is neither an address nor a CIDR."""
+    networks: list[IPNetwork] = []
+    for raw in entries:
+        entry = raw.strip()
+        if not entry:
+            continue
+        try:
+            # Strict, unlike the callback allow list: a trust wider than was written
+            # (10.1.2.3/8 read as 10.0.0.0/8) would let more hosts name any client.
+            networks.append(ipaddress.ip_network(entry))
+        except ValueError:
+            raise ValueError(entry) from None
+    return tuple(networks)
+
+
 def is_host_name(text: str) -> bool:
     """Whether `text` is an ASCII host name (punycode for international names)."""
     name = text.removesuffix(".")
@@ -242,3 +259,18 @@ def has_userinfo(url: str) -> bool:
         return "@" in urlsplit(url).netloc
     except ValueError:
         return False
+
+
+def database_url_problem(url: str) -> str | None:
+    """What keeps `url` from being a PostgreSQL URL, as the end of a sentence that
+    begins with its name, or None. Never quotes the URL, which may hold a password."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return "is not a URL, or its port is not a number"
+    if parts.scheme not in ("postgresql", "postgres"):
+        return "must start with postgresql://"
+    if port == 0:
+        return "has port 0"
+    return None

@@ -21,6 +21,7 @@ from .appkeys import (
     SETTINGS,
     SIGNINS,
     TASKS,
+    WAITERS,
     WEBHOOKS,
 )
 from .config import Settings, trusted_networks
@@ -42,6 +43,7 @@ from .web.clients import TRUSTED_PROXIES, TrustedProxies
 from .web.eventhub import EventHub
 from .web.middlewares import REQUEST_COUNTER, error_middleware
 from .web.signins import Signins
+from .web.waiters import Waiters
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,8 @@ def create_app(settings: Settings) -> web.Application:
     app[EVENTS] = EventHub(settings.event_buffer,
                            functools.partial(render.status_bytes, router=app.router))
     registry.subscribe(app[EVENTS].publish)
+    app[WAITERS] = Waiters(settings.max_waiters, settings.max_waiters_per_address)
+    registry.subscribe(app[WAITERS].publish)
     app[metrics.METRICS] = metrics.Metrics(app)
     app[REQUEST_COUNTER] = app[metrics.METRICS].count_request
     registry.subscribe(app[metrics.METRICS].on_change)
@@ -76,6 +80,8 @@ def create_app(settings: Settings) -> web.Application:
     openapi.setup(app)
     # Open event streams end at shutdown, so the server does not wait on them.
     app.on_shutdown.append(close_event_streams)
+    # Requests waiting with ?wait= answer at once with what they have.
+    app.on_shutdown.append(wake_waiters)
 
     # Teardown runs in reverse: listeners stop, then webhooks and housekeeping, then
     # the session they all use is closed, and last the journal.
@@ -90,6 +96,10 @@ async def close_event_streams(app: web.Application) -> None:
     app[EVENTS].close()
 
 
+async def wake_waiters(app: web.Application) -> None:
+    app[WAITERS].close()
+
+
 async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     """The journal and what it kept, the process's one ClientSession, each GPU's
     ComfyUI client, and the jobs service."""
@@ -98,7 +108,7 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     registry = app[REGISTRY]
     journal, loaded = await open_journal(settings.state_file, settings.memory_jobs,
                                          registry.saved, settings.state_sync_full,
-                                         timing.state_retry)
+                                         timing.state_retry, settings.database_url)
     app[JOURNAL] = journal
     registry.subscribe(journal.note)
     log.info("jobs are kept in %s: %d job(s) held, %d loaded into memory, %d in flight",

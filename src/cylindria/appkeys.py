@@ -15,11 +15,14 @@ from .upstream.gpus import Gpu
 from .upstream.webhooks import WebhookSender
 from .web.eventhub import EventHub
 from .web.signins import Signins
+from .web.waiters import Waiters
 
 SETTINGS = web.AppKey("settings", Settings)
 REGISTRY = web.AppKey("registry", Registry)
 EVENTS = web.AppKey("events", EventHub)
 SIGNINS = web.AppKey("signins", Signins)
+# Requests waiting with ?wait= for a job to finish.
+WAITERS = web.AppKey("waiters", Waiters)
 # Set during start-up, once the ClientSession they use exists.
 GPUS = web.AppKey("gpus", list[Gpu])
 JOBS = web.AppKey("jobs", JobsService)

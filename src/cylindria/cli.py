@@ -1,4 +1,5 @@
-"""Command line: `cylindria serve | simulate` (argv -> Settings -> run)."""
+"""Command line: `cylindria serve | simulate` (argv -> Settings -> run), and the client's
+`run | status | wait | cancel` (in `runner`)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,8 @@ SIM_COST_FLAGS = (("--step-seconds", "step_seconds"),
                   ("--vram-gb", "vram_budget_gib"))
 
 SERVE_FLAGS = ("host", "port", "comfy_url", "num_gpus", "dev_mode", "dev_save_dir",
-               "log_level", "insecure_no_auth", "default_gpu", "state_file", "no_state")
+               "log_level", "insecure_no_auth", "default_gpu", "state_file", "no_state",
+               "database_url")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +81,42 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--output-dir", type=Path, default=None,
                      help="where images are written (default: a temporary folder)")
     sim.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    add_client_commands(sub)
     return parser
+
+
+CLIENT_COMMANDS = ("run", "status", "wait", "cancel")
+
+
+def add_client_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """The commands that call a running Cylindria through its API (`runner`)."""
+    run = sub.add_parser("run", help="submit a workflow, show its progress, download "
+                                     "its outputs")
+    run.add_argument("workflow", metavar="WORKFLOW.json",
+                     help="an API-format workflow (ComfyUI: Workflow > Export (API))")
+    run.add_argument("--input", action="append", default=[], metavar="NAME=FILE",
+                     help="a file the workflow names NAME, sent with it (repeatable)")
+    run.add_argument("--gpu", default="auto", help="a GPU number, or auto (the default)")
+    run.add_argument("--priority", type=int, default=None, help="-1000..1000 (default 0)")
+    run.add_argument("--job-id", default=None,
+                     help="default: the workflow's file name and a random suffix")
+    run.add_argument("--out", default="outputs", metavar="DIR",
+                     help="where the outputs are saved (default ./outputs)")
+    status = sub.add_parser("status", help="print a job's status")
+    wait = sub.add_parser("wait", help="wait for a job to finish, print its status")
+    wait.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                      help="give up after this long (default: wait as long as it takes)")
+    cancel = sub.add_parser("cancel", help="cancel a job")
+    for command in (status, wait, cancel):
+        command.add_argument("job_id", metavar="JOB_ID")
+    for command in (run, status, wait, cancel):
+        command.add_argument("--url", default=None,
+                             help="the service (env CYLINDRIA_URL, default "
+                                  "http://127.0.0.1:8000)")
+        command.add_argument("--key", default=None,
+                             help="its API key (env CYLINDRIA_API_KEY)")
+    run.add_argument("--json", action="store_true",
+                     help="print the final status as JSON instead of the progress bar")
 
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
@@ -128,6 +165,11 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                             f"default {DEFAULT_STATE_FILE})")
     state.add_argument("--no-state", dest="no_state", action="store_const", const=True,
                        default=None, help="keep jobs in memory only: a restart forgets them")
+    parser.add_argument("--database-url", dest="database_url", default=None, metavar="URL",
+                        help="keep jobs in PostgreSQL instead of the state file (whose "
+                             "path still places the input files): postgresql://USER:"
+                             "PASSWORD@HOST:PORT/DATABASE (env CYLINDRIA_DATABASE_URL; "
+                             "needs cylindria[postgres])")
     parser.add_argument("--insecure-no-auth", dest="insecure_no_auth",
                         action="store_const", const=True, default=None,
                         help="allow a non-loopback --host without CYLINDRIA_API_KEY")
@@ -141,6 +183,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = parser.parse_args(args)
     if ns.command == "simulate":
         return run_simulate(ns)
+    if ns.command in CLIENT_COMMANDS:
+        from .runner import main as client_main
+
+        return client_main(ns)
     if ns.command == "tester":
         from .desktop import main as tester_main
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from .addresses import IPNetwork, bracket, is_loopback, parse_allow
+from .addresses import (
+    bracket,
+    database_url_problem,
+    is_loopback,
+    parse_allow,
+    trusted_networks,
+)
 from .errors import ConfigError
 
 DEFAULT_COMFY_URL = "http://127.0.0.1:8188"
@@ -36,6 +41,8 @@ SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 # Test hooks that stop the process at a chosen point, to show what a restart recovers.
 FAULTS = frozenset({"crash-before-submit", "crash-after-submit"})
 MAX_GPUS = 8
+# The longest ?wait= CYLINDRIA_MAX_WAIT may allow, in seconds.
+MAX_WAIT = 3600
 LOG_LEVELS = ("debug", "info", "warning", "error")
 TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 # The wrong-key throttle is per client address, so what stops a guesser with many
@@ -126,11 +133,19 @@ class Settings:
     # Event streams one client address may hold at once, of those
     # (CYLINDRIA_MAX_EVENT_STREAMS_PER_ADDRESS).
     max_event_streams_per_address: int = DEFAULT_STREAMS_PER_ADDRESS
+    # ?wait= on /jobstatus and /startjob: requests waiting at once, in all and per client
+    # address, and the longest wait in seconds (CYLINDRIA_MAX_WAITERS[_PER_ADDRESS], _WAIT).
+    max_waiters: int = 1000
+    max_waiters_per_address: int = 100
+    max_wait: int = 60
     event_buffer: int = 1000
     # None keeps everything in memory only (--no-state); the command line's default is
     # DEFAULT_STATE_FILE.
     state_file: Path | None = None
     state_sync_full: bool = False
+    # PostgreSQL keeps the jobs instead of the state file (--database-url); the input
+    # files stay beside the state file's path all the same.
+    database_url: str | None = None
     retention_days: float = DEFAULT_RETENTION_DAYS
     memory_jobs: int = DEFAULT_MEMORY_JOBS
     retry_lost: int = 0
@@ -194,47 +209,35 @@ def _same_host(a: str, b: str) -> bool:
 def validate(s: Settings) -> None:
     """Raise ConfigError with one line naming the setting and what is allowed."""
     if not 1 <= s.num_gpus <= MAX_GPUS:
-        raise ConfigError(
-            f"{_named('num_gpus')} must be between 1 and {MAX_GPUS} (got {s.num_gpus})"
-        )
+        raise ConfigError(f"{_named('num_gpus')} must be between 1 and {MAX_GPUS} (got "
+                          f"{s.num_gpus})")
     if not 1 <= s.port <= 65535:
         raise ConfigError(f"port must be between 1 and 65535 (got {s.port})")
     if s.log_level not in LOG_LEVELS:
-        raise ConfigError(
-            f"log-level must be one of {', '.join(LOG_LEVELS)} (got {s.log_level!r})"
-        )
+        raise ConfigError(f"log-level must be one of {', '.join(LOG_LEVELS)} (got "
+                          f"{s.log_level!r})")
     parts = urlsplit(s.comfy_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(
-            f"{_named('comfy_url')} must look like http://HOST:PORT "
-            f"(got {s.comfy_url!r})"
-        )
+        raise ConfigError(f"{_named('comfy_url')} must look like http://HOST:PORT "
+                          f"(got {s.comfy_url!r})")
     try:
         base_port = parts.port
     except ValueError:
         base_port = None
     if base_port is None:
-        raise ConfigError(
-            f"{_named('comfy_url')} must include a port, e.g. http://127.0.0.1:8188 "
-            f"(got {s.comfy_url!r})"
-        )
+        raise ConfigError(f"{_named('comfy_url')} must include a port, e.g. "
+                          f"http://127.0.0.1:8188 (got {s.comfy_url!r})")
     if parts.query or parts.fragment:
-        raise ConfigError(
-            f"{_named('comfy_url')} must not carry a query or fragment "
-            f"(got {s.comfy_url!r})"
-        )
+        raise ConfigError(f"{_named('comfy_url')} must not carry a query or fragment "
+                          f"(got {s.comfy_url!r})")
     last = base_port + s.num_gpus - 1
     if last > 65535:
-        raise ConfigError(
-            f"{_named('comfy_url')} port {base_port} with {s.num_gpus} GPUs needs ports up to "
-            f"{last}, past 65535; lower the base port"
-        )
+        raise ConfigError(f"{_named('comfy_url')} port {base_port} with {s.num_gpus} GPUs "
+                          f"needs ports up to {last}, past 65535; lower the base port")
     if _same_host(parts.hostname, s.host) and base_port <= s.port <= last:
-        raise ConfigError(
-            f"{_named('comfy_url')} ports {base_port}..{last} include Cylindria's own "
-            f"{s.host}:{s.port}; point it at ComfyUI (default port 8188) or "
-            "change --port"
-        )
+        raise ConfigError(f"{_named('comfy_url')} ports {base_port}..{last} include "
+                          f"Cylindria's own {s.host}:{s.port}; point it at ComfyUI (default "
+                          "port 8188) or change --port")
     if not is_loopback(s.host) and not s.api_key and not s.insecure_no_auth:
         raise ConfigError(
             f"host {s.host} is reachable from other machines and CYLINDRIA_API_KEY is not "
@@ -243,15 +246,17 @@ def validate(s: Settings) -> None:
         )
     if s.default_gpu != "auto" and (
             not isinstance(s.default_gpu, int) or not 0 <= s.default_gpu < s.num_gpus):
-        raise ConfigError(
-            f"{_named('default_gpu')} must be 'auto' or a GPU number from 0 to "
-            f"{s.num_gpus - 1} "
-            f"(got {s.default_gpu!r})")
+        raise ConfigError(f"{_named('default_gpu')} must be 'auto' or a GPU number from 0 "
+                          f"to {s.num_gpus - 1} (got {s.default_gpu!r})")
     if s.max_event_streams < 1:
         raise ConfigError(f"max_event_streams must be 1 or more (got {s.max_event_streams})")
     if s.max_event_streams_per_address < 1:
         raise ConfigError("CYLINDRIA_MAX_EVENT_STREAMS_PER_ADDRESS must be 1 or more (got "
                           f"{s.max_event_streams_per_address})")
+    if min(s.max_waiters, s.max_waiters_per_address) < 1 or not 1 <= s.max_wait <= MAX_WAIT:
+        raise ConfigError("CYLINDRIA_MAX_WAITERS and CYLINDRIA_MAX_WAITERS_PER_ADDRESS must be 1 "
+                          f"or more, CYLINDRIA_MAX_WAIT 1 to {MAX_WAIT} seconds (got "
+                          f"{s.max_waiters}, {s.max_waiters_per_address}, {s.max_wait})")
     if s.max_attempts < 1:
         raise ConfigError(f"CYLINDRIA_MAX_ATTEMPTS must be 1 or more (got {s.max_attempts})")
     if not s.retention_days > 0:
@@ -303,23 +308,9 @@ def validate(s: Settings) -> None:
             "separated by commas, e.g. 127.0.0.1,::1,10.0.0.0/24") from None
     if s.api_key is not None and not s.api_key.strip():
         raise ConfigError("CYLINDRIA_API_KEY is set but empty; give it a value or unset it")
-
-
-def trusted_networks(entries: Iterable[str]) -> tuple[IPNetwork, ...]:
-    """The trusted proxies as networks (an address is a network of one). Raises
-    ValueError naming the first entry that is neither an address nor a CIDR."""
-    networks: list[IPNetwork] = []
-    for raw in entries:
-        entry = raw.strip()
-        if not entry:
-            continue
-        try:
-            # Strict, unlike the callback allow list: a trust wider than was written
-            # (10.1.2.3/8 read as 10.0.0.0/8) would let more hosts name any client.
-            networks.append(ipaddress.ip_network(entry))
-        except ValueError:
-            raise ValueError(entry) from None
-    return tuple(networks)
+    if s.database_url is not None and (problem := database_url_problem(s.database_url)):
+        raise ConfigError(f"--database-url / CYLINDRIA_DATABASE_URL {problem}; give it as "
+                          "postgresql://USER:PASSWORD@HOST:PORT/DATABASE")
 
 
 def _int(name: str, value: str) -> int:
@@ -371,6 +362,9 @@ def _bool(name: str, value: str) -> bool:
 _NUMBERS: tuple[tuple[str, str, Callable[[str, str], float]], ...] = (
     ("max_event_streams", "CYLINDRIA_MAX_EVENT_STREAMS", _int),
     ("max_event_streams_per_address", "CYLINDRIA_MAX_EVENT_STREAMS_PER_ADDRESS", _int),
+    ("max_waiters", "CYLINDRIA_MAX_WAITERS", _int),
+    ("max_waiters_per_address", "CYLINDRIA_MAX_WAITERS_PER_ADDRESS", _int),
+    ("max_wait", "CYLINDRIA_MAX_WAIT", _int),
     ("max_attempts", "CYLINDRIA_MAX_ATTEMPTS", _int),
     ("retention_days", "CYLINDRIA_RETENTION_DAYS", _float),
     ("memory_jobs", "CYLINDRIA_MEMORY_JOBS", _int),
@@ -419,6 +413,7 @@ def load_settings(
     if env.get("CYLINDRIA_DEV_SAVE_DIR"):
         values["dev_save_dir"] = Path(env["CYLINDRIA_DEV_SAVE_DIR"])
     values["state_file"] = Path(env.get("CYLINDRIA_STATE_FILE") or DEFAULT_STATE_FILE)
+    values["database_url"] = env.get("CYLINDRIA_DATABASE_URL") or None
     if env.get("CYLINDRIA_STATE_SYNC"):
         sync = env["CYLINDRIA_STATE_SYNC"].strip().lower()
         if sync not in ("normal", "full"):
@@ -457,8 +452,12 @@ def load_settings(
         values["dev_save_dir"] = Path(str(flags["dev_save_dir"]))
     if flags.get("state_file") is not None:
         values["state_file"] = Path(str(flags["state_file"]))
+    if flags.get("database_url") is not None:
+        values["database_url"] = str(flags["database_url"])
     if flags.get("no_state"):
-        values["state_file"] = None
+        if flags.get("database_url") is not None:
+            raise ConfigError("--no-state keeps jobs in memory only: drop it or --database-url")
+        values["state_file"] = values["database_url"] = None
     if isinstance(values.get("comfy_url"), str):
         values["comfy_url"] = str(values["comfy_url"]).rstrip("/")
     given_as = {key: _FLAG_NAMES[key] if flags.get(key) is not None else _ENV_NAMES[key]

@@ -203,6 +203,13 @@ class TooManyStreams(ApiError):
     code = "too_many_streams"
 
 
+class TooManyWaiters(ApiError):
+    """Too many requests wait with ?wait= for jobs to finish, in all or from one address."""
+
+    status = 429
+    code = "too_many_waiters"
+
+
 class TooManyAttempts(ApiError):
     """Too many wrong keys from one client address: its keys are not checked for a while."""
 

@@ -1,1 +1,1 @@
-"""The journal: every job kept in a SQLite file behind the in-memory registry."""
+"""The journal (every job, in a SQLite state file or in PostgreSQL) and the input files."""

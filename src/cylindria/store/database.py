@@ -1,4 +1,4 @@
-"""The state file itself: opening and locking it, its schema, and every SQL statement."""
+"""The SQLite state file: opening and locking it, its schema, and every SQL statement."""
 
 from __future__ import annotations
 
@@ -7,17 +7,15 @@ import os
 import secrets
 import sqlite3
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import ujson
 
 from ..core.records import Job, from_record
 from ..errors import StateFileError
+from .backend import IN_FLIGHT_STATES, Loaded, Row, encode_record
 
 SCHEMA_VERSION = 1
-IN_FLIGHT_STATES = ("queued", "running")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -42,77 +40,8 @@ ON CONFLICT (job_id) DO UPDATE SET seq = excluded.seq, state = excluded.state,
     gpu_id = excluded.gpu_id, finished_at = excluded.finished_at, record = excluded.record
 """
 
-# A row as the writer thread receives it: (seq, job_id, state, gpu_id, finished_at, record).
-Row = tuple[int, str, str, int | None, float | None, dict[str, Any]]
-
-
-# Strings longer than this (a node's text output) are encoded a slice at a time: one
-# ujson call holds the interpreter, and so the event loop, for all of its work (about
-# 80 ms for a 32 MiB text here), while many short calls let it run in between.
-LONG_STRING = 1 << 20
-
-
-def encode_record(record: dict[str, Any], long_string: int = LONG_STRING) -> str:
-    """`record` as JSON; strings longer than `long_string` (in its outputs, the only
-    place they occur) are encoded a slice at a time."""
-    outputs = record.get("outputs")
-    if not outputs or not _has_long_string(outputs, long_string):
-        return ujson.dumps(record)
-    pieces: list[str] = []
-    _encode_into(record, pieces, long_string)
-    return "".join(pieces)
-
-
-def _has_long_string(value: Any, long_string: int) -> bool:
-    if isinstance(value, str):
-        return len(value) > long_string
-    if isinstance(value, dict):
-        return any(_has_long_string(item, long_string) for item in value.values())
-    if isinstance(value, list | tuple):
-        return any(_has_long_string(item, long_string) for item in value)
-    return False
-
-
-def _encode_into(value: Any, pieces: list[str], long_string: int) -> None:
-    if isinstance(value, str) and len(value) > long_string:
-        pieces.append('"')
-        for start in range(0, len(value), long_string):
-            pieces.append(ujson.dumps(value[start:start + long_string])[1:-1])
-        pieces.append('"')
-    elif isinstance(value, dict):
-        pieces.append("{")
-        for n, (key, item) in enumerate(value.items()):
-            pieces.append(',"' if n else '"')
-            pieces.append(ujson.dumps(str(key))[1:-1])
-            pieces.append('":')
-            _encode_into(item, pieces, long_string)
-        pieces.append("}")
-    elif isinstance(value, list | tuple):
-        pieces.append("[")
-        for n, item in enumerate(value):
-            if n:
-                pieces.append(",")
-            _encode_into(item, pieces, long_string)
-        pieces.append("]")
-    else:
-        pieces.append(ujson.dumps(value))
-
-
-@dataclass(slots=True)
-class Loaded:
-    """What start-up reads: jobs for memory, and where numbering and memory stand."""
-
-    install_id: str
-    jobs: list[Job] = field(default_factory=list)
-    last_seq: int = 0
-    evicted_through: int = 0
-    held: int = 0
-    # Run times learned by an earlier run (RunTimes.to_state), or None.
-    run_times: dict[str, Any] | None = None
-
-
 def open_database(path: Path | None, memory_jobs: int,
-                  sync_full: bool = False) -> tuple[Database, Loaded]:
+                  sync_full: bool = False) -> tuple[StateFile, Loaded]:
     """Lock, open, check and load the state file (None: a database in memory). Every
     failure is a StateFileError that names the file and says what to do."""
     name = str(path) if path is not None else "(memory)"
@@ -145,7 +74,7 @@ def open_database(path: Path | None, memory_jobs: int,
                          (str(SCHEMA_VERSION),))
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('install_id', ?)",
                          (secrets.token_hex(4),))
-        database = Database(conn, name, lock_fd)
+        database = StateFile(conn, name, lock_fd)
         return database, database.load(memory_jobs)
     except sqlite3.Error as exc:
         conn.close()
@@ -201,8 +130,14 @@ def _schema_version(conn: sqlite3.Connection) -> int | None:
     return int(row[0]) if row else None
 
 
-class Database:
+class StateFile:
     """One open state file; used from one thread only (the journal's writer)."""
+
+    kind = "state file"
+    errors = (sqlite3.Error,)
+    # A WAL commit without fsync takes tens of microseconds.
+    commits_inline = True
+    look_at = "the disk"
 
     def __init__(self, conn: sqlite3.Connection, name: str, lock_fd: int | None) -> None:
         self.conn = conn

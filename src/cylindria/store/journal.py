@@ -1,11 +1,10 @@
-"""The journal: a registry subscriber that writes every job change to the state file
-from one writer thread, with group commit."""
+"""The journal: a registry subscriber that writes every job change to its database (the
+state file, or PostgreSQL) from one writer thread, with group commit."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -15,8 +14,9 @@ from typing import Any, TypeVar
 import ujson
 
 from ..core.records import Job, to_record
-from ..errors import StateUnavailable
-from .database import Database, Loaded, Row, open_database
+from ..errors import StateFileError, StateUnavailable
+from .backend import Database, Loaded, Row
+from .database import open_database
 from .writer import WriterThread
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,8 @@ class Journal:
     `durable(job)` waits until the job's last lasting change is on disk; when nothing
     is being written, it commits that one job at once on the event loop instead (a WAL
     commit without fsync takes tens of microseconds, handing it to the thread and back
-    takes longer); with CYLINDRIA_STATE_SYNC=full it never does.
+    takes longer); with CYLINDRIA_STATE_SYNC=full, or a database across the network,
+    it never does.
 
     When writes fail (a full disk, a broken file), the error is logged once, new
     submissions are refused (`durable` raises StateUnavailable), jobs already in
@@ -74,6 +75,11 @@ class Journal:
         return self._database.name
 
     @property
+    def label(self) -> str:
+        """The database as messages name it: its kind, then its name."""
+        return f"{self._database.kind} {self._database.name}"
+
+    @property
     def writable(self) -> bool:
         return self._failure is None
 
@@ -94,8 +100,8 @@ class Journal:
         if self._retry is not None:
             self._retry.cancel()
         if self._dirty:
-            log.warning("state file %s: %d job changes could not be written before "
-                        "stopping", self.name, len(self._dirty))
+            log.warning("%s: %d job changes could not be written before stopping",
+                        self.label, len(self._dirty))
         await self._run(lambda db: db.close())
         await self._writer.stop()
 
@@ -154,7 +160,7 @@ class Journal:
         started = time.perf_counter()
         try:
             self._database.write([row for _, _, row in batch], workflows)
-        except sqlite3.Error as exc:
+        except self._database.errors as exc:
             self._failed(exc, batch)
         else:
             self._succeeded(batch, workflows, time.perf_counter() - started)
@@ -188,8 +194,7 @@ class Journal:
         self.commits += 1
         self.commit_seconds += elapsed
         if self._failure is not None:
-            log.warning("state file %s: writes work again; new jobs are accepted",
-                        self.name)
+            log.warning("%s: writes work again; new jobs are accepted", self.label)
             self._failure = None
         for job_id, _ in workflows:
             self._workflows.pop(job_id, None)
@@ -199,9 +204,8 @@ class Journal:
 
     def _failed(self, error: BaseException | None, batch: list[tuple[Job, int, Row]]) -> None:
         if self._failure is None:
-            log.error("state file %s: writing failed (%s); new jobs are refused until "
-                      "writes work again, jobs in flight are still followed", self.name,
-                      error)
+            log.error("%s: writing failed (%s); new jobs are refused until writes work "
+                      "again, jobs in flight are still followed", self.label, error)
         self._failure = str(error)
         for job, version, _ in batch:
             # Written again with the next attempt, unless a newer version is waiting.
@@ -234,9 +238,10 @@ class Journal:
 
     def _unavailable(self) -> StateUnavailable:
         return StateUnavailable(
-            f"Cylindria cannot write its state file ({self._failure}), so it accepts no new "
-            "job now: an accepted job must survive a restart. Retry later; the operator "
-            "should check the disk.", headers={"Retry-After": "10"})
+            f"Cylindria cannot write its {self._database.kind} ({self._failure}), so it "
+            "accepts no new job now: an accepted job must survive a restart. Retry later; "
+            f"the operator should check {self._database.look_at}.",
+            headers={"Retry-After": "10"})
 
     # -- reading and pruning --------------------------------------------------------------
 
@@ -256,8 +261,8 @@ class Journal:
         text = ujson.dumps(state)
         try:
             await self._run(lambda db: db.set_meta("run_times", text))
-        except sqlite3.Error as exc:
-            log.warning("state file %s: saving run times failed (%s)", self.name, exc)
+        except self._database.errors as exc:
+            log.warning("%s: saving run times failed (%s)", self.label, exc)
 
     async def held(self) -> int:
         return await self._run(lambda db: db.held())
@@ -269,8 +274,8 @@ class Journal:
         while True:
             try:
                 count = await self._run(lambda db: db.prune(before.timestamp(), PRUNE_BATCH))
-            except sqlite3.Error as exc:
-                log.warning("state file %s: dropping old jobs failed (%s)", self.name, exc)
+            except self._database.errors as exc:
+                log.warning("%s: dropping old jobs failed (%s)", self.label, exc)
                 return total
             total += count
             if count < PRUNE_BATCH:
@@ -296,17 +301,34 @@ class Journal:
 
 async def open_journal(path: Path | None, memory_jobs: int,
                        on_saved: Callable[[list[tuple[Job, int]]], None],
-                       sync_full: bool = False,
-                       retry_seconds: float = 2.0) -> tuple[Journal, Loaded]:
-    """Open the state file (None: a database in memory) on the journal's own thread and
-    read what memory needs; StateFileError if the file cannot be used."""
+                       sync_full: bool = False, retry_seconds: float = 2.0,
+                       database_url: str | None = None) -> tuple[Journal, Loaded]:
+    """Open the jobs' database on the journal's own thread and read what memory needs:
+    PostgreSQL at `database_url` when there is one, else the state file at `path` (None:
+    a database in memory). StateFileError if it cannot be used."""
     writer = WriterThread(asyncio.get_running_loop())
     try:
-        database, loaded = await writer.submit(open_database, path, memory_jobs, sync_full)
+        if database_url is not None:
+            database, loaded = await writer.submit(_open_postgres, database_url, memory_jobs)
+        else:
+            database, loaded = await writer.submit(open_database, path, memory_jobs,
+                                                   sync_full)
     except BaseException:
         await writer.stop()
         raise
-    return Journal(database, writer, on_saved, retry_seconds, not sync_full), loaded
+    inline = database.commits_inline and not sync_full
+    return Journal(database, writer, on_saved, retry_seconds, inline), loaded
+
+
+def _open_postgres(url: str, memory_jobs: int) -> tuple[Database, Loaded]:
+    # Imported here: the driver is an extra, and SQLite's users need not install it.
+    try:
+        from .postgres import open_postgres
+    except ImportError as exc:
+        raise StateFileError(
+            f"--database-url needs the PostgreSQL driver psycopg, which cannot be loaded "
+            f"({exc}): pip install 'cylindria[postgres]'") from None
+    return open_postgres(url, memory_jobs)
 
 
 def _row(job: Job) -> Row:

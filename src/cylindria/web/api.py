@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import AbstractContextManager, nullcontext
 
 from aiohttp import web
 
-from ..appkeys import GPUS, INPUTS, JOBS, JOURNAL, SETTINGS
+from ..appkeys import GPUS, INPUTS, JOBS, JOURNAL, SETTINGS, WAITERS
+from ..core.outcomes import Outcome, Verdict
 from ..errors import ApiError, JobFinished
 from ..jsonio import json_response
 from . import intake, params, render
 from .auth import Access, access
+from .clients import client_address
+from .waiters import Waiter
 
 routes = web.RouteTableDef()
 
@@ -47,32 +51,59 @@ async def get_serverstatus(request: web.Request) -> web.Response:
 @routes.get("/jobstatus/{job_id}/", name="jobstatus")
 async def get_jobstatus(request: web.Request) -> web.Response:
     job_id = params.job_id(request)
-    job = await request.app[JOBS].find(
-        job_id, f" Submit it with PUT /startjob/{job_id}/ first.")
+    seconds = params.wait(request.query, request.app[SETTINGS].max_wait)
+    hint = f" Submit it with PUT /startjob/{job_id}/ first."
+    job = await request.app[JOBS].find(job_id, hint)
+    if seconds is not None and not job.terminal:
+        with waiting(request, seconds) as waiter:
+            await request.app[WAITERS].until_finished(waiter, job, seconds)
+        job = await request.app[JOBS].find(job_id, hint)
     return render.status_response(job, request.app.router)
+
+
+def waiting(request: web.Request, seconds: int | None) -> AbstractContextManager[Waiter | None]:
+    """With ?wait=, a waiter's slot (429 when there is none); else no slot."""
+    if seconds is None:
+        return nullcontext()
+    return request.app[WAITERS].slot(request, client_address(request))
+
+
+async def started(request: web.Request, outcome: Outcome, waiter: Waiter | None,
+                  seconds: int | None) -> web.Response:
+    """The answer to a submission or a retry; with ?wait=, the job's status (200) once
+    it is finished within the wait, else the usual reply with its state then."""
+    if waiter is not None and seconds is not None and outcome.verdict is not Verdict.REFUSED:
+        await request.app[WAITERS].until_finished(waiter, outcome.job, seconds)
+        if outcome.job.terminal:
+            return render.status_response(outcome.job, request.app.router)
+    return render.startjob_reply(outcome)
 
 
 @routes.put("/startjob/{job_id}/", name="startjob")
 async def put_startjob(request: web.Request) -> web.Response:
     job_id = request.match_info["job_id"]
+    settings = request.app[SETTINGS]
     try:
         job_id = params.job_id(request)
-        callback = await params.callback_url(request)
-        priority = params.priority(request.query)
-        jobs = request.app[JOBS]
-        if intake.is_multipart(request):
-            settings = request.app[SETTINGS]
-            form = await intake.job_form(request, request.app[INPUTS], settings.input_max,
-                                         settings.timing.body_idle_timeout)
-            raw, attached = form.workflow or [], form.files
-        else:
-            raw, attached = await params.body(request), {}
-        workflow = await jobs.read(job_id, raw, attached)
-        outcome = await jobs.start(job_id, request.query.get("GpuId"), workflow, callback,
-                                   priority, attached)
+        seconds = params.wait(request.query, settings.max_wait)
+        # The slot is taken before the job is: a 429 then leaves nothing submitted.
+        with waiting(request, seconds) as waiter:
+            callback = await params.callback_url(request)
+            priority = params.priority(request.query)
+            jobs = request.app[JOBS]
+            if intake.is_multipart(request):
+                form = await intake.job_form(request, request.app[INPUTS],
+                                             settings.input_max,
+                                             settings.timing.body_idle_timeout)
+                raw, attached = form.workflow or [], form.files
+            else:
+                raw, attached = await params.body(request), {}
+            workflow = await jobs.read(job_id, raw, attached)
+            outcome = await jobs.start(job_id, request.query.get("GpuId"), workflow,
+                                       callback, priority, attached)
+            return await started(request, outcome, waiter, seconds)
     except ApiError as exc:
         raise render.startjob_refusal(job_id, exc) from None
-    return render.startjob_reply(outcome)
 
 
 @routes.get("/jobs/", name="jobs")
@@ -101,7 +132,9 @@ async def post_retryjob(request: web.Request) -> web.Response:
     job_id = request.match_info["job_id"]
     try:
         job_id = params.job_id(request)
-        outcome = await request.app[JOBS].retry(job_id, request.query.get("GpuId"))
+        seconds = params.wait(request.query, request.app[SETTINGS].max_wait)
+        with waiting(request, seconds) as waiter:
+            outcome = await request.app[JOBS].retry(job_id, request.query.get("GpuId"))
+            return await started(request, outcome, waiter, seconds)
     except ApiError as exc:
         raise render.startjob_refusal(job_id, exc) from None
-    return render.startjob_reply(outcome)

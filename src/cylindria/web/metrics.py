@@ -29,7 +29,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
-from ..appkeys import EVENTS, GPUS, INPUTS, JOURNAL, REGISTRY, WEBHOOKS
+from ..appkeys import EVENTS, GPUS, INPUTS, JOURNAL, REGISTRY, WAITERS, WEBHOOKS
 from ..core.records import Job
 from .auth import Access, access
 
@@ -224,6 +224,9 @@ class StateCollector(Collector):
         yield CounterMetricFamily("cylindria_event_streams_dropped",
                                   "Event stream clients cut off for falling behind.",
                                   value=float(events.dropped))
+        yield GaugeMetricFamily("cylindria_waiters",
+                                "Requests waiting with ?wait= for a job to finish.",
+                                value=float(app[WAITERS].count))
         if WEBHOOKS in app:
             hooks = CounterMetricFamily("cylindria_webhook_deliveries",
                                         "Webhook delivery attempts, by outcome.",

@@ -201,14 +201,14 @@ ERROR_CODES = ["bad_request", "invalid_workflow", "payload_too_large",
                "gpu_drained", "unknown_gpu", "too_many_streams", "too_many_attempts",
                "backend_error", "backend_unavailable", "backend_timeout",
                "state_unavailable", "queue_full", "not_found", "method_not_allowed",
-               "origin_refused", "csrf_token_invalid", "internal_error",
+               "origin_refused", "csrf_token_invalid", "internal_error", "too_many_waiters",
                *openapi_inputs.ERROR_CODES]
 
 
 def start_errors() -> dict[str, Any]:
     """What PUT /startjob and POST /retryjob may answer besides taking the job."""
     return {
-        "400": answer("Bad job_id or GpuId, a body that is not a JSON object, a "
+        "400": answer("Bad job_id, GpuId or wait, a body that is not a JSON object, a "
                       "workflow holding NaN or Infinity (naming the node and input), a "
                       "compressed body that does not decompress, an X-Callback-Url that "
                       "is no http(s) URL, or a multipart form without one `workflow` part "
@@ -267,8 +267,7 @@ def paths(shape: Shape) -> dict[str, Any]:
             "Submit a workflow under your job id.",
             {"202": answer("Accepted by ComfyUI, or held in Cylindria's queue until a "
                            "GPU frees (GpuId=auto; `held` is true).", "StartReply"),
-             "200": answer("The same job and workflow were accepted before; nothing is "
-                           "sent again.", "StartReply"), **start_errors()},
+             **shape.waited(finished=True, repeat=True), **start_errors()},
             parameters=[JOB_ID, shape.gpu_parameter("GpuId", "query", auto=True),
                         {"name": "priority", "in": "query", "required": False,
                          "description": f"For GpuId=auto: higher leaves Cylindria's queue "
@@ -281,7 +280,7 @@ def paths(shape: Shape) -> dict[str, Any]:
                                         "resolves to an address webhooks may go to "
                                         "(else 422). Empty: no callback.",
                          "schema": {"type": "string", "maxLength": MAX_CALLBACK_URL,
-                                    "pattern": CALLBACK_URL}}],
+                                    "pattern": CALLBACK_URL}}, shape.wait_parameter()],
             body={"required": True,
                   "description": "The body may be compressed, as its Content-Encoding "
                                  "says (gzip or deflate).",
@@ -290,8 +289,9 @@ def paths(shape: Shape) -> dict[str, Any]:
                                                   ref("WorkflowWithInputs")]}},
                       "multipart/form-data": openapi_inputs.multipart_job()}})},
         "/jobstatus/{job_id}/": {"get": op(
-            "Where a job is.", {"200": status, "400": answer("A bad job_id."),
-                                "404": not_found}, parameters=[JOB_ID])},
+            "Where a job is.", {"200": status, "400": answer("A bad job_id or wait."),
+                                "404": not_found, **shape.waited()},
+            parameters=[JOB_ID, shape.wait_parameter()])},
         "/joboutput/{job_id}/{index}": {"get": op(
             "One output of a job, streamed from its GPU.",
             {"200": {"description": "The file (or text).",
@@ -317,9 +317,9 @@ def paths(shape: Shape) -> dict[str, Any]:
         "/retryjob/{job_id}/": {"post": op(
             "Run a failed, cancelled or rejected job again.",
             {"202": answer("A new attempt, accepted (or held for a GPU).", "StartReply"),
-             "404": not_found, **start_errors(), **refused},
+             "404": not_found, **start_errors(), **shape.waited(finished=True), **refused},
             parameters=[JOB_ID, shape.gpu_parameter("GpuId", "query", auto=True),
-                        CSRF_HEADER])},
+                        CSRF_HEADER, shape.wait_parameter()])},
         "/jobs/": {"get": op(
             "Jobs, newest first, a page at a time.",
             {"200": answer("A page.", "JobsPage"),

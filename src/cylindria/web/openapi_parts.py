@@ -29,6 +29,18 @@ def optional(pattern: str) -> str:
     return f"^({pattern})?$"
 
 
+def whole_up_to(most: int) -> str:
+    """A pattern for the whole numbers 1 to `most` (at least 1) in plain digits."""
+    digits = str(most)
+    # Fewer digits than `most`, then as many, digit by digit below it, then itself.
+    forms = [f"[1-9][0-9]{{0,{len(digits) - 2}}}"] if len(digits) > 1 else []
+    for at, digit in enumerate(digits):
+        low = 0 if at else 1
+        if int(digit) > low:
+            forms.append(f"{digits[:at]}[{low}-{int(digit) - 1}][0-9]{{{len(digits) - at - 1}}}")
+    return "|".join([*forms, digits])
+
+
 def ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
@@ -61,12 +73,39 @@ class Shape:
     metrics_keyed: bool
     gpus: int
     max_nodes: int
+    max_wait: int
 
     @classmethod
     def of(cls, settings: Settings) -> Shape:
         keyed = bool(settings.api_key)
         return cls(keyed, keyed and not settings.metrics_public, settings.num_gpus,
-                   settings.max_nodes)
+                   settings.max_nodes, settings.max_wait)
+
+    def wait_parameter(self) -> dict[str, Any]:
+        """`?wait=`: seconds to wait for the job to finish before answering."""
+        return {"name": "wait", "in": "query", "required": False,
+                "description": "Answer as soon as the job is finished, or after this many "
+                               f"whole seconds (1 to {self.max_wait}, CYLINDRIA_MAX_WAIT) "
+                               "with the job as it stands then. Empty or left out: at once.",
+                "schema": {"type": "string", "pattern": optional(whole_up_to(self.max_wait))}}
+
+    def waited(self, finished: bool = False, repeat: bool = False) -> dict[str, Any]:
+        """What `?wait=` adds to an operation's answers: 429 when too many requests wait
+        and, for a submission (`finished`), 200 with the job's status once it finished
+        within the wait (`repeat`: beside the reply to a repeated submission)."""
+        busy = answer("Too many requests wait with ?wait= (`too_many_waiters`), in all or "
+                      "from this client address: ask without it and poll, or retry later"
+                      + (", or wrong keys." if self.keyed else "."), headers=RETRY_AFTER)
+        if not finished:
+            return {"429": busy}
+        if repeat:
+            return {"200": answer("The same job and workflow were accepted before (nothing "
+                                  "is sent again); or, with ?wait=, the job finished within "
+                                  "the wait: its status, as GET /jobstatus/ answers it.",
+                                  {"anyOf": [ref("StartReply"), ref("JobStatus")]}),
+                    "429": busy}
+        return {"200": answer("With ?wait=: the job finished within the wait; its status, "
+                              "as GET /jobstatus/ answers it.", "JobStatus"), "429": busy}
 
     def gpu_parameter(self, name: str, location: str, auto: bool = False,
                       empty: bool = False, default: str | None = None) -> dict[str, Any]:

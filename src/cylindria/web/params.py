@@ -207,3 +207,17 @@ def _event_id(raw: str | None, name: str) -> int | None:
         raise BadRequest(f"{name} must be an event id this stream sent (a whole number), "
                          f"got {raw[:40]!r}.")
     return value
+
+
+def wait(query: Mapping[str, str], most: int) -> int | None:
+    """`?wait=`: whole seconds from 1 to `most` (CYLINDRIA_MAX_WAIT); None when absent
+    or empty, which answers at once."""
+    raw = query.get("wait")
+    if raw is None or raw == "":
+        return None
+    value = canonical_int(raw)
+    if value is None or not 1 <= value <= most:
+        raise BadRequest(f"wait must be a whole number of seconds from 1 to {most}, in plain "
+                         f"digits (got {raw[:40]!r}); leave it out to be answered at once.",
+                         extra={"parameter": "wait", "max_wait": most})
+    return value

@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from ..appkeys import WAITERS
 from ..config import Settings
 from ..errors import CannotListen
 from .connections import BACKLOG, guard
@@ -121,6 +122,8 @@ async def start_server(app: web.Application, settings: Settings, *,
         HeadTimeouts(server, timing.head_timeout)
         # After HeadTimeouts: a connection refused at once never gets its timer.
         guard(server, settings)
+        # Requests waiting with ?wait= give their slot back as their client leaves.
+        app[WAITERS].watch(server)
         site = web.TCPSite(runner, settings.host, settings.port, backlog=BACKLOG)
         try:
             await site.start()

@@ -20,6 +20,8 @@ from .client import FINAL_STATES, AsyncClient, CylindriaError
 (COMPLETED, FAILED, BAD_INPUT, CANCELLED, REJECTED, LOST, UNREACHABLE, REFUSED_KEY,
  STILL_GOING) = range(9)
 LEFT_RUNNING = 130
+# What a shell reports for a program its pipe ended: whoever read the output left.
+PIPE_CLOSED = 128 + signal.SIGPIPE
 STATE_CODES = {"completed": COMPLETED, "failed": FAILED, "cancelled": CANCELLED,
                "rejected": REJECTED}
 # While the event stream carries the job, a poll now and then is only a safety net;
@@ -47,6 +49,11 @@ def main(ns: argparse.Namespace) -> int:
         return fail(exc.message, error_code(exc))
     except KeyboardInterrupt:
         return fail("Interrupted.", LEFT_RUNNING)
+    except BrokenPipeError:
+        # Whoever read the output stopped reading (`| head`): nothing more to say. The
+        # rest goes nowhere, so the interpreter's own flush at exit fails quietly too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return PIPE_CLOSED
 
 
 def fail(message: str, code: int) -> int:

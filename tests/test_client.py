@@ -168,6 +168,40 @@ async def test_an_unreachable_service_is_one_error():
     assert url in down.value.message
 
 
+async def test_last_status_is_the_http_status_of_the_last_answer(service):
+    svc = await service()
+    async with AsyncClient(svc.url) as cy:
+        assert cy.last_status == 0
+        workflow = quick()
+        await cy.submit("s-1", workflow, gpu=0)
+        assert cy.last_status == 202
+        await cy.submit("s-1", workflow, gpu=0)
+        assert cy.last_status == 200
+        with pytest.raises(CylindriaError):
+            await cy.status("nobody")
+        assert cy.last_status == 404
+    with Client(f"http://127.0.0.1:{free_port_run(1)}", timeout=2) as down:
+        with pytest.raises(CylindriaError):
+            down.gpus()
+        assert down.last_status == 0
+
+
+async def test_a_port_that_does_not_answer_in_http_is_unreachable():
+    async def banner(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"SSH-2.0-OpenSSH_9.2\r\n")
+        await writer.drain()
+        writer.close()
+    server = await asyncio.start_server(banner, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    async with server, AsyncClient(url, timeout=5) as cy:
+        with pytest.raises(CylindriaError) as odd:
+            await cy.gpus()
+    assert (odd.value.status, odd.value.code) == (0, "unreachable")
+    assert odd.value.message == (f"{url} did not answer in HTTP (Bad status line): is "
+                                 "that Cylindria's address?")
+
+
 async def test_cancel_retry_and_a_wait_that_runs_out(service):
     svc = await service()
     svc.sim.pause(at="tick")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import gc
 import json
 import os
 import select
@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
 from PIL import ImageGrab
 
 from cylindria import desktop as tester
-from cylindria import desktop_form
 from cylindria.addresses import free_port_run
+from cylindria.client import Client, CylindriaError
 from cylindria.desktop import InputError, parse_target
 
 import workflows
@@ -182,17 +181,29 @@ class Prompt:
         return options.get("initialvalue") if self.accept_shown else self.answer
 
 
+def spy_on_perform(monkeypatch: pytest.MonkeyPatch, record: Callable[..., None]) -> None:
+    real = tester.perform
+
+    def spy(client: Client, method: str, url: str, action: tester.Action) -> tester.Reply:
+        record(client, method, url)
+        return real(client, method, url, action)
+    monkeypatch.setattr(tester, "perform", spy)
+
+
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
-    """Every HTTP call the tester makes, still made for real."""
+    """The method and URL of every call the tester makes, still made for real."""
     made: list[tuple[str, str]] = []
-    real = tester.call
-
-    def spy(method: str, url: str, **kw: Any) -> tester.Reply:
-        made.append((method, url))
-        return real(method, url, **kw)
-    monkeypatch.setattr(tester, "call", spy)
+    spy_on_perform(monkeypatch, lambda client, method, url: made.append((method, url)))
     return made
+
+
+@pytest.fixture
+def clients(monkeypatch: pytest.MonkeyPatch) -> list[Client]:
+    """The client each call of the tester went through."""
+    used: list[Client] = []
+    spy_on_perform(monkeypatch, lambda client, method, url: used.append(client))
+    return used
 
 
 @pytest.fixture
@@ -210,6 +221,10 @@ def make_app(display: str, service: Service) -> Iterator[Callable[..., tester.Te
     yield make
     for app in apps:
         app.close()
+    apps.clear()
+    # Tk objects must be freed on the thread that made them: collect the closed windows
+    # here, not wherever the next collection happens to run (a client's thread).
+    gc.collect()
 
 
 def pump_until(app: tester.TesterApp, done: Callable[[], Any], what: str,
@@ -307,16 +322,34 @@ def test_start_job_then_follow_it_to_completion(make_app, display, tmp_path):
     assert shot.stat().st_size > 0
 
 
-def test_api_key_is_sent_only_when_filled(make_app):
+def test_api_key_is_sent_only_when_filled(make_app, clients):
     app = make_app(api_key="")
 
     shown = press(app, app.server_status_button)
     assert shown.splitlines()[1].startswith("HTTP 401 Unauthorized")
     assert body_of(shown)["error"]["code"] == "unauthorized"
+    assert app.status_var.get() == "HTTP 401 Unauthorized from GET /serverstatus"
 
     fill(app.key_entry, API_KEY)
     shown = press(app, app.server_status_button)
     assert shown.splitlines()[1].startswith("HTTP 200 OK")
+    # A new key is a new client; the next call with the same fields reuses it.
+    press(app, app.server_status_button)
+    first, second, third = clients
+    assert first is not second and second is third
+    with pytest.raises(CylindriaError) as closed:
+        first.gpus()
+    assert closed.value.code == "closed"
+
+
+def test_closing_the_window_closes_its_client(make_app, clients):
+    app = make_app()
+    assert "HTTP 200 OK" in press(app, app.server_status_button)
+    assert clients[0].gpus()["gpus"]  # still open while the window is
+    app.close()
+    with pytest.raises(CylindriaError) as closed:
+        clients[0].gpus()
+    assert closed.value.code == "closed"
 
 
 def test_unknown_job_shows_the_404(make_app):
@@ -332,11 +365,12 @@ def test_missing_server_is_a_message_and_the_window_stays_usable(make_app, servi
 
     shown = press(app, app.server_status_button)
 
-    assert "Connection refused" in shown and "Traceback" not in shown
-    assert "Connection refused" in app.status_var.get()
+    reached = f"Cylindria at http://127.0.0.1:{app.port_var.get()} could not be reached"
+    assert reached in shown and "Traceback" not in shown
+    assert app.status_var.get().startswith(reached)
     assert not app.server_status_button.instate(["disabled"])
     # Still responsive: a second click is answered the same way, and so is a fix.
-    assert "Connection refused" in press(app, app.server_status_button)
+    assert reached in press(app, app.server_status_button)
     fill(app.port_entry, str(service.port))
     assert "HTTP 200 OK" in press(app, app.server_status_button)
 
@@ -351,19 +385,25 @@ def odd_server() -> Iterator[Callable[[bytes | None], int]]:
         listener = socket.create_server(("127.0.0.1", 0))
         sockets.append(listener)
         if answer is not None:
-            def serve_once() -> None:
-                conn, _ = listener.accept()
-                with conn:
-                    # Read the whole request first: closing on unread bytes would reset
-                    # the connection instead of answering.
-                    request = b""
-                    while b"\r\n\r\n" not in request and len(request) < 65536:
-                        chunk = conn.recv(65536)
-                        if not chunk:
-                            break
-                        request += chunk
-                    conn.sendall(answer)
-            thread = threading.Thread(target=serve_once, daemon=True)
+            def serve() -> None:
+                # Every connection, until the listener shuts: the client tries again
+                # once on a fresh connection when a GET is hung up on.
+                while True:
+                    try:
+                        conn, _ = listener.accept()
+                    except OSError:
+                        return
+                    with conn:
+                        # Read the whole request first: closing on unread bytes would
+                        # reset the connection instead of answering.
+                        request = b""
+                        while b"\r\n\r\n" not in request and len(request) < 65536:
+                            chunk = conn.recv(65536)
+                            if not chunk:
+                                break
+                            request += chunk
+                        conn.sendall(answer)
+            thread = threading.Thread(target=serve, daemon=True)
             thread.start()
             threads.append(thread)
         # With answer None nothing accepts: the kernel completes the connection and
@@ -371,15 +411,36 @@ def odd_server() -> Iterator[Callable[[bytes | None], int]]:
         return listener.getsockname()[1]
     yield start
     for listener in sockets:
+        listener.shutdown(socket.SHUT_RDWR)  # wakes the thread waiting in accept()
         listener.close()
     for thread in threads:
         thread.join(timeout=5)
 
 
+def test_a_window_closed_during_a_call_closes_its_client_when_the_call_ends(
+        make_app, odd_server, clients):
+    app = make_app(port=odd_server(None), timeout=1.5)
+    app.server_status_button.invoke()
+    wait_for(lambda: clients, "the call to start")
+    loops = [t for t in threading.enumerate() if t.name == "cylindria-client"]
+    assert len(loops) == 1
+
+    app.close()
+
+    # The call in flight keeps its client until the service gives up on it.
+    assert loops[0].is_alive()
+    wait_for(lambda: not loops[0].is_alive(), "the client's thread to stop")
+    with pytest.raises(CylindriaError) as closed:
+        clients[0].gpus()
+    assert closed.value.code == "closed"
+
+
 @pytest.mark.parametrize("answer, expected", [
-    (b"SSH-2.0-OpenSSH_9.2\r\n", "did not answer in HTTP (BadStatusLine)"),
-    (b"", "did not answer in HTTP (RemoteDisconnected)"),
-    (None, "No answer from 127.0.0.1:{port} within 0.5 seconds."),
+    (b"SSH-2.0-OpenSSH_9.2\r\n", "http://127.0.0.1:{port} did not answer in HTTP (Bad "
+                                   "status line): is that Cylindria's address?"),
+    (b"", "Cylindria at http://127.0.0.1:{port} could not be reached (Server "
+          "disconnected)."),
+    (None, "Cylindria at http://127.0.0.1:{port} did not answer in time."),
 ], ids=["not-http", "hang-up", "silent"])
 def test_a_port_that_is_not_cylindria_is_a_message(make_app, odd_server, answer, expected):
     port = odd_server(answer)
@@ -475,10 +536,32 @@ def test_without_tkinter_the_command_says_what_to_install(tmp_path):
                                      "apt-get install python3-tk")
 
 
+def test_launcher_without_the_dependencies_says_how_to_get_them(tmp_path):
+    # -S hides the virtual environment's site-packages, and with them aiohttp.
+    result = subprocess.run([sys.executable, "-S", str(ROOT / "cylindria_tester.py")],
+                            env=clean_env(), cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr == (
+        f"cylindria tester needs Cylindria's dependencies (aiohttp is missing from "
+        f"{sys.executable}): run `make install`, then `.venv/bin/cylindria tester`; or "
+        "`pip install -e .` in this Python.\n")
+
+
+def test_the_tester_imports_the_client_and_nothing_of_the_server():
+    probe = ("import json, sys, cylindria.desktop\n"
+             "print(json.dumps(sorted(m for m in sys.modules if m.startswith('cylindria.'))))\n")
+    result = subprocess.run([sys.executable, "-c", probe], env=clean_env(),
+                            capture_output=True, text=True, timeout=60, check=True)
+    loaded = json.loads(result.stdout)
+    assert "cylindria.client.sync" in loaded
+    assert [m for m in loaded if not m.startswith(("cylindria.client", "cylindria.desktop"))] \
+        == []
+
+
 @pytest.mark.parametrize("command", [
-    # -S hides the virtual environment's site-packages: the launcher must find the
-    # checkout's own src/ without Cylindria being installed.
-    [sys.executable, "-S", str(ROOT / "cylindria_tester.py")],
+    # The checkout's launcher, run by the virtual environment's Python.
+    [sys.executable, str(ROOT / "cylindria_tester.py")],
     [*CYLINDRIA, "tester"],
 ], ids=["launcher", "cli"])
 def test_launchers_open_the_window(display, tmp_path, command):
@@ -520,54 +603,6 @@ def write_workflow(folder: Path, workflow: dict[str, Any]) -> Path:
     path = folder / "workflow.json"
     path.write_text(json.dumps(workflow))
     return path
-
-
-async def test_multipart_form_reads_back_as_sent(aiohttp_server, tmp_path):
-    async def read_form(request: web.Request) -> web.Response:
-        # Read part by part with aiohttp's reader, as Cylindria itself reads the form.
-        fields = []
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            fields.append({"field": part.name, "filename": part.filename,
-                           "content_type": part.headers["Content-Type"],
-                           "data": (await part.read()).decode("latin-1")})
-        return web.json_response({"content_type": request.headers["Content-Type"],
-                                  "fields": fields})
-    app = web.Application()
-    app.router.add_put("/form", read_form)
-    server = await aiohttp_server(app)
-    # Bytes that look like the form's own syntax must come back untouched.
-    tricky = b"\r\n--cylindria-tester-x\r\n\x00\xff" * 3
-    files = [tmp_path / "photo.png", tmp_path / 'ét"é']
-    files[0].write_bytes(PHOTO.read_bytes())
-    files[1].write_bytes(tricky)
-    workflow = json.dumps(load_image()).encode()
-
-    body, content_type = desktop_form.multipart_form(workflow, files)
-    reply = await asyncio.to_thread(tester.call, "PUT", str(server.make_url("/form")),
-                                    body=body, content_type=content_type)
-
-    assert reply.status == 200, reply.render()
-    answer = json.loads(reply.body)
-    assert content_type.startswith("multipart/form-data; boundary=cylindria-tester-")
-    assert answer["content_type"] == content_type
-    assert answer["fields"] == [
-        {"field": "workflow", "filename": None, "content_type": "application/json",
-         "data": workflow.decode()},
-        {"field": "file", "filename": "photo.png", "content_type": "image/png",
-         "data": PHOTO.read_bytes().decode("latin-1")},
-        {"field": "file", "filename": 'ét"é', "content_type": "application/octet-stream",
-         "data": tricky.decode("latin-1")},
-    ]
-    # The exact framing: CRLF line endings, the parts, then the closing delimiter.
-    small = tmp_path / "notes.txt"
-    small.write_bytes(b"hi")
-    assert desktop_form.multipart_form(b"{}", [small], boundary="B") == (
-        b'--B\r\nContent-Disposition: form-data; name="workflow"\r\n'
-        b"Content-Type: application/json\r\n\r\n{}\r\n"
-        b'--B\r\nContent-Disposition: form-data; name="file"; filename="notes.txt"\r\n'
-        b"Content-Type: text/plain\r\n\r\nhi\r\n--B--\r\n",
-        "multipart/form-data; boundary=B")
 
 
 def test_attached_file_travels_with_the_job(make_app, display, service, tmp_path):
@@ -642,7 +677,7 @@ def test_two_files_of_one_name_are_refused(make_app, calls, tmp_path):
     assert calls == []
 
 
-def test_unreadable_and_oversized_files_are_refused(make_app, calls, tmp_path, monkeypatch):
+def test_unreadable_files_are_refused(make_app, tmp_path):
     photo = tmp_path / "photo.png"
     photo.write_bytes(PHOTO.read_bytes())
     dialog = FilesDialog(tmp_path / "missing.png")
@@ -653,38 +688,42 @@ def test_unreadable_and_oversized_files_are_refused(make_app, calls, tmp_path, m
     assert app.response_text() == (f"Cannot read {tmp_path / 'missing.png'}: "
                                    "No such file or directory.")
 
-    monkeypatch.setattr(desktop_form, "MAX_ATTACHED_BYTES", 100)
-    dialog.paths = (str(photo),)
-    app.attach_button.invoke()
-    assert app.response_text().startswith(f"These files come to {photo.stat().st_size:,} "
-                                          "bytes; the tester sends at most 100 bytes")
     assert app.attached == {}
 
-    # Attached, then gone before Start Job: the worker finds out, and nothing is sent.
-    monkeypatch.undo()
+    # Attached, then gone before Start Job: the client finds out before sending.
+    dialog.paths = (str(photo),)
     app.attach_button.invoke()
     photo.unlink()
     shown = press(app, app.start_job_button)
-    assert shown.splitlines()[-1] == (f"Cannot read {photo}: No such file or directory. "
-                                      "The job was not sent.")
-    assert "Traceback" not in shown and not app.busy
-    assert calls == [] and app.last_job_id is None
+    assert shown.splitlines()[-1] == (f"The input file {str(photo)!r} cannot be read: "
+                                      "No such file or directory.")
+    assert app.status_var.get() == shown.splitlines()[-1]
+    assert "Traceback" not in shown and not app.busy and app.last_job_id is None
 
 
 def test_a_refusal_before_the_files_are_sent_is_a_message(make_app, odd_server, tmp_path):
     # Cylindria answers 413 as soon as a file passes its limit and closes the connection
-    # while the rest is still coming; the tester cannot read that answer, but says so.
+    # while the rest is still coming. Whether the client reads that answer before the
+    # connection is reset depends on timing: each way, the window says what happened.
     big = tmp_path / "photo.png"
     big.write_bytes(bytes(32 * 1024 * 1024))  # more than loopback buffers take at once
     port = odd_server(b"HTTP/1.1 413 Request Entity Too Large\r\nConnection: close\r\n"
                       b"Content-Length: 0\r\n\r\n")
-    app = make_app(port=port, askopenfilename=FileDialog(write_workflow(tmp_path,
-                                                                        load_image())),
+    app = make_app(port=port, timeout=2.0,
+                   askopenfilename=FileDialog(write_workflow(tmp_path, load_image())),
                    askopenfilenames=FilesDialog(big))
     app.attach_button.invoke()
 
     shown = press(app, app.start_job_button)
 
-    assert f"127.0.0.1:{port} closed the connection before the whole request was sent" \
-        in shown and "Traceback" not in shown
-    assert not app.busy and app.last_job_id is None
+    lines = shown.splitlines()
+    if lines[1].startswith("HTTP 413 Request Entity Too Large"):
+        assert lines[2:] == ["Files sent: photo.png", "", "HTTP 413: no body"]
+        assert app.last_job_id is not None
+    else:  # reset while sending, or left waiting for an answer the reset lost
+        assert lines[1] == "" and len(lines) == 3 and app.last_job_id is None
+        assert lines[2].startswith((f"Cylindria at http://127.0.0.1:{port} could not be "
+                                    "reached (", f"Cylindria at http://127.0.0.1:{port} "
+                                    "did not answer in time."))
+        assert lines[2].endswith(tester.CUT_SHORT)
+    assert "Traceback" not in shown and not app.busy

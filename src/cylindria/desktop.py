@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import queue
-import re
 import sys
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
-from .desktop_form import InputError, attach, load_workflow, multipart_form
+from .client import Client, CylindriaError
+from .client.aio import quote
+from .desktop_form import InputError, Target, attach, load_workflow, parse_target
 
 try:
     import tkinter as tk
@@ -38,23 +36,13 @@ log = logging.getLogger(__name__)
 TITLE = "Cylindria tester"
 DEFAULT_URL = "http://127.0.0.1"
 DEFAULT_PORT = 8000
-DEFAULT_TIMEOUT = 10.0
+# The client's whole-call limit: an upload of large input files counts in it.
+DEFAULT_TIMEOUT = 30.0
 # Long enough for the worker's answer to feel immediate, short enough to cost nothing.
 POLL_MS = 30
-WHOLE_NUMBER = re.compile(r"-?[0-9]+")
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    """Where requests go, validated from the form."""
-
-    base_url: str
-    gpu_id: int
-    api_key: str
-
-    def url(self, path: str, query: dict[str, str] | None = None) -> str:
-        suffix = f"?{urllib.parse.urlencode(query)}" if query else ""
-        return f"{self.base_url}{path}{suffix}"
+Action = Callable[[Client], Mapping[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +57,7 @@ class Reply:
     error: str | None = None
     seconds: float = 0.0
     note: str = ""
+    code: str = ""  # the client's error code when no answer came
 
     @property
     def ok(self) -> bool:
@@ -85,74 +74,27 @@ class Reply:
         return "\n".join(lines)
 
 
-def parse_target(url: str, port: str, gpu_id: str, api_key: str) -> Target:
-    """Check the form's fields; raise InputError with a sentence naming the field."""
-    text = url.strip()
-    if not text:
-        raise InputError("Cylindria URL is empty: enter one such as http://127.0.0.1.")
-    if "://" not in text:
-        text = f"http://{text}"
-    parts = urllib.parse.urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InputError(f"Cylindria URL must look like http://host (got {url.strip()!r}).")
-    try:
-        url_port = parts.port
-    except ValueError:
-        url_port = -1
-    if url_port is not None or parts.query or parts.fragment or parts.username:
-        raise InputError("Cylindria URL must be only scheme and host, such as "
-                         "http://127.0.0.1; put the port in the Port field.")
-    port_number = _whole_number(port)
-    if port_number is None or not 1 <= port_number <= 65535:
-        raise InputError(f"Port must be a whole number from 1 to 65535 (got {port.strip()!r}).")
-    gpu = _whole_number(gpu_id)
-    if gpu is None or gpu < 0:
-        raise InputError(f"Gpu Id must be a whole number, 0 or more (got {gpu_id.strip()!r}).")
-    host = parts.hostname
-    if ":" in host:  # an IPv6 literal needs its brackets back next to a port
-        host = f"[{host}]"
-    # A path is kept so a Cylindria published under a prefix by a proxy works too.
-    base = f"{parts.scheme}://{host}:{port_number}{parts.path.rstrip('/')}"
-    return Target(base, gpu, api_key.strip())
-
-
-def _whole_number(text: str) -> int | None:
-    # int() alone would also take "+3", "3_000" or non-ASCII digits; the form wants
-    # plain digits, with a minus sign only so that the message can name it.
-    text = text.strip()
-    return int(text) if WHOLE_NUMBER.fullmatch(text) else None
-
-
 def new_job_id() -> str:
     """A random job id within the service's rule (letters, digits, '.', '_', '-')."""
     return f"tester-{uuid.uuid4().hex[:12]}"
 
 
-def call(method: str, url: str, *, api_key: str = "", body: bytes | bytearray | None = None,
-         content_type: str = "application/json", timeout: float = DEFAULT_TIMEOUT) -> Reply:
-    """One blocking HTTP call that never raises: failures come back as Reply.error."""
-    headers = {"Accept": "application/json"}
-    if api_key:
-        headers["X-API-Key"] = api_key
-    if body is not None:
-        headers["Content-Type"] = content_type
-    request = urllib.request.Request(url, data=body, headers=headers, method=method)
+def perform(client: Client, method: str, url: str, action: Action) -> Reply:
+    """Run one client call and describe its outcome; the client's errors become the
+    answer they carried, or the reason no answer came."""
     started = time.monotonic()
     try:
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as resp:
-                status, reason, data = resp.status, resp.reason, resp.read()
-        except urllib.error.HTTPError as exc:
-            # An error status is still an answer worth showing in full; reading its
-            # body can fail like any other read, hence the outer handler.
-            with exc:
-                status, reason, data = exc.code, exc.reason, exc.read()
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-        # HTTPException: something answered on that port, but not in HTTP.
-        return Reply(method, url, error=describe_failure(exc, url, timeout),
-                     seconds=time.monotonic() - started)
-    return Reply(method, url, status=status, reason=str(reason or _phrase(status)),
-                 body=pretty(data), seconds=time.monotonic() - started)
+        body = action(client)
+    except CylindriaError as exc:
+        seconds = time.monotonic() - started
+        if not exc.status:  # nothing came back, or nothing was sent
+            return Reply(method, url, error=exc.message, seconds=seconds, code=exc.code)
+        shown = pretty(exc.body) if exc.body else exc.message
+        return Reply(method, url, status=exc.status, reason=_phrase(exc.status),
+                     body=shown, seconds=seconds)
+    status = client.last_status
+    return Reply(method, url, status=status, reason=_phrase(status), body=pretty(body),
+                 seconds=time.monotonic() - started)
 
 
 def _phrase(status: int) -> str:
@@ -162,35 +104,14 @@ def _phrase(status: int) -> str:
         return ""
 
 
-def describe_failure(exc: BaseException, url: str, timeout: float) -> str:
-    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
-    where = urllib.parse.urlsplit(url).netloc
-    if isinstance(reason, ConnectionRefusedError):
-        return (f"Connection refused by {where}: is Cylindria running there? "
-                "Check the URL and the port.")
-    if isinstance(reason, TimeoutError):
-        return f"No answer from {where} within {timeout:g} seconds."
-    if isinstance(reason, ConnectionResetError | BrokenPipeError) and reason is not exc:
-        # urllib wraps only what fails while sending: the server stopped reading early.
-        return (f"{where} closed the connection before the whole request was sent: it "
-                "refused the request early, most often because a file is over its size "
-                "limit (100 MiB by default).")
-    if isinstance(reason, http.client.HTTPException | ConnectionResetError):
-        return (f"{where} did not answer in HTTP ({type(reason).__name__}): is that "
-                "Cylindria's port?")
-    if isinstance(reason, OSError) and reason.strerror:
-        return f"Cannot reach {where}: {reason.strerror}."
-    return f"Cannot reach {where}: {reason}."
+def pretty(body: Mapping[str, Any]) -> str:
+    return json.dumps(body, indent=2, ensure_ascii=False)
 
 
-def pretty(data: bytes) -> str:
-    text = data.decode("utf-8", errors="replace")
-    try:
-        return json.dumps(json.loads(text), indent=2, ensure_ascii=False)
-    except ValueError:
-        return text
-
-
+# What most often cuts a job with large files short, which the client cannot tell apart
+# from other lost connections.
+CUT_SHORT = ("If Cylindria is up there, a file over its size limit (100 MiB by default) is "
+             "the usual cause: it refuses the form before the rest arrives.")
 AskOpenFilename = Callable[..., Any]
 AskString = Callable[..., str | None]
 NO_FILES = "No files attached: Start Job sends the workflow alone."
@@ -220,6 +141,12 @@ class TesterApp:
         self._busy = False
         self._poll_id: str | None = None
         self._closed = False
+        # The client of the last target, made and replaced on the worker thread; the
+        # lock settles who closes it when the window closes during a call.
+        self._lock = threading.Lock()
+        self._client: Client | None = None
+        self._client_for: tuple[str, str] | None = None
+        self._in_flight = False
 
         self.url_var = tk.StringVar(self.root, url)
         self.port_var = tk.StringVar(self.root, str(port))
@@ -313,7 +240,8 @@ class TesterApp:
         if target is None:
             return
         url = target.url("/serverstatus", {"GpuId": str(target.gpu_id)})
-        self._run(f"Asking GPU {target.gpu_id} for its status…", "GET", url, target)
+        self._run(f"Asking GPU {target.gpu_id} for its status…", "GET", url, target,
+                  lambda cy: cy.server_status(target.gpu_id))
 
     def start_job(self) -> None:
         target = self._target()
@@ -332,6 +260,8 @@ class TesterApp:
             return
         job_id = new_job_id()
         url = target.url(f"/startjob/{job_id}/", {"GpuId": str(target.gpu_id)})
+        # attach() keeps names unique, and the form names each file by its name.
+        inputs = {path.name: path for path in self.attached}
 
         def remember(reply: Reply) -> None:
             # Any HTTP answer means the service has a record of the id, even a refusal.
@@ -341,7 +271,9 @@ class TesterApp:
 
         names = "".join(f", {path.name}" for path in self.attached)
         self._run(f"Submitting {Path(chosen).name}{names} as {job_id}…", "PUT", url, target,
-                  body=workflow, files=list(self.attached), then=remember)
+                  lambda cy: cy.submit(job_id, workflow, gpu=target.gpu_id,
+                                       inputs=inputs or None),
+                  files=list(inputs), then=remember)
 
     def job_status(self) -> None:
         target = self._target()
@@ -356,8 +288,9 @@ class TesterApp:
         if not job_id:
             self._show_message("Enter a job id to ask about.", "No job id given.")
             return
-        url = target.url(f"/jobstatus/{urllib.parse.quote(job_id, safe='')}/")
-        self._run(f"Asking about {job_id}…", "GET", url, target)
+        url = target.url(f"/jobstatus/{quote(job_id)}/")
+        self._run(f"Asking about {job_id}…", "GET", url, target,
+                  lambda cy: cy.status(job_id))
 
     def attach_files(self) -> None:
         chosen = self.askopenfilenames(parent=self.root, title="Attach files to the next job")
@@ -392,33 +325,57 @@ class TesterApp:
             self._show_message(str(exc), "Check the connection fields.")
             return None
 
-    def _run(self, waiting: str, method: str, url: str, target: Target, *,
-             body: bytes | None = None, files: list[Path] | None = None,
+    def _run(self, waiting: str, method: str, url: str, target: Target, action: Action,
+             *, files: list[str] | None = None,
              then: Callable[[Reply], None] | None = None) -> None:
         self._set_busy(True)
         self.status_var.set(waiting)
-        timeout = self.timeout
+        with self._lock:
+            self._in_flight = True
 
         def work() -> None:
             try:
-                sent, content_type = body, "application/json"
-                if files:  # checked again: a file may have changed since it was attached
-                    sent, content_type = multipart_form(body or b"", attach({}, files))
-                reply = call(method, url, api_key=target.api_key, body=sent,
-                             content_type=content_type, timeout=timeout)
+                reply = perform(self._client_of(target), method, url, action)
                 if files and reply.status is not None:
-                    reply = replace(reply, note=f"Files sent: {', '.join(p.name for p in files)}")
-            except InputError as exc:  # a file cannot be read (any more): nothing was sent
-                reply = Reply(method, url, error=f"{exc} The job was not sent.")
+                    reply = replace(reply, note=f"Files sent: {', '.join(files)}")
+                elif files and reply.code == "unreachable":
+                    reply = replace(reply, error=f"{reply.error} {CUT_SHORT}")
             except Exception as exc:
-                # call() expects every network failure; anything else is a bug, and it
-                # must still reach the window or the buttons would stay disabled.
+                # The client turns every failure into CylindriaError; anything else is a
+                # bug, and it must still reach the window or the buttons would stay
+                # disabled.
                 log.exception("%s %s failed", method, url)
                 reply = Reply(method, url, error=f"Unexpected error: {exc!r}")
+            finally:
+                with self._lock:
+                    self._in_flight = False
+                    left = self._take_client() if self._closed else None
+                if left is not None:
+                    left.close()
             self._replies.put((reply, then))
 
         threading.Thread(target=work, name=f"tester {method}", daemon=True).start()
         self._schedule_poll()
+
+    def _client_of(self, target: Target) -> Client:
+        """The client for `target`, made anew when the URL or the key changed; called on
+        the worker thread, one call at a time."""
+        wanted = (target.base_url, target.api_key)
+        with self._lock:
+            if self._client_for == wanted and self._client is not None:
+                return self._client
+            old = self._take_client()
+            self._client = Client(target.base_url, target.api_key or None,
+                                  timeout=self.timeout)
+            self._client_for = wanted
+            client = self._client
+        if old is not None:
+            old.close()
+        return client
+
+    def _take_client(self) -> Client | None:
+        client, self._client, self._client_for = self._client, None, None
+        return client
 
     def _schedule_poll(self) -> None:
         if self._poll_id is None and not self._closed:
@@ -471,10 +428,15 @@ class TesterApp:
         return self._busy
 
     def close(self) -> None:
-        """Destroy the window; a call still in flight finishes on its daemon thread."""
+        """Destroy the window and close the client; a call still in flight finishes on
+        its worker thread, which closes the client then."""
         if self._closed:
             return
-        self._closed = True
+        with self._lock:
+            self._closed = True
+            client = None if self._in_flight else self._take_client()
+        if client is not None:
+            client.close()
         if self._poll_id is not None:
             self.root.after_cancel(self._poll_id)
             self._poll_id = None

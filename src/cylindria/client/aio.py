@@ -41,6 +41,8 @@ class AsyncClient:
     `url` is the service's base URL, `key` its API key (sent as `X-API-Key`), `session`
     an aiohttp ClientSession to use (it stays open when the client closes); without one
     the client makes its own on first use. Every error answer raises `CylindriaError`.
+    `last_status` is the HTTP status of the last answer (0 before the first, and when
+    the last request got none), for showing it: calls made side by side overwrite it.
 
         async with AsyncClient("http://127.0.0.1:8000") as cy:
             await cy.submit("hello-1", "docs/examples/quick.json", gpu="auto")
@@ -56,6 +58,7 @@ class AsyncClient:
         self.timeout = timeout
         self._session = session
         self._own_session = session is None
+        self.last_status = 0
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -277,6 +280,7 @@ class _Answer:
         self.resp: aiohttp.ClientResponse | None = None
 
     async def __aenter__(self) -> aiohttp.ClientResponse:
+        self.client.last_status = 0
         try:
             self.resp = resp = await self.pending
         except aiohttp.ClientConnectionError as exc:
@@ -285,6 +289,12 @@ class _Answer:
         except TimeoutError:
             raise CylindriaError(0, "unreachable", f"Cylindria at {self.client.url} did "
                                  "not answer in time.") from None
+        except aiohttp.ClientResponseError as exc:
+            # Raised when what came back is not HTTP: something else has that port.
+            what = (exc.message.splitlines() or [""])[0].rstrip(":")
+            raise CylindriaError(0, "unreachable", f"{self.client.url} did not answer in "
+                                 f"HTTP ({what}): is that Cylindria's address?") from None
+        self.client.last_status = resp.status
         if resp.status >= 400:
             try:
                 raw = await resp.read()

@@ -45,6 +45,11 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def last_status(self) -> int:
+        """See `AsyncClient.last_status`."""
+        return self._async.last_status
+
     def close(self) -> None:
         """Close the connections and stop the client's thread."""
         self._finalizer()

@@ -68,10 +68,18 @@ class PostgresServer:
             shutil.chown(self.folder, "postgres", "postgres")
         self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust",
                   "--encoding=UTF8", "--no-sync", "--no-instructions")
+        self.resume()
+
+    def resume(self) -> None:
+        """Start the server again on its data and port (after `halt`)."""
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.folder / "server.log"),
                   "-w", "-t", "30", "-o",
                   f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.folder} "
                   f"{self.options}", "start")
+
+    def halt(self) -> None:
+        """Stop the server, as an operator does (its sessions ended), keeping its data."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "-t", "30", "stop")
 
     def stop(self) -> None:
         try:

@@ -4,7 +4,9 @@ and a state file that stops taking writes."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import time
 
 import pytest
 import ujson
@@ -14,7 +16,10 @@ from hypothesis import strategies as st
 from cylindria.appkeys import JOURNAL, REGISTRY
 from cylindria.core.records import Job, JobState
 from cylindria.core.registry import Registry
+from cylindria.errors import StateUnavailable
 from cylindria.store.backend import encode_record
+from cylindria.store.journal import Journal
+from cylindria.store.writer import WriterThread
 
 import workflows
 from helpers import (
@@ -330,3 +335,57 @@ def test_records_with_long_texts_are_written_as_json_writes_them(outputs, other)
     the result reads back as the record, escapes, non-ASCII and all."""
     record = {"state": "completed", "outputs": outputs, "other": other}
     assert ujson.loads(encode_record(record, long_string=3)) == ujson.loads(ujson.dumps(record))
+
+
+class Unwritable:
+    """A database whose every write fails (as one that cannot be reached), noting when
+    each was tried; `back()` makes them work again."""
+
+    kind = "database"
+    name = "unwritable"
+    errors = (OSError,)
+    commits_inline = False
+    look_at = "the database server"
+    clustered = False
+
+    def __init__(self) -> None:
+        self.tries: list[float] = []
+        self.working = False
+
+    def write(self, rows, workflows) -> None:
+        self.tries.append(time.monotonic())
+        if not self.working:
+            raise OSError("connection refused\n\tis the server running?")
+
+    def close(self) -> None:
+        pass
+
+
+async def test_writes_that_fail_are_tried_again_with_backoff_and_logged_once(caplog):
+    database = Unwritable()
+    registry = Registry()
+    retry = 0.05
+    journal = Journal(database, WriterThread(asyncio.get_running_loop()), registry.saved,
+                      retry, inline=False)
+    registry.subscribe(journal.note)
+    try:
+        with caplog.at_level(logging.WARNING, logger="cylindria.store.journal"):
+            job = registry.begin("first", 0, "p1", "f", ["1"])
+            with pytest.raises(StateUnavailable) as refused:
+                await journal.durable(job)
+            assert "\n" not in refused.value.message and "Retry later" in refused.value.message
+            assert not journal.writable
+            await wait_until(lambda: len(database.tries) >= 7, 5, "seven tries")
+            gaps = [b - a for a, b in itertools.pairwise(list(database.tries))]
+            # Each wait doubles, shortened by at most a fifth, up to eight times the first.
+            for n, gap in enumerate(gaps[:5]):
+                assert gap >= retry * 0.8 * min(2 ** n, 8), gaps
+            assert gaps[5] < retry * 16 * 0.8, gaps
+            database.working = True
+            await wait_until(lambda: journal.writable, 2, "writes to work again")
+            assert job.saved_version == job.version
+        said = [r.getMessage() for r in caplog.records]
+        assert len([m for m in said if "writing failed" in m]) == 1, said
+        assert len([m for m in said if "writes work again;" in m]) == 1, said
+    finally:
+        await journal.close()

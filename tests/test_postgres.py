@@ -1,4 +1,4 @@
-"""PostgreSQL as the journal's store: its schema's migrations, one Cylindria per database,
+"""PostgreSQL as the journal's store: its schema's migrations, one Cylindria per node,
 a lost connection, and the one line `cylindria serve` says when it cannot be used."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import pytest
 
 from cylindria.addresses import free_port_run
 from cylindria.core.registry import Registry
+from cylindria.nodes import default_node_name
 from cylindria.store import postgres
 from cylindria.store.journal import open_journal
 from cylindria.store.postgres import MIGRATIONS, SCHEMA_VERSION, migrate
@@ -51,12 +52,12 @@ async def test_an_empty_database_gets_every_migration_once(database_url):
     install_id = loaded.install_id
     await first.close()
     assert tables(database_url) == {
-        "tables": ["jobs", "meta", "schema_migrations", "workflows"],
+        "tables": ["jobs", "meta", "nodes", "schema_migrations", "workflows"],
         "versions": [version for version, _ in MIGRATIONS]}
     again, loaded = await postgres_journal(database_url, registry)
     await again.close()
     assert loaded.install_id == install_id
-    assert tables(database_url)["versions"] == [SCHEMA_VERSION]
+    assert tables(database_url)["versions"] == [version for version, _ in MIGRATIONS]
 
 
 def test_cylindrias_starting_at_once_migrate_in_turn(database_url):
@@ -70,7 +71,7 @@ def test_cylindrias_starting_at_once_migrate_in_turn(database_url):
         with psycopg.connect(**params, autocommit=True) as conn:
             start.wait(timeout=10)
             try:
-                migrate(conn, "test")
+                migrate(conn, "test", "node-test")
             except BaseException as exc:
                 errors.append(exc)
 
@@ -80,7 +81,7 @@ def test_cylindrias_starting_at_once_migrate_in_turn(database_url):
     for thread in threads:
         thread.join(timeout=30)
     assert errors == []
-    assert tables(database_url)["versions"] == [SCHEMA_VERSION]
+    assert tables(database_url)["versions"] == [version for version, _ in MIGRATIONS]
 
 
 def test_a_database_of_a_newer_cylindria_is_refused(database_url):
@@ -97,16 +98,17 @@ def test_a_database_of_a_newer_cylindria_is_refused(database_url):
     assert tables(database_url) == {"tables": ["schema_migrations"], "versions": [1, 99]}
 
 
-async def test_a_second_cylindria_on_the_same_database_is_refused(database_url):
+async def test_a_second_cylindria_of_the_same_node_is_refused(database_url):
+    # Both are named after this host.
     journal, _ = await postgres_journal(database_url, Registry())
     try:
         code, line = serve_once("--database-url", database_url)
     finally:
         await journal.close()
     assert code == 1
-    assert line == (f"cylindria: error: database {database_url} is in use by another "
-                    "running Cylindria; stop that one first, or give this one its own "
-                    "database (for now, one Cylindria per database)")
+    assert line == (f"cylindria: error: node {default_node_name()} is running on database "
+                    f"{database_url} already; stop that Cylindria first, or give this one "
+                    "another --node-name / CYLINDRIA_NODE_NAME")
     # Once the first is gone, its lock is too.
     journal, _ = await postgres_journal(database_url, Registry())
     await journal.close()
@@ -157,6 +159,6 @@ async def test_a_lost_connection_is_made_again_with_its_lock(store, postgres_ser
         assert journal.writable
         assert store.record("after")["job_id"] == "after"
         code, line = serve_once("--database-url", store.url)
-        assert code == 1 and "in use by another running Cylindria" in line
+        assert code == 1 and "is running on database" in line
     finally:
         await journal.close()

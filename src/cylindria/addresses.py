@@ -253,6 +253,16 @@ def without_userinfo(url: str) -> str:
     return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
+def same_host(a: str, b: str) -> bool:
+    """Whether two listening addresses may be one host (a wildcard is every host)."""
+    if a == b:
+        return True
+    wildcard = {"0.0.0.0", "::", ""}
+    if a in wildcard or b in wildcard:
+        return True
+    return is_loopback(a) and is_loopback(b)
+
+
 def has_userinfo(url: str) -> bool:
     """Whether `url` carries a user name or password (even an empty one)."""
     try:

@@ -12,6 +12,7 @@ from aiohttp import web
 
 from . import dashboard
 from .appkeys import (
+    CLUSTER,
     EVENTS,
     GPUS,
     INPUTS,
@@ -29,11 +30,13 @@ from .core.estimates import RunTimes
 from .core.jobs import JobsService
 from .core.reading import WorkflowReader
 from .core.registry import Registry
+from .nodes import NodeInfo, advertised_url
 from .store.inputs import InputStore
 from .store.journal import Journal, open_journal
 from .upstream.comfy import CallbackClient, ComfyClient, open_session
 from .upstream.fetch import InputFetcher
 from .upstream.gpus import Gpu
+from .upstream.heartbeat import Cluster, heartbeat
 from .upstream.inputs import InputDelivery
 from .upstream.listeners import cancel_and_wait, dispatch_held, listen, poll, retry_owed
 from .upstream.webhooks import WebhookSender
@@ -73,6 +76,10 @@ def create_app(settings: Settings) -> web.Application:
     app[REQUEST_COUNTER] = app[metrics.METRICS].count_request
     registry.subscribe(app[metrics.METRICS].on_change)
     app[TASKS] = {}
+    node = NodeInfo(settings.node_name,
+                    advertised_url(settings.host, settings.port, settings.advertise_url),
+                    settings.timing.heartbeat_interval)
+    app[CLUSTER] = Cluster(node, enabled=settings.database_url is not None)
 
     dashboard.setup(app)
     for module in (api, inputs, outputs, gpus, events, metrics):
@@ -89,6 +96,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(webhooks_ctx)
     app.cleanup_ctx.append(housekeeping_ctx)
     app.cleanup_ctx.append(listeners_ctx)
+    app.cleanup_ctx.append(nodes_ctx)
     return app
 
 
@@ -108,12 +116,18 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
     registry = app[REGISTRY]
     journal, loaded = await open_journal(settings.state_file, settings.memory_jobs,
                                          registry.saved, settings.state_sync_full,
-                                         timing.state_retry, settings.database_url)
+                                         timing.state_retry, settings.database_url,
+                                         app[CLUSTER].node)
     app[JOURNAL] = journal
     registry.subscribe(journal.note)
     log.info("jobs are kept in %s: %d job(s) held, %d loaded into memory, %d in flight",
              journal.name, loaded.held, len(loaded.jobs),
              sum(not job.terminal for job in loaded.jobs))
+    if journal.clustered:
+        node = app[CLUSTER].node
+        log.info("node %s (others reach it at %s); jobs in flight of other nodes, left "
+                 "to them: %s", node.name, node.advertise_url,
+                 ", ".join(f"{name} ({n})" for name, n in loaded.elsewhere.items()) or "none")
     # Decodes large JSON (workflows, ComfyUI's answers) in a worker process.
     reader = WorkflowReader(settings.max_nodes)
     store = InputStore(settings.input_dir, settings.input_store_max, registry.uses_input,
@@ -239,3 +253,18 @@ async def listeners_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         await cancel_and_wait(list(tasks.values()))
         tasks.clear()
+
+
+async def nodes_ctx(app: web.Application) -> AsyncIterator[None]:
+    """With PostgreSQL: this node's heartbeat, a named task; stopping marks its row."""
+    journal = app[JOURNAL]
+    if not journal.clustered:
+        yield
+        return
+    task = asyncio.create_task(heartbeat(app[CLUSTER], journal.beat, app[GPUS], app[JOBS]),
+                               name="heartbeat")
+    try:
+        yield
+    finally:
+        await cancel_and_wait([task])
+        await journal.leave()

@@ -12,6 +12,7 @@ from .core.registry import Registry
 from .store.inputs import InputStore
 from .store.journal import Journal
 from .upstream.gpus import Gpu
+from .upstream.heartbeat import Cluster
 from .upstream.webhooks import WebhookSender
 from .web.eventhub import EventHub
 from .web.signins import Signins
@@ -29,6 +30,8 @@ JOBS = web.AppKey("jobs", JobsService)
 JOURNAL = web.AppKey("journal", Journal)
 WEBHOOKS = web.AppKey("webhooks", WebhookSender)
 INPUTS = web.AppKey("inputs", InputStore)
+# This node and the others sharing its PostgreSQL database, as heartbeats show them.
+CLUSTER = web.AppKey("cluster", Cluster)
 # (The metrics' key is METRICS in web/metrics.py, which reads the keys above.)
 # Background tasks by name: each GPU's listener and poller.
 TASKS = web.AppKey("tasks", dict[str, asyncio.Task[None]])

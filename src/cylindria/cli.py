@@ -42,7 +42,7 @@ SIM_COST_FLAGS = (("--step-seconds", "step_seconds"),
 
 SERVE_FLAGS = ("host", "port", "comfy_url", "num_gpus", "dev_mode", "dev_save_dir",
                "log_level", "insecure_no_auth", "default_gpu", "state_file", "no_state",
-               "database_url")
+               "database_url", "node_name", "advertise_url")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +170,14 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
                              "path still places the input files): postgresql://USER:"
                              "PASSWORD@HOST:PORT/DATABASE (env CYLINDRIA_DATABASE_URL; "
                              "needs cylindria[postgres])")
+    parser.add_argument("--node-name", dest="node_name", default=None, metavar="NAME",
+                        help="with --database-url: this Cylindria's name among those "
+                             "sharing the database (env CYLINDRIA_NODE_NAME, default the "
+                             "host name)")
+    parser.add_argument("--advertise-url", dest="advertise_url", default=None, metavar="URL",
+                        help="with --database-url: the URL the other nodes are told to "
+                             "reach this one at (env CYLINDRIA_ADVERTISE_URL, default "
+                             "http://HOST:PORT, a wildcard host being the host name)")
     parser.add_argument("--insecure-no-auth", dest="insecure_no_auth",
                         action="store_const", const=True, default=None,
                         help="allow a non-loopback --host without CYLINDRIA_API_KEY")

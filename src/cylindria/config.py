@@ -9,11 +9,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from . import nodes
 from .addresses import (
     bracket,
     database_url_problem,
     is_loopback,
     parse_allow,
+    same_host,
     trusted_networks,
 )
 from .errors import ConfigError
@@ -110,6 +112,8 @@ class Timing:
     body_min_rate: float = 500.0
     body_idle_timeout: float = 30.0
     input_fetch_timeout: float = 60.0
+    # With PostgreSQL: seconds between two writes of this node's row (and GPUs).
+    heartbeat_interval: float = nodes.DEFAULT_HEARTBEAT
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +150,10 @@ class Settings:
     # PostgreSQL keeps the jobs instead of the state file (--database-url); the input
     # files stay beside the state file's path all the same.
     database_url: str | None = None
+    # This Cylindria among those sharing the database, and the URL they reach it at
+    # (None: http://HOST:PORT of the service) (--node-name, --advertise-url).
+    node_name: str = field(default_factory=nodes.default_node_name)
+    advertise_url: str | None = None
     retention_days: float = DEFAULT_RETENTION_DAYS
     memory_jobs: int = DEFAULT_MEMORY_JOBS
     retry_lost: int = 0
@@ -197,15 +205,6 @@ class Settings:
         return self.state_file.with_name(self.state_file.stem + "-inputs")
 
 
-def _same_host(a: str, b: str) -> bool:
-    if a == b:
-        return True
-    wildcard = {"0.0.0.0", "::", ""}
-    if a in wildcard or b in wildcard:
-        return True
-    return is_loopback(a) and is_loopback(b)
-
-
 def validate(s: Settings) -> None:
     """Raise ConfigError with one line naming the setting and what is allowed."""
     if not 1 <= s.num_gpus <= MAX_GPUS:
@@ -234,7 +233,7 @@ def validate(s: Settings) -> None:
     if last > 65535:
         raise ConfigError(f"{_named('comfy_url')} port {base_port} with {s.num_gpus} GPUs "
                           f"needs ports up to {last}, past 65535; lower the base port")
-    if _same_host(parts.hostname, s.host) and base_port <= s.port <= last:
+    if same_host(parts.hostname, s.host) and base_port <= s.port <= last:
         raise ConfigError(f"{_named('comfy_url')} ports {base_port}..{last} include "
                           f"Cylindria's own {s.host}:{s.port}; point it at ComfyUI (default "
                           "port 8188) or change --port")
@@ -311,6 +310,9 @@ def validate(s: Settings) -> None:
     if s.database_url is not None and (problem := database_url_problem(s.database_url)):
         raise ConfigError(f"--database-url / CYLINDRIA_DATABASE_URL {problem}; give it as "
                           "postgresql://USER:PASSWORD@HOST:PORT/DATABASE")
+    if problem := nodes.node_name_problem(s.node_name) or (
+            s.advertise_url is not None and nodes.advertise_url_problem(s.advertise_url)):
+        raise ConfigError(problem)
 
 
 def _int(name: str, value: str) -> int:
@@ -383,7 +385,8 @@ _NUMBERS: tuple[tuple[str, str, Callable[[str, str], float]], ...] = (
 _TIMINGS = (("poll_interval", "CYLINDRIA_POLL_INTERVAL"),
             ("lost_grace", "CYLINDRIA_LOST_GRACE"),
             ("body_timeout", "CYLINDRIA_BODY_TIMEOUT"),
-            ("body_min_rate", "CYLINDRIA_BODY_MIN_RATE"))
+            ("body_min_rate", "CYLINDRIA_BODY_MIN_RATE"),
+            ("heartbeat_interval", "CYLINDRIA_HEARTBEAT_INTERVAL"))
 
 
 def load_settings(
@@ -414,6 +417,7 @@ def load_settings(
         values["dev_save_dir"] = Path(env["CYLINDRIA_DEV_SAVE_DIR"])
     values["state_file"] = Path(env.get("CYLINDRIA_STATE_FILE") or DEFAULT_STATE_FILE)
     values["database_url"] = env.get("CYLINDRIA_DATABASE_URL") or None
+    values.update({key: env[name].strip() for key, name in nodes.NODE_ENV if env.get(name)})
     if env.get("CYLINDRIA_STATE_SYNC"):
         sync = env["CYLINDRIA_STATE_SYNC"].strip().lower()
         if sync not in ("normal", "full"):
@@ -443,7 +447,7 @@ def load_settings(
                                      if f.strip())
 
     for key in ("host", "port", "comfy_url", "num_gpus", "dev_mode", "log_level",
-                "insecure_no_auth"):
+                "insecure_no_auth", "node_name", "advertise_url"):
         if flags.get(key) is not None:
             values[key] = flags[key]
     if flags.get("default_gpu") is not None:

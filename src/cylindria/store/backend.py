@@ -27,6 +27,9 @@ class Loaded:
     held: int = 0
     # Run times learned by an earlier run (RunTimes.to_state), or None.
     run_times: dict[str, Any] | None = None
+    # With nodes sharing the database: the other nodes' jobs in flight, by node (left
+    # to them).
+    elsewhere: dict[str, int] = field(default_factory=dict)
 
 
 class Database(Protocol):
@@ -44,6 +47,9 @@ class Database(Protocol):
     commits_inline: ClassVar[bool]
     # What the operator should look at when writes fail ("the disk").
     look_at: ClassVar[str]
+    # Whether it holds nodes: then it also has `beat(gpus_json)`, which writes this
+    # node's heartbeat and returns the other nodes' rows, and `leave()` (PostgreSQL).
+    clustered: ClassVar[bool]
 
     def load(self, memory_jobs: int) -> Loaded:
         """Every job in flight, the newest finished ones, and where numbering stands."""

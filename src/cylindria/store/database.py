@@ -138,6 +138,8 @@ class StateFile:
     # A WAL commit without fsync takes tens of microseconds.
     commits_inline = True
     look_at = "the disk"
+    # One host: no nodes.
+    clustered = False
 
     def __init__(self, conn: sqlite3.Connection, name: str, lock_fd: int | None) -> None:
         self.conn = conn

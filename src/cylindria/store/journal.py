@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable
 from datetime import datetime
@@ -15,6 +16,7 @@ import ujson
 
 from ..core.records import Job, to_record
 from ..errors import StateFileError, StateUnavailable
+from ..nodes import NodeInfo, default_node_name
 from .backend import Database, Loaded, Row
 from .database import open_database
 from .writer import WriterThread
@@ -27,6 +29,10 @@ INLINE_WORKFLOW = 64 * 1024
 
 
 PRUNE_BATCH = 500
+# While writes fail, the next try comes `retry_seconds` after a failure, then twice as
+# long after each further one, up to this many times as long. Each wait is shortened by
+# up to a fifth at random, so that nodes sharing a database do not all come back at once.
+RETRY_CEILING = 8
 
 
 class Journal:
@@ -40,10 +46,11 @@ class Journal:
     takes longer); with CYLINDRIA_STATE_SYNC=full, or a database across the network,
     it never does.
 
-    When writes fail (a full disk, a broken file), the error is logged once, new
-    submissions are refused (`durable` raises StateUnavailable), jobs already in
-    flight go on being tracked in memory, and writing is tried again every few
-    seconds until it works.
+    When writes fail (a full disk, a broken file, a database that cannot be reached),
+    the error is logged once, new submissions are refused (`durable` raises
+    StateUnavailable), jobs already in flight go on being tracked in memory, and
+    writing is tried again, with backoff, until it works (logged once too); then every
+    change made meanwhile is written.
     """
 
     def __init__(self, database: Database, writer: WriterThread,
@@ -64,8 +71,11 @@ class Journal:
         self._writing: asyncio.Future[None] | None = None
         self._failure: str | None = None
         self._retry: asyncio.TimerHandle | None = None
+        # Failed tries since writes last worked: the backoff's exponent.
+        self._tries = 0
         self._written_event = asyncio.Event()
         self._closed = False
+        self._beat_failing = False
         self.commits = 0
         # Seconds from handing a batch over to its commit, summed over `commits`.
         self.commit_seconds = 0.0
@@ -196,6 +206,10 @@ class Journal:
         if self._failure is not None:
             log.warning("%s: writes work again; new jobs are accepted", self.label)
             self._failure = None
+            self._tries = 0
+            if self._retry is not None:
+                self._retry.cancel()
+                self._retry = None
         for job_id, _ in workflows:
             self._workflows.pop(job_id, None)
         for job, version, _ in batch:
@@ -203,19 +217,36 @@ class Journal:
         self._on_saved([(job, version) for job, version, _ in batch])
 
     def _failed(self, error: BaseException | None, batch: list[tuple[Job, int, Row]]) -> None:
-        if self._failure is None:
-            log.error("%s: writing failed (%s); new jobs are refused until writes work "
-                      "again, jobs in flight are still followed", self.label, error)
-        self._failure = str(error)
+        self._lost(error)
         for job, version, _ in batch:
             # Written again with the next attempt, unless a newer version is waiting.
             self._dirty.setdefault(job.job_id, job)
             self._release(job.job_id, version, self._unavailable())
-        self._retry = asyncio.get_running_loop().call_later(self._retry_seconds, self._retry_now)
+
+    def _lost(self, error: BaseException | None) -> None:
+        """Writes fail: said once, not at each try; the next try is set, with backoff."""
+        if self._failure is None:
+            log.error("%s: writing failed (%s); new jobs are refused until writes work "
+                      "again, jobs in flight are still followed", self.label,
+                      _one_line(error))
+        self._failure = _one_line(error)
+        if self._retry is None and not self._closed:
+            factor = min(2 ** self._tries, RETRY_CEILING)
+            if factor < RETRY_CEILING:
+                self._tries += 1
+            self._retry = asyncio.get_running_loop().call_later(
+                self._retry_seconds * factor * random.uniform(0.8, 1.0), self._retry_now)
 
     def _retry_now(self) -> None:
         self._retry = None
         self._kick()
+
+    def _answered(self) -> None:
+        """The database answered (a heartbeat went through): while writes fail, they are
+        tried now rather than at the end of the backoff."""
+        if self._failure is not None and self._retry is not None:
+            self._retry.cancel()
+            self._retry_now()
 
     def _release(self, job_id: str, version: int, error: BaseException | None) -> None:
         waiting = self._waiters.get(job_id)
@@ -247,17 +278,30 @@ class Journal:
 
     async def fetch(self, job_id: str) -> Job | None:
         """A job from the file (one that memory no longer holds)."""
-        return await self._run(lambda db: db.job(job_id))
+        return await self._read(lambda db: db.job(job_id))
 
     async def workflow(self, job_id: str) -> bytes | str | None:
-        return await self._run(lambda db: db.workflow(job_id))
+        return await self._read(lambda db: db.workflow(job_id))
 
     async def page(self, states: Iterable[str] | None, gpu_id: int | None, before: int,
                    limit: int) -> list[Job]:
-        return await self._run(lambda db: db.page(states, gpu_id, before, limit))
+        return await self._read(lambda db: db.page(states, gpu_id, before, limit))
+
+    async def _read(self, work: Callable[[Database], T]) -> T:
+        """A read for a request: when the database fails it, StateUnavailable (a 503)."""
+        try:
+            return await self._run(work)
+        except self._database.errors as exc:
+            raise StateUnavailable(
+                f"Cylindria cannot read its {self._database.kind} now ({_one_line(exc)}). "
+                f"Retry later; the operator should check {self._database.look_at}.",
+                headers={"Retry-After": "10"}) from None
 
     async def save_run_times(self, state: dict[str, Any]) -> None:
-        """Keep what was learned of run times (written whole; it is small)."""
+        """Keep what was learned of run times (written whole; it is small). Not while
+        writes fail: the next change, or the shutdown, writes them."""
+        if self._failure is not None:
+            return
         text = ujson.dumps(state)
         try:
             await self._run(lambda db: db.set_meta("run_times", text))
@@ -267,11 +311,43 @@ class Journal:
     async def held(self) -> int:
         return await self._run(lambda db: db.held())
 
+    # -- nodes (PostgreSQL) ---------------------------------------------------------
+
+    @property
+    def clustered(self) -> bool:
+        """Whether the database holds nodes (PostgreSQL): then `beat` and `leave` work."""
+        return self._database.clustered
+
+    async def beat(self, gpus: list[dict[str, Any]]) -> list[tuple[Any, ...]] | None:
+        """Write this node's heartbeat, on the journal's thread; the other nodes' rows
+        (see PostgresDatabase.beat), or None when the write failed (logged)."""
+        text = ujson.dumps(gpus)
+        try:
+            rows = await self._run(lambda db: db.beat(text))  # type: ignore[attr-defined]
+        except self._database.errors as exc:
+            if not self._beat_failing:  # once, not at every beat
+                log.warning("%s: the node's heartbeat failed (%s); the other nodes will "
+                            "see this one as not alive until it works again", self.label, exc)
+            self._beat_failing = True
+            return None
+        if self._beat_failing:
+            log.warning("%s: the node's heartbeat works again", self.label)
+            self._beat_failing = False
+        self._answered()
+        return rows
+
+    async def leave(self) -> None:
+        """Mark this node as stopped in its row."""
+        try:
+            await self._run(lambda db: db.leave())  # type: ignore[attr-defined]
+        except self._database.errors as exc:
+            log.warning("%s: marking the node as stopped failed (%s)", self.label, exc)
+
     async def prune(self, before: datetime) -> int:
         """Delete every job finished before `before`, in small transactions so that
         commits of live jobs go in between."""
         total = 0
-        while True:
+        while self._failure is None:
             try:
                 count = await self._run(lambda db: db.prune(before.timestamp(), PRUNE_BATCH))
             except self._database.errors as exc:
@@ -280,6 +356,7 @@ class Journal:
             total += count
             if count < PRUNE_BATCH:
                 return total
+        return total
 
     async def _run(self, work: Callable[[Database], T]) -> T:
         return await self._submit(work, self._database)
@@ -302,14 +379,18 @@ class Journal:
 async def open_journal(path: Path | None, memory_jobs: int,
                        on_saved: Callable[[list[tuple[Job, int]]], None],
                        sync_full: bool = False, retry_seconds: float = 2.0,
-                       database_url: str | None = None) -> tuple[Journal, Loaded]:
+                       database_url: str | None = None,
+                       node: NodeInfo | None = None) -> tuple[Journal, Loaded]:
     """Open the jobs' database on the journal's own thread and read what memory needs:
-    PostgreSQL at `database_url` when there is one, else the state file at `path` (None:
-    a database in memory). StateFileError if it cannot be used."""
+    PostgreSQL at `database_url` when there is one (as `node`, by default named after
+    this host), else the state file at `path` (None: a database in memory).
+    StateFileError if it cannot be used."""
     writer = WriterThread(asyncio.get_running_loop())
     try:
         if database_url is not None:
-            database, loaded = await writer.submit(_open_postgres, database_url, memory_jobs)
+            node = node or NodeInfo(default_node_name(), "")
+            database, loaded = await writer.submit(_open_postgres, database_url, memory_jobs,
+                                                   node)
         else:
             database, loaded = await writer.submit(open_database, path, memory_jobs,
                                                    sync_full)
@@ -320,7 +401,7 @@ async def open_journal(path: Path | None, memory_jobs: int,
     return Journal(database, writer, on_saved, retry_seconds, inline), loaded
 
 
-def _open_postgres(url: str, memory_jobs: int) -> tuple[Database, Loaded]:
+def _open_postgres(url: str, memory_jobs: int, node: NodeInfo) -> tuple[Database, Loaded]:
     # Imported here: the driver is an extra, and SQLite's users need not install it.
     try:
         from .postgres import open_postgres
@@ -328,7 +409,14 @@ def _open_postgres(url: str, memory_jobs: int) -> tuple[Database, Loaded]:
         raise StateFileError(
             f"--database-url needs the PostgreSQL driver psycopg, which cannot be loaded "
             f"({exc}): pip install 'cylindria[postgres]'") from None
-    return open_postgres(url, memory_jobs)
+    return open_postgres(url, memory_jobs, node)
+
+
+def _one_line(error: BaseException | None) -> str:
+    # A driver's message may run over several lines (psycopg's hints do).
+    if error is None:
+        return "the write was cancelled"
+    return " ".join(str(error).split()) or error.__class__.__name__
 
 
 def _row(job: Job) -> Row:

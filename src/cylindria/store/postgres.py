@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -13,6 +14,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from ..core.records import Job, from_record
 from ..errors import StateFileError
+from ..nodes import NodeInfo
 from .backend import IN_FLIGHT_STATES, Loaded, Row, encode_record
 
 T = TypeVar("T")
@@ -20,8 +22,12 @@ T = TypeVar("T")
 # Advisory lock keys, (class, object): the class is "Cyli" in ASCII, so other users of
 # advisory locks in the same database are not in the way. Keys are per database.
 LOCK_CLASS = 0x43796C69
-NODE_LOCK = (LOCK_CLASS, 1)
+# What a Cylindria of schema 1 held, one per database: a node migrating to schema 2
+# checks that none still runs.
+SINGLE_NODE_LOCK = (LOCK_CLASS, 1)
 MIGRATION_LOCK = (LOCK_CLASS, 2)
+# Each node's own lock: class "Cyln", object a hash of its name.
+NODE_LOCK_CLASS = 0x43796C6E
 # What a connection takes unless the URL says otherwise: seconds to connect, and
 # keepalives, so that a server gone silent fails a statement within about half a
 # minute instead of hanging the journal's thread.
@@ -52,11 +58,44 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
         "CREATE INDEX jobs_by_finish ON jobs (finished_at) WHERE finished_at IS NOT NULL",
         "CREATE TABLE workflows (job_id text PRIMARY KEY, workflow bytea NOT NULL)",
     )),
+    # Nodes: several Cylindrias share the database, each with the jobs it took (job ids
+    # and numbers are each node's own). The node that migrates adopts the jobs written
+    # before (`%(node)s` is its name).
+    (2, (
+        "ALTER TABLE jobs ADD COLUMN node text",
+        "ALTER TABLE workflows ADD COLUMN node text",
+        "UPDATE jobs SET node = %(node)s WHERE node IS NULL",
+        "UPDATE workflows SET node = %(node)s WHERE node IS NULL",
+        "ALTER TABLE jobs ALTER COLUMN node SET NOT NULL, DROP CONSTRAINT jobs_pkey, "
+        "DROP CONSTRAINT jobs_job_id_key, ADD PRIMARY KEY (node, seq), "
+        "ADD UNIQUE (node, job_id)",
+        "ALTER TABLE workflows ALTER COLUMN node SET NOT NULL, "
+        "DROP CONSTRAINT workflows_pkey, ADD PRIMARY KEY (node, job_id)",
+        "DROP INDEX jobs_by_state",
+        "CREATE INDEX jobs_by_state ON jobs (node, state, seq)",
+        "DROP INDEX jobs_by_gpu",
+        "CREATE INDEX jobs_by_gpu ON jobs (node, gpu_id, seq)",
+        "DROP INDEX jobs_by_finish",
+        "CREATE INDEX jobs_by_finish ON jobs (node, finished_at) "
+        "WHERE finished_at IS NOT NULL",
+        # One row per node, written by its heartbeats: its GPUs as it last saw them;
+        # stopped_at is set when it stops cleanly (the row stays).
+        """CREATE TABLE nodes (
+            name text PRIMARY KEY,
+            advertise_url text NOT NULL,
+            started_at timestamptz NOT NULL,
+            heartbeat_at timestamptz NOT NULL,
+            heartbeat_seconds double precision NOT NULL,
+            stopped_at timestamptz,
+            gpus jsonb NOT NULL)""",
+    )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 TRY_NODE_LOCK = "SELECT pg_try_advisory_lock(%s, %s)"
+UNLOCK_NODE = "SELECT pg_advisory_unlock(%s, %s)"
 LOCK_MIGRATIONS = "SELECT pg_advisory_xact_lock(%s, %s)"
+TRY_SINGLE_NODE_LOCK = "SELECT pg_try_advisory_xact_lock(%s, %s)"
 CREATE_MIGRATIONS = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     version integer PRIMARY KEY,
@@ -74,47 +113,74 @@ GET_META = "SELECT value FROM meta WHERE key = %s"
 # every row, each list as one array (a batch holds each job once).
 WRITE = """
 WITH written AS (
-    INSERT INTO workflows (job_id, workflow)
-    SELECT * FROM unnest(%s::text[], %s::bytea[])
-    ON CONFLICT (job_id) DO UPDATE SET workflow = excluded.workflow)
-INSERT INTO jobs (seq, job_id, state, gpu_id, finished_at, record)
-SELECT * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::integer[],
-                     %s::double precision[], %s::text[])
-ON CONFLICT (job_id) DO UPDATE SET seq = excluded.seq, state = excluded.state,
+    INSERT INTO workflows (node, job_id, workflow)
+    SELECT %s, * FROM unnest(%s::text[], %s::bytea[])
+    ON CONFLICT (node, job_id) DO UPDATE SET workflow = excluded.workflow)
+INSERT INTO jobs (node, seq, job_id, state, gpu_id, finished_at, record)
+SELECT %s, * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::integer[],
+                         %s::double precision[], %s::text[])
+ON CONFLICT (node, job_id) DO UPDATE SET seq = excluded.seq, state = excluded.state,
     gpu_id = excluded.gpu_id, finished_at = excluded.finished_at, record = excluded.record
 """
-IN_FLIGHT = "SELECT record FROM jobs WHERE state = ANY(%s)"
-NEWEST_FINISHED = ("SELECT record FROM jobs WHERE finished_at IS NOT NULL "
+# Every statement on jobs is the node's own: its first parameter is the node's name.
+IN_FLIGHT = "SELECT record FROM jobs WHERE node = %s AND state = ANY(%s)"
+NEWEST_FINISHED = ("SELECT record FROM jobs WHERE node = %s AND finished_at IS NOT NULL "
                    "ORDER BY seq DESC LIMIT %s")
-LAST_SEQ = "SELECT COALESCE(MAX(seq), 0) FROM jobs"
-FIRST_EVICTED = ("SELECT seq FROM jobs WHERE finished_at IS NOT NULL ORDER BY seq DESC "
-                 "LIMIT 1 OFFSET %s")
-COUNT = "SELECT COUNT(*) FROM jobs"
+LAST_SEQ = "SELECT COALESCE(MAX(seq), 0) FROM jobs WHERE node = %s"
+FIRST_EVICTED = ("SELECT seq FROM jobs WHERE node = %s AND finished_at IS NOT NULL "
+                 "ORDER BY seq DESC LIMIT 1 OFFSET %s")
+COUNT = "SELECT COUNT(*) FROM jobs WHERE node = %s"
+# The other nodes' jobs in flight, by node: left alone, and named in the log.
+ELSEWHERE = ("SELECT node, COUNT(*) FROM jobs WHERE node <> %s AND state = ANY(%s) "
+             "GROUP BY node ORDER BY node")
 PRUNE_JOBS = """
-DELETE FROM jobs WHERE seq IN (
-    SELECT seq FROM jobs WHERE finished_at < %s LIMIT %s)
+DELETE FROM jobs WHERE node = %s AND seq IN (
+    SELECT seq FROM jobs WHERE node = %s AND finished_at < %s LIMIT %s)
 RETURNING job_id
 """
-PRUNE_WORKFLOWS = "DELETE FROM workflows WHERE job_id = ANY(%s)"
-ONE_JOB = "SELECT record FROM jobs WHERE job_id = %s"
-ONE_WORKFLOW = "SELECT workflow FROM workflows WHERE job_id = %s"
+PRUNE_WORKFLOWS = "DELETE FROM workflows WHERE node = %s AND job_id = ANY(%s)"
+ONE_JOB = "SELECT record FROM jobs WHERE node = %s AND job_id = %s"
+ONE_WORKFLOW = "SELECT workflow FROM workflows WHERE node = %s AND job_id = %s"
 # A page of jobs, newest first, by which filters it has (states, GPU): one statement
 # each, so each is planned on the index that fits it.
 PAGES = {
-    (False, False): "SELECT record FROM jobs WHERE seq < %s ORDER BY seq DESC LIMIT %s",
-    (True, False): "SELECT record FROM jobs WHERE seq < %s AND state = ANY(%s) "
+    (False, False): "SELECT record FROM jobs WHERE node = %s AND seq < %s "
+                    "ORDER BY seq DESC LIMIT %s",
+    (True, False): "SELECT record FROM jobs WHERE node = %s AND seq < %s "
+                   "AND state = ANY(%s) ORDER BY seq DESC LIMIT %s",
+    (False, True): "SELECT record FROM jobs WHERE node = %s AND seq < %s AND gpu_id = %s "
                    "ORDER BY seq DESC LIMIT %s",
-    (False, True): "SELECT record FROM jobs WHERE seq < %s AND gpu_id = %s "
-                   "ORDER BY seq DESC LIMIT %s",
-    (True, True): "SELECT record FROM jobs WHERE seq < %s AND state = ANY(%s) "
-                  "AND gpu_id = %s ORDER BY seq DESC LIMIT %s",
+    (True, True): "SELECT record FROM jobs WHERE node = %s AND seq < %s "
+                  "AND state = ANY(%s) AND gpu_id = %s ORDER BY seq DESC LIMIT %s",
 }
+# The node's row: written at start-up (started now, no GPUs seen yet), by each
+# heartbeat, and when it stops. A heartbeat reads the other nodes' rows in the same
+# round trip, their ages by the database's clock (so the hosts' clocks do not matter).
+JOIN = """
+INSERT INTO nodes (name, advertise_url, started_at, heartbeat_at, heartbeat_seconds, gpus)
+VALUES (%s, %s, now(), now(), %s, '[]')
+ON CONFLICT (name) DO UPDATE SET advertise_url = excluded.advertise_url,
+    started_at = now(), heartbeat_at = now(), heartbeat_seconds = excluded.heartbeat_seconds,
+    stopped_at = NULL, gpus = excluded.gpus
+"""
+BEAT = """
+WITH beat AS (
+    INSERT INTO nodes (name, advertise_url, started_at, heartbeat_at, heartbeat_seconds, gpus)
+    VALUES (%s, %s, now(), now(), %s, %s::jsonb)
+    ON CONFLICT (name) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL,
+        gpus = excluded.gpus)
+SELECT name, advertise_url, started_at, heartbeat_seconds, stopped_at IS NOT NULL,
+       EXTRACT(EPOCH FROM now() - heartbeat_at)::double precision, gpus
+FROM nodes WHERE name <> %s ORDER BY name
+"""
+LEAVE = "UPDATE nodes SET heartbeat_at = now(), stopped_at = now() WHERE name = %s"
 
 
-def open_postgres(url: str, memory_jobs: int) -> tuple[PostgresDatabase, Loaded]:
-    """Connect, take the node's lock, bring the schema up to date and load. Every
-    failure is a StateFileError that names the database (never its password) and says
-    what to do."""
+def open_postgres(url: str, memory_jobs: int,
+                  node: NodeInfo) -> tuple[PostgresDatabase, Loaded]:
+    """Connect, take the node's lock, bring the schema up to date, write the node's row
+    and load its jobs. Every failure is a StateFileError that names the database (never
+    its password) and says what to do."""
     params = connection_params(url)
     name = display_name(params)
     try:
@@ -122,13 +188,14 @@ def open_postgres(url: str, memory_jobs: int) -> tuple[PostgresDatabase, Loaded]
     except psycopg.Error as exc:
         raise _unreachable(name, exc) from None
     try:
-        if not conn.execute(TRY_NODE_LOCK, NODE_LOCK).fetchone()[0]:
+        if not conn.execute(TRY_NODE_LOCK, node_lock(node.name)).fetchone()[0]:
             raise StateFileError(
-                f"database {name} is in use by another running Cylindria; stop that one "
-                "first, or give this one its own database (for now, one Cylindria per "
-                "database)")
-        migrate(conn, name)
-        database = PostgresDatabase(conn, params, name)
+                f"node {node.name} is running on database {name} already; stop that "
+                "Cylindria first, or give this one another --node-name / "
+                "CYLINDRIA_NODE_NAME")
+        migrate(conn, name, node.name)
+        conn.execute(JOIN, (node.name, node.advertise_url, node.heartbeat_seconds))
+        database = PostgresDatabase(conn, params, name, node)
         return database, database.load(memory_jobs)
     except psycopg.Error as exc:
         conn.close()
@@ -160,10 +227,17 @@ def display_name(params: dict[str, Any]) -> str:
     return f"postgresql://{user}{host}{port}/{dbname}"
 
 
-def migrate(conn: psycopg.Connection[Any], name: str) -> None:
+def node_lock(node: str) -> tuple[int, int]:
+    """The advisory lock of the node named `node`: (class, a signed 32-bit hash)."""
+    digest = zlib.crc32(node.encode())
+    return NODE_LOCK_CLASS, digest - (1 << 32) if digest >= 1 << 31 else digest
+
+
+def migrate(conn: psycopg.Connection[Any], name: str, node: str) -> None:
     """Apply the migrations the database lacks, in order, in one transaction; under an
     advisory lock, so that Cylindrias starting at once take turns. A database of a newer
-    Cylindria is refused."""
+    Cylindria is refused, and so is one a Cylindria of schema 1 still uses. `node`
+    adopts the jobs written before nodes."""
     with conn.transaction():
         conn.execute(LOCK_MIGRATIONS, MIGRATION_LOCK)
         conn.execute(CREATE_MIGRATIONS)
@@ -173,10 +247,18 @@ def migrate(conn: psycopg.Connection[Any], name: str) -> None:
                 f"database {name} has schema {current} and this Cylindria knows schemas "
                 f"up to {SCHEMA_VERSION}: it was written by a newer Cylindria; upgrade "
                 "Cylindria, or pass another --database-url")
+        if 0 < current < 2 and not conn.execute(TRY_SINGLE_NODE_LOCK,
+                                                 SINGLE_NODE_LOCK).fetchone()[0]:
+            raise StateFileError(
+                f"database {name} is in use by a Cylindria of an earlier version; stop it "
+                "first, then start this one (it brings the database up to date)")
         for version, statements in MIGRATIONS:
             if version > current:
                 for statement in statements:
-                    conn.execute(statement)
+                    if "%(node)s" in statement:
+                        conn.execute(statement, {"node": node})
+                    else:
+                        conn.execute(statement)
                 conn.execute(RECORD_VERSION, (version,))
         conn.execute(ADD_META, ("install_id", secrets.token_hex(4)))
 
@@ -233,20 +315,25 @@ class PostgresDatabase:
     commits_inline = False
     look_at = "the database server"
 
+    # Nodes share the database: each writes its row and reads the others' (heartbeats).
+    clustered = True
+
     def __init__(self, conn: psycopg.Connection[Any], params: dict[str, Any],
-                 name: str) -> None:
+                 name: str, node: NodeInfo) -> None:
         self._conn = conn
         self._params = params
         self.name = name
+        self.node = node
 
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn.closed or self._conn.broken:
             self._conn.close()
             conn = _connect(self._params)
-            if not conn.execute(TRY_NODE_LOCK, NODE_LOCK).fetchone()[0]:
+            if not conn.execute(TRY_NODE_LOCK, node_lock(self.node.name)).fetchone()[0]:
                 conn.close()
                 raise psycopg.OperationalError(
-                    "the connection was lost, and another Cylindria holds the database now")
+                    f"the connection was lost, and another Cylindria runs as node "
+                    f"{self.node.name} now")
             self._conn = conn
         return self._conn
 
@@ -264,13 +351,16 @@ class PostgresDatabase:
     def _load(self, conn: psycopg.Connection[Any], memory_jobs: int) -> Loaded:
         (install_id,) = conn.execute(GET_META, ("install_id",)).fetchone()
         loaded = Loaded(install_id=install_id)
-        rows = conn.execute(IN_FLIGHT, (list(IN_FLIGHT_STATES),)).fetchall()
-        finished = conn.execute(NEWEST_FINISHED, (memory_jobs,)).fetchall()
+        node = self.node.name
+        states = list(IN_FLIGHT_STATES)
+        rows = conn.execute(IN_FLIGHT, (node, states)).fetchall()
+        finished = conn.execute(NEWEST_FINISHED, (node, memory_jobs)).fetchall()
         loaded.jobs = [from_record(ujson.loads(r[0])) for r in (*rows, *reversed(finished))]
-        loaded.last_seq = conn.execute(LAST_SEQ).fetchone()[0]
-        older = conn.execute(FIRST_EVICTED, (memory_jobs,)).fetchone()
+        loaded.last_seq = conn.execute(LAST_SEQ, (node,)).fetchone()[0]
+        older = conn.execute(FIRST_EVICTED, (node, memory_jobs)).fetchone()
         loaded.evicted_through = older[0] if older else 0
-        loaded.held = conn.execute(COUNT).fetchone()[0]
+        loaded.held = conn.execute(COUNT, (node,)).fetchone()[0]
+        loaded.elsewhere = dict(conn.execute(ELSEWHERE, (node, states)).fetchall())
         row = conn.execute(GET_META, ("run_times",)).fetchone()
         if row:
             try:
@@ -283,7 +373,14 @@ class PostgresDatabase:
         self._run(lambda conn: conn.execute(SET_META, (key, value)))
 
     def close(self) -> None:
-        # Closing the session releases its advisory lock.
+        # Closing the session releases its advisory lock, but only once the server has
+        # ended it: released first, so that a Cylindria started right after finds the
+        # node free.
+        if not (self._conn.closed or self._conn.broken):
+            try:
+                self._conn.execute(UNLOCK_NODE, node_lock(self.node.name))
+            except psycopg.Error:
+                pass  # the session's end releases it all the same
         self._conn.close()
 
     # -- writing --------------------------------------------------------------------
@@ -297,31 +394,51 @@ class PostgresDatabase:
                 column.append(value)
         ids = [job_id for job_id, _ in workflows]
         blobs = [data.encode() if isinstance(data, str) else data for _, data in workflows]
-        self._run(lambda conn: conn.execute(WRITE, (ids, blobs, *columns)))
+        node = self.node.name
+        self._run(lambda conn: conn.execute(WRITE, (node, ids, blobs, node, *columns)))
 
     def prune(self, before: float, batch: int) -> int:
+        node = self.node.name
+
         def prune(conn: psycopg.Connection[Any]) -> int:
             with conn.transaction():
-                doomed = [r[0] for r in conn.execute(PRUNE_JOBS, (before, batch))]
+                doomed = [r[0] for r in conn.execute(PRUNE_JOBS, (node, node, before, batch))]
                 if doomed:
-                    conn.execute(PRUNE_WORKFLOWS, (doomed,))
+                    conn.execute(PRUNE_WORKFLOWS, (node, doomed))
             return len(doomed)
 
         return self._run(prune)
 
+    # -- the node's row -------------------------------------------------------------
+
+    def beat(self, gpus: str) -> list[tuple[Any, ...]]:
+        """Write this node's heartbeat with its GPUs (JSON); the other nodes' rows:
+        (name, advertise_url, started_at, heartbeat_seconds, stopped, age in seconds,
+        gpus)."""
+        node = self.node
+        return self._run(lambda conn: conn.execute(
+            BEAT, (node.name, node.advertise_url, node.heartbeat_seconds, gpus,
+                   node.name)).fetchall())
+
+    def leave(self) -> None:
+        """The node stops: its row says when (and stays)."""
+        self._run(lambda conn: conn.execute(LEAVE, (self.node.name,)))
+
     # -- reading ------------------------------------------------------------------------
 
     def job(self, job_id: str) -> Job | None:
-        row = self._run(lambda conn: conn.execute(ONE_JOB, (job_id,)).fetchone())
+        row = self._run(lambda conn: conn.execute(ONE_JOB, (self.node.name,
+                                                          job_id)).fetchone())
         return None if row is None else from_record(ujson.loads(row[0]))
 
     def workflow(self, job_id: str) -> bytes | None:
-        row = self._run(lambda conn: conn.execute(ONE_WORKFLOW, (job_id,)).fetchone())
+        row = self._run(lambda conn: conn.execute(ONE_WORKFLOW, (self.node.name,
+                                                               job_id)).fetchone())
         return None if row is None else bytes(row[0])
 
     def page(self, states: Iterable[str] | None, gpu_id: int | None, before: int,
              limit: int) -> list[Job]:
-        args: list[Any] = [before]
+        args: list[Any] = [self.node.name, before]
         if states is not None:
             args.append(sorted(states))
         if gpu_id is not None:
@@ -332,4 +449,4 @@ class PostgresDatabase:
         return [from_record(ujson.loads(r[0])) for r in rows]
 
     def held(self) -> int:
-        return self._run(lambda conn: conn.execute(COUNT).fetchone()[0])
+        return self._run(lambda conn: conn.execute(COUNT, (self.node.name,)).fetchone()[0])

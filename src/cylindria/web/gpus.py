@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from aiohttp import web
 
-from ..appkeys import GPUS, JOBS
+from ..appkeys import CLUSTER, GPUS, JOBS
 from ..jsonio import json_response
+from ..nodes import gpu_name
 from ..upstream.gpus import Gpu
+from ..upstream.heartbeat import gpu_summary
 from . import params, render
 
 routes = web.RouteTableDef()
@@ -25,8 +28,19 @@ async def overview(app: web.Application, gpu: Gpu) -> dict[str, Any]:
 
 @routes.get("/gpus/", name="gpus")
 async def get_gpus(request: web.Request) -> web.Response:
-    bodies = await asyncio.gather(*(overview(request.app, g) for g in request.app[GPUS]))
-    return json_response({"gpus": list(bodies)})
+    app = request.app
+    bodies = await asyncio.gather(*(overview(app, g) for g in app[GPUS]))
+    cluster = app[CLUSTER]
+    if not cluster.enabled:
+        return json_response({"gpus": list(bodies)})
+    # With PostgreSQL: each GPU named across the nodes, and every node with its GPUs
+    # (this one's live, the others' from their last heartbeat).
+    node = cluster.node.name
+    for gpu, body in zip(app[GPUS], bodies, strict=True):
+        body["name"], body["node"] = gpu_name(node, gpu.index), node
+    own = [gpu_summary(node, gpu, await gpu.probe(), app[JOBS]) for gpu in app[GPUS]]
+    return json_response({"gpus": list(bodies),
+                          "nodes": render.cluster_nodes(cluster, own, time.monotonic())})
 
 
 @routes.post("/gpus/{gpu_id}/drain", name="gpu_drain")

@@ -29,6 +29,7 @@ from .openapi_parts import (
     JOB_ID,
     JOB_ID_CHARACTERS,
     JSON,
+    NODE_SCHEMAS,
     NUMBER,
     RETRY_AFTER,
     SESSION_REFUSED,
@@ -190,7 +191,7 @@ def schemas(shape: Shape) -> dict[str, Any]:
                          "description": "`job`: the job's status, as GET /jobstatus/ "
                                         "answers it; `resync`: what to do when events "
                                         "were missed."}}},
-        **openapi_inputs.schemas(),
+        **openapi_inputs.schemas(), **NODE_SCHEMAS,
     }
 
 
@@ -336,11 +337,8 @@ def paths(shape: Shape) -> dict[str, Any]:
                 {"name": "before", "in": "query", "required": False,
                  "description": "A page's `next_before`: the jobs older than it.",
                  "schema": {"type": "string", "pattern": optional(COUNTING)}}])},
-        "/gpus/": {"get": op(
-            "Every GPU.", {"200": answer("The GPUs.", {
-                "type": "object", "required": ["gpus"],
-                "properties": {"gpus": {"type": "array", "items": ref("GpuStatus")}}})},
-            tags=("gpus",))},
+        "/gpus/": {"get": op("Every GPU (with PostgreSQL, every node's).",
+                             {"200": answer("The GPUs.", "GpuList")}, tags=("gpus",))},
         "/gpus/{gpu_id}/drain": {"post": drain(shape, "Stop automatic placement on a GPU.")},
         "/gpus/{gpu_id}/undrain": {"post": drain(shape, "Open a drained GPU again.")},
         "/events/": {"get": op(

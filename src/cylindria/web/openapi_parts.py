@@ -145,3 +145,48 @@ class Shape:
         else:
             op["security"] = []
         return op
+
+
+# `GET /gpus/`; with PostgreSQL (nodes sharing the database) its GPUs are named across
+# the nodes and `nodes` lists every node with its GPUs.
+_NODE_GPU = {
+    "type": "object", "required": ["name", "node", "gpu_id", "reachable", "drained"],
+    "description": "A GPU as its node's heartbeat carries it (this node's: live).",
+    "properties": {
+        "name": {"type": "string", "description": "NODE:N, e.g. gpu-a:0."},
+        "node": {"type": "string"}, "gpu_id": {"type": "integer"},
+        "status": {"type": "string", "enum": ["ok", "degraded"]},
+        "reachable": {"type": "boolean"}, "drained": {"type": "boolean"},
+        "queue_depth": {"type": "integer"},
+        "queue_remaining": {"type": ["integer", "null"]},
+        "running_job": {"type": ["string", "null"]}, "load": {"type": "number"},
+        "models": {"type": "array", "items": {"type": "string"},
+                   "description": "Model files its recent jobs loaded, oldest first."},
+        "devices": {"type": "array", "items": {"type": "object"}}}}
+NODE_SCHEMAS: dict[str, Any] = {
+    "GpuList": {
+        "type": "object", "required": ["gpus"],
+        "properties": {
+            "gpus": {"type": "array", "items": {"allOf": [ref("GpuStatus"), {
+                "type": "object",
+                "properties": {"name": {"type": "string", "description": "With "
+                                        "PostgreSQL: NODE:N, e.g. gpu-a:0."},
+                               "node": {"type": "string"}}}]}},
+            "nodes": {"type": "array", "items": ref("ClusterNode"),
+                      "description": "With PostgreSQL only: every node sharing the "
+                                     "database, this one first, then the others by name "
+                                     "as their last heartbeat showed them."}}},
+    "ClusterNode": {
+        "type": "object",
+        "required": ["name", "advertise_url", "self", "alive", "stopped",
+                     "last_seen_seconds", "gpus"],
+        "properties": {
+            "name": {"type": "string"}, "advertise_url": {"type": "string"},
+            "self": {"type": "boolean", "description": "The node that answered."},
+            "alive": {"type": "boolean", "description": "Its last heartbeat is within "
+                      "three of its heartbeat intervals, and it did not stop."},
+            "stopped": {"type": "boolean", "description": "It stopped cleanly."},
+            "last_seen_seconds": {"type": "number"},
+            "started_at": {"type": ["string", "null"]},
+            "gpus": {"type": "array", "items": _NODE_GPU}}},
+}

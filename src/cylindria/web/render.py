@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC
 from typing import Any
 from urllib.parse import quote
 
@@ -14,6 +15,7 @@ from ..errors import ApiError
 from ..jsonio import dumps, json_response
 from ..store.inputs import StoredInput
 from ..upstream.gpus import Gpu, Probe
+from ..upstream.heartbeat import Cluster
 
 
 def output_url(router: web.UrlDispatcher, job_id: str, index: int) -> str:
@@ -213,7 +215,7 @@ def readiness(gpus: list[Gpu], probes: list[Probe], writable: bool) -> dict[str,
         else:
             usable.append(gpu.index)
     if not writable:
-        reasons["state"] = "the state file cannot be written"
+        reasons["state"] = "the job store (state file or database) cannot be written"
     ready = bool(usable) and writable
     return {"status": "ready" if ready else "not_ready", "usable_gpus": usable,
             "reasons": reasons}
@@ -230,6 +232,23 @@ def gpu_overview(gpu: Gpu, probe: Probe, running: Job | None, queued: int,
     body["load"] = load
     body["drained"] = gpu.drained
     return body
+
+
+def cluster_nodes(cluster: Cluster, own: list[dict[str, Any]],
+                  now: float) -> list[dict[str, Any]]:
+    """`nodes` in `GET /gpus/` with PostgreSQL: this node first, live, then the others
+    by name as their last heartbeat showed them."""
+    me = cluster.node
+    nodes = [{"name": me.name, "advertise_url": me.advertise_url, "self": True,
+              "alive": True, "stopped": False, "last_seen_seconds": 0.0,
+              "started_at": isoformat(cluster.started_at), "gpus": own}]
+    for other in cluster.others:
+        nodes.append({"name": other.name, "advertise_url": other.advertise_url,
+                      "self": False, "alive": other.alive(now), "stopped": other.stopped,
+                      "last_seen_seconds": round(other.last_seen(now), 3),
+                      "started_at": isoformat(other.started_at.astimezone(UTC)),
+                      "gpus": other.gpus})
+    return nodes
 
 
 def jobs_page(jobs: list[Job], more: bool, router: web.UrlDispatcher) -> web.Response:

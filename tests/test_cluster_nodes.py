@@ -22,7 +22,7 @@ from cylindria.addresses import free_port_run
 from cylindria.config import Settings, load_settings
 from cylindria.core.records import to_record
 from cylindria.core.registry import Registry
-from cylindria.errors import ConfigError, StateFileError
+from cylindria.errors import ConfigError, StateFileError, StateUnavailable
 from cylindria.nodes import NodeInfo, advertised_url, default_node_name
 from cylindria.store.journal import open_journal
 from cylindria.store.postgres import MIGRATIONS, SINGLE_NODE_LOCK
@@ -40,6 +40,8 @@ STEP_SECONDS = "0.05"
 
 CONTRACT = Draft202012Validator({"$ref": "#/components/schemas/GpuList",
                                   "components": document(Settings())["components"]})
+JOB_CONTRACT = Draft202012Validator({"$ref": "#/components/schemas/JobStatus",
+                                      "components": document(Settings())["components"]})
 
 
 class Node:
@@ -179,11 +181,48 @@ async def test_two_nodes_share_a_database_and_keep_their_own_jobs(cluster):
     # Jobs submitted to each run there, and each node lists its own.
     await cluster.put(a, "on-a", workflows.quick())
     await cluster.put(b, "on-b", workflows.quick(), gpu=1)
+    status, seen = await cluster.get(a, "/jobstatus/on-b/")
+    assert status == 200 and seen["node"] == "gpu-b" and seen["gpu_id"] == 1
     await cluster.until_state(a, "on-a", "completed")
-    await cluster.until_state(b, "on-b", "completed")
+    own = await cluster.until_state(b, "on-b", "completed")
     assert await cluster.job_ids(a) == {"on-a"}
     assert await cluster.job_ids(b) == {"on-b"}
-    assert (await cluster.get(a, "/jobstatus/on-b/"))[0] == 404
+
+    # Any node answers the status of another node's job, as that node last wrote it;
+    # its outputs on the node that holds them. A node's own jobs answer as before.
+    assert "node" not in own and "as_of" not in own
+    seen = await cluster.until_state(a, "on-b", "completed", timeout=5)
+    JOB_CONTRACT.validate(seen)
+    assert (seen["node"], seen["node_alive"], seen["as_of"]) == ("gpu-b", True,
+                                                                 own["updated_at"])
+    assert {k: v for k, v in seen.items() if k not in ("node", "node_alive", "as_of",
+                                                      "outputs")} == {
+        k: v for k, v in own.items() if k != "outputs"}
+    url = seen["outputs"][0]["url"]
+    assert url == b.url + own["outputs"][0]["url"]
+    async with cluster.session.get(url) as resp:
+        assert resp.status == 200 and (await resp.read())[:4] == b"\x89PNG"
+    for node in (a, b):
+        status, body = await cluster.get(node, "/jobstatus/nowhere/")
+        assert (status, body["error"]["code"]) == (404, "job_not_found")
+
+    # The same id held by two other nodes: 409, naming them; a node of that id itself
+    # still answers its own. A node with no row in `nodes` gets no output URLs.
+    copy = ("INSERT INTO jobs (node, seq, job_id, state, gpu_id, finished_at, record) "
+            "SELECT 'gpu-c', %s, %s, state, gpu_id, finished_at, "
+            "replace(record, '\"on-b\"', %s) FROM jobs "
+            "WHERE node = 'gpu-b' AND job_id = 'on-b'")
+    with psycopg.connect(a.database_url, autocommit=True) as conn:
+        conn.execute(copy, (1, "on-b", '"on-b"'))
+        conn.execute(copy, (2, "on-c", '"on-c"'))
+    status, body = await cluster.get(a, "/jobstatus/on-b/")
+    assert (status, body["error"]["code"], body["error"]["nodes"]) == (
+        409, "ambiguous_job_id", ["gpu-b", "gpu-c"])
+    assert (await cluster.get(b, "/jobstatus/on-b/"))[1] == own
+    status, body = await cluster.get(a, "/jobstatus/on-c/")
+    assert (status, body["job_id"], body["node"], body["node_alive"]) == (
+        200, "on-c", "gpu-c", False)
+    assert "url" not in body["outputs"][0]
 
     # A restart of A takes back A's jobs (one in flight) and never B's in flight.
     await cluster.put(a, "slow-a", workflows.txt2img(steps=SLOW_STEPS))
@@ -192,13 +231,14 @@ async def test_two_nodes_share_a_database_and_keep_their_own_jobs(cluster):
     await cluster.until_state(b, "slow-b", "running")
     assert a.proc.stop(signal.SIGKILL) == -signal.SIGKILL
     await cluster.start(a)
-    assert (await cluster.get(a, "/jobstatus/slow-b/"))[0] == 404
+    status, body = await cluster.get(a, "/jobstatus/slow-b/")
+    assert (status, body["node"], body["state"]) == (200, "gpu-b", "running")
     assert await cluster.job_ids(a) == {"on-a", "slow-a"}
     await cluster.until_state(a, "slow-a", "completed")
     done = await cluster.until_state(b, "slow-b", "completed")
     assert done["gpu_id"] == 0 and done.get("error") is None
-    assert column(a.database_url, "SELECT node FROM jobs ORDER BY job_id") == [
-        "gpu-a", "gpu-b", "gpu-a", "gpu-b"]
+    assert column(a.database_url, "SELECT node FROM jobs WHERE node <> 'gpu-c' "
+                  "ORDER BY job_id") == ["gpu-a", "gpu-b", "gpu-a", "gpu-b"]
 
     # A second process under A's name is refused, with one line.
     result = await asyncio.to_thread(subprocess.run, a.args(port=free_port_run(1)),
@@ -292,6 +332,49 @@ async def test_one_host_without_postgresql_shows_no_nodes(start_cylindria, tmp_p
     client = await start_cylindria(state_file=tmp_path / "state.sqlite3")
     body = await (await client.get("/gpus/")).json()
     assert set(body) == {"gpus"} and "name" not in body["gpus"][0]
+    resp = await client.get("/jobstatus/nowhere/")
+    assert resp.status == 404 and (await resp.json())["error"]["code"] == "job_not_found"
+
+
+async def test_a_node_reads_other_nodes_jobs_by_id(database_url, tmp_path):
+    """The journal's read of the other nodes' jobs of one id, on its thread: by node
+    name, with each node's advertised URL and whether it is alive; never its own; a 503
+    when the database cannot be read; none at all with the SQLite state file."""
+    nodes = {}
+    for name in ("a", "b", "c"):
+        registry = Registry()
+        journal, _ = await open_journal(None, 100, registry.saved, database_url=database_url,
+                                        node=NodeInfo(name, f"http://{name}.lan:8000"))
+        registry.subscribe(journal.note)
+        nodes[name] = journal, registry
+    try:
+        for name, job_id in (("b", "shared"), ("c", "shared"), ("b", "only-b")):
+            journal, registry = nodes[name]
+            await journal.durable(registry.begin(job_id, 0, f"p-{name}", "f", ["1"]))
+        a = nodes["a"][0]
+        assert await a.elsewhere("nowhere") == []
+        assert await nodes["b"][0].elsewhere("only-b") == []
+        (held,) = await a.elsewhere("only-b")
+        assert (held.node, held.advertise_url, held.node_alive, held.job.job_id,
+                held.job.state.value) == ("b", "http://b.lan:8000", True, "only-b", "queued")
+        await nodes["c"][0].leave()
+        assert [(h.node, h.node_alive) for h in await a.elsewhere("shared")] == [
+            ("b", True), ("c", False)]
+        with psycopg.connect(database_url, autocommit=True) as admin:
+            admin.execute("ALTER TABLE nodes RENAME TO nodes_away")
+            try:
+                with pytest.raises(StateUnavailable, match="cannot read its database"):
+                    await a.elsewhere("only-b")
+            finally:
+                admin.execute("ALTER TABLE nodes_away RENAME TO nodes")
+    finally:
+        for journal, _ in nodes.values():
+            await journal.close()
+    journal, _ = await open_journal(tmp_path / "state.sqlite3", 100, Registry().saved)
+    try:
+        assert await journal.elsewhere("shared") == []
+    finally:
+        await journal.close()
 
 
 async def test_a_node_heartbeat_carries_its_gpus(start_cylindria, database_url, tmp_path):

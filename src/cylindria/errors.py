@@ -153,6 +153,14 @@ class JobNotFound(ApiError):
     code = "job_not_found"
 
 
+class AmbiguousJobId(ApiError):
+    """Nodes sharing the database: no job of this id here, and several other nodes hold
+    one."""
+
+    status = 409
+    code = "ambiguous_job_id"
+
+
 class OutputNotFound(ApiError):
     status = 404
     code = "output_not_found"

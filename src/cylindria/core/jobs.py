@@ -22,7 +22,6 @@ from ..errors import (
     InvalidWorkflow,
     JobConflict,
     JobFinished,
-    JobNotFound,
     NotRetryable,
     StateUnavailable,
     TooManyNodes,
@@ -31,6 +30,7 @@ from ..errors import (
 from . import placement
 from .answers import Raw
 from .carrying import Carrying, names_missing
+from .elsewhere import not_found
 from .holding import Holding
 from .outcomes import Outcome, Verdict
 from .outcomes import conflict as _conflict
@@ -83,8 +83,7 @@ class JobsService(Holding, Recovery, Carrying):
     async def find(self, job_id: str, advice: str = "", foresee: bool = True) -> Job:
         job = await self.lookup(job_id, foresee)
         if job is None:
-            raise JobNotFound(f"No job {job_id!r} is known here.{advice}",
-                              extra={"job_id": job_id})
+            raise not_found(job_id, advice)
         return job
 
     async def page(self, states: Iterable[str] | None, gpu_id: int | None,

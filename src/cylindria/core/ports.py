@@ -71,6 +71,18 @@ class GpuPort(Protocol):
         """Health from a recent probe, or None when a new probe is needed."""
 
 
+@dataclass(slots=True)
+class HeldElsewhere:
+    """Another node's job, as that node last wrote it to the database the nodes share."""
+
+    node: str
+    # The URL the node advertises, or None when it has no row in `nodes`.
+    advertise_url: str | None
+    # Whether its last heartbeat is within its grace period and it has not stopped.
+    node_alive: bool
+    job: Job
+
+
 class Store(Protocol):
     """The journal behind the registry, as the jobs service uses it."""
 
@@ -82,6 +94,9 @@ class Store(Protocol):
     async def durable(self, job: Job) -> None: ...
 
     async def fetch(self, job_id: str) -> Job | None: ...
+
+    async def elsewhere(self, job_id: str) -> list[HeldElsewhere]:
+        """The other nodes' jobs of this id (none without nodes), by node name."""
 
     async def workflow(self, job_id: str) -> bytes | str | None: ...
 

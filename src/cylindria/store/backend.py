@@ -48,7 +48,8 @@ class Database(Protocol):
     # What the operator should look at when writes fail ("the disk").
     look_at: ClassVar[str]
     # Whether it holds nodes: then it also has `beat(gpus_json)`, which writes this
-    # node's heartbeat and returns the other nodes' rows, and `leave()` (PostgreSQL).
+    # node's heartbeat and returns the other nodes' rows, `leave()`, and
+    # `elsewhere(job_id)`, the other nodes' jobs of an id (PostgreSQL).
     clustered: ClassVar[bool]
 
     def load(self, memory_jobs: int) -> Loaded:

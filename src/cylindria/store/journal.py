@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import ujson
 
+from ..core.ports import HeldElsewhere
 from ..core.records import Job, to_record
 from ..errors import StateFileError, StateUnavailable
 from ..nodes import NodeInfo, default_node_name
@@ -279,6 +280,13 @@ class Journal:
     async def fetch(self, job_id: str) -> Job | None:
         """A job from the file (one that memory no longer holds)."""
         return await self._read(lambda db: db.job(job_id))
+
+    async def elsewhere(self, job_id: str) -> list[HeldElsewhere]:
+        """With nodes sharing the database, the other nodes' jobs of this id (read on
+        the journal's thread); none otherwise."""
+        if not self._database.clustered:
+            return []
+        return await self._read(lambda db: db.elsewhere(job_id))  # type: ignore[attr-defined]
 
     async def workflow(self, job_id: str) -> bytes | str | None:
         return await self._read(lambda db: db.workflow(job_id))

@@ -12,9 +12,10 @@ import psycopg
 import ujson
 from psycopg.conninfo import conninfo_to_dict
 
+from ..core.ports import HeldElsewhere
 from ..core.records import Job, from_record
 from ..errors import StateFileError
-from ..nodes import NodeInfo
+from ..nodes import GRACE_BEATS, NodeInfo
 from .backend import IN_FLIGHT_STATES, Loaded, Row, encode_record
 
 T = TypeVar("T")
@@ -89,6 +90,10 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             stopped_at timestamptz,
             gpus jsonb NOT NULL)""",
     )),
+    # Any node answers the status of another node's job: jobs by id, whichever node's.
+    (3, (
+        "CREATE INDEX jobs_by_job_id ON jobs (job_id)",
+    )),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -141,6 +146,18 @@ RETURNING job_id
 PRUNE_WORKFLOWS = "DELETE FROM workflows WHERE node = %s AND job_id = ANY(%s)"
 ONE_JOB = "SELECT record FROM jobs WHERE node = %s AND job_id = %s"
 ONE_WORKFLOW = "SELECT workflow FROM workflows WHERE node = %s AND job_id = %s"
+# The other nodes' jobs of one id (a few at most), with what their rows in `nodes` say:
+# the URL each advertises, and whether it is alive (by the database's clock).
+ELSEWHERE_JOB = """
+SELECT j.node, n.advertise_url,
+       COALESCE(n.stopped_at IS NULL AND n.heartbeat_at
+                > now() - make_interval(secs => %s * n.heartbeat_seconds), false),
+       j.record
+FROM jobs j LEFT JOIN nodes n ON n.name = j.node
+WHERE j.job_id = %s AND j.node <> %s ORDER BY j.node LIMIT %s
+"""
+# How many other nodes' jobs of one id are read (and named in a 409) at most.
+ELSEWHERE_LIMIT = 10
 # A page of jobs, newest first, by which filters it has (states, GPU): one statement
 # each, so each is planned on the index that fits it.
 PAGES = {
@@ -430,6 +447,13 @@ class PostgresDatabase:
         row = self._run(lambda conn: conn.execute(ONE_JOB, (self.node.name,
                                                           job_id)).fetchone())
         return None if row is None else from_record(ujson.loads(row[0]))
+
+    def elsewhere(self, job_id: str) -> list[HeldElsewhere]:
+        """The other nodes' jobs of this id, by node name."""
+        args = (GRACE_BEATS, job_id, self.node.name, ELSEWHERE_LIMIT)
+        rows = self._run(lambda conn: conn.execute(ELSEWHERE_JOB, args).fetchall())
+        return [HeldElsewhere(node, url, alive, from_record(ujson.loads(record)))
+                for node, url, alive, record in rows]
 
     def workflow(self, job_id: str) -> bytes | None:
         row = self._run(lambda conn: conn.execute(ONE_WORKFLOW, (self.node.name,

@@ -8,7 +8,9 @@ from contextlib import AbstractContextManager, nullcontext
 from aiohttp import web
 
 from ..appkeys import GPUS, INPUTS, JOBS, JOURNAL, SETTINGS, WAITERS
+from ..core import elsewhere
 from ..core.outcomes import Outcome, Verdict
+from ..core.ports import HeldElsewhere
 from ..errors import ApiError, JobFinished
 from ..jsonio import json_response
 from . import intake, params, render
@@ -53,7 +55,9 @@ async def get_jobstatus(request: web.Request) -> web.Response:
     job_id = params.job_id(request)
     seconds = params.wait(request.query, request.app[SETTINGS].max_wait)
     hint = f" Submit it with PUT /startjob/{job_id}/ first."
-    job = await request.app[JOBS].find(job_id, hint)
+    job = await elsewhere.find_anywhere(request.app[JOBS], job_id, hint)
+    if isinstance(job, HeldElsewhere):  # another node's: answered at once, ?wait= or not
+        return json_response(render.elsewhere_body(job, request.app.router))
     if seconds is not None and not job.terminal:
         with waiting(request, seconds) as waiter:
             await request.app[WAITERS].until_finished(waiter, job, seconds)

@@ -20,7 +20,7 @@ from .. import __version__
 from ..appkeys import SETTINGS
 from ..config import Settings
 from ..jsonio import json_response
-from . import openapi_dashboard, openapi_inputs
+from . import openapi_dashboard, openapi_inputs, openapi_parts
 from .api import DEFAULT_PAGE, MAX_PAGE
 from .auth import Access, access
 from .openapi_parts import (
@@ -121,7 +121,7 @@ def schemas(shape: Shape) -> dict[str, Any]:
                                 "description": "Expected seconds until it ends (the line "
                                                "ahead included); null until learned."},
                 "expected_finish_at": time,
-                "node_errors": {"type": ["object", "null"]}}},
+                "node_errors": {"type": ["object", "null"]}, **openapi_parts.ELSEWHERE}},
         "StartReply": {
             "type": "object", "required": ["job_id", "accepted", "detail", "gpu_id"],
             "description": "The answer of PUT /startjob and POST /retryjob; refusals carry "
@@ -291,7 +291,8 @@ def paths(shape: Shape) -> dict[str, Any]:
                       "multipart/form-data": openapi_inputs.multipart_job()}})},
         "/jobstatus/{job_id}/": {"get": op(
             "Where a job is.", {"200": status, "400": answer("A bad job_id or wait."),
-                                "404": not_found, **shape.waited()},
+                                "404": not_found, **openapi_parts.AMBIGUOUS,
+                                **shape.waited()},
             parameters=[JOB_ID, shape.wait_parameter()])},
         "/joboutput/{job_id}/{index}": {"get": op(
             "One output of a job, streamed from its GPU.",

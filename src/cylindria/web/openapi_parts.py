@@ -190,3 +190,20 @@ NODE_SCHEMAS: dict[str, Any] = {
             "started_at": {"type": ["string", "null"]},
             "gpus": {"type": "array", "items": _NODE_GPU}}},
 }
+
+# `GET /jobstatus/` of another node's job (nodes sharing a PostgreSQL database): the
+# status as that node last wrote it, with these fields; a node's own jobs have none.
+ELSEWHERE: dict[str, Any] = {
+    "node": {"type": "string", "description": "With PostgreSQL, only in the answer about "
+             "another node's job: the node that holds it (the status is as that node "
+             "last wrote it; output and input URLs are on its advertise_url, or left out "
+             "when it has none on record)."},
+    "node_alive": {"type": "boolean", "description": "With `node`: its last heartbeat "
+                   "is within three of its intervals, and it did not stop."},
+    "as_of": {"type": "string", "format": "date-time", "description": "With `node`: "
+              "the time of the last change that node wrote (progress and ETA are not "
+              "written in between, and `eta_seconds` is null)."},
+}
+AMBIGUOUS = {"409": answer(
+    "With PostgreSQL: no job of this id on this node, and several other nodes hold one "
+    "(`ambiguous_job_id`; `error.nodes` names them): ask the node it was submitted to.")}

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from ..core.inputs import REF_PREFIX
 from ..core.jobs import Outcome, Verdict
+from ..core.ports import HeldElsewhere
 from ..core.records import Job, isoformat
 from ..errors import ApiError
 from ..jsonio import dumps, json_response
@@ -118,6 +119,24 @@ def status_body(job: Job, router: web.UrlDispatcher) -> dict[str, Any]:
     }
     if job.node_errors:
         body["node_errors"] = job.node_errors
+    return body
+
+
+def elsewhere_body(held: HeldElsewhere, router: web.UrlDispatcher) -> dict[str, Any]:
+    """Another node's job (nodes sharing a database), as that node last wrote it: the
+    status body with `node`, `node_alive` and `as_of` (the time of the last change the
+    node wrote; progress in between is not written). Its outputs and inputs are served
+    by that node only: their URLs are on the URL it advertises, and left out when it
+    has none on record."""
+    body = status_body(held.job, router)
+    base = None if held.advertise_url is None else held.advertise_url.rstrip("/")
+    for entry in (*body["outputs"], *body["inputs"]):
+        if "url" in entry:
+            if base is None:
+                del entry["url"]
+            else:
+                entry["url"] = base + entry["url"]
+    body.update(node=held.node, node_alive=held.node_alive, as_of=body["updated_at"])
     return body
 
 

@@ -1,0 +1,38 @@
+"""Nodes sharing a database: the status of a job asked of a node that does not hold it,
+read from the database as the node that holds it last wrote it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..errors import AmbiguousJobId, JobNotFound
+from .ports import HeldElsewhere
+from .records import Job
+
+if TYPE_CHECKING:
+    from .jobs import JobsService
+
+
+def not_found(job_id: str, advice: str = "") -> JobNotFound:
+    return JobNotFound(f"No job {job_id!r} is known here.{advice}",
+                       extra={"job_id": job_id})
+
+
+async def find_anywhere(jobs: JobsService, job_id: str,
+                        advice: str = "") -> Job | HeldElsewhere:
+    """This node's job (as `jobs.find` gives it), else the one other node's that holds
+    the id. Several other nodes holding it: AmbiguousJobId (409), since ids are each
+    node's own and none of them is more the one asked for than the others."""
+    job = await jobs.lookup(job_id)
+    if job is not None:
+        return job
+    found = await jobs.store.elsewhere(job_id)
+    if len(found) > 1:
+        names = [held.node for held in found]
+        raise AmbiguousJobId(
+            f"No job {job_id!r} is here, and nodes {', '.join(names)} each hold one of "
+            "that id: ask the node it was submitted to (GET /gpus/ lists every node's "
+            "advertise_url).", extra={"job_id": job_id, "nodes": names})
+    if not found:
+        raise not_found(job_id, advice)
+    return found[0]

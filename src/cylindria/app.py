@@ -18,6 +18,7 @@ from .appkeys import (
     INPUTS,
     JOBS,
     JOURNAL,
+    PEERS,
     REGISTRY,
     SETTINGS,
     SIGNINS,
@@ -26,6 +27,7 @@ from .appkeys import (
     WEBHOOKS,
 )
 from .config import Settings, trusted_networks
+from .core import cancels
 from .core.estimates import RunTimes
 from .core.jobs import JobsService
 from .core.reading import WorkflowReader
@@ -36,9 +38,10 @@ from .store.journal import Journal, open_journal
 from .upstream.comfy import CallbackClient, ComfyClient, open_session
 from .upstream.fetch import InputFetcher
 from .upstream.gpus import Gpu
-from .upstream.heartbeat import Cluster, heartbeat
+from .upstream.heartbeat import Cluster, heartbeat, rescuer
 from .upstream.inputs import InputDelivery
 from .upstream.listeners import cancel_and_wait, dispatch_held, listen, poll, retry_owed
+from .upstream.peers import PeerClient
 from .upstream.webhooks import WebhookSender
 from .web import api, events, gpus, inputs, metrics, openapi, outputs, params, render
 from .web.auth import make_auth_middleware
@@ -154,6 +157,8 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
             delivery.observe = app[metrics.METRICS].uploaded
             app[JOBS] = JobsService(registry, app[GPUS], settings, journal, reader, delivery)
             app[JOBS].restore(loaded.jobs, loaded.last_seq, loaded.evicted_through)
+            app[PEERS] = PeerClient(session, app[CLUSTER].node.name, settings.api_key,
+                                    timing.request_timeout)
             # What start-up loaded lives long: keep the garbage collector's full passes
             # from walking it again and again (they would pause every request).
             gc.freeze()
@@ -263,8 +268,20 @@ async def nodes_ctx(app: web.Application) -> AsyncIterator[None]:
         return
     task = asyncio.create_task(heartbeat(app[CLUSTER], journal.beat, app[GPUS], app[JOBS]),
                                name="heartbeat")
+    # Dead nodes' jobs settled as lost, once per heartbeat interval.
+    grace = app[SETTINGS].timing.node_grace
+    rescuing = asyncio.create_task(rescuer(lambda: journal.rescue(grace),
+                                           app[CLUSTER].node.heartbeat_seconds), name="rescuer")
+    # Cancels other nodes pass to this one: read every heartbeat interval, and at once
+    # when a notification wakes the listener's thread.
+    wake = asyncio.Event()
+    listener = journal.cancel_listener(wake.set)
+    listener.start()
+    relay = asyncio.create_task(cancels.follow_cancels(
+        app[JOBS], app[CLUSTER].node.heartbeat_seconds, wake), name="cancel-relay")
     try:
         yield
     finally:
-        await cancel_and_wait([task])
+        await cancel_and_wait([task, relay, rescuing])
+        await listener.stop()
         await journal.leave()

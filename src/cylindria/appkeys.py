@@ -13,6 +13,7 @@ from .store.inputs import InputStore
 from .store.journal import Journal
 from .upstream.gpus import Gpu
 from .upstream.heartbeat import Cluster
+from .upstream.peers import PeerClient
 from .upstream.webhooks import WebhookSender
 from .web.eventhub import EventHub
 from .web.signins import Signins
@@ -32,6 +33,8 @@ WEBHOOKS = web.AppKey("webhooks", WebhookSender)
 INPUTS = web.AppKey("inputs", InputStore)
 # This node and the others sharing its PostgreSQL database, as heartbeats show them.
 CLUSTER = web.AppKey("cluster", Cluster)
+# The other nodes, asked over the process's one ClientSession (outputs they hold).
+PEERS = web.AppKey("peers", PeerClient)
 # (The metrics' key is METRICS in web/metrics.py, which reads the keys above.)
 # Background tasks by name: each GPU's listener and poller.
 TASKS = web.AppKey("tasks", dict[str, asyncio.Task[None]])

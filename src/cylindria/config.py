@@ -114,6 +114,7 @@ class Timing:
     input_fetch_timeout: float = 60.0
     # With PostgreSQL: seconds between two writes of this node's row (and GPUs).
     heartbeat_interval: float = nodes.DEFAULT_HEARTBEAT
+    node_grace: float = nodes.DEFAULT_NODE_GRACE  # then a dead node's jobs are lost
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,7 +384,7 @@ _NUMBERS: tuple[tuple[str, str, Callable[[str, str], float]], ...] = (
 )
 # Timing fields read from the environment: numbers above 0.
 _TIMINGS = (("poll_interval", "CYLINDRIA_POLL_INTERVAL"),
-            ("lost_grace", "CYLINDRIA_LOST_GRACE"),
+            ("lost_grace", "CYLINDRIA_LOST_GRACE"), ("node_grace", "CYLINDRIA_NODE_GRACE"),
             ("body_timeout", "CYLINDRIA_BODY_TIMEOUT"),
             ("body_min_rate", "CYLINDRIA_BODY_MIN_RATE"),
             ("heartbeat_interval", "CYLINDRIA_HEARTBEAT_INTERVAL"))

@@ -161,6 +161,18 @@ class AmbiguousJobId(ApiError):
     code = "ambiguous_job_id"
 
 
+class NodeNotAlive(ApiError):
+    """Nodes sharing the database: the job is another node's, and that node is not alive,
+    so nothing can be passed to it."""
+
+    status = 409
+    code = "node_not_alive"
+
+    def __init__(self, job: Any, message: str, node: str) -> None:
+        super().__init__(message, extra={"node": node})
+        self.job = job
+
+
 class OutputNotFound(ApiError):
     status = 404
     code = "output_not_found"

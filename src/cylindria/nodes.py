@@ -15,6 +15,10 @@ NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,63}")
 DEFAULT_HEARTBEAT = 3.0
 # A node whose last heartbeat is older than this many of its intervals is not alive.
 GRACE_BEATS = 3
+# Seconds a node may be silent (and at least GRACE_BEATS of its intervals) before
+# another settles its jobs in flight as lost, once its session is gone too
+# (CYLINDRIA_NODE_GRACE).
+DEFAULT_NODE_GRACE = 30.0
 # The settings read from the environment, by Settings field.
 NODE_ENV = (("node_name", "CYLINDRIA_NODE_NAME"), ("advertise_url", "CYLINDRIA_ADVERTISE_URL"))
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})

@@ -3,11 +3,13 @@ read from the database as the node that holds it last wrote it."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import TYPE_CHECKING
 
 from ..errors import AmbiguousJobId, JobNotFound
 from .ports import HeldElsewhere
-from .records import Job
+from .records import Job, isoformat
+from .registry import Registry
 
 if TYPE_CHECKING:
     from .jobs import JobsService
@@ -26,6 +28,11 @@ async def find_anywhere(jobs: JobsService, job_id: str,
     job = await jobs.lookup(job_id)
     if job is not None:
         return job
+    return await held_elsewhere(jobs, job_id, advice)
+
+
+async def held_elsewhere(jobs: JobsService, job_id: str, advice: str) -> HeldElsewhere:
+    """The one other node's job of this id (not looking at this node's)."""
     found = await jobs.store.elsewhere(job_id)
     if len(found) > 1:
         names = [held.node for held in found]
@@ -36,3 +43,23 @@ async def find_anywhere(jobs: JobsService, job_id: str,
     if not found:
         raise not_found(job_id, advice)
     return found[0]
+
+
+def lose_on_dead_node(job: Job, node: str, silent_since: datetime, now: datetime) -> bool:
+    """Settle a job of node `node`, which stopped answering at `silent_since` and whose
+    session is gone, as lost: the same move a host makes when ComfyUI forgot a job
+    (`Registry.lose`), on a registry of its own that holds this job alone. False when
+    the job had ended already (nothing changed)."""
+    registry = Registry(clock=lambda: now)
+    registry.restore([job])
+    since = isoformat(silent_since)
+    retry = (f"Run it again with POST /retryjob/{job.job_id}/ on node {node} once it is "
+             "back (only the node that holds a job runs it again).")
+    if job.held:
+        detail = (f"Node {node} stopped answering at {since} while this job waited there "
+                  f"for a GPU: it never ran. {retry}")
+    else:
+        detail = (f"Node {node} stopped answering at {since} while this job was "
+                  f"{job.state.value} there: its outcome is unknown. {retry}")
+    return registry.lose(job, detail)
+

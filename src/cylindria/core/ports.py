@@ -98,6 +98,14 @@ class Store(Protocol):
     async def elsewhere(self, job_id: str) -> list[HeldElsewhere]:
         """The other nodes' jobs of this id (none without nodes), by node name."""
 
+    async def request_cancel(self, node: str, job_id: str) -> None:
+        """Ask another node to cancel its job (nodes sharing a database only)."""
+
+    async def pending_cancels(self) -> list[str]:
+        """This node's jobs other nodes asked it to cancel (none without nodes)."""
+
+    async def drop_cancels(self, job_ids: list[str]) -> None: ...
+
     async def workflow(self, job_id: str) -> bytes | str | None: ...
 
     async def page(self, states: Iterable[str] | None, gpu_id: int | None, before: int,

@@ -344,12 +344,52 @@ class Journal:
         self._answered()
         return rows
 
+    async def rescue(self, grace: float) -> list[Any]:
+        """Settle as lost the jobs in flight of nodes dead for `grace` seconds (see
+        rescue.py), on the journal's thread: what was rescued (Rescued), none when the
+        database failed (the next round tries again)."""
+        from .rescue import rescue
+        try:
+            return await self._run(lambda db: rescue(db, grace))  # type: ignore[arg-type]
+        except self._database.errors as exc:
+            if not self._beat_failing:  # else said once by the heartbeat
+                log.warning("%s: settling the jobs of dead nodes failed (%s)", self.label,
+                            exc)
+            return []
+
     async def leave(self) -> None:
         """Mark this node as stopped in its row."""
         try:
             await self._run(lambda db: db.leave())  # type: ignore[attr-defined]
         except self._database.errors as exc:
             log.warning("%s: marking the node as stopped failed (%s)", self.label, exc)
+
+    # -- cancels passed between nodes (PostgreSQL; see cancels.py) -----------------
+
+    async def request_cancel(self, node: str, job_id: str) -> None:
+        """Ask node `node` to cancel its job `job_id` (a row, and a notification)."""
+        from .cancels import request
+        await self._read(lambda db: request(db, node, job_id))  # type: ignore[arg-type]
+
+    async def pending_cancels(self) -> list[str]:
+        """This node's jobs other nodes asked it to cancel (none without nodes)."""
+        if not self._database.clustered:
+            return []
+        from .cancels import pending
+        return await self._read(lambda db: pending(db))  # type: ignore[arg-type]
+
+    async def drop_cancels(self, job_ids: list[str]) -> None:
+        from .cancels import drop
+        await self._read(lambda db: drop(db, job_ids))  # type: ignore[arg-type]
+
+    def cancel_listener(self, wake: Callable[[], None]) -> Any:
+        """A CancelListener that calls `wake` when another node asks this one to cancel
+        (not started); None without nodes."""
+        if not self._database.clustered:
+            return None
+        from .cancels import CancelListener
+        db: Any = self._database
+        return CancelListener(db._params, db.node.name, asyncio.get_running_loop(), wake)
 
     async def prune(self, before: datetime) -> int:
         """Delete every job finished before `before`, in small transactions so that

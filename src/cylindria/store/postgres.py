@@ -17,6 +17,7 @@ from ..core.records import Job, from_record
 from ..errors import StateFileError
 from ..nodes import GRACE_BEATS, NodeInfo
 from .backend import IN_FLIGHT_STATES, Loaded, Row, encode_record
+from .cancels import MIGRATION as CANCEL_REQUESTS
 
 T = TypeVar("T")
 
@@ -94,6 +95,8 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (3, (
         "CREATE INDEX jobs_by_job_id ON jobs (job_id)",
     )),
+    # Cancels passed from one node to the node that holds the job (see cancels.py).
+    (4, CANCEL_REQUESTS),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -92,3 +92,19 @@ async def heartbeat(cluster: Cluster, beat: Beat, gpus: Sequence[Gpu],
         if rows is not None:
             cluster.seen(rows, time.monotonic())
         await asyncio.sleep(cluster.node.heartbeat_seconds)
+
+
+# Settles the jobs of dead nodes as lost; answers what it rescued (see store/rescue.py).
+Rescue = Callable[[], Awaitable[Sequence[Any]]]
+
+
+async def rescuer(rescue: Rescue, interval: float) -> None:
+    """Every `interval`: settle the jobs in flight of nodes that died (their heartbeat
+    past the grace period, their session gone) as lost. Every node runs one; they take
+    turns in the database. One line per node rescued."""
+    while True:
+        for rescued in await rescue():
+            log.warning("node %s stopped answering at %s: %d job(s) it held in flight "
+                        "settled as lost", rescued.node,
+                        rescued.silent_since.isoformat(timespec="seconds"), rescued.jobs)
+        await asyncio.sleep(interval)

@@ -8,10 +8,10 @@ from contextlib import AbstractContextManager, nullcontext
 from aiohttp import web
 
 from ..appkeys import GPUS, INPUTS, JOBS, JOURNAL, SETTINGS, WAITERS
-from ..core import elsewhere
+from ..core import cancels, elsewhere
 from ..core.outcomes import Outcome, Verdict
 from ..core.ports import HeldElsewhere
-from ..errors import ApiError, JobFinished
+from ..errors import ApiError, JobFinished, NodeNotAlive
 from ..jsonio import json_response
 from . import intake, params, render
 from .auth import Access, access
@@ -124,10 +124,12 @@ async def get_jobs(request: web.Request) -> web.Response:
 @routes.post("/canceljob/{job_id}/", name="canceljob")
 async def post_canceljob(request: web.Request) -> web.Response:
     try:
-        job = await request.app[JOBS].cancel(params.job_id(request))
-    except JobFinished as exc:
-        exc.reply = render.status_body(exc.job, request.app.router)
+        job = await cancels.cancel_anywhere(request.app[JOBS], params.job_id(request))
+    except (JobFinished, NodeNotAlive) as exc:  # with the job as it stands
+        exc.reply = render.finished_body(exc.job, request.app.router)
         raise
+    if isinstance(job, HeldElsewhere):  # passed to the node that holds it
+        return json_response(render.cancel_passed(job, request.app.router), status=202)
     return render.status_response(job, request.app.router, status=202)
 
 

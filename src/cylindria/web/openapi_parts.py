@@ -203,7 +203,28 @@ ELSEWHERE: dict[str, Any] = {
     "as_of": {"type": "string", "format": "date-time", "description": "With `node`: "
               "the time of the last change that node wrote (progress and ETA are not "
               "written in between, and `eta_seconds` is null)."},
+    "message": {"type": "string", "description": "With `node`, in the answer of POST "
+                "/canceljob: the cancel was passed to that node, which cancels the job at "
+                "once (at its next heartbeat at the latest); follow it with GET "
+                "/jobstatus/."},
 }
+CANCEL_CONFLICT = answer(
+    "The job is finished (`job_finished`); with PostgreSQL, the node that holds it is not "
+    "alive (`node_not_alive`, `error.node` names it): both with the job's status fields "
+    "beside `error` (as FinishedJob). Or several other nodes hold one of that id "
+    "(`ambiguous_job_id`).")
+# GET /joboutput/ of another node's job, streamed from that node.
+FORWARDED_HEADER = {
+    "name": "X-Cylindria-Forwarded", "in": "header", "required": False,
+    "description": "Set by a node that passes the request on to the node holding the "
+                   "job (its name): such a request is answered from that node's own jobs "
+                   "and never passed on again.", "schema": {"type": "string"}}
+OUTPUT_ERRORS = {
+    "409": answer("With PostgreSQL: several other nodes hold a job of that id "
+                  "(`ambiguous_job_id`)."),
+    "502": answer("ComfyUI unreachable; with PostgreSQL, the node that holds the job "
+                  "cannot be reached (`backend_unavailable`, `error.node` names it)."),
+    "504": answer("ComfyUI, or the node that holds the job, did not answer in time.")}
 AMBIGUOUS = {"409": answer(
     "With PostgreSQL: no job of this id on this node, and several other nodes hold one "
     "(`ambiguous_job_id`; `error.nodes` names them): ask the node it was submitted to.")}

@@ -1,14 +1,19 @@
-"""`/joboutput/{job_id}/{index}`: a job's files, streamed from its GPU's ComfyUI."""
+"""`/joboutput/{job_id}/{index}`: a job's files, streamed from its GPU's ComfyUI; with
+nodes sharing a database, another node's job's files, streamed from that node."""
 
 from __future__ import annotations
 
 import logging
 
+import aiohttp
 from aiohttp import web
 
-from ..appkeys import GPUS, JOBS, SETTINGS
+from ..appkeys import GPUS, JOBS, PEERS, SETTINGS
+from ..core import elsewhere
 from ..core.numbers import canonical_int
+from ..core.ports import HeldElsewhere
 from ..errors import BackendError, BackendUnavailable, BadRequest, OutputNotFound
+from ..upstream.peers import FORWARDED
 from .auth import Access, access
 from .middlewares import answer_headers
 
@@ -22,13 +27,24 @@ PASSED_HEADERS = ("Content-Type", "Content-Length", "Content-Disposition", "Cont
                   "Accept-Ranges", "Last-Modified", "ETag")
 # Headers of the client's request that make ComfyUI answer with part of a file, or none.
 CONDITIONAL_HEADERS = ("Range", "If-Range", "If-None-Match", "If-Modified-Since")
+# And of another node's answer, which may be an error in JSON, or a file.
+PEER_HEADERS = (*PASSED_HEADERS, "Cache-Control", "Expires")
 
 
 @routes.get("/joboutput/{job_id}/{index}", name="joboutput")
 @access(Access.READ)
 async def get_joboutput(request: web.Request) -> web.StreamResponse:
     job_id = request.match_info["job_id"]
-    job = await request.app[JOBS].find(job_id)
+    forwarded = request.headers.get(FORWARDED)
+    if forwarded is None:
+        found = await elsewhere.find_anywhere(request.app[JOBS], job_id)
+        if isinstance(found, HeldElsewhere):
+            return await from_peer(request, found)
+        job = found
+    else:  # passed on by another node: this node's jobs only, never passed on again
+        job = await request.app[JOBS].find(
+            job_id, f" (Asked by node {forwarded[:63]!r}: a request one node passed on "
+                    "is not passed on again.)")
     entries = job.output_entries()
     raw = request.match_info["index"]
     index = canonical_int(raw)
@@ -63,15 +79,7 @@ async def get_joboutput(request: web.Request) -> web.StreamResponse:
                     f"ComfyUI on GPU {gpu.index} answered HTTP {upstream.status} for "
                     f"{entry['filename']!r}.")
             resp = web.StreamResponse(status=upstream.status)
-            for name in PASSED_HEADERS:
-                if name in upstream.headers:
-                    resp.headers[name] = upstream.headers[name]
-            answer_headers(request, resp)
-            await resp.prepare(request)
-            async for chunk in upstream.content.iter_chunked(CHUNK):
-                await resp.write(chunk)
-            await resp.write_eof()
-            return resp
+            return await relay(request, upstream, resp, PASSED_HEADERS)
     except BackendError as exc:
         if resp is None or not resp.prepared:
             raise
@@ -79,3 +87,40 @@ async def get_joboutput(request: web.Request) -> web.StreamResponse:
         log.warning("job %s output %s: ComfyUI stopped mid-file (%s)", job_id, raw,
                     exc.message)
         return resp
+
+
+async def from_peer(request: web.Request, held: HeldElsewhere) -> web.StreamResponse:
+    """Another node's job's file, streamed from that node as it answers (status, the
+    file's and caching headers, its body; its error answers too)."""
+    job_id = held.job.job_id
+    if held.advertise_url is None:
+        raise BackendUnavailable(
+            f"Job {job_id!r} is held by node {held.node}, which has no URL on record: ask "
+            "that node for its outputs directly.", extra={"node": held.node})
+    headers = {name: request.headers[name] for name in CONDITIONAL_HEADERS
+               if name in request.headers}
+    resp: web.StreamResponse | None = None
+    try:
+        async with request.app[PEERS].get(held.node, held.advertise_url,
+                                          request.rel_url.raw_path_qs, headers) as upstream:
+            resp = web.StreamResponse(status=upstream.status)
+            return await relay(request, upstream, resp, PEER_HEADERS)
+    except BackendError as exc:
+        if resp is None or not resp.prepared:
+            raise
+        log.warning("job %s output %s: node %s stopped mid-file (%s)", job_id,
+                    request.match_info["index"], held.node, exc.message)
+        return resp
+
+
+async def relay(request: web.Request, upstream: aiohttp.ClientResponse,
+                resp: web.StreamResponse, passed: tuple[str, ...]) -> web.StreamResponse:
+    for name in passed:
+        if name in upstream.headers:
+            resp.headers[name] = upstream.headers[name]
+    answer_headers(request, resp)
+    await resp.prepare(request)
+    async for chunk in upstream.content.iter_chunked(CHUNK):
+        await resp.write(chunk)
+    await resp.write_eof()
+    return resp

@@ -140,6 +140,22 @@ def elsewhere_body(held: HeldElsewhere, router: web.UrlDispatcher) -> dict[str, 
     return body
 
 
+def finished_body(job: Job | HeldElsewhere, router: web.UrlDispatcher) -> dict[str, Any]:
+    """The job beside a `job_finished` error: this node's, or another node's."""
+    if isinstance(job, HeldElsewhere):
+        return elsewhere_body(job, router)
+    return status_body(job, router)
+
+
+def cancel_passed(held: HeldElsewhere, router: web.UrlDispatcher) -> dict[str, Any]:
+    """Another node's job, as it stands, with the cancel passed to that node."""
+    body = elsewhere_body(held, router)
+    body["message"] = (f"The cancel was passed to node {held.node}, which holds the job; "
+                       f"follow it with GET /jobstatus/{held.job.job_id}/ (the state "
+                       "becomes cancelled once that node has cancelled it).")
+    return body
+
+
 def status_bytes(job: Job, router: web.UrlDispatcher) -> bytes:
     """The status body serialized, made once per version of the job."""
     if not job.terminal:

@@ -1,0 +1,118 @@
+"""Nodes sharing a PostgreSQL database: cancels passed from one node to the node that
+holds the job. A request is a row (it outlives a lost notification, and a restart of the
+node it waits for), and a notification on one channel wakes that node at once."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+
+if TYPE_CHECKING:
+    from .postgres import PostgresDatabase
+
+log = logging.getLogger(__name__)
+
+# Every node listens on this channel; a notification's payload is the name of the node
+# asked to cancel something.
+CHANNEL = "cylindria_cancel"
+# Migration 4: one row per job a node is asked to cancel, until that node has done it.
+MIGRATION = (
+    """CREATE TABLE cancel_requests (
+        node text NOT NULL,
+        job_id text NOT NULL,
+        requested_by text NOT NULL,
+        requested_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (node, job_id))""",
+)
+# Recorded and announced in one statement: the notification goes out when it commits.
+REQUEST = """
+WITH asked AS (
+    INSERT INTO cancel_requests (node, job_id, requested_by) VALUES (%s, %s, %s)
+    ON CONFLICT (node, job_id) DO UPDATE SET requested_at = now(),
+        requested_by = excluded.requested_by)
+SELECT pg_notify(%s, %s)
+"""
+PENDING = ("SELECT job_id FROM cancel_requests WHERE node = %s "
+           "ORDER BY requested_at, job_id LIMIT %s")
+DROP = "DELETE FROM cancel_requests WHERE node = %s AND job_id = ANY(%s)"
+# Requests read at a time (the rest at the next round).
+PENDING_LIMIT = 100
+# How often the listening thread looks whether it should stop, and how long it waits
+# before connecting again after its connection failed.
+STOP_CHECK = 0.5
+RECONNECT = 5.0
+
+
+def request(db: PostgresDatabase, node: str, job_id: str) -> None:
+    """Ask node `node` to cancel its job `job_id`, and wake it."""
+    args = (node, job_id, db.node.name, CHANNEL, node)
+    db._run(lambda conn: conn.execute(REQUEST, args))
+
+
+def pending(db: PostgresDatabase) -> list[str]:
+    """The ids of this node's jobs that other nodes asked it to cancel, oldest first."""
+    args = (db.node.name, PENDING_LIMIT)
+    return [row[0] for row in db._run(lambda conn: conn.execute(PENDING, args).fetchall())]
+
+
+def drop(db: PostgresDatabase, job_ids: list[str]) -> None:
+    """The requests handled: deleted."""
+    args = (db.node.name, job_ids)
+    db._run(lambda conn: conn.execute(DROP, args))
+
+
+class CancelListener:
+    """A thread of its own, on a connection of its own, that LISTENs on the channel and
+    calls `wake` (on the event loop) when a notification names this node, and once each
+    time it (re)connects, since a request may have come while it was not listening.
+    Its failures are logged once; the journal's polling covers what it misses."""
+
+    def __init__(self, params: dict[str, Any], node: str,
+                 loop: asyncio.AbstractEventLoop, wake: Callable[[], None]) -> None:
+        self._params = params
+        self._node = node
+        self._loop = loop
+        self._wake = wake
+        self._stop = threading.Event()
+        self._failing = False
+        self._thread = threading.Thread(target=self._listen, name="cancel-listener",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.to_thread(self._thread.join, STOP_CHECK + RECONNECT)
+
+    def _notify(self) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._wake)
+        except RuntimeError:  # the loop is closed: the process is stopping
+            self._stop.set()
+
+    def _listen(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(**self._params, autocommit=True) as conn:
+                    conn.execute(f"LISTEN {CHANNEL}")
+                    if self._failing:
+                        log.warning("listening for cancels from other nodes works again")
+                        self._failing = False
+                    self._notify()
+                    while not self._stop.is_set():
+                        for note in conn.notifies(timeout=STOP_CHECK):
+                            if note.payload == self._node:
+                                self._notify()
+            except psycopg.Error as exc:
+                if not self._failing:
+                    log.warning("listening for cancels from other nodes failed (%s); they "
+                                "are read at each heartbeat meanwhile",
+                                " ".join(str(exc).split()))
+                self._failing = True
+                self._stop.wait(RECONNECT)

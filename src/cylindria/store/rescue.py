@@ -1,0 +1,101 @@
+"""Nodes sharing PostgreSQL: the jobs of a node that died, settled as lost by another.
+
+A node is dead when its heartbeat is older than the grace period and its session is
+gone: its advisory lock is free (a node that is merely slow still holds it). One node
+at a time rescues (an advisory lock of its own), in one transaction; each job's row is
+rewritten only if it is unchanged since it was read, and the dead node's row is locked
+meanwhile, so a node coming back under that name loads its jobs after the rescue."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+import ujson
+
+from ..core.elsewhere import lose_on_dead_node
+from ..core.records import from_record, to_record
+from ..nodes import GRACE_BEATS
+from .backend import IN_FLIGHT_STATES, encode_record
+from .postgres import PostgresDatabase, node_lock
+
+# The rescuers' lock: class "Cyrs" in ASCII, apart from the nodes' own ("Cyln").
+RESCUE_LOCK = (0x43797273, 1)
+TRY_RESCUE_LOCK = "SELECT pg_try_advisory_xact_lock(%s, %s)"
+# Nodes silent past the grace period (or GRACE_BEATS of their own interval, when that
+# is longer) that did not stop cleanly and still have jobs in flight; by the database's
+# clock. A node stopped cleanly keeps its jobs for when it starts again.
+SILENT = """
+SELECT n.name, n.heartbeat_at FROM nodes n
+WHERE n.name <> %s AND n.stopped_at IS NULL
+  AND n.heartbeat_at < now() - make_interval(secs => greatest(%s, %s * n.heartbeat_seconds))
+  AND EXISTS (SELECT 1 FROM jobs j WHERE j.node = n.name AND j.state = ANY(%s))
+ORDER BY n.name
+"""
+TRY_NODE = "SELECT pg_try_advisory_lock(%s, %s)"
+UNLOCK_NODE = "SELECT pg_advisory_unlock(%s, %s)"
+# The node's row, locked until the rescue commits, and only if its heartbeat is the one
+# read (a node that came back has written a new one).
+HOLD_NODE = ("SELECT 1 FROM nodes WHERE name = %s AND heartbeat_at = %s "
+             "AND stopped_at IS NULL FOR UPDATE")
+ITS_JOBS = "SELECT record FROM jobs WHERE node = %s AND state = ANY(%s)"
+# Each row rewritten only where its record is still the one read.
+SETTLE = """
+UPDATE jobs j SET state = u.state, finished_at = u.finished_at, record = u.record
+FROM unnest(%s::text[], %s::text[], %s::text[], %s::double precision[], %s::text[])
+     AS u(job_id, old, state, finished_at, record)
+WHERE j.node = %s AND j.job_id = u.job_id AND j.record = u.old
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Rescued:
+    """A dead node whose jobs in flight were settled as lost: how many."""
+
+    node: str
+    silent_since: datetime
+    jobs: int
+
+
+def rescue(database: PostgresDatabase, grace: float) -> list[Rescued]:
+    """Settle the jobs in flight of every dead node as lost; on the journal's thread.
+    Nothing when another node is rescuing now."""
+    return database._run(lambda conn: _rescue(conn, database.node.name, grace))
+
+
+def _rescue(conn: psycopg.Connection[Any], me: str, grace: float) -> list[Rescued]:
+    states = list(IN_FLIGHT_STATES)
+    done: list[Rescued] = []
+    with conn.transaction():
+        if not conn.execute(TRY_RESCUE_LOCK, RESCUE_LOCK).fetchone()[0]:
+            return done
+        for node, heartbeat_at in conn.execute(SILENT, (me, grace, GRACE_BEATS,
+                                                        states)).fetchall():
+            key = node_lock(node)
+            if not conn.execute(TRY_NODE, key).fetchone()[0]:
+                continue  # its session lives: slow, not dead
+            conn.execute(UNLOCK_NODE, key)
+            if conn.execute(HOLD_NODE, (node, heartbeat_at)).fetchone() is None:
+                continue  # it came back meanwhile
+            done.append(Rescued(node, heartbeat_at, _settle(conn, node, heartbeat_at,
+                                                            states)))
+    return done
+
+
+def _settle(conn: psycopg.Connection[Any], node: str, since: datetime,
+            states: list[str]) -> int:
+    now = datetime.now(UTC)
+    columns: list[list[Any]] = [[], [], [], [], []]
+    for (text,) in conn.execute(ITS_JOBS, (node, states)).fetchall():
+        job = from_record(ujson.loads(text))
+        if not lose_on_dead_node(job, node, since, now):
+            continue
+        finished = job.finished_at.timestamp() if job.finished_at is not None else None
+        for column, value in zip(columns, (job.job_id, text, job.state.value, finished,
+                                           encode_record(to_record(job))), strict=True):
+            column.append(value)
+    if not columns[0]:
+        return 0
+    return conn.execute(SETTLE, (*columns, node)).rowcount

@@ -54,7 +54,7 @@ async def get_joboutput(request: web.Request) -> web.StreamResponse:
     if index >= len(entries):
         raise OutputNotFound(
             f"Job {job_id!r} has no output {index}: it has {len(entries)} output(s), "
-            "listed with their URLs in GET /jobstatus/{job_id}/.")
+            f"listed with their URLs in GET /jobstatus/{job_id}/.")
     entry = entries[index]
     if entry["kind"] == "text":
         # The whole text, however long (status bodies carry only its head).

@@ -285,9 +285,9 @@ BROKEN_TEXT = """selector => {
     if (element.getClientRects().length === 0) {
       continue;  // not shown
     }
-    const where = (element.closest("[data-gpu]") ? "GPU " + element.closest("[data-gpu]")
-      .dataset.gpu : "row " + element.closest("[data-job]").dataset.job) + " "
-      + (element.dataset.field || element.className || element.tagName);
+    const holder = element.closest("[data-gpu], [data-job], [data-peer-gpu], [data-node]");
+    const where = (holder ? JSON.stringify(Object.assign({}, holder.dataset)) : "page")
+      + " " + (element.dataset.field || element.className || element.tagName);
     const walker = document.createTreeWalker(element, NodeFilter.SHOW_TEXT);
     for (let node = walker.nextNode(); node; node = walker.nextNode()) {
       let last = null;

@@ -135,7 +135,11 @@
   // Without fresh state a card's last status is a guess: an "OK" shown while Cylindria
   // cannot be reached would be worse than none. The next update restores each card.
   function markGpusUnknown() {
-    for (const card of document.querySelectorAll("article.gpu")) {
+    const peers = field(document, "peers");
+    if (peers) {
+      peers.dataset.key = "";  // the next update redraws the other nodes' cards
+    }
+    for (const card of document.querySelectorAll("article.gpu, article.peer-gpu")) {
       setVariant(card, "status-", "unknown");
       const pill = field(card, "status");
       setVariant(pill, "status-", "unknown");
@@ -195,7 +199,9 @@
     const tr = el("tr", {class: "job", "data-job": job.job_id}, [
       el("td", {"data-label": "Job", class: "job-id"}, [
         el("a", {class: "mono", "data-field": "link"}),
-      ]),
+      ].concat(job.node === undefined ? [] : [
+        el("div", {class: "sub", "data-field": "job-node", title: "The node that ran it"}),
+      ])),
       el("td", {"data-label": "GPU", "data-field": "gpu"}),
       el("td", {"data-label": "State"}, [
         el("span", {class: "pill", "data-field": "state"}),
@@ -221,6 +227,9 @@
   function fillRow(tr, job) {
     tr.dataset.state = job.state;
     setJobLink(field(tr, "link"), job);
+    if (job.node !== undefined) {
+      setText(field(tr, "job-node"), "on " + job.node);
+    }
     setText(field(tr, "gpu"), job.gpu_id === null ? "—" : job.gpu_id);
     const state = field(tr, "state");
     setVariant(state, "state-", job.state);
@@ -280,6 +289,70 @@
          jobs.length === 0);
   }
 
+  // -- the other nodes sharing the database (read-only; as index.html draws them) -------
+
+  function peerCard(gpu) {
+    const pills = [];
+    if (gpu.drained) {
+      pills.push(el("span", {class: "pill drained", title: "Drained: takes no new jobs",
+                             text: "Drained"}));
+    }
+    pills.push(el("span", {class: "pill status-" + gpu.status, "data-field": "status",
+                           text: gpu.status_label}));
+    const running = gpu.running
+      ? [el("a", {class: "mono", href: gpu.running_url, title: gpu.running, text: gpu.running})]
+      : [document.createTextNode("Idle")];
+    const fact = (label, name, children, title) => el("div", {class: "wide"}, [
+      el("dt", {text: label}), el("dd", {"data-field": name, title: title}, children)]);
+    return el("article", {class: "card peer-gpu status-" + gpu.status,
+                          "data-peer-gpu": gpu.gpu_id}, [
+      el("header", {class: "card-head"}, [
+        el("h4", {text: "GPU " + gpu.gpu_id}), el("span", {class: "pills"}, pills)]),
+      el("dl", {class: "facts"}, [
+        fact("Queue", "queue", [document.createTextNode(gpu.queue_label)]),
+        fact("Running", "running", running),
+        fact("Models", "models", [document.createTextNode(gpu.models_label)],
+             gpu.models_label),
+        fact("VRAM", "vram", [document.createTextNode(gpu.vram_label)]),
+      ]),
+    ]);
+  }
+
+  function peerGroup(node) {
+    const cards = node.gpus.length
+      ? node.gpus.map(peerCard) : [el("p", {class: "muted", text: "No GPUs reported yet."})];
+    return el("section", {class: "peer", "data-node": node.name}, [
+      el("h3", {class: "node-title"}, [
+        el("a", {href: node.url, title: "This node's dashboard", text: node.name}),
+        document.createTextNode(" "),
+        el("span", {class: "pill status-" + node.status, "data-field": "node-state",
+                    text: node.state_label}),
+        document.createTextNode(" "),
+        el("span", {class: "muted", "data-field": "node-seen", text: node.seen_label}),
+      ]),
+      el("div", {class: "gpus peer-gpus"}, cards),
+    ]);
+  }
+
+  // Redrawn only when something but the age changed, so a link keeps its hover.
+  function updatePeers(nodes) {
+    const box = field(document, "peers");
+    if (!box) {
+      return;
+    }
+    const key = JSON.stringify(nodes.map((node) => Object.assign({}, node, {seen_label: ""})));
+    if (box.dataset.key !== key) {
+      box.replaceChildren(...nodes.map(peerGroup));
+      box.dataset.key = key;
+    }
+    for (const node of nodes) {
+      const group = Array.from(box.children).find((child) => child.dataset.node === node.name);
+      if (group) {
+        setText(field(group, "node-seen"), node.seen_label);
+      }
+    }
+  }
+
   function renderOverview(state) {
     setText(document.querySelector('[data-field="summary"]'), state.summary);
     for (const gpu of state.gpus) {
@@ -287,6 +360,9 @@
       if (card) {
         updateGpu(card, gpu);
       }
+    }
+    if (state.nodes) {
+      updatePeers(state.nodes);
     }
     updateJobs(state.jobs);
     if (state.held) {

@@ -137,7 +137,8 @@ async def failures_state(request: web.Request) -> dict[str, Any]:
                    "before": chosen.before},
         "state_chips": state_chips,
         "gpu_chips": gpu_chips,
-        "jobs": [present.job_row(router, job, now) for job in shown],
+        "jobs": [present.job_row(router, job, now, views.node_name(request.app))
+                 for job in shown],
         "older_url": None if older is None else str(page_url.with_query(older.query())),
         "newest_url": (None if chosen.before is None
                        else str(page_url.with_query(replace(chosen, before=None).query()))),

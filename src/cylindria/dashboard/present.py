@@ -13,6 +13,7 @@ from ..core.records import IN_FLIGHT, RETRYABLE, Job, JobState, isoformat
 from ..core.workflow import node_error_lines
 from ..jsonio import dumps, pretty
 from ..upstream.gpus import Gpu
+from ..upstream.heartbeat import NodeSeen
 from ..web import render
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"})
@@ -103,12 +104,14 @@ def action_urls(router: web.UrlDispatcher, job: Job) -> tuple[str | None, str | 
     return None, None
 
 
-def job_row(router: web.UrlDispatcher, job: Job, now: datetime) -> dict[str, Any]:
+def job_row(router: web.UrlDispatcher, job: Job, now: datetime,
+            node: str | None = None) -> dict[str, Any]:
     """One job as the pages show it: raw values plus ready-made labels, so the
-    server's first paint and the browser's updates read exactly the same."""
+    server's first paint and the browser's updates read exactly the same. `node`, the
+    node that ran it, only where nodes share a database."""
     seconds, duration = duration_of(job, now)
     cancel_url, retry_url = action_urls(router, job)
-    return {
+    row = {
         "job_id": job.job_id,
         "url": str(router["dashboard_job"].url_for(job_id=job.job_id)),
         "gpu_id": job.gpu_id,
@@ -131,6 +134,9 @@ def job_row(router: web.UrlDispatcher, job: Job, now: datetime) -> dict[str, Any
         "duration_label": duration,
         "detail": job.detail,
     }
+    if node is not None:
+        row["node"] = node
+    return row
 
 
 def line_labels(job: Job) -> list[str]:
@@ -156,11 +162,6 @@ def time_left(seconds: float) -> str:
 
 def gpu_card(router: web.UrlDispatcher, gpu: Gpu, status: dict[str, Any],
              running: Job | None, now: datetime) -> dict[str, Any]:
-    devices = status.get("devices") or []
-    device = devices[0] if devices else {}
-    total, free = device.get("vram_total"), device.get("vram_free")
-    has_vram = isinstance(total, int | float) and isinstance(free, int | float) and total > 0
-    used = total - free if has_vram else None
     return {
         "gpu_id": gpu.index,
         "comfy_url": gpu.url,
@@ -173,15 +174,70 @@ def gpu_card(router: web.UrlDispatcher, gpu: Gpu, status: dict[str, Any],
         "queue_label": queue_label(status["queue_remaining"]),
         "problem": status.get("detail") or "",
         "comfyui_version": status.get("comfyui_version") or "",
+        **vram_fields(status.get("devices")),
+        "running": job_row(router, running, now) if running is not None else None,
+        "drain_url": str(router["gpu_drain"].url_for(gpu_id=str(gpu.index))),
+        "undrain_url": str(router["gpu_undrain"].url_for(gpu_id=str(gpu.index))),
+    }
+
+
+def vram_fields(devices: Any) -> dict[str, Any]:
+    """A GPU's first device and its memory, as a card shows them."""
+    device = devices[0] if isinstance(devices, list) and devices else {}
+    device = device if isinstance(device, dict) else {}
+    total, free = device.get("vram_total"), device.get("vram_free")
+    has_vram = isinstance(total, int | float) and isinstance(free, int | float) and total > 0
+    used = total - free if has_vram else None
+    return {
         "device_name": device.get("name") or "",
         "vram_used": used,
         "vram_total": total if has_vram else None,
         "vram_fraction": round(used / total, 4) if has_vram else None,
         "vram_label": (f"{format_bytes(used)} / {format_bytes(total)}" if has_vram
                        else "not reported"),
-        "running": job_row(router, running, now) if running is not None else None,
-        "drain_url": str(router["gpu_drain"].url_for(gpu_id=str(gpu.index))),
-        "undrain_url": str(router["gpu_undrain"].url_for(gpu_id=str(gpu.index))),
+    }
+
+
+def node_group(router: web.UrlDispatcher, other: NodeSeen, now: float) -> dict[str, Any]:
+    """Another node sharing the database, as the overview shows it: read-only, from its
+    last heartbeat. Its GPUs read "Unknown" once it is not alive, as this node's own
+    cards do when no update comes."""
+    alive = other.alive(now)
+    # Links only to a web address: the row is the other node's word, not this one's.
+    web_address = other.advertise_url.startswith(("http://", "https://"))
+    base = other.advertise_url.rstrip("/") if web_address else None
+    return {
+        "name": other.name,
+        "url": None if base is None else base + "/",
+        "alive": alive,
+        "stopped": other.stopped,
+        "status": "ok" if alive else "degraded",
+        "state_label": "Alive" if alive else "Stopped" if other.stopped else "Not alive",
+        "seen_label": f"seen {format_duration(other.last_seen(now))} ago",
+        "gpus": [peer_card(router, base, gpu, alive) for gpu in other.gpus
+                 if isinstance(gpu, dict)],
+    }
+
+
+def peer_card(router: web.UrlDispatcher, base: str | None, gpu: dict[str, Any],
+              alive: bool) -> dict[str, Any]:
+    """One of another node's GPUs, as its heartbeat carried it (see upstream/heartbeat.py)."""
+    status = "unknown" if not alive else "ok" if gpu.get("status") == "ok" else "degraded"
+    running = gpu.get("running_job")
+    models = gpu.get("models")
+    models = [str(model) for model in models] if isinstance(models, list) else []
+    remaining = gpu.get("queue_remaining")
+    return {
+        "gpu_id": gpu.get("gpu_id"),
+        "status": status,
+        "status_label": {"ok": "OK", "degraded": "Degraded"}.get(status, "Unknown"),
+        "drained": bool(gpu.get("drained")),
+        "queue_label": queue_label(remaining if isinstance(remaining, int) else None),
+        "running": None if running is None else str(running),
+        "running_url": None if running is None or base is None else base + str(
+            router["dashboard_job"].url_for(job_id=str(running))),
+        "models_label": ", ".join(models) or "none loaded",
+        "vram_label": vram_fields(gpu.get("devices"))["vram_label"],
     }
 
 
@@ -235,10 +291,11 @@ def size_label(size: int) -> str:
     return f"{size} bytes"
 
 
-def job_details(router: web.UrlDispatcher, job: Job, now: datetime) -> dict[str, Any]:
+def job_details(router: web.UrlDispatcher, job: Job, now: datetime,
+                node: str | None = None) -> dict[str, Any]:
     error = job.error or None
     node_errors = job.node_errors or None
-    row = job_row(router, job, now)
+    row = job_row(router, job, now, node)
     body = render.status_body(job, router)
     outputs = [output_view(entry) for entry in body["outputs"]]
     return {

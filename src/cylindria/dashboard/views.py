@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp_jinja2
 from aiohttp import web
 
-from ..appkeys import GPUS, JOBS, REGISTRY, SETTINGS, SIGNINS
+from ..appkeys import CLUSTER, GPUS, JOBS, REGISTRY, SETTINGS, SIGNINS
 from ..core.records import Job, isoformat
 from ..errors import JobNotFound, TooManyAttempts
 from ..jsonio import json_response
@@ -63,7 +64,8 @@ async def dashboard_state(request: web.Request) -> dict[str, Any]:
             jobs.foresee(job)
     cards = [present.gpu_card(router, gpu, render.gpu_status(gpu, probe), job, now)
              for gpu, probe, job in zip(gpus, probes, running, strict=True)]
-    return {
+    node = node_name(request.app)
+    state = {
         "generated_at": isoformat(now),
         "generated_label": now.strftime("%H:%M:%S UTC"),
         "summary": (f"{len(cards)} GPU{'s' if len(cards) != 1 else ''} · "
@@ -71,12 +73,26 @@ async def dashboard_state(request: web.Request) -> dict[str, Any]:
                     f"{known} job{'s' if known != 1 else ''} known"),
         "recent_limit": RECENT_JOBS,
         "gpus": cards,
-        "jobs": [present.job_row(router, job, now) for job in recent],
-        "held": [present.job_row(router, job, now) for job in held],
+        "jobs": [present.job_row(router, job, now, node) for job in recent],
+        "held": [present.job_row(router, job, now, node) for job in held],
         "held_summary": (f"{len(registry.held)} waiting for a GPU, by priority then "
                          f"arrival" + (f"; the first {HELD_SHOWN} shown"
                                        if len(registry.held) > HELD_SHOWN else "")),
     }
+    if node is not None:
+        # Nodes sharing a database: this one's name, and the others with their GPUs.
+        seen = time.monotonic()
+        state["node"] = node
+        state["nodes"] = [present.node_group(router, other, seen)
+                          for other in request.app[CLUSTER].others]
+    return state
+
+
+def node_name(app: web.Application) -> str | None:
+    """This node's name where nodes share a database (the node that ran its jobs), or
+    None on one host, whose pages name no node."""
+    cluster = app[CLUSTER]
+    return cluster.node.name if cluster.enabled else None
 
 
 async def find_job(request: web.Request) -> Job:
@@ -85,7 +101,8 @@ async def find_job(request: web.Request) -> Job:
 
 
 def job_details(request: web.Request, job: Job) -> dict[str, Any]:
-    return present.job_details(request.app.router, job, datetime.now(UTC))
+    return present.job_details(request.app.router, job, datetime.now(UTC),
+                               node_name(request.app))
 
 
 def page_context(request: web.Request, **values: Any) -> dict[str, Any]:

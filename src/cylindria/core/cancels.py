@@ -8,8 +8,8 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
-from ..errors import ApiError, JobFinished, JobNotFound, NodeNotAlive, StateUnavailable
-from .elsewhere import held_elsewhere
+from ..errors import ApiError, JobFinished, JobNotFound, StateUnavailable
+from .elsewhere import held_elsewhere, require_alive
 from .ports import HeldElsewhere
 from .records import Job
 
@@ -31,12 +31,7 @@ async def cancel_anywhere(jobs: JobsService, job_id: str) -> Job | HeldElsewhere
     if held.job.terminal:
         raise JobFinished(held, f"Job {job_id!r} is already {held.job.state.value} on node "
                                 f"{held.node}; there is nothing to cancel.")
-    if not held.node_alive:
-        raise NodeNotAlive(
-            held, f"Job {job_id!r} is held by node {held.node}, which is not alive "
-            "(stopped, or no heartbeat within its grace period), so the cancel cannot be "
-            "passed to it. Start that node again, then retry; GET /gpus/ shows which nodes "
-            "are alive.", held.node)
+    require_alive(held, "cancel")
     await jobs.store.request_cancel(held.node, job_id)
     return held
 

@@ -1,12 +1,13 @@
 """Nodes sharing a database: the status of a job asked of a node that does not hold it,
-read from the database as the node that holds it last wrote it."""
+read from the database as the node that holds it last wrote it; which node a request
+about it is passed to."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from ..errors import AmbiguousJobId, JobNotFound
+from ..errors import AmbiguousJobId, JobNotFound, NodeNotAlive
 from .ports import HeldElsewhere
 from .records import Job, isoformat
 from .registry import Registry
@@ -43,6 +44,29 @@ async def held_elsewhere(jobs: JobsService, job_id: str, advice: str) -> HeldEls
     if not found:
         raise not_found(job_id, advice)
     return found[0]
+
+
+async def other_holder(jobs: JobsService, job_id: str) -> HeldElsewhere | None:
+    """The one other node's job of this id when this node holds none; None when this
+    node holds it or no node does. Several other nodes: AmbiguousJobId (409)."""
+    if await jobs.lookup(job_id, foresee=False) is not None:
+        return None
+    try:
+        return await held_elsewhere(jobs, job_id, "")
+    except JobNotFound:
+        return None
+
+
+def require_alive(held: HeldElsewhere, action: str) -> HeldElsewhere:
+    """`held`, when its node is alive to be passed the `action` (a cancel, a retry);
+    else NodeNotAlive (409), with the job as it stands."""
+    if not held.node_alive:
+        raise NodeNotAlive(
+            held, f"Job {held.job.job_id!r} is held by node {held.node}, which is not "
+            f"alive (stopped, or no heartbeat within its grace period), so the {action} "
+            "cannot be passed to it. Start that node again, then retry; GET /gpus/ shows "
+            "which nodes are alive.", held.node)
+    return held
 
 
 def lose_on_dead_node(job: Job, node: str, silent_since: datetime, now: datetime) -> bool:

@@ -7,12 +7,13 @@ from contextlib import AbstractContextManager, nullcontext
 
 from aiohttp import web
 
-from ..appkeys import GPUS, INPUTS, JOBS, JOURNAL, SETTINGS, WAITERS
+from ..appkeys import GPUS, INPUTS, JOBS, JOURNAL, PEERS, SETTINGS, WAITERS
 from ..core import cancels, elsewhere
 from ..core.outcomes import Outcome, Verdict
 from ..core.ports import HeldElsewhere
 from ..errors import ApiError, JobFinished, NodeNotAlive
 from ..jsonio import json_response
+from ..upstream.peers import FORWARDED, holder_url
 from . import intake, params, render
 from .auth import Access, access
 from .clients import client_address
@@ -139,8 +140,32 @@ async def post_retryjob(request: web.Request) -> web.Response:
     try:
         job_id = params.job_id(request)
         seconds = params.wait(request.query, request.app[SETTINGS].max_wait)
+        # Another node's job is retried by that node; a request passed on is not again.
+        held = None if FORWARDED in request.headers else (
+            await elsewhere.other_holder(request.app[JOBS], job_id))
+        if held is not None:
+            return await passed_on(request, held, "retry", seconds or 0)
         with waiting(request, seconds) as waiter:
             outcome = await request.app[JOBS].retry(job_id, request.query.get("GpuId"))
             return await started(request, outcome, waiter, seconds)
     except ApiError as exc:
         raise render.startjob_refusal(job_id, exc) from None
+
+
+async def passed_on(request: web.Request, held: HeldElsewhere, action: str,
+                    seconds: float) -> web.Response:
+    """A request about another node's job passed to that node as it came (method, query,
+    body), and that node's answer passed back (status, JSON body, Retry-After). A node
+    not alive: 409 `node_not_alive`, with the node and the job's state."""
+    try:
+        elsewhere.require_alive(held, action)
+    except NodeNotAlive as exc:
+        exc.reply = {"gpu_id": held.job.gpu_id, "state": held.job.state.value,
+                     "node": held.node}
+        raise
+    body = await request.read() if request.can_read_body else None
+    headers = {"Content-Type": request.content_type} if body else {}
+    answer = await request.app[PEERS].call(
+        request.method, held.node, holder_url(held), request.rel_url.raw_path_qs, headers,
+        body, wait=seconds)
+    return render.passed_back(answer)

@@ -44,6 +44,8 @@ class Subscriber:
         default_factory=lambda: asyncio.Queue(CLIENT_QUEUE))
     queued_bytes: int = 0
     dropped: bool = False
+    # Another node's stream passed through (web/events.py): counted, never fed.
+    relayed: bool = False
 
     async def get(self) -> Event | None:
         """The next event, or None once the stream is ended."""
@@ -94,7 +96,7 @@ class EventHub:
         self._recent.append((event_id, job))
         event = None
         for sub in list(self._subscribers):
-            if sub.job_id is not None and sub.job_id != job.job_id:
+            if sub.relayed or (sub.job_id is not None and sub.job_id != job.job_id):
                 continue
             if not sub.alive():
                 self._end(sub)
@@ -155,6 +157,14 @@ class EventHub:
                 replay.append((event_id, job.job_id, body))
         self._subscribers.add(sub)
         return sub, replay, complete
+
+    def relay(self, alive: Callable[[], bool] = _always, address: str = "") -> Subscriber:
+        """A slot for a stream this node passes through from another node: counted as
+        a stream of `address` until unsubscribed, ended (`dropped`) like the others at
+        shutdown, and given no events."""
+        sub = Subscriber(None, alive, address, relayed=True)
+        self._subscribers.add(sub)
+        return sub
 
     def unsubscribe(self, sub: Subscriber) -> None:
         self._subscribers.discard(sub)

@@ -1,16 +1,21 @@
-"""`GET /events/`: live job changes as server-sent events, with resume."""
+"""`GET /events/`: live job changes as server-sent events, with resume; with nodes sharing
+a database, another node's job's events, passed through from that node."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
+import aiohttp
 from aiohttp import web
 
-from ..appkeys import EVENTS, SETTINGS
-from ..errors import TooManyStreams
+from ..appkeys import EVENTS, JOBS, PEERS, SETTINGS
+from ..core import elsewhere
+from ..core.ports import HeldElsewhere
+from ..errors import BackendError, TooManyStreams
 from ..jsonio import dumps
-from . import params
+from ..upstream.peers import FORWARDED, holder_url, read_answer
+from . import params, render
 from .clients import client_address
 from .eventhub import Event, Subscriber
 from .middlewares import answer_headers
@@ -26,6 +31,11 @@ RESYNC = dumps({"detail": "Some events were missed; fetch the current state with
 # a write would only fail at the next keep-alive; between checks the hub still frees the
 # slot at once, as it ends streams whose client has gone before counting them.
 PRESENCE_CHECK = 1.0
+# A stream passed through from another node holds a connection there too: its client's
+# presence is checked more often, so that connection is closed soon after it leaves.
+RELAY_PRESENCE_CHECK = 0.25
+STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                  "X-Accel-Buffering": "no"}
 
 
 def sse(event_id: int, data: bytes, event: str = "job") -> bytes:
@@ -40,6 +50,10 @@ async def get_events(request: web.Request) -> web.StreamResponse:
     # can never be a job's is a mistake worth saying.
     job_id = params.job_filter(request.query)
     last_id = params.last_event_id(request)
+    # Another node's job: that node's stream of it (its ids), passed through. A request
+    # passed on is answered with this node's stream only.
+    held = None if job_id is None or FORWARDED in request.headers else (
+        await elsewhere.other_holder(request.app[JOBS], job_id))
     # Per client address as well as in all, so that one client cannot take every
     # slot; behind trusted proxies, the address is the client's they name.
     address = client_address(request)
@@ -55,12 +69,13 @@ async def get_events(request: web.Request) -> web.StreamResponse:
             f"Too many event streams are open ({settings.max_event_streams}); retry later "
             "or poll GET /jobstatus/{job_id}/.", headers={"Retry-After": "5"},
             extra={"limit": settings.max_event_streams, "per": "server"})
+    if held is not None:
+        return await relayed(request, held, hub.relay(
+            alive=lambda: request.transport is not None, address=address))
     sub, replay, complete = hub.subscribe(job_id, last_id,
                                           alive=lambda: request.transport is not None,
                                           address=address)
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                       "Cache-Control": "no-cache",
-                                       "X-Accel-Buffering": "no"})
+    resp = web.StreamResponse(headers=STREAM_HEADERS)
     try:
         answer_headers(request, resp)
         await resp.prepare(request)
@@ -107,3 +122,56 @@ async def stream(request: web.Request, resp: web.StreamResponse, sub: Subscriber
             return
         await resp.write(sse(item[0], item[2]))
         quiet_until = loop.time() + keepalive
+
+
+async def relayed(request: web.Request, held: HeldElsewhere,
+                  sub: Subscriber) -> web.StreamResponse:
+    """Node `held.node`'s stream of its job, passed through chunk by chunk with this
+    node's stream headers, `Last-Event-ID` passed on; counted in `sub` (this node's
+    limits). Its refusals come back as it answered them; unreachable: 502."""
+    headers = {"Accept": "text/event-stream"}
+    if request.headers.get("Last-Event-ID"):
+        headers["Last-Event-ID"] = request.headers["Last-Event-ID"]
+    timing = request.app[SETTINGS].timing
+    resp: web.StreamResponse | None = None
+    try:
+        # That node writes at least a keep-alive every interval: silence past it and a
+        # request timeout means the node is gone.
+        async with request.app[PEERS].request(
+                "GET", held.node, holder_url(held), request.rel_url.raw_path_qs, headers,
+                read_timeout=timing.request_timeout + timing.sse_keepalive) as upstream:
+            if upstream.status != 200 or upstream.content_type != "text/event-stream":
+                return render.passed_back(await read_answer(held.node, upstream))
+            resp = web.StreamResponse(headers=STREAM_HEADERS)
+            answer_headers(request, resp)
+            await resp.prepare(request)
+            await pass_through(request, resp, upstream, sub)
+    except BackendError as exc:
+        if resp is None or not resp.prepared:
+            raise
+        log.info("events: node %s's stream of job %s ended (%s)", held.node,
+                 held.job.job_id, exc.message)
+    except ConnectionError:
+        pass  # the client left
+    finally:
+        request.app[EVENTS].unsubscribe(sub)
+    return resp
+
+
+async def pass_through(request: web.Request, resp: web.StreamResponse,
+                       upstream: aiohttp.ClientResponse, sub: Subscriber) -> None:
+    """Write what the other node sends until it ends, the client leaves (the other
+    node's connection is closed at once then) or this node stops."""
+    while request.transport is not None and not sub.dropped:
+        timer = asyncio.timeout(RELAY_PRESENCE_CHECK)
+        try:
+            async with timer:
+                chunk = await upstream.content.readany()
+        except TimeoutError:
+            if timer.expired():
+                continue  # nothing yet: look whether the client is still there
+            raise
+        if not chunk:
+            return
+        await resp.write(chunk)
+    upstream.close()

@@ -319,9 +319,10 @@ def paths(shape: Shape) -> dict[str, Any]:
         "/retryjob/{job_id}/": {"post": op(
             "Run a failed, cancelled or rejected job again.",
             {"202": answer("A new attempt, accepted (or held for a GPU).", "StartReply"),
-             "404": not_found, **start_errors(), **shape.waited(finished=True), **refused},
-            parameters=[JOB_ID, shape.gpu_parameter("GpuId", "query", auto=True),
-                        CSRF_HEADER, shape.wait_parameter()])},
+             "404": not_found, **openapi_parts.passed_on(start_errors()),
+             **shape.waited(finished=True), **refused},
+            parameters=[JOB_ID, shape.gpu_parameter("GpuId", "query", auto=True), CSRF_HEADER,
+                        shape.wait_parameter(), openapi_parts.FORWARDED_HEADER])},
         "/jobs/": {"get": op(
             "Jobs, newest first, a page at a time.",
             {"200": answer("A page.", "JobsPage"),
@@ -352,7 +353,7 @@ def paths(shape: Shape) -> dict[str, Any]:
              "429": answer("Too many open streams (`too_many_streams`), in all or "
                            "from this client address"
                            + (", or wrong keys." if shape.keyed else "."),
-                           headers=RETRY_AFTER)},
+                           headers=RETRY_AFTER), **openapi_parts.EVENTS_ELSEWHERE},
             parameters=[{**JOB_ID, "in": "query", "required": False,
                          "description": "Only this job's events (empty: every job's).",
                          "schema": {"type": "string",
@@ -361,10 +362,7 @@ def paths(shape: Shape) -> dict[str, Any]:
                          "description": "The id of the last event received: the stream "
                                         "starts with what changed since (empty: now).",
                          "schema": {"type": "string", "pattern": event_id}},
-                        {"name": "last_event_id", "in": "query", "required": False,
-                         "description": "Last-Event-ID, for clients that cannot send "
-                                        "the header; the header wins.",
-                         "schema": {"type": "string", "pattern": event_id}}])},
+                        *openapi_parts.EVENTS_RESUME])},
         "/metrics": {"get": op(
             "Metrics in Prometheus' text format (docs/monitoring.md).",
             {"200": {"description": "The metrics.",

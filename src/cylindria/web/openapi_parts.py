@@ -228,3 +228,34 @@ OUTPUT_ERRORS = {
 AMBIGUOUS = {"409": answer(
     "With PostgreSQL: no job of this id on this node, and several other nodes hold one "
     "(`ambiguous_job_id`; `error.nodes` names them): ask the node it was submitted to.")}
+
+# A retry (POST /retryjob) of another node's job is passed to that node, whose answer
+# comes back as it gave it; what passing it on adds.
+_PASSED_ON = {
+    "409": " With PostgreSQL: the node that holds the job is not alive (`node_not_alive`; "
+           "`error.node` and `node` name it, `state` is the job's), or several other nodes "
+           "hold one of that id (`ambiguous_job_id`).",
+    "502": " With PostgreSQL: the node that holds the job cannot be reached "
+           "(`backend_unavailable`, `error.node` names it).",
+    "504": " Or the node that holds the job did not answer in time."}
+
+
+def passed_on(answers: dict[str, Any]) -> dict[str, Any]:
+    """`answers`, with what passing a request to the node holding the job adds."""
+    return {code: {**body, "description": body["description"] + _PASSED_ON.get(code, "")}
+            for code, body in answers.items()}
+
+
+# GET /events/?job_id= of another node's job: that node's stream, passed through.
+EVENTS_ELSEWHERE = {
+    "409": answer("With PostgreSQL: several other nodes hold a job of that id "
+                  "(`ambiguous_job_id`)."),
+    "502": answer("With PostgreSQL: the node that holds the job cannot be reached "
+                  "(`backend_unavailable`, `error.node` names it); said before the "
+                  "stream starts."),
+    "504": answer("With PostgreSQL: the node that holds the job did not answer in time.")}
+EVENTS_RESUME = [
+    {"name": "last_event_id", "in": "query", "required": False,
+     "description": "Last-Event-ID, for clients that cannot send the header; the header "
+                    "wins.", "schema": {"type": "string", "pattern": f"^{NUMBER}?$"}},
+    FORWARDED_HEADER]

@@ -13,7 +13,7 @@ from ..core import elsewhere
 from ..core.numbers import canonical_int
 from ..core.ports import HeldElsewhere
 from ..errors import BackendError, BackendUnavailable, BadRequest, OutputNotFound
-from ..upstream.peers import FORWARDED
+from ..upstream.peers import FORWARDED, holder_url
 from .auth import Access, access
 from .middlewares import answer_headers
 
@@ -93,15 +93,12 @@ async def from_peer(request: web.Request, held: HeldElsewhere) -> web.StreamResp
     """Another node's job's file, streamed from that node as it answers (status, the
     file's and caching headers, its body; its error answers too)."""
     job_id = held.job.job_id
-    if held.advertise_url is None:
-        raise BackendUnavailable(
-            f"Job {job_id!r} is held by node {held.node}, which has no URL on record: ask "
-            "that node for its outputs directly.", extra={"node": held.node})
+    base_url = holder_url(held)
     headers = {name: request.headers[name] for name in CONDITIONAL_HEADERS
                if name in request.headers}
     resp: web.StreamResponse | None = None
     try:
-        async with request.app[PEERS].get(held.node, held.advertise_url,
+        async with request.app[PEERS].get(held.node, base_url,
                                           request.rel_url.raw_path_qs, headers) as upstream:
             resp = web.StreamResponse(status=upstream.status)
             return await relay(request, upstream, resp, PEER_HEADERS)

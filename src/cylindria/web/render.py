@@ -17,6 +17,7 @@ from ..jsonio import dumps, json_response
 from ..store.inputs import StoredInput
 from ..upstream.gpus import Gpu, Probe
 from ..upstream.heartbeat import Cluster
+from ..upstream.peers import PeerAnswer
 
 
 def output_url(router: web.UrlDispatcher, job_id: str, index: int) -> str:
@@ -177,6 +178,15 @@ def job_reply(job_id: str, accepted: bool, detail: str, gpu_id: int | None,
     """The shape of every `/startjob` answer, accepted or not."""
     return {"job_id": job_id, "accepted": accepted, "detail": detail, "gpu_id": gpu_id,
             **fields}
+
+
+def passed_back(answer: PeerAnswer) -> web.Response:
+    """Another node's JSON answer, as it came: its status, body and Retry-After."""
+    resp = web.Response(body=answer.body, status=answer.status,
+                        content_type="application/json")
+    if answer.retry_after is not None:
+        resp.headers["Retry-After"] = answer.retry_after
+    return resp
 
 
 def startjob_reply(outcome: Outcome) -> web.Response:

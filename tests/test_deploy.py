@@ -19,7 +19,8 @@ import pytest
 
 from cylindria.addresses import free_port_run
 from cylindria.cli import build_parser
-from cylindria.config import load_settings
+from cylindria.config import check_api_key, load_settings
+from cylindria.errors import ConfigError
 from cylindria.web.throttle import ATTEMPTS
 
 import workflows
@@ -294,3 +295,12 @@ def test_the_unit_and_the_container_start_cylindria_as_the_cli_expects():
     assert 'VOLUME ["/var/lib/cylindria"]' in recipe
     assert "CYLINDRIA_STATE_FILE=/var/lib/cylindria/" in recipe
     assert re.search(r"^HEALTHCHECK .*/readyz", recipe, re.MULTILINE | re.DOTALL)
+
+
+def test_the_environment_file_template_does_not_start_until_its_key_is_replaced():
+    """A copy of the template left as it is must not run with a key everyone knows."""
+    values = dict(line.split("=", 1) for line in
+                  (DEPLOY / "cylindria.env.example").read_text().splitlines()
+                  if line and not line.startswith("#"))
+    with pytest.raises(ConfigError, match="make a good one with"):
+        check_api_key(values["CYLINDRIA_API_KEY"])

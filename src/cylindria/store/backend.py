@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Protocol
 
 import ujson
 
-from ..core.records import Job
+from ..core.records import Job, from_record
 
 IN_FLIGHT_STATES = ("queued", "running")
 
@@ -80,6 +80,22 @@ class Database(Protocol):
 # ujson call holds the interpreter, and so the event loop, for all of its work (about
 # 80 ms for a 32 MiB text here), while many short calls let it run in between.
 LONG_STRING = 1 << 20
+
+
+def decode_job(text: str) -> Job:
+    """A job from its stored record (as `encode_record` wrote it)."""
+    return from_record(ujson.loads(text))
+
+
+def decode_run_times(text: str | None) -> dict[str, Any] | None:
+    """Run times learned by an earlier run from their stored form; None when there are
+    none, or when they cannot be read (they are learned again from the next jobs)."""
+    if text is None:
+        return None
+    try:
+        return ujson.loads(text)
+    except ValueError:
+        return None
 
 
 def encode_record(record: dict[str, Any], long_string: int = LONG_STRING) -> str:

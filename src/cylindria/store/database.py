@@ -9,11 +9,9 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import ujson
-
-from ..core.records import Job, from_record
+from ..core.records import Job
 from ..errors import StateFileError
-from .backend import IN_FLIGHT_STATES, Loaded, Row, encode_record
+from .backend import IN_FLIGHT_STATES, Loaded, Row, decode_job, decode_run_times, encode_record
 
 SCHEMA_VERSION = 1
 
@@ -158,7 +156,7 @@ class StateFile:
         finished = conn.execute(
             "SELECT record FROM jobs WHERE finished_at IS NOT NULL ORDER BY seq DESC "
             "LIMIT ?", (memory_jobs,)).fetchall()
-        loaded.jobs = [from_record(ujson.loads(r[0])) for r in (*rows, *reversed(finished))]
+        loaded.jobs = [decode_job(r[0]) for r in (*rows, *reversed(finished))]
         loaded.last_seq = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0]
         older = conn.execute(
             "SELECT seq FROM jobs WHERE finished_at IS NOT NULL ORDER BY seq DESC "
@@ -166,11 +164,7 @@ class StateFile:
         loaded.evicted_through = older[0] if older else 0
         loaded.held = self.held()
         row = conn.execute("SELECT value FROM meta WHERE key = 'run_times'").fetchone()
-        if row:
-            try:
-                loaded.run_times = ujson.loads(row[0])
-            except ValueError:
-                loaded.run_times = None  # learned again from the next jobs
+        loaded.run_times = decode_run_times(row[0] if row else None)
         return loaded
 
     def set_meta(self, key: str, value: str) -> None:
@@ -214,7 +208,7 @@ class StateFile:
     def job(self, job_id: str) -> Job | None:
         row = self.conn.execute("SELECT record FROM jobs WHERE job_id = ?",
                                 (job_id,)).fetchone()
-        return None if row is None else from_record(ujson.loads(row[0]))
+        return None if row is None else decode_job(row[0])
 
     def workflow(self, job_id: str) -> bytes | str | None:
         row = self.conn.execute("SELECT workflow FROM workflows WHERE job_id = ?",
@@ -235,7 +229,7 @@ class StateFile:
         rows = self.conn.execute(
             f"SELECT record FROM jobs WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?",
             (*args, limit)).fetchall()
-        return [from_record(ujson.loads(r[0])) for r in rows]
+        return [decode_job(r[0]) for r in rows]
 
     def held(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM jobs").fetchone()[0]

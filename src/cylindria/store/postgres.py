@@ -9,14 +9,13 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import psycopg
-import ujson
 from psycopg.conninfo import conninfo_to_dict
 
 from ..core.ports import HeldElsewhere
-from ..core.records import Job, from_record
+from ..core.records import Job
 from ..errors import StateFileError
 from ..nodes import GRACE_BEATS, NodeInfo
-from .backend import IN_FLIGHT_STATES, Loaded, Row, encode_record
+from .backend import IN_FLIGHT_STATES, Loaded, Row, decode_job, decode_run_times, encode_record
 from .cancels import MIGRATION as CANCEL_REQUESTS
 
 T = TypeVar("T")
@@ -375,18 +374,14 @@ class PostgresDatabase:
         states = list(IN_FLIGHT_STATES)
         rows = conn.execute(IN_FLIGHT, (node, states)).fetchall()
         finished = conn.execute(NEWEST_FINISHED, (node, memory_jobs)).fetchall()
-        loaded.jobs = [from_record(ujson.loads(r[0])) for r in (*rows, *reversed(finished))]
+        loaded.jobs = [decode_job(r[0]) for r in (*rows, *reversed(finished))]
         loaded.last_seq = conn.execute(LAST_SEQ, (node,)).fetchone()[0]
         older = conn.execute(FIRST_EVICTED, (node, memory_jobs)).fetchone()
         loaded.evicted_through = older[0] if older else 0
         loaded.held = conn.execute(COUNT, (node,)).fetchone()[0]
         loaded.elsewhere = dict(conn.execute(ELSEWHERE, (node, states)).fetchall())
         row = conn.execute(GET_META, ("run_times",)).fetchone()
-        if row:
-            try:
-                loaded.run_times = ujson.loads(row[0])
-            except ValueError:
-                loaded.run_times = None  # learned again from the next jobs
+        loaded.run_times = decode_run_times(row[0] if row else None)
         return loaded
 
     def set_meta(self, key: str, value: str) -> None:
@@ -449,13 +444,13 @@ class PostgresDatabase:
     def job(self, job_id: str) -> Job | None:
         row = self._run(lambda conn: conn.execute(ONE_JOB, (self.node.name,
                                                           job_id)).fetchone())
-        return None if row is None else from_record(ujson.loads(row[0]))
+        return None if row is None else decode_job(row[0])
 
     def elsewhere(self, job_id: str) -> list[HeldElsewhere]:
         """The other nodes' jobs of this id, by node name."""
         args = (GRACE_BEATS, job_id, self.node.name, ELSEWHERE_LIMIT)
         rows = self._run(lambda conn: conn.execute(ELSEWHERE_JOB, args).fetchall())
-        return [HeldElsewhere(node, url, alive, from_record(ujson.loads(record)))
+        return [HeldElsewhere(node, url, alive, decode_job(record))
                 for node, url, alive, record in rows]
 
     def workflow(self, job_id: str) -> bytes | None:
@@ -473,7 +468,7 @@ class PostgresDatabase:
         args.append(limit)
         statement = PAGES[states is not None, gpu_id is not None]
         rows = self._run(lambda conn: conn.execute(statement, args).fetchall())
-        return [from_record(ujson.loads(r[0])) for r in rows]
+        return [decode_job(r[0]) for r in rows]
 
     def held(self) -> int:
         return self._run(lambda conn: conn.execute(COUNT, (self.node.name,)).fetchone()[0])

@@ -13,12 +13,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
-import ujson
 
 from ..core.elsewhere import lose_on_dead_node
-from ..core.records import from_record, to_record
+from ..core.records import to_record
 from ..nodes import GRACE_BEATS
-from .backend import IN_FLIGHT_STATES, encode_record
+from .backend import IN_FLIGHT_STATES, decode_job, encode_record
 from .postgres import PostgresDatabase, node_lock
 
 # The rescuers' lock: class "Cyrs" in ASCII, apart from the nodes' own ("Cyln").
@@ -89,7 +88,7 @@ def _settle(conn: psycopg.Connection[Any], node: str, since: datetime,
     now = datetime.now(UTC)
     columns: list[list[Any]] = [[], [], [], [], []]
     for (text,) in conn.execute(ITS_JOBS, (node, states)).fetchall():
-        job = from_record(ujson.loads(text))
+        job = decode_job(text)
         if not lose_on_dead_node(job, node, since, now):
             continue
         finished = job.finished_at.timestamp() if job.finished_at is not None else None

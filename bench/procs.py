@@ -178,32 +178,31 @@ async def stack(work: Path, gpus: int, state: Path | None, sim_args: tuple[str, 
 
 
 @contextlib.asynccontextmanager
-async def bare_proxy(work: Path, gpu_url: str) -> AsyncIterator[str]:
-    """A minimal aiohttp forwarder of PUT /startjob/{job_id}/ to `gpu_url`'s /prompt."""
+async def script_server(work: Path, script: str, arg: str, probe: str,
+                        log: str) -> AsyncIterator[tuple[str, Process]]:
+    """`script` run as `python -c script PORT ARG` on a free port, once `probe` answers
+    200: its URL and its process."""
     port = free_port_run(1)
-    proc = Process([PYTHON, "-c", BARE_PROXY, str(port), gpu_url], work / "proxy.log")
+    proc = Process([PYTHON, "-c", script, str(port), arg], work / log)
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as session:
-            await until_up(session, f"{url}/healthz", proc)
-        yield url
-    finally:
-        proc.stop()
-
-
-@contextlib.asynccontextmanager
-async def bare_server(work: Path, record: str) -> AsyncIterator[tuple[str, Process]]:
-    """An aiohttp + ujson handler returning `record` at /jobstatus/{job_id}/: its URL and
-    its process."""
-    port = free_port_run(1)
-    proc = Process([PYTHON, "-c", BARE_SERVER, str(port), record], work / "bare.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        async with aiohttp.ClientSession() as session:
-            await until_up(session, f"{url}/jobstatus/x/", proc)
+            await until_up(session, url + probe, proc)
         yield url, proc
     finally:
         proc.stop()
+
+
+def bare_proxy(work: Path, gpu_url: str
+               ) -> contextlib.AbstractAsyncContextManager[tuple[str, Process]]:
+    """A minimal aiohttp forwarder of PUT /startjob/{job_id}/ to `gpu_url`'s /prompt."""
+    return script_server(work, BARE_PROXY, gpu_url, "/healthz", "proxy.log")
+
+
+def bare_server(work: Path, record: str
+                ) -> contextlib.AbstractAsyncContextManager[tuple[str, Process]]:
+    """An aiohttp + ujson handler returning `record` at /jobstatus/{job_id}/."""
+    return script_server(work, BARE_SERVER, record, "/jobstatus/x/", "bare.log")
 
 
 def wrk(url: str, connections: int, seconds: float) -> tuple[float, float] | None:

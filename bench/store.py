@@ -164,7 +164,7 @@ async def submit_overhead(work: Path, count: int, **env: str) -> dict[str, str]:
     hop and nothing else), one at a time, in turn."""
     direct, bare, proxied = [], [], []
     async with stack(work / "overhead", 1, work / "overhead.sqlite3", **env) as running, \
-            bare_proxy(work, running.gpu_url(0)) as forwarder, \
+            bare_proxy(work, running.gpu_url(0)) as (forwarder, _), \
             aiohttp.ClientSession() as session:
         for n in range(count):
             body = {"prompt": quick(2_000_000 + n), "client_id": "bench",

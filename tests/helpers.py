@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
 import subprocess
+import sys
 import time
-from collections.abc import Awaitable, Callable
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ import pytest
 import ujson
 from aiohttp import web
 
+from cylindria.addresses import free_port_run
 from cylindria.config import Timing
 
 # A test of the journal's store, run on the SQLite state file and on PostgreSQL.
@@ -148,3 +152,30 @@ async def webhook_state(client, job_id, state):
     body = await (await client.get(f"/jobstatus/{job_id}/")).json()
     hook = body.get("webhook")
     return body if hook and hook["state"] == state else None
+
+
+@contextlib.contextmanager
+def running_demo(folder: Path, *args: str, ready: bytes = b'"status":"ok"',
+                 **env: str) -> Iterator[str]:
+    """`cylindria demo ARGS` in a process of its own, with the state file off and ports
+    of its own, once its /healthz holds `ready`; its URL."""
+    port, sim_port = free_port_run(1), free_port_run(8)
+    proc = Proc([sys.executable, "-m", "cylindria", "demo", "--port", str(port),
+                 "--sim-port", str(sim_port), "--no-state", *args], clean_env(**env),
+                folder / "demo.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while ready not in _get(url + "/healthz"):
+            assert proc.popen.poll() is None, proc.output()
+            assert time.monotonic() < deadline, proc.output()
+            time.sleep(0.05)
+        yield url
+    finally:
+        proc.stop()
+
+
+def _get(url: str) -> bytes:
+    with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as resp:
+        return resp.read()
+    return b""

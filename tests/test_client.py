@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ from cylindria.config import Settings
 from cylindria.simulator import ComfySimulator
 from cylindria.web.serving import start_server
 
-from helpers import FAST, Proc, clean_env, wait_until
+from helpers import FAST, running_demo, wait_until
 from workflows import quick, txt2img
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
@@ -62,28 +60,9 @@ async def service(start_sims):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`cylindria demo` in a process of its own, for the blocking client."""
-    port, sim_port = free_port_run(1), free_port_run(2)
-    log = tmp_path_factory.mktemp("demo") / "demo.log"
-    proc = Proc([sys.executable, "-m", "cylindria", "demo", "--port", str(port),
-                 "--sim-port", str(sim_port), "--numberOfGpus", "2", "--no-state",
-                 "--step-seconds", "0.01"],
-                clean_env(), log)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while b'"listeners_connected":2' not in _get(url + "/healthz"):
-            assert proc.popen.poll() is None, proc.output()
-            assert time.monotonic() < deadline, proc.output()
-            time.sleep(0.05)
+    with running_demo(tmp_path_factory.mktemp("demo"), "--numberOfGpus", "2",
+                      "--step-seconds", "0.01", ready=b'"listeners_connected":2') as url:
         yield url
-    finally:
-        proc.stop()
-
-
-def _get(url: str) -> bytes:
-    with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as resp:
-        return resp.read()
-    return b""
 
 
 async def running(cy: AsyncClient, job_id: str) -> dict[str, Any]:

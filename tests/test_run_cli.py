@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
@@ -14,7 +13,6 @@ import subprocess
 import sys
 import termios
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,43 +23,24 @@ from cylindria.client import CylindriaError
 from cylindria.runner import error_code, state_code
 from cylindria.runner_view import describe, eta, where
 
-from helpers import Proc, clean_env
+from helpers import clean_env, running_demo
 from workflows import UI_EXPORT, fails_at_runtime, txt2img
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07|\x1b[()][A-Z0-9]")
 CLI = [sys.executable, "-m", "cylindria"]
+# One simulated GPU, fast enough to finish jobs soon and slow enough to show a bar.
+DEMO = ("--step-seconds", "0.05")
 
 
-@contextlib.contextmanager
-def running_demo(folder: Path, **env: str) -> Iterator[str]:
-    """`cylindria demo` (one simulated GPU) in a process of its own; its URL."""
-    port, sim_port = free_port_run(1), free_port_run(1)
-    proc = Proc([*CLI, "demo", "--port", str(port), "--sim-port", str(sim_port),
-                 "--no-state", "--step-seconds", "0.05"], clean_env(**env),
-                folder / "demo.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 20
-        while b'"status":"ok"' not in _get(url + "/healthz"):
-            assert proc.popen.poll() is None, proc.output()
-            assert time.monotonic() < deadline, proc.output()
-            time.sleep(0.05)
-        yield url
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with running_demo(tmp_path_factory.mktemp("demo")) as url:
+    with running_demo(tmp_path_factory.mktemp("demo"), *DEMO) as url:
         yield url
 
 
-def _get(url: str) -> bytes:
-    with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as resp:
-        return resp.read()
-    return b""
 
 
 def _controlling_terminal() -> None:
@@ -252,7 +231,7 @@ def test_a_job_id_in_use_with_another_workflow_is_refused(demo, tmp_path):
 
 
 def test_the_key_and_the_url_come_from_flags_or_the_environment(tmp_path):
-    with running_demo(tmp_path, CYLINDRIA_API_KEY="s3cret-key-for-tests") as url:
+    with running_demo(tmp_path, *DEMO, CYLINDRIA_API_KEY="s3cret-key-for-tests") as url:
         wrong = cli("status", "nobody", "--url", url, "--key", "nope", cwd=tmp_path)
         assert wrong.returncode == 7 and "key" in one_line(wrong).lower()
         keyless = cli("status", "nobody", "--url", url, cwd=tmp_path)

@@ -8,8 +8,13 @@ submission latency seen by the client (p50/p99, 8 submissions in flight), and ho
 Cylindria's event loop ran while the files moved (its own lag histogram from
 /metrics, and /healthz answered on the side every 20 ms; the goal is under 50 ms).
 
+With `--database-url`, the jobs and the input files are kept in PostgreSQL (each way
+on a database of its own, made and dropped here, so the role must be allowed to create
+databases): every file is then written there before its answer.
+
     .venv/bin/python bench/inputs.py                 # the three rows
     .venv/bin/python bench/inputs.py --jobs 50 --size-mib 2
+    .venv/bin/python bench/inputs.py --database-url postgresql://postgres@127.0.0.1:5432/postgres
 """
 
 from __future__ import annotations
@@ -17,14 +22,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import functools
 import hashlib
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import procs
@@ -112,9 +120,34 @@ def uploads_by_gpu(text: str) -> dict[int, int]:
     return found
 
 
-async def one_way(work: Path, way: str, jobs: int, files: list[bytes]) -> dict[str, Any]:
+@contextlib.contextmanager
+def database_of_its_own(url: str | None, way: str) -> Iterator[dict[str, str]]:
+    """With `url`, the service's environment for a new database, dropped afterwards."""
+    if url is None:
+        yield {}
+        return
+    import psycopg
+
+    name = f"cylindria_bench_inputs_{way}_{os.getpid()}"
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    try:
+        yield {"CYLINDRIA_DATABASE_URL": urlunsplit(urlsplit(url)._replace(path=f"/{name}"))}
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+async def one_way(work: Path, way: str, jobs: int, files: list[bytes],
+                  database_url: str | None = None) -> dict[str, Any]:
+    with database_of_its_own(database_url, way) as database:
+        return await _one_way(work, way, jobs, files, database)
+
+
+async def _one_way(work: Path, way: str, jobs: int, files: list[bytes],
+                   database: dict[str, str]) -> dict[str, Any]:
     run = Path(tempfile.mkdtemp(dir=work, prefix=f"{way}-"))
-    env = {"CYLINDRIA_INPUT_MAX": str(max(len(f) for f in files) + 1024)}
+    env = {"CYLINDRIA_INPUT_MAX": str(max(len(f) for f in files) + 1024), **database}
     async with procs.stack(run, GPUS, run / "state.sqlite3", **env) as running, \
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
         url = running.url
@@ -166,6 +199,9 @@ async def main() -> int:
     parser.add_argument("--inputs", type=int, default=5)
     parser.add_argument("--size-mib", type=float, default=8)
     parser.add_argument("--only", choices=("multipart", "base64", "reference"))
+    parser.add_argument("--database-url", default=None,
+                        help="keep jobs and input files in PostgreSQL (a role that may "
+                             "create databases)")
     args = parser.parse_args()
     size = int(args.size_mib * 2**20)
     files = [os.urandom(size) for _ in range(args.inputs)]
@@ -175,7 +211,7 @@ async def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cylindria-bench-inputs-") as work:
         for way in ("multipart", "base64", "reference"):
             if args.only in (None, way):
-                row = await one_way(Path(work), way, args.jobs, files)
+                row = await one_way(Path(work), way, args.jobs, files, args.database_url)
                 rows.append(row)
                 print(f"  {way:9}  done", file=sys.stderr)
     print("| way | completed | uploads per GPU | submit p50 | submit p99 | loop lag > 50 ms "

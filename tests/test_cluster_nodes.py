@@ -22,7 +22,7 @@ from cylindria.addresses import free_port_run
 from cylindria.config import Settings, load_settings
 from cylindria.core.records import to_record
 from cylindria.core.registry import Registry
-from cylindria.errors import ConfigError, StateFileError, StateUnavailable
+from cylindria.errors import ConfigError, JobTakenElsewhere, StateFileError, StateUnavailable
 from cylindria.nodes import NodeInfo, advertised_url, default_node_name
 from cylindria.store.journal import open_journal
 from cylindria.store.postgres import MIGRATIONS, SINGLE_NODE_LOCK
@@ -126,8 +126,10 @@ class Cluster:
     async def nodes(self, node: Node) -> dict[str, dict]:
         return {n["name"]: n for n in (await self.get(node, "/gpus/"))[1]["nodes"]}
 
-    async def job_ids(self, node: Node) -> set[str]:
-        return {job["job_id"] for job in (await self.get(node, "/jobs/"))[1]["jobs"]}
+    async def job_ids(self, node: Node, held_by: str | None = None) -> set[str]:
+        """The ids `GET /jobs/` lists through `node` (every node's), or those of one."""
+        return {job["job_id"] for job in (await self.get(node, "/jobs/"))[1]["jobs"]
+                if held_by in (None, job["node"])}
 
     def stop_all(self) -> None:
         for proc in (self.a.proc, self.b.proc, self.sim):
@@ -178,15 +180,15 @@ async def test_two_nodes_share_a_database_and_keep_their_own_jobs(cluster):
         # As the contract says (a server's own GPUs, then every node's).
         CONTRACT.validate(body)
 
-    # Jobs submitted to each run there, and each node lists its own.
+    # Jobs submitted to each run there, and every node lists both, each with its node.
     await cluster.put(a, "on-a", workflows.quick())
-    await cluster.put(b, "on-b", workflows.quick(), gpu=1)
+    await cluster.put(b, "on-b", workflows.quick(color=7), gpu=1)
     status, seen = await cluster.get(a, "/jobstatus/on-b/")
     assert status == 200 and seen["node"] == "gpu-b" and seen["gpu_id"] == 1
     await cluster.until_state(a, "on-a", "completed")
     own = await cluster.until_state(b, "on-b", "completed")
-    assert await cluster.job_ids(a) == {"on-a"}
-    assert await cluster.job_ids(b) == {"on-b"}
+    assert await cluster.job_ids(a) == await cluster.job_ids(b) == {"on-a", "on-b"}
+    assert await cluster.job_ids(a, held_by="gpu-b") == {"on-b"}
 
     # Any node answers the status of another node's job, as that node last wrote it;
     # its outputs on the node that holds them. A node's own jobs answer as before.
@@ -206,19 +208,26 @@ async def test_two_nodes_share_a_database_and_keep_their_own_jobs(cluster):
         status, body = await cluster.get(node, "/jobstatus/nowhere/")
         assert (status, body["error"]["code"]) == (404, "job_not_found")
 
-    # The same id held by two other nodes: 409, naming them; a node of that id itself
-    # still answers its own. A node with no row in `nodes` gets no output URLs.
+    # Ids are unique across nodes: the same PUT through A is answered from B's job (a
+    # repeat, never run again), another workflow under that id is a 409; the database
+    # itself refuses a second row of one id. A node with no row in `nodes` gets no
+    # output URLs.
+    async with cluster.session.put(f"{a.url}/startjob/on-b/", json=workflows.quick(color=7),
+                                   params={"GpuId": "0"}) as resp:
+        body = await resp.json()
+        assert (resp.status, body["job_id"], body["state"]) == (200, "on-b", "completed")
+    async with cluster.session.put(f"{a.url}/startjob/on-b/", json=workflows.quick(color=8),
+                                   params={"GpuId": "0"}) as resp:
+        assert resp.status == 409, await resp.text()
+    assert (await cluster.get(b, "/jobstatus/on-b/"))[1] == own
     copy = ("INSERT INTO jobs (node, seq, job_id, state, gpu_id, finished_at, record) "
             "SELECT 'gpu-c', %s, %s, state, gpu_id, finished_at, "
             "replace(record, '\"on-b\"', %s) FROM jobs "
             "WHERE node = 'gpu-b' AND job_id = 'on-b'")
     with psycopg.connect(a.database_url, autocommit=True) as conn:
-        conn.execute(copy, (1, "on-b", '"on-b"'))
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute(copy, (1, "on-b", '"on-b"'))
         conn.execute(copy, (2, "on-c", '"on-c"'))
-    status, body = await cluster.get(a, "/jobstatus/on-b/")
-    assert (status, body["error"]["code"], body["error"]["nodes"]) == (
-        409, "ambiguous_job_id", ["gpu-b", "gpu-c"])
-    assert (await cluster.get(b, "/jobstatus/on-b/"))[1] == own
     status, body = await cluster.get(a, "/jobstatus/on-c/")
     assert (status, body["job_id"], body["node"], body["node_alive"]) == (
         200, "on-c", "gpu-c", False)
@@ -233,7 +242,7 @@ async def test_two_nodes_share_a_database_and_keep_their_own_jobs(cluster):
     await cluster.start(a)
     status, body = await cluster.get(a, "/jobstatus/slow-b/")
     assert (status, body["node"], body["state"]) == (200, "gpu-b", "running")
-    assert await cluster.job_ids(a) == {"on-a", "slow-a"}
+    assert await cluster.job_ids(a, held_by="gpu-a") == {"on-a", "slow-a"}
     await cluster.until_state(a, "slow-a", "completed")
     done = await cluster.until_state(b, "slow-b", "completed")
     assert done["gpu_id"] == 0 and done.get("error") is None
@@ -349,9 +358,13 @@ async def test_a_node_reads_other_nodes_jobs_by_id(database_url, tmp_path):
         registry.subscribe(journal.note)
         nodes[name] = journal, registry
     try:
-        for name, job_id in (("b", "shared"), ("c", "shared"), ("b", "only-b")):
+        for name, job_id in (("b", "shared"), ("c", "only-c"), ("b", "only-b")):
             journal, registry = nodes[name]
             await journal.durable(registry.begin(job_id, 0, f"p-{name}", "f", ["1"]))
+        # Ids are unique across nodes: C's write of B's id changes nothing, and says so.
+        journal, registry = nodes["c"]
+        with pytest.raises(JobTakenElsewhere, match="taken by another node"):
+            await journal.durable(registry.begin("shared", 0, "p-c2", "f", ["1"]))
         a = nodes["a"][0]
         assert await a.elsewhere("nowhere") == []
         assert await nodes["b"][0].elsewhere("only-b") == []
@@ -360,7 +373,9 @@ async def test_a_node_reads_other_nodes_jobs_by_id(database_url, tmp_path):
                 held.job.state.value) == ("b", "http://b.lan:8000", True, "only-b", "queued")
         await nodes["c"][0].leave()
         assert [(h.node, h.node_alive) for h in await a.elsewhere("shared")] == [
-            ("b", True), ("c", False)]
+            ("b", True)]
+        assert [(h.node, h.node_alive) for h in await a.elsewhere("only-c")] == [
+            ("c", False)]
         with psycopg.connect(database_url, autocommit=True) as admin:
             admin.execute("ALTER TABLE nodes RENAME TO nodes_away")
             try:

@@ -87,7 +87,7 @@ async def retried_through(cluster: Cluster) -> None:
     url = f"http://127.0.0.1:{b.sim_port + 1}/history/{again['prompt_id']}"
     async with cluster.session.get(url) as resp:
         assert again["prompt_id"] in await resp.json()  # B's GPU ran it
-    assert "fails-b" not in await cluster.job_ids(a)
+    assert "fails-b" not in await cluster.job_ids(a, held_by="gpu-a")
     # Unknown everywhere: 404 as on one node; a request passed on is answered locally.
     status, body = await post(cluster, a, "/retryjob/nowhere/")
     assert (status, body["error"]["code"], body["accepted"]) == (404, "job_not_found", False)

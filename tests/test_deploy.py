@@ -34,10 +34,11 @@ JOBS = 200
 pytestmark = pytest.mark.slow
 
 
-def nginx_config(tmp: Path, front: int, ports: dict[str, int], hosts: list[int]) -> Path:
-    """The shipped configuration, pointed at this test's two hosts and ports, inside
-    a main configuration that keeps everything in `tmp`."""
-    conf = (DEPLOY / "nginx" / "cylindria.conf").read_text()
+def nginx_config(tmp: Path, front: int, ports: dict[str, int], hosts: list[int],
+                 shipped: str = "cylindria.conf") -> Path:
+    """The shipped configuration `shipped`, pointed at this test's two hosts and ports,
+    inside a main configuration that keeps everything in `tmp`."""
+    conf = (DEPLOY / "nginx" / shipped).read_text()
     conf = conf.replace("10.0.0.11:8000", f"127.0.0.1:{hosts[0]}")
     conf = conf.replace("10.0.0.12:8000", f"127.0.0.1:{hosts[1]}")
     conf = conf.replace("listen 8000;", f"listen 127.0.0.1:{front};")
@@ -98,27 +99,37 @@ async def balancer(nginx, start_cylindria, start_sims, tmp_path):
     base = f"http://127.0.0.1:{front}"
     try:
         async with aiohttp.ClientSession(headers={"X-API-Key": KEY}) as session:
-            deadline = time.monotonic() + 10
-            while True:
-                assert proc.poll() is None, nginx_log(tmp_path)
-                try:
-                    async with session.get(f"{base}/jobstatus/none/") as resp:
-                        if resp.status == 404:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                assert time.monotonic() < deadline, "nginx did not start"
-                await asyncio.sleep(0.05)
+            await until_nginx_answers(proc, tmp_path, session, base)
             yield base, hosts, session, {n: f"http://127.0.0.1:{p}" for n, p in
                                          zip((0, 1), ports.values(), strict=True)}
     finally:
-        proc.terminate()
+        stop_nginx(proc, log)
+
+
+async def until_nginx_answers(proc: subprocess.Popen, tmp: Path,
+                              session: aiohttp.ClientSession, base: str) -> None:
+    """Wait until nginx passes a request on to a host (a job no host knows: 404)."""
+    deadline = time.monotonic() + 10
+    while True:
+        assert proc.poll() is None, nginx_log(tmp)
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+            async with session.get(f"{base}/jobstatus/none/") as resp:
+                if resp.status == 404:
+                    return
+        except aiohttp.ClientError:
+            pass
+        assert time.monotonic() < deadline, "nginx did not start"
+        await asyncio.sleep(0.05)
+
+
+def stop_nginx(proc: subprocess.Popen, log: Any) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
 
 
 async def where(hosts, job_id: str) -> list[int]:

@@ -232,6 +232,39 @@ async def test_json_answers_are_never_stored_nor_sniffed(start_cylindria):
     assert_not_stored(resp)
 
 
+async def test_a_polled_status_carries_the_headers_and_an_unread_body_closes(serve):
+    """The quickest answer (a job in memory, no query) is made with its headers: on a
+    kept-alive connection as any JSON answer, and closing one whose body it left."""
+    served = await serve()
+    async with ClientSession() as session:
+        async with session.put(f"{served.url}/startjob/polled/", params={"GpuId": "0"},
+                               json=workflows.quick()) as resp:
+            assert resp.status == 202, await resp.text()
+    reader, writer = await asyncio.open_connection("127.0.0.1", served.port)
+    try:
+        heads = []
+        for extra in (b"", b"?wait=", b""):
+            writer.write(b"GET /jobstatus/polled/" + extra + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(10):
+                heads.append(await reader.readuntil(b"\r\n\r\n"))
+                length = int(heads[-1].split(b"Content-Length: ")[1].split(b"\r\n")[0])
+                assert b'"job_id":"polled"' in await reader.readexactly(length)
+        writer.write(b"GET /jobstatus/polled/ HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: 100\r\n\r\n{")
+        async with asyncio.timeout(10):
+            heads.append(await reader.readuntil(b"\r\n\r\n"))
+        await closed_within(reader, 10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    for head in heads:
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        for line in (b"Content-Type: application/json\r\n", b"Cache-Control: no-store\r\n",
+                     b"X-Content-Type-Options: nosniff\r\n"):
+            assert line in head, head
+    assert [b"Connection: close" in head for head in heads] == [False, False, False, True]
+
+
 async def test_file_outputs_are_not_sniffed_and_keep_their_caching(start_cylindria):
     client = await start_cylindria()
     await put_job(client, "picture", workflows.quick())

@@ -33,7 +33,7 @@ from .core.jobs import JobsService
 from .core.reading import WorkflowReader
 from .core.registry import Registry
 from .nodes import NodeInfo, advertised_url
-from .store.inputs import InputStore
+from .store.inputs import InputStore, shared_store
 from .store.journal import Journal, open_journal
 from .upstream.comfy import CallbackClient, ComfyClient, open_session
 from .upstream.fetch import InputFetcher
@@ -47,7 +47,7 @@ from .web import api, events, gpus, inputs, metrics, openapi, outputs, params, r
 from .web.auth import make_auth_middleware
 from .web.clients import TRUSTED_PROXIES, TrustedProxies
 from .web.eventhub import EventHub
-from .web.middlewares import REQUEST_COUNTER, error_middleware
+from .web.middlewares import make_error_middleware
 from .web.signins import Signins
 from .web.waiters import Waiters
 
@@ -60,11 +60,7 @@ RUN_TIMES_EVERY = 5.0
 
 def create_app(settings: Settings) -> web.Application:
     signins = Signins()
-    middlewares = [error_middleware]
-    if settings.api_key:
-        middlewares.append(make_auth_middleware(settings.api_key, signins, "dashboard_login",
-                                                settings.metrics_public))
-    app = web.Application(middlewares=middlewares, client_max_size=params.MAX_BODY_BYTES)
+    app = web.Application(client_max_size=params.MAX_BODY_BYTES)
     app[SETTINGS] = settings
     app[SIGNINS] = signins
     app[TRUSTED_PROXIES] = TrustedProxies(trusted_networks(settings.trusted_proxies))
@@ -73,10 +69,17 @@ def create_app(settings: Settings) -> web.Application:
     app[EVENTS] = EventHub(settings.event_buffer,
                            functools.partial(render.status_bytes, router=app.router))
     registry.subscribe(app[EVENTS].publish)
+    # A held job another node took (nodes sharing a database): its streams end here.
+    registry.on_leave(app[EVENTS].end_job)
     app[WAITERS] = Waiters(settings.max_waiters, settings.max_waiters_per_address)
     registry.subscribe(app[WAITERS].publish)
+    registry.on_leave(app[WAITERS].let_go)
     app[metrics.METRICS] = metrics.Metrics(app)
-    app[REQUEST_COUNTER] = app[metrics.METRICS].count_request
+    # Outermost first: every error as JSON and every answer counted, then the key.
+    app.middlewares.append(make_error_middleware(app[metrics.METRICS].count_request))
+    if settings.api_key:
+        app.middlewares.append(make_auth_middleware(settings.api_key, signins,
+                                                    "dashboard_login", settings.metrics_public))
     registry.subscribe(app[metrics.METRICS].on_change)
     app[TASKS] = {}
     node = NodeInfo(settings.node_name,
@@ -133,8 +136,10 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
                  ", ".join(f"{name} ({n})" for name, n in loaded.elsewhere.items()) or "none")
     # Decodes large JSON (workflows, ComfyUI's answers) in a worker process.
     reader = WorkflowReader(settings.max_nodes)
+    # With PostgreSQL, every input file is kept in the database too, for every node.
     store = InputStore(settings.input_dir, settings.input_store_max, registry.uses_input,
-                       sync=settings.state_sync_full)
+                       sync=settings.state_sync_full,
+                       shared=shared_store(settings.database_url))
     await store.open()
     app[INPUTS] = store
     try:
@@ -157,6 +162,10 @@ async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
             delivery.observe = app[metrics.METRICS].uploaded
             app[JOBS] = JobsService(registry, app[GPUS], settings, journal, reader, delivery)
             app[JOBS].restore(loaded.jobs, loaded.last_seq, loaded.evicted_through)
+            # With PostgreSQL, held jobs wait in the nodes' one line, by the same aging;
+            # a job another node took is let go here.
+            journal.queue_aging(settings.priority_aging)
+            journal.on_taken = app[JOBS].let_go
             app[PEERS] = PeerClient(session, app[CLUSTER].node.name, settings.api_key,
                                     timing.request_timeout)
             # What start-up loaded lives long: keep the garbage collector's full passes
@@ -269,19 +278,30 @@ async def nodes_ctx(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(heartbeat(app[CLUSTER], journal.beat, app[GPUS], app[JOBS]),
                                name="heartbeat")
     # Dead nodes' jobs settled as lost, once per heartbeat interval.
-    grace = app[SETTINGS].timing.node_grace
-    rescuing = asyncio.create_task(rescuer(lambda: journal.rescue(grace),
+    grace, settings = app[SETTINGS].timing.node_grace, app[SETTINGS]
+    rescuing = asyncio.create_task(rescuer(lambda: journal.rescue(
+        grace, settings.retry_lost, settings.max_attempts),
                                            app[CLUSTER].node.heartbeat_seconds), name="rescuer")
     # Cancels other nodes pass to this one: read every heartbeat interval, and at once
     # when a notification wakes the listener's thread.
     wake = asyncio.Event()
-    listener = journal.cancel_listener(wake.set)
+    # The nodes' one line of held jobs: a job put in line wakes the dispatcher; one of
+    # this node's taken by another is let go (checked every heartbeat interval too).
+    jobs, name = app[JOBS], app[CLUSTER].node.name
+    taken = asyncio.Event()
+
+    def on_queue(payload: str) -> None:
+        (taken if payload == name else jobs.wake).set()
+
+    listener = journal.cancel_listener(wake.set, on_queue)
     listener.start()
     relay = asyncio.create_task(cancels.follow_cancels(
-        app[JOBS], app[CLUSTER].node.heartbeat_seconds, wake), name="cancel-relay")
+        jobs, app[CLUSTER].node.heartbeat_seconds, wake), name="cancel-relay")
+    letting_go = asyncio.create_task(jobs.follow_taken(
+        app[CLUSTER].node.heartbeat_seconds, taken), name="taken-jobs")
     try:
         yield
     finally:
-        await cancel_and_wait([task, relay, rescuing])
+        await cancel_and_wait([task, relay, rescuing, letting_go])
         await listener.stop()
         await journal.leave()

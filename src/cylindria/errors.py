@@ -183,6 +183,17 @@ class JobIdConflict(ApiError):
     code = "job_id_conflict"
 
 
+class JobTakenElsewhere(JobIdConflict):
+    """Nodes sharing a database: another node wrote a job of this id first (or took
+    this node's held job), so this node's write of it changed nothing."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(
+            f"Job id {job_id!r} was taken by another node at the same moment; job ids are "
+            f"unique across the nodes. GET /jobstatus/{job_id}/ shows that job; submit "
+            "this workflow under another id.", extra={"job_id": job_id})
+
+
 class JobFinished(ApiError):
     """The job is terminal already: nothing to cancel."""
 

@@ -34,8 +34,11 @@ class Carrying:
         if not workflow.references and not workflow.inline and not attached:
             return workflow, []
         inline = [*attached, *(item.name for item in workflow.inline)]
-        known = {target: True for ref in workflow.references
-                 if (target := ref_of(ref.value)) is not None and self.inputs.get(target)}
+        targets = [target for ref in workflow.references
+                   if (target := ref_of(ref.value)) is not None]
+        # This node's files, and with nodes sharing a database, the others' there.
+        known = await self.inputs.lookup(targets) if targets else {}
+        elsewhere = {t: entry for t, entry in known.items() if self.inputs.get(t) is None}
         check_references(workflow.references, inline, known)
         files: dict[str, InputFile] = dict(attached)
         sent = workflow.inline
@@ -48,7 +51,8 @@ class Carrying:
             if any(item["ref"] == ref.value for item in inputs):
                 continue
             target = ref_of(ref.value)
-            entry = self.inputs.get(target) if target is not None else files[ref.value]
+            entry = ((self.inputs.get(target) or elsewhere.get(target)) if target is not None
+                     else files[ref.value])
             if entry is None:  # deleted while the others were stored
                 raise InputGone(f"The input {target} was deleted just now; upload it again.",
                                 extra={"input_id": target})

@@ -4,10 +4,11 @@ about it is passed to."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from ..errors import AmbiguousJobId, JobNotFound, NodeNotAlive
+from ..errors import AmbiguousJobId, JobNotFound, JobTakenElsewhere, NodeNotAlive
 from .ports import HeldElsewhere
 from .records import Job, isoformat
 from .registry import Registry
@@ -57,6 +58,14 @@ async def other_holder(jobs: JobsService, job_id: str) -> HeldElsewhere | None:
         return None
 
 
+async def id_holder(jobs: JobsService, job_id: str) -> Job:
+    """The job of this id another node wrote first (ids are unique across the nodes)."""
+    found = await jobs.store.elsewhere(job_id)
+    if not found:  # it went again meanwhile (pruned): say what happened
+        raise JobTakenElsewhere(job_id)
+    return found[0].job
+
+
 def require_alive(held: HeldElsewhere, action: str) -> HeldElsewhere:
     """`held`, when its node is alive to be passed the `action` (a cancel, a retry);
     else NodeNotAlive (409), with the job as it stands."""
@@ -87,3 +96,17 @@ def lose_on_dead_node(job: Job, node: str, silent_since: datetime, now: datetime
                   f"{job.state.value} there: its outcome is unknown. {retry}")
     return registry.lose(job, detail)
 
+
+
+def requeue_from_dead_node(job: Job, now: datetime) -> None:
+    """A job `lose_on_dead_node` settled, run again when CYLINDRIA_RETRY_LOST allows:
+    its next attempt, an automatic retry, put in the nodes' one line (its GPU went with
+    its node), where the first GPU of any node that frees takes it."""
+    registry = Registry(clock=lambda: now)
+    registry.restore([job])
+    seq, lost = job.seq, job.detail
+    registry.retry(job, None, str(uuid.uuid4()), job.nodes, automatic=True)
+    job.seq = seq  # its number is its node's, not this scratch registry's
+    job.auto = True
+    job.detail = (f"Attempt {job.attempt}, an automatic retry, waits in the nodes' shared "
+                  f"line for the first GPU of any node that frees. {lost}")

@@ -5,6 +5,7 @@ passes never pick the same job); the submissions it starts run side by side."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -43,6 +44,9 @@ class Holding:
         # Set when a GPU may have room: a job on it started or ended, or one was held.
         self.wake = asyncio.Event()
         self._resting: dict[int, float] = {}
+        # With nodes sharing a database: one pass of claims at a time on this node, so
+        # that two passes never claim for the same room.
+        self._claiming = asyncio.Lock()
         self.registry.held.aging = self.settings.priority_aging
         self.registry.held.window = self.settings.model_window
         self.registry.subscribe(self._on_change)
@@ -152,8 +156,10 @@ class Holding:
                        ) -> dict[str, asyncio.Task[Any]]:
         """Hand held jobs to every GPU with room (at most 1 + CYLINDRIA_GPU_PREFETCH of
         Cylindria's jobs each), healthy, undrained. Returns the submissions started,
-        by job id; `fresh` holds workflows already in hand (the rest are read back)."""
-        if not len(self.registry.held):
+        by job id; `fresh` holds workflows already in hand (the rest are read back).
+        With nodes sharing a database, the jobs come from their one line (`_claim`)."""
+        clustered = self.store.clustered
+        if not clustered and not len(self.registry.held):
             return {}
         try:
             self.store.ensure_writable()
@@ -167,29 +173,100 @@ class Holding:
             # Probes are shared and cached; the stale ones are asked side by side.
             await asyncio.gather(*(g.is_healthy() for g in stale))
         ready = sorted((g for g in candidates if g.healthy_now()), key=self.load)
+        if clustered:
+            return await self._claim(ready, fresh or {})
         return self._assign(ready, fresh or {})
+
+    async def _claim(self, ready: list[GpuPort], fresh: dict[str, Workflow]
+                     ) -> dict[str, asyncio.Task[Any]]:
+        """Nodes sharing a database: each GPU with room claims the first job of the
+        nodes' one line (the database decides, so no two nodes take the same job), one
+        at a time, until it has no room or the line is empty."""
+        registry = self.registry
+        room = 1 + self.settings.gpu_prefetch
+        started: dict[str, asyncio.Task[Any]] = {}
+        async with self._claiming:
+            for gpu in ready:
+                while self.load(gpu) < room and not gpu.drained:
+                    models = self.models.of(gpu.index)
+                    try:
+                        claimed = await self.store.claim(
+                            gpu.index, models, self.settings.model_window,
+                            registry.reserve_seq())
+                    except StateUnavailable:
+                        return started
+                    if claimed is None:
+                        return started
+                    node, job = self._claimed(*claimed)
+                    reason = ("its models are loaded there" if models and job.models
+                              and set(job.models) & set(models) else "first in line")
+                    if node != self.store.node_name:
+                        reason += f", from node {node}'s place in the shared line"
+                    self._start_on(job, gpu, reason, fresh, started)
+        return started
+
+    def _claimed(self, node: str, job: Job) -> tuple[str, Job]:
+        """The claimed job as this node holds it: its own, or taken in from the row."""
+        local = self.registry.get(job.job_id)
+        if local is not None and local.held:
+            return node, local
+        if local is not None:
+            self.registry.let_go(local)  # an older record of it: the row is the truth
+        return node, self.registry.take_in(job)
+
+    def let_go(self, jobs: Sequence[Job]) -> None:
+        """This node's jobs whose rows another node took (a held job it claimed, or an
+        id it wrote first): forgotten here; that node answers for them."""
+        for job in jobs:
+            log.info("job %s: taken by another node, which runs it and answers for it",
+                     job.job_id)
+            self.registry.let_go(job)
+
+    async def follow_taken(self, interval: float, wake: asyncio.Event) -> None:
+        """Nodes sharing a database: `check_taken` when `wake` is set (a notification
+        named this node), and every `interval` seconds."""
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await wake.wait()
+            wake.clear()
+            if len(self.registry.held):
+                await self.check_taken()
+
+    async def check_taken(self) -> None:
+        """Nodes sharing a database: let go of this node's held jobs other nodes took
+        (a notification says so at once; this is also run every heartbeat)."""
+        held = [job.job_id for job in self.registry.held.ordered(len(self.registry.held))]
+        try:
+            taken = set(await self.store.taken(held))
+        except StateUnavailable:
+            return
+        self.let_go([job for job_id in taken
+                     if (job := self.registry.get(job_id)) is not None and job.held])
 
     def _assign(self, ready: list[GpuPort], fresh: dict[str, Workflow]
                 ) -> dict[str, asyncio.Task[Any]]:
-        registry = self.registry
-        held = registry.held
+        held = self.registry.held
         room = 1 + self.settings.gpu_prefetch
         started: dict[str, asyncio.Task[Any]] = {}
-        clock = registry.now()
+        clock = self.registry.now()
         for gpu in ready:
             while len(held) and self.load(gpu) < room:
                 pick = held.next_for(gpu.index, self.models.of(gpu.index), clock)
                 if pick is None:
                     break
-                job = pick.job
-                registry.dispatch(job, gpu.index, pick.reason)
-                self.models.used(gpu.index, job.models or ())
-                task = asyncio.get_running_loop().create_task(
-                    self._send(job, gpu, fresh.get(job.job_id)), name=f"send-{job.job_id}")
-                self._background.add(task)
-                task.add_done_callback(self._sent)
-                started[job.job_id] = task
+                self._start_on(pick.job, gpu, pick.reason, fresh, started)
         return started
+
+    def _start_on(self, job: Job, gpu: GpuPort, reason: str, fresh: dict[str, Workflow],
+                  started: dict[str, asyncio.Task[Any]]) -> None:
+        self.registry.dispatch(job, gpu.index, reason)
+        self.models.used(gpu.index, job.models or ())
+        task = asyncio.get_running_loop().create_task(
+            self._send(job, gpu, fresh.get(job.job_id)), name=f"send-{job.job_id}")
+        self._background.add(task)
+        task.add_done_callback(self._sent)
+        started[job.job_id] = task
 
     def _sent(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)

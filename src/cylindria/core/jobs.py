@@ -14,7 +14,6 @@ from typing import Any
 from ..config import Settings
 from ..errors import (
     ApiError,
-    AttemptsExhausted,
     BackendError,
     BackendTimeout,
     GpuDrained,
@@ -22,6 +21,7 @@ from ..errors import (
     InvalidWorkflow,
     JobConflict,
     JobFinished,
+    JobTakenElsewhere,
     NotRetryable,
     StateUnavailable,
     TooManyNodes,
@@ -30,14 +30,14 @@ from ..errors import (
 from . import placement
 from .answers import Raw
 from .carrying import Carrying, names_missing
-from .elsewhere import not_found
+from .elsewhere import id_holder, not_found
 from .holding import Holding
-from .outcomes import Outcome, Verdict
+from .outcomes import Outcome, Verdict, check_retryable, repeat_of
 from .outcomes import conflict as _conflict
 from .outcomes import repeat as _repeat
 from .ports import GpuPort, InputFile, Inputs, Store
 from .reading import WorkflowReader
-from .records import RETRYABLE, Job, JobState
+from .records import Job, JobState
 from .recovery import Recovery
 from .registry import Registry
 from .workflow import Workflow, rejection_detail, save_copy
@@ -142,12 +142,20 @@ class JobsService(Holding, Recovery, Carrying):
         jobs are held in Cylindria's queue until a GPU has room (at once if one has).
         `attached`: files sent beside the workflow, in the store already, by name."""
         workflow, inputs = await self._bind_inputs(workflow, attached or {})
+        try:
+            return await self._place(job_id, gpu_choice, workflow, callback, priority, inputs)
+        except JobTakenElsewhere:
+            # Nodes sharing a database: another node wrote a job of this id first (ids
+            # are unique across the nodes), so the PUT is a repeat of that one.
+            return repeat_of(await id_holder(self, job_id), workflow.fingerprint)
+
+    async def _place(self, job_id: str, gpu_choice: str | None, workflow: Workflow,
+                     callback: str | None, priority: int,
+                     inputs: list[dict[str, Any]]) -> Outcome:
         existing = await self.lookup(job_id)
         if existing is not None and existing.state is not JobState.REJECTED:
             if existing.held:
-                if existing.fingerprint != workflow.fingerprint:
-                    raise _conflict(existing)
-                return _repeat(existing)
+                return repeat_of(existing, workflow.fingerprint)
             # A repeat is answered from the record, wherever the job was placed.
             gpu, auto = self.gpus[existing.gpu_id], existing.auto
         elif self._is_auto(gpu_choice):
@@ -350,8 +358,10 @@ class JobsService(Holding, Recovery, Carrying):
         was: on its GPU, or by `auto`."""
         job = await self.find(job_id)
         most = self.settings.max_attempts
-        _check_retryable(job, most)
-        gone = [item for item in job.inputs or () if self.inputs.get(item["id"]) is None]
+        check_retryable(job, most)
+        ids = [item["id"] for item in job.inputs or ()]
+        kept = await self.inputs.lookup(ids) if ids else {}  # this node's, or the database's
+        gone = [item for item in job.inputs or () if item["id"] not in kept]
         if gone:
             raise InputGone(
                 f"Job {job_id!r} uses the input {gone[0]['name']!r} ({gone[0]['id']}), which "
@@ -368,7 +378,7 @@ class JobsService(Holding, Recovery, Carrying):
         if self._is_auto(gpu_choice):
             self.store.ensure_writable()
             workflow = await self.reader.read(stored)
-            _check_retryable(job, most)  # a concurrent retry may have started meanwhile
+            check_retryable(job, most)  # a concurrent retry may have started meanwhile
             if self.registry.get(job_id) is None:
                 self.registry.restore([job])
             job.auto = True
@@ -379,12 +389,12 @@ class JobsService(Holding, Recovery, Carrying):
                      " (automatic, after it was lost)" if automatic else "")
             return await self._line_up(job, workflow)
         gpu = self._pinned(gpu_choice)
-        _check_retryable(job, most)  # a concurrent retry may have started meanwhile
+        check_retryable(job, most)  # a concurrent retry may have started meanwhile
         if self.registry.get(job_id) is None:
             self.registry.restore([job])
         job.auto = False
         workflow = await self.reader.read(stored)
-        _check_retryable(job, most)
+        check_retryable(job, most)
         self.registry.retry(job, gpu.index, str(uuid.uuid4()), workflow.nodes,
                             automatic=automatic)
         log.info("job %s: attempt %d on gpu %d%s", job_id, job.attempt, gpu.index,
@@ -406,6 +416,11 @@ class JobsService(Holding, Recovery, Carrying):
             raise JobFinished(job, f"Job {job_id!r} is already {job.state.value}; there is "
                                    "nothing to cancel.")
         if job.held:
+            if self.store.clustered and not await self.store.take_back(job_id):
+                # Another node took it from the shared line a moment ago: it is that
+                # node's to cancel now (the caller passes the cancel on).
+                self.registry.let_go(job)
+                raise not_found(job_id)
             self.registry.cancel_held(job)
             return job
         self.registry.request_cancel(job)
@@ -463,22 +478,6 @@ async def _knows(gpu: GpuPort, prompt_id: str) -> bool:
     if (await gpu.comfy.queue()).holds(prompt_id):
         return True
     return await gpu.comfy.job(prompt_id) is not None
-
-
-def _check_retryable(job: Job, max_attempts: int) -> None:
-    if job.state not in RETRYABLE:
-        raise NotRetryable(
-            f"Job {job.job_id!r} is {job.state.value}; only a failed, cancelled or rejected "
-            "job can run again.", reply={"gpu_id": job.gpu_id, "state": job.state.value})
-    if job.attempt >= max_attempts:
-        # Each attempt stays in the job's record and its answers: a job id retried
-        # without end would grow them, and every retry would cost more than the last.
-        raise AttemptsExhausted(
-            f"Job {job.job_id!r} has run {job.attempt} attempts, the most this server "
-            f"allows one job (CYLINDRIA_MAX_ATTEMPTS={max_attempts}); submit it as a new "
-            "job, under a new job_id, with PUT /startjob/{job_id}/.",
-            extra={"attempts": job.attempt, "max_attempts": max_attempts},
-            reply={"gpu_id": job.gpu_id, "state": job.state.value})
 
 
 def _digest(raw: Raw) -> str:

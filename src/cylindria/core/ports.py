@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -83,6 +83,16 @@ class HeldElsewhere:
     job: Job
 
 
+@dataclass(slots=True)
+class Listed:
+    """A job in the listing of every node's jobs (nodes sharing a database): its place in
+    the order across the nodes (`key`, what `before` pages by), and the job as its node
+    last wrote it."""
+
+    key: int
+    held: HeldElsewhere
+
+
 class Store(Protocol):
     """The journal behind the registry, as the jobs service uses it."""
 
@@ -98,6 +108,27 @@ class Store(Protocol):
     async def elsewhere(self, job_id: str) -> list[HeldElsewhere]:
         """The other nodes' jobs of this id (none without nodes), by node name."""
 
+    @property
+    def clustered(self) -> bool:
+        """Whether nodes share the database (and so one queue of held jobs)."""
+
+    @property
+    def node_name(self) -> str:
+        """This node's name among nodes sharing the database ("" without nodes)."""
+
+    async def claim(self, gpu: int, models: Iterable[str], window: int,
+                    seq: int) -> tuple[str, Job] | None:
+        """The first job of the nodes' shared line for this node's GPU `gpu`, now this
+        node's, with the node that held it (its number here is `seq` if it comes from
+        another); None when the line is empty."""
+
+    async def take_back(self, job_id: str) -> bool:
+        """Take this node's held job out of the shared line; False if another node has
+        taken it."""
+
+    async def taken(self, job_ids: list[str]) -> list[str]:
+        """Of these jobs of this node, the ones other nodes have taken."""
+
     async def request_cancel(self, node: str, job_id: str) -> None:
         """Ask another node to cancel its job (nodes sharing a database only)."""
 
@@ -110,6 +141,11 @@ class Store(Protocol):
 
     async def page(self, states: Iterable[str] | None, gpu_id: int | None, before: int,
                    limit: int) -> list[Job]: ...
+
+    async def listing(self, states: Iterable[str] | None, gpu: tuple[str, int] | None,
+                      before: int | None, limit: int) -> list[Listed]:
+        """Every node's jobs, newest first across the nodes (nodes sharing a database
+        only); `gpu` is (node, GPU number)."""
 
 
 class InputFile(Protocol):
@@ -127,6 +163,10 @@ class Inputs(Protocol):
     def get(self, ident: str) -> InputFile | None: ...
 
     def touch(self, idents: list[str]) -> None: ...
+
+    async def lookup(self, idents: list[str]) -> Mapping[str, InputFile]:
+        """The stored inputs of these ids: this node's, and with nodes sharing a
+        database, the others it holds (read back when a GPU needs them)."""
 
     async def add_bytes(self, data: bytes, name: str) -> InputFile:
         """Store bytes sent inline (deduplicated); ApiError when they cannot be kept."""

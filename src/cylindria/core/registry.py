@@ -38,6 +38,7 @@ class Registry(JobMachine):
         self._clock = clock
         self._memory_jobs = memory_jobs
         self._subscribers: list[Listener] = []
+        self._leaving: list[Listener] = []
         self._seq = 0
         self._jobs: dict[str, Job] = {}
         self._by_prompt: dict[str, Job] = {}
@@ -280,6 +281,34 @@ class Registry(JobMachine):
         self._gpus.add(None, job.seq)
         self._enter(job, job.state)
         self._touch(job)
+
+    # -- the queue nodes share (PostgreSQL) ------------------------------------------
+
+    def reserve_seq(self) -> int:
+        """A number for a job another node held, should this node take it."""
+        self._seq += 1
+        return self._seq
+
+    def take_in(self, job: Job) -> Job:
+        """A held job this node took from another node's place in the shared line, as
+        the database holds it: taken in silently (its row is this node's already)."""
+        self.restore([job])
+        return job
+
+    def let_go(self, job: Job) -> None:
+        """This node's held job was taken by another node, which runs it and answers
+        for it from now on: forgotten here (its row is that node's). Not a change of
+        the job: only the `on_leave` listeners hear of it (its streams and waiters here
+        end, so their clients ask again, and reach that node)."""
+        if self._jobs.get(job.job_id) is job:
+            self._remove(job)
+            self._owed.pop(job.job_id, None)
+            for listener in self._leaving:
+                listener(job)
+
+    def on_leave(self, listener: Listener) -> None:
+        """Call `listener` with each job this node lets go (`let_go`)."""
+        self._leaving.append(listener)
 
     def cancel_held(self, job: Job) -> None:
         """A held job's cancel needs no GPU's word: it is cancelled at once."""

@@ -57,8 +57,10 @@ class Database(Protocol):
 
     def set_meta(self, key: str, value: str) -> None: ...
 
-    def write(self, rows: Sequence[Row], workflows: Sequence[tuple[str, bytes]]) -> None:
-        """One transaction: the workflows first written, then every row."""
+    def write(self, rows: Sequence[Row], workflows: Sequence[tuple[str, bytes]]
+              ) -> list[str] | None:
+        """One transaction: the workflows first written, then every row. Returns the ids
+        of rows left alone because another node has taken them (None: none can be)."""
 
     def prune(self, before: float, batch: int) -> int:
         """Delete up to `batch` jobs finished before `before` (epoch seconds)."""

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
+from .queue import CHANNEL as QUEUE_CHANNEL
+
 if TYPE_CHECKING:
     from .postgres import PostgresDatabase
 
@@ -73,11 +75,14 @@ class CancelListener:
     Its failures are logged once; the journal's polling covers what it misses."""
 
     def __init__(self, params: dict[str, Any], node: str,
-                 loop: asyncio.AbstractEventLoop, wake: Callable[[], None]) -> None:
+                 loop: asyncio.AbstractEventLoop, wake: Callable[[], None],
+                 on_queue: Callable[[str], None] | None = None) -> None:
         self._params = params
         self._node = node
         self._loop = loop
         self._wake = wake
+        # Called with the payload of each notification of the shared queue (queue.py).
+        self._on_queue = on_queue
         self._stop = threading.Event()
         self._failing = False
         self._thread = threading.Thread(target=self._listen, name="cancel-listener",
@@ -90,9 +95,9 @@ class CancelListener:
         self._stop.set()
         await asyncio.to_thread(self._thread.join, STOP_CHECK + RECONNECT)
 
-    def _notify(self) -> None:
+    def _notify(self, call: Callable[..., None] | None = None, *args: Any) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._wake)
+            self._loop.call_soon_threadsafe(call or self._wake, *args)
         except RuntimeError:  # the loop is closed: the process is stopping
             self._stop.set()
 
@@ -101,13 +106,19 @@ class CancelListener:
             try:
                 with psycopg.connect(**self._params, autocommit=True) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
+                    if self._on_queue is not None:
+                        conn.execute(f"LISTEN {QUEUE_CHANNEL}")
+                        self._notify(self._on_queue, "")
                     if self._failing:
                         log.warning("listening for cancels from other nodes works again")
                         self._failing = False
                     self._notify()
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=STOP_CHECK):
-                            if note.payload == self._node:
+                            if note.channel == QUEUE_CHANNEL:
+                                if self._on_queue is not None:
+                                    self._notify(self._on_queue, note.payload)
+                            elif note.payload == self._node:
                                 self._notify()
             except psycopg.Error as exc:
                 if not self._failing:

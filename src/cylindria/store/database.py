@@ -179,7 +179,8 @@ class StateFile:
     # -- writing --------------------------------------------------------------------
 
     def write(self, rows: Sequence[Row], workflows: Sequence[tuple[str, bytes]]) -> None:
-        """One transaction: the workflows first written, then every row."""
+        """One transaction: the workflows first written, then every row (all of them:
+        no other node writes here)."""
         conn = self.conn
         encoded = [(seq, job_id, state, gpu, finished, encode_record(record))
                    for seq, job_id, state, gpu, finished, record in rows]

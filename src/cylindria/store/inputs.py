@@ -16,12 +16,22 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ujson
 
 from ..core.inputs import ID_RE, input_id
-from ..errors import BodyTooLarge, InputInUse, InputNotFound, InputStoreFull
+from ..errors import (
+    BodyTooLarge,
+    InputGone,
+    InputInUse,
+    InputNotFound,
+    InputStoreFull,
+    StateUnavailable,
+)
+
+if TYPE_CHECKING:
+    from .shared_inputs import SharedFile, SharedInputs
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +85,15 @@ class InputStore:
 
     `in_use(id)` says whether a job in flight uses an input: such an input is never
     evicted or deleted. Over `max_bytes`, the least recently used of the others go.
+
+    With `shared` (nodes sharing PostgreSQL), every file accepted is in the database too
+    before `add` returns, and the disk is this node's cache of it: a file the disk lacks
+    is read back from the database when it is needed (`obtain`).
     """
 
     def __init__(self, directory: Path | None, max_bytes: int,
-                 in_use: Callable[[str], bool], sync: bool = False) -> None:
+                 in_use: Callable[[str], bool], sync: bool = False,
+                 shared: SharedInputs | None = None) -> None:
         self._given = directory
         self.directory = directory or Path(".")
         self.max_bytes = max_bytes
@@ -87,6 +102,11 @@ class InputStore:
         self._entries: dict[str, StoredInput] = {}
         self._touched: set[str] = set()
         self.total_bytes = 0
+        self.shared = shared
+        # Files being read back from the database, one read per file at a time; and
+        # the files this node knows the database holds.
+        self._pulls: dict[str, asyncio.Lock] = {}
+        self._in_database: set[str] = set()
 
     # -- life --------------------------------------------------------------------
 
@@ -104,6 +124,8 @@ class InputStore:
         await self.flush_touches()
         if self._given is None:
             await asyncio.to_thread(shutil.rmtree, self.directory, True)
+        if self.shared is not None:
+            await self.shared.close()
 
     # -- lookups -----------------------------------------------------------------
 
@@ -136,12 +158,82 @@ class InputStore:
                 self._touched.add(ident)
 
     async def flush_touches(self) -> None:
-        """Write recent uses as the files' modification times, so they outlive a restart."""
-        touched = [(self.path(i), self._entries[i].last_used)
-                   for i in self._touched if i in self._entries]
+        """Write recent uses as the files' modification times, so they outlive a restart
+        (and in the database, so that no node prunes a file another one uses)."""
+        used = {i: self._entries[i].last_used for i in self._touched if i in self._entries}
         self._touched.clear()
-        if touched:
-            await asyncio.to_thread(_set_times, touched)
+        if used:
+            await asyncio.to_thread(_set_times, [(self.path(i), t) for i, t in used.items()])
+        if used and self.shared is not None:
+            try:
+                await self.shared.mark_used(used)
+            except StateUnavailable as exc:
+                log.warning("input store: the uses of %d input(s) could not be written in "
+                            "the database (%s)", len(used), exc.message)
+
+    # -- the database's copy (nodes sharing PostgreSQL) ----------------------------
+
+    async def lookup(self, idents: list[str]) -> dict[str, StoredInput]:
+        """The stored inputs of these ids: those on this disk, and with a database, the
+        others it holds (described only: `obtain` reads them when they are needed)."""
+        found = {i: entry for i in idents if (entry := self._entries.get(i)) is not None}
+        missing = [i for i in dict.fromkeys(idents) if i not in found and ID_RE.fullmatch(i)]
+        if self.shared is None:
+            return found
+        # A file kept here before the database had it (a restart onto PostgreSQL, a
+        # write that failed) goes there before a job is accepted with it.
+        await asyncio.gather(*(self._share(entry) for entry in found.values()
+                               if entry.id not in self._in_database))
+        if missing:
+            now = time.time()
+            for ident, shared in (await self.shared.describe(missing)).items():
+                found[ident] = _from_shared(shared, now)
+        return found
+
+    async def obtain(self, ident: str) -> StoredInput | None:
+        """The input of this id on this disk, read back from the database first when
+        the disk lacks it; None when it is held nowhere."""
+        entry = self._entries.get(ident)
+        if entry is not None or self.shared is None or not ID_RE.fullmatch(ident):
+            return entry
+        lock = self._pulls.setdefault(ident, asyncio.Lock())
+        try:
+            async with lock:
+                return self._entries.get(ident) or await self._pull(ident)
+        finally:
+            if not lock.locked() and self._pulls.get(ident) is lock:
+                del self._pulls[ident]
+
+    async def _pull(self, ident: str) -> StoredInput | None:
+        assert self.shared is not None
+        sink = _Sink(self.directory / "incoming" / f"{secrets.token_hex(8)}.part")
+        try:
+            await asyncio.to_thread(sink.open)
+            shared = await self.shared.read(ident, sink)
+            if shared is None:
+                return None
+            if input_id(sink.digest.hexdigest()) != ident:
+                log.error("input store: the database's copy of %s is corrupt", ident)
+                return None
+            entry, _ = await self._settle(sink, shared.media_type, shared.name,
+                                          share=False)
+            self._in_database.add(ident)
+            self.touch([ident])
+            log.info("input %s read back from the database (%d bytes)", ident, entry.size)
+            return entry
+        finally:
+            await asyncio.shield(asyncio.to_thread(sink.discard))
+
+    async def _share(self, entry: StoredInput) -> None:
+        if self.shared is None:
+            return
+        try:
+            await self.shared.keep(entry, self.path(entry.id), entry.last_used)
+            self._in_database.add(entry.id)
+        except FileNotFoundError:  # evicted meanwhile to make room for another
+            raise InputGone(f"The input {entry.id} was evicted from this node's store as it "
+                            "was being kept; send it again.",
+                            extra={"input_id": entry.id}) from None
 
     # -- adding --------------------------------------------------------------------
 
@@ -180,12 +272,14 @@ class InputStore:
 
         return await self.add(one(), media_type, name, limit)
 
-    async def _settle(self, sink: _Sink, media_type: str, name: str
+    async def _settle(self, sink: _Sink, media_type: str, name: str, share: bool = True
                       ) -> tuple[StoredInput, bool]:
         ident = input_id(sink.digest.hexdigest())
         existing = self._entries.get(ident)
         if existing is not None:
             self.touch([ident])
+            if share:
+                await self._share(existing)
             return existing, False
         self._make_room(sink.size, name)
         now = time.time()
@@ -193,10 +287,14 @@ class InputStore:
         await asyncio.to_thread(sink.keep, self.path(ident), entry.meta(), self._sync)
         existing = self._entries.get(ident)  # the same bytes may have settled meanwhile
         if existing is not None:
-            return existing, False
-        self._entries[ident] = entry
-        self.total_bytes += entry.size
-        return entry, True
+            entry, created = existing, False
+        else:
+            self._entries[ident] = entry
+            self.total_bytes += entry.size
+            created = True
+        if share:
+            await self._share(entry)
+        return entry, created
 
     def _make_room(self, size: int, name: str) -> None:
         """Forget least recently used inputs no job in flight uses until `size` more
@@ -226,10 +324,21 @@ class InputStore:
     # -- removing ------------------------------------------------------------------
 
     async def delete(self, ident: str) -> StoredInput:
-        entry = self.find(ident)
+        """Delete the input here, and with a database, its copy there (unless a job in
+        flight on another node uses it: 409 as for this node's own)."""
+        if self.shared is None or not ID_RE.fullmatch(ident):
+            self.find(ident)  # 404
         if self._in_use(ident):
             raise InputInUse(f"Input {ident} is used by a job in flight; delete it once that "
                              "job has finished.", extra={"input_id": ident})
+        if self.shared is not None:
+            shared = await self.shared.delete(ident)
+            entry = self.get(ident)
+            if entry is None:
+                if shared is None:
+                    return self.find(ident)  # 404
+                return _from_shared(shared, time.time())
+        entry = self.find(ident)
         removed = self._forget(entry)
         if removed is not None:
             await removed
@@ -242,19 +351,46 @@ class InputStore:
             return None
         self.total_bytes -= entry.size
         self._touched.discard(entry.id)
+        self._in_database.discard(entry.id)
         removal = asyncio.get_running_loop().run_in_executor(None, _unlink,
                                                              self.path(entry.id))
         removal.add_done_callback(_log_failure)
         return removal
 
     async def prune(self, before: float) -> int:
-        """Forget inputs no job in flight uses that no job has used since `before`."""
+        """Forget inputs no job in flight uses that no job has used since `before`; with
+        a database, its copies no node used since then that no job in flight uses."""
         await self.flush_touches()
         doomed = [e for e in self._entries.values()
                   if e.last_used < before and not self._in_use(e.id)]
         for entry in doomed:
             self._forget(entry)
+        if self.shared is not None:
+            try:
+                dropped = await self.shared.prune(before)
+            except StateUnavailable as exc:
+                log.warning("input store: old input files could not be pruned from the "
+                            "database (%s); tried again next time", exc.message)
+            else:
+                if dropped:
+                    log.info("dropped %d input file(s) from the database that no node "
+                             "used since their retention", dropped)
         return len(doomed)
+
+
+def shared_store(url: str | None) -> SharedInputs | None:
+    """With PostgreSQL (`url`), the database's copy of the input files; psycopg is
+    imported only then."""
+    if url is None:
+        return None
+    from .shared_inputs import SharedInputs
+
+    return SharedInputs(url)
+
+
+def _from_shared(shared: SharedFile, now: float) -> StoredInput:
+    return StoredInput(shared.id, shared.size, shared.media_type, shared.name,
+                       shared.created_at, now)
 
 
 def too_large(limit: int, name: str | None = None) -> BodyTooLarge:
@@ -283,6 +419,13 @@ class _Sink:
             self.digest.update(chunk)
             self._file.write(chunk)
             self.size += len(chunk)
+
+    def rewind(self) -> None:
+        """Start again from nothing (a read from the database tried once more)."""
+        self._file.seek(0)
+        self._file.truncate()
+        self.digest = hashlib.sha256()
+        self.size = 0
 
     def keep(self, target: Path, meta: dict[str, Any], sync: bool) -> None:
         self._file.flush()

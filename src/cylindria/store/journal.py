@@ -14,12 +14,13 @@ from typing import Any, TypeVar
 
 import ujson
 
-from ..core.ports import HeldElsewhere
+from ..core.ports import HeldElsewhere, Listed
 from ..core.records import Job, to_record
-from ..errors import StateFileError, StateUnavailable
+from ..errors import JobTakenElsewhere, StateFileError, StateUnavailable
 from ..nodes import NodeInfo, default_node_name
 from .backend import Database, Loaded, Row
 from .database import open_database
+from .journal_nodes import NodesJournal
 from .writer import WriterThread
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ PRUNE_BATCH = 500
 RETRY_CEILING = 8
 
 
-class Journal:
+class Journal(NodesJournal):
     """Every change the registry announces is marked dirty here; the writer thread
     commits whatever is dirty as soon as its previous commit ends, so a burst of
     changes shares one commit and a lone one waits for nothing. Changes that need not
@@ -77,6 +78,9 @@ class Journal:
         self._written_event = asyncio.Event()
         self._closed = False
         self._beat_failing = False
+        # Called with the jobs whose rows another node has taken (nodes sharing a
+        # database): their writes changed nothing.
+        self.on_taken: Callable[[list[Job]], None] | None = None
         self.commits = 0
         # Seconds from handing a batch over to its commit, summed over `commits`.
         self.commit_seconds = 0.0
@@ -170,11 +174,11 @@ class Journal:
         batch, workflows = self._take_batch(job)
         started = time.perf_counter()
         try:
-            self._database.write([row for _, _, row in batch], workflows)
+            left = self._database.write([row for _, _, row in batch], workflows)
         except self._database.errors as exc:
             self._failed(exc, batch)
         else:
-            self._succeeded(batch, workflows, time.perf_counter() - started)
+            self._succeeded(batch, workflows, time.perf_counter() - started, left)
 
     def _kick(self) -> None:
         self._kick_soon = None
@@ -197,11 +201,13 @@ class Journal:
         if error is not None or done.cancelled():
             self._failed(error, batch)
         else:
-            self._succeeded(batch, workflows, time.perf_counter() - started)
+            self._succeeded(batch, workflows, time.perf_counter() - started,
+                            done.result())
             self._kick()
 
     def _succeeded(self, batch: list[tuple[Job, int, Row]],
-                   workflows: list[tuple[str, bytes]], elapsed: float) -> None:
+                   workflows: list[tuple[str, bytes]], elapsed: float,
+                   left: list[str] | None = None) -> None:
         self.commits += 1
         self.commit_seconds += elapsed
         if self._failure is not None:
@@ -213,9 +219,16 @@ class Journal:
                 self._retry = None
         for job_id, _ in workflows:
             self._workflows.pop(job_id, None)
+        taken = set(left or ())
         for job, version, _ in batch:
-            self._release(job.job_id, version, None)
-        self._on_saved([(job, version) for job, version, _ in batch])
+            if job.job_id in taken:
+                self._release(job.job_id, version, JobTakenElsewhere(job.job_id))
+            else:
+                self._release(job.job_id, version, None)
+        self._on_saved([(job, version) for job, version, _ in batch
+                        if job.job_id not in taken])
+        if taken and self.on_taken is not None:
+            self.on_taken([job for job, _, _ in batch if job.job_id in taken])
 
     def _failed(self, error: BaseException | None, batch: list[tuple[Job, int, Row]]) -> None:
         self._lost(error)
@@ -295,6 +308,12 @@ class Journal:
                    limit: int) -> list[Job]:
         return await self._read(lambda db: db.page(states, gpu_id, before, limit))
 
+    async def listing(self, states: Iterable[str] | None, gpu: tuple[str, int] | None,
+                      before: int | None, limit: int) -> list[Listed]:
+        """With nodes sharing the database: every node's jobs (see listing.py)."""
+        return await self._read(lambda db: db.listing(  # type: ignore[attr-defined]
+            states, gpu, before, limit))
+
     async def _read(self, work: Callable[[Database], T]) -> T:
         """A read for a request: when the database fails it, StateUnavailable (a 503)."""
         try:
@@ -318,78 +337,6 @@ class Journal:
 
     async def held(self) -> int:
         return await self._run(lambda db: db.held())
-
-    # -- nodes (PostgreSQL) ---------------------------------------------------------
-
-    @property
-    def clustered(self) -> bool:
-        """Whether the database holds nodes (PostgreSQL): then `beat` and `leave` work."""
-        return self._database.clustered
-
-    async def beat(self, gpus: list[dict[str, Any]]) -> list[tuple[Any, ...]] | None:
-        """Write this node's heartbeat, on the journal's thread; the other nodes' rows
-        (see PostgresDatabase.beat), or None when the write failed (logged)."""
-        text = ujson.dumps(gpus)
-        try:
-            rows = await self._run(lambda db: db.beat(text))  # type: ignore[attr-defined]
-        except self._database.errors as exc:
-            if not self._beat_failing:  # once, not at every beat
-                log.warning("%s: the node's heartbeat failed (%s); the other nodes will "
-                            "see this one as not alive until it works again", self.label, exc)
-            self._beat_failing = True
-            return None
-        if self._beat_failing:
-            log.warning("%s: the node's heartbeat works again", self.label)
-            self._beat_failing = False
-        self._answered()
-        return rows
-
-    async def rescue(self, grace: float) -> list[Any]:
-        """Settle as lost the jobs in flight of nodes dead for `grace` seconds (see
-        rescue.py), on the journal's thread: what was rescued (Rescued), none when the
-        database failed (the next round tries again)."""
-        from .rescue import rescue
-        try:
-            return await self._run(lambda db: rescue(db, grace))  # type: ignore[arg-type]
-        except self._database.errors as exc:
-            if not self._beat_failing:  # else said once by the heartbeat
-                log.warning("%s: settling the jobs of dead nodes failed (%s)", self.label,
-                            exc)
-            return []
-
-    async def leave(self) -> None:
-        """Mark this node as stopped in its row."""
-        try:
-            await self._run(lambda db: db.leave())  # type: ignore[attr-defined]
-        except self._database.errors as exc:
-            log.warning("%s: marking the node as stopped failed (%s)", self.label, exc)
-
-    # -- cancels passed between nodes (PostgreSQL; see cancels.py) -----------------
-
-    async def request_cancel(self, node: str, job_id: str) -> None:
-        """Ask node `node` to cancel its job `job_id` (a row, and a notification)."""
-        from .cancels import request
-        await self._read(lambda db: request(db, node, job_id))  # type: ignore[arg-type]
-
-    async def pending_cancels(self) -> list[str]:
-        """This node's jobs other nodes asked it to cancel (none without nodes)."""
-        if not self._database.clustered:
-            return []
-        from .cancels import pending
-        return await self._read(lambda db: pending(db))  # type: ignore[arg-type]
-
-    async def drop_cancels(self, job_ids: list[str]) -> None:
-        from .cancels import drop
-        await self._read(lambda db: drop(db, job_ids))  # type: ignore[arg-type]
-
-    def cancel_listener(self, wake: Callable[[], None]) -> Any:
-        """A CancelListener that calls `wake` when another node asks this one to cancel
-        (not started); None without nodes."""
-        if not self._database.clustered:
-            return None
-        from .cancels import CancelListener
-        db: Any = self._database
-        return CancelListener(db._params, db.node.name, asyncio.get_running_loop(), wake)
 
     async def prune(self, before: datetime) -> int:
         """Delete every job finished before `before`, in small transactions so that

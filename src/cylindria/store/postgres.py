@@ -6,17 +6,21 @@ import secrets
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import quote
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
 
-from ..core.ports import HeldElsewhere
+from ..core.ports import HeldElsewhere, Listed
 from ..core.records import Job
 from ..errors import StateFileError
 from ..nodes import GRACE_BEATS, NodeInfo
+from . import listing, queue
 from .backend import IN_FLIGHT_STATES, Loaded, Row, decode_job, decode_run_times, encode_record
 from .cancels import MIGRATION as CANCEL_REQUESTS
+from .pgconnect import connect, connection_params, display_name, unreachable, unusable
+from .shared_inputs import MIGRATION as INPUT_FILES
+
+# Connections of their own (the listener's) are opened the same way.
+_connect = connect
 
 T = TypeVar("T")
 
@@ -29,18 +33,6 @@ SINGLE_NODE_LOCK = (LOCK_CLASS, 1)
 MIGRATION_LOCK = (LOCK_CLASS, 2)
 # Each node's own lock: class "Cyln", object a hash of its name.
 NODE_LOCK_CLASS = 0x43796C6E
-# What a connection takes unless the URL says otherwise: seconds to connect, and
-# keepalives, so that a server gone silent fails a statement within about half a
-# minute instead of hanging the journal's thread.
-CLIENT_DEFAULTS = {"connect_timeout": 5, "application_name": "cylindria",
-                   "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
-                   "keepalives_count": 3, "tcp_user_timeout": 30_000}
-# And the server's side of the same: when this host dies without closing its
-# connection, PostgreSQL ends the session, and so frees the node's lock, within about
-# half a minute rather than the system's two hours.
-SERVER_KEEPALIVES = ("SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; "
-                     "SET tcp_keepalives_count = 3")
-
 # The schema's versions in order; each is applied once, in one transaction with the
 # others a start-up applies, and recorded in schema_migrations. A version is never
 # changed once released: a change of schema is a new version at the end.
@@ -96,6 +88,12 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     )),
     # Cancels passed from one node to the node that holds the job (see cancels.py).
     (4, CANCEL_REQUESTS),
+    # Job ids unique across nodes, and the one queue of held jobs (see queue.py).
+    (5, queue.MIGRATION),
+    # Every node's jobs listed in one order across the nodes (see listing.py).
+    (6, listing.MIGRATION),
+    # Input files every node reads, in parts (see shared_inputs.py).
+    (7, INPUT_FILES),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -116,18 +114,30 @@ INSERT INTO meta (key, value) VALUES (%s, %s)
 ON CONFLICT (key) DO UPDATE SET value = excluded.value
 """
 GET_META = "SELECT value FROM meta WHERE key = %s"
-# A commit, in one statement and so one round trip: the workflows first written, then
-# every row, each list as one array (a batch holds each job once).
+# A commit, in one statement and so one round trip: every row, then the workflows of
+# the rows written, each list as one array (a batch holds each job once). Job ids are
+# unique across nodes: a row another node has taken is left as it is (fenced by node),
+# with its workflow, and the ids written come back, so the journal knows which were
+# not. A job put in line wakes the other nodes (a notification, sent at the commit).
 WRITE = """
-WITH written AS (
+WITH upserted AS (
+    INSERT INTO jobs (node, seq, job_id, state, gpu_id, finished_at, record, queue_key,
+                      models)
+    SELECT %s, * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::integer[],
+                             %s::double precision[], %s::text[], %s::double precision[],
+                             %s::text[])
+    ON CONFLICT (job_id) DO UPDATE SET seq = excluded.seq, state = excluded.state,
+        gpu_id = excluded.gpu_id, finished_at = excluded.finished_at,
+        record = excluded.record, queue_key = excluded.queue_key, models = excluded.models
+    WHERE jobs.node = excluded.node
+    RETURNING job_id, queue_key),
+written AS (
     INSERT INTO workflows (node, job_id, workflow)
-    SELECT %s, * FROM unnest(%s::text[], %s::bytea[])
+    SELECT %s, w.job_id, w.workflow FROM unnest(%s::text[], %s::bytea[]) AS w(job_id, workflow)
+    WHERE w.job_id IN (SELECT job_id FROM upserted)
     ON CONFLICT (node, job_id) DO UPDATE SET workflow = excluded.workflow)
-INSERT INTO jobs (node, seq, job_id, state, gpu_id, finished_at, record)
-SELECT %s, * FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::integer[],
-                         %s::double precision[], %s::text[])
-ON CONFLICT (node, job_id) DO UPDATE SET seq = excluded.seq, state = excluded.state,
-    gpu_id = excluded.gpu_id, finished_at = excluded.finished_at, record = excluded.record
+SELECT job_id, CASE WHEN queue_key IS NOT NULL THEN pg_notify(%s, '')::text END
+FROM upserted
 """
 # Every statement on jobs is the node's own: its first parameter is the node's name.
 IN_FLIGHT = "SELECT record FROM jobs WHERE node = %s AND state = ANY(%s)"
@@ -203,9 +213,9 @@ def open_postgres(url: str, memory_jobs: int,
     params = connection_params(url)
     name = display_name(params)
     try:
-        conn = _connect(params)
+        conn = connect(params)
     except psycopg.Error as exc:
-        raise _unreachable(name, exc) from None
+        raise unreachable(name, exc) from None
     try:
         if not conn.execute(TRY_NODE_LOCK, node_lock(node.name)).fetchone()[0]:
             raise StateFileError(
@@ -218,32 +228,10 @@ def open_postgres(url: str, memory_jobs: int,
         return database, database.load(memory_jobs)
     except psycopg.Error as exc:
         conn.close()
-        raise _unusable(name, exc) from None
+        raise unusable(name, exc) from None
     except StateFileError:
         conn.close()
         raise
-
-
-def connection_params(url: str) -> dict[str, Any]:
-    """The URL's connection parameters, with Cylindria's defaults where it sets none."""
-    try:
-        params = conninfo_to_dict(url)
-    except psycopg.Error as exc:
-        raise StateFileError(
-            f"--database-url / CYLINDRIA_DATABASE_URL cannot be read ({_one_line(exc)}): "
-            "give it as postgresql://USER:PASSWORD@HOST:PORT/DATABASE") from None
-    return {**CLIENT_DEFAULTS, **params}
-
-
-def display_name(params: dict[str, Any]) -> str:
-    """The database as a URL without its password, for messages and logs."""
-    user = f"{quote(str(params['user']), safe='')}@" if params.get("user") else ""
-    host = str(params.get("host") or "")
-    port = f":{params['port']}" if params.get("port") else ""
-    dbname = quote(str(params.get("dbname") or ""), safe="")
-    if host.startswith("/") or "," in host:
-        return f"postgresql://{user}{port}/{dbname}?host={host}"
-    return f"postgresql://{user}{host}{port}/{dbname}"
 
 
 def node_lock(node: str) -> tuple[int, int]:
@@ -273,6 +261,9 @@ def migrate(conn: psycopg.Connection[Any], name: str, node: str) -> None:
                 "first, then start this one (it brings the database up to date)")
         for version, statements in MIGRATIONS:
             if version > current:
+                refusal = queue.check_ids(conn, name) if version == 5 else None
+                if refusal is not None:
+                    raise StateFileError(refusal)
                 for statement in statements:
                     if "%(node)s" in statement:
                         conn.execute(statement, {"node": node})
@@ -280,46 +271,6 @@ def migrate(conn: psycopg.Connection[Any], name: str, node: str) -> None:
                         conn.execute(statement)
                 conn.execute(RECORD_VERSION, (version,))
         conn.execute(ADD_META, ("install_id", secrets.token_hex(4)))
-
-
-def _connect(params: dict[str, Any]) -> psycopg.Connection[Any]:
-    # Autocommit: a read is its own statement and leaves no transaction open; writes
-    # take `conn.transaction()`.
-    conn = psycopg.connect(**params, autocommit=True)
-    try:
-        conn.execute(SERVER_KEEPALIVES)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _one_line(exc: BaseException) -> str:
-    # The server's own sentence when there is one, without the statement it quotes.
-    primary = getattr(getattr(exc, "diag", None), "message_primary", None)
-    return " ".join((primary or str(exc)).split()) or exc.__class__.__name__
-
-
-def _unreachable(name: str, exc: psycopg.Error) -> StateFileError:
-    reason = _one_line(exc)
-    if "password" in reason or "authentication" in reason or "role" in reason:
-        hint = "check the user and password (in the URL, PGPASSWORD or ~/.pgpass)"
-    elif "does not exist" in reason:
-        hint = "create the database first (createdb), or fix its name in the URL"
-    else:
-        hint = "check that PostgreSQL runs there and takes connections from this host"
-    return StateFileError(f"database {name} cannot be reached ({reason}): {hint}, or pass "
-                          "another --database-url")
-
-
-def _unusable(name: str, exc: psycopg.Error) -> StateFileError:
-    reason = _one_line(exc)
-    hint = "check the database and this user's rights in it"
-    if "permission denied" in reason:
-        hint = ("let this user create tables in the database (make it the database's "
-                "owner)")
-    return StateFileError(f"database {name} cannot be used ({reason}): {hint}, or pass "
-                          "another --database-url")
 
 
 class PostgresDatabase:
@@ -336,6 +287,8 @@ class PostgresDatabase:
 
     # Nodes share the database: each writes its row and reads the others' (heartbeats).
     clustered = True
+    # Seconds of waiting worth one priority level in the shared queue (queue.py).
+    aging = 60.0
 
     def __init__(self, conn: psycopg.Connection[Any], params: dict[str, Any],
                  name: str, node: NodeInfo) -> None:
@@ -347,7 +300,7 @@ class PostgresDatabase:
     def _connection(self) -> psycopg.Connection[Any]:
         if self._conn.closed or self._conn.broken:
             self._conn.close()
-            conn = _connect(self._params)
+            conn = connect(self._params)
             if not conn.execute(TRY_NODE_LOCK, node_lock(self.node.name)).fetchone()[0]:
                 conn.close()
                 raise psycopg.OperationalError(
@@ -375,6 +328,7 @@ class PostgresDatabase:
         rows = conn.execute(IN_FLIGHT, (node, states)).fetchall()
         finished = conn.execute(NEWEST_FINISHED, (node, memory_jobs)).fetchall()
         loaded.jobs = [decode_job(r[0]) for r in (*rows, *reversed(finished))]
+        queue.back_in_line(conn, node, [job.job_id for job in loaded.jobs if job.held])
         loaded.last_seq = conn.execute(LAST_SEQ, (node,)).fetchone()[0]
         older = conn.execute(FIRST_EVICTED, (node, memory_jobs)).fetchone()
         loaded.evicted_through = older[0] if older else 0
@@ -400,17 +354,23 @@ class PostgresDatabase:
 
     # -- writing --------------------------------------------------------------------
 
-    def write(self, rows: Sequence[Row], workflows: Sequence[tuple[str, bytes]]) -> None:
-        """One transaction (one statement): the workflows first written, then every row."""
-        columns: list[list[Any]] = [[], [], [], [], [], []]
+    def write(self, rows: Sequence[Row], workflows: Sequence[tuple[str, bytes]]
+              ) -> list[str]:
+        """One transaction (one statement): the workflows first written, then every row.
+        Returns the ids of the rows left alone, because another node has taken them."""
+        columns: list[list[Any]] = [[], [], [], [], [], [], [], []]
         for seq, job_id, state, gpu, finished, record in rows:
-            for column, value in zip(columns, (seq, job_id, state, gpu, finished,
-                                               encode_record(record)), strict=True):
+            values = (seq, job_id, state, gpu, finished, encode_record(record),
+                      queue.queue_key(record, state, gpu, self.aging),
+                      queue.models_text(record))
+            for column, value in zip(columns, values, strict=True):
                 column.append(value)
         ids = [job_id for job_id, _ in workflows]
         blobs = [data.encode() if isinstance(data, str) else data for _, data in workflows]
         node = self.node.name
-        self._run(lambda conn: conn.execute(WRITE, (node, ids, blobs, node, *columns)))
+        args = (node, *columns, node, ids, blobs, queue.CHANNEL)
+        written = self._run(lambda conn: {row[0] for row in conn.execute(WRITE, args)})
+        return [job_id for job_id in columns[1] if job_id not in written]
 
     def prune(self, before: float, batch: int) -> int:
         node = self.node.name
@@ -469,6 +429,11 @@ class PostgresDatabase:
         statement = PAGES[states is not None, gpu_id is not None]
         rows = self._run(lambda conn: conn.execute(statement, args).fetchall())
         return [decode_job(r[0]) for r in rows]
+
+    def listing(self, states: Iterable[str] | None, gpu: tuple[str, int] | None,
+                before: int | None, limit: int) -> list[Listed]:
+        """Every node's jobs, newest first across the nodes (see listing.py)."""
+        return self._run(lambda conn: listing.page(conn, states, gpu, before, limit))
 
     def held(self) -> int:
         return self._run(lambda conn: conn.execute(COUNT, (self.node.name,)).fetchone()[0])

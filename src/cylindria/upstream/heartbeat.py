@@ -105,6 +105,8 @@ async def rescuer(rescue: Rescue, interval: float) -> None:
     while True:
         for rescued in await rescue():
             log.warning("node %s stopped answering at %s: %d job(s) it held in flight "
-                        "settled as lost", rescued.node,
-                        rescued.silent_since.isoformat(timespec="seconds"), rescued.jobs)
+                        "settled as lost, %d of them put back in the shared line to run "
+                        "again", rescued.node,
+                        rescued.silent_since.isoformat(timespec="seconds"), rescued.jobs,
+                        rescued.requeued)
         await asyncio.sleep(interval)

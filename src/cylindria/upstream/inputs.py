@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 
-from ..errors import InputGone
+from ..errors import BackendUnavailable, InputGone, InputStoreFull, StateUnavailable
 from ..store.inputs import InputStore, StoredInput, media_type_for
 from .fetch import InputFetcher
 from .gpus import Gpu
@@ -45,6 +45,9 @@ class InputDelivery:
 
     def touch(self, idents: list[str]) -> None:
         self.store.touch(idents)
+
+    async def lookup(self, idents: list[str]) -> dict[str, StoredInput]:
+        return await self.store.lookup(idents)
 
     async def add_bytes(self, data: bytes, name: str) -> StoredInput:
         entry, _ = await self.store.add_bytes(data, media_type_for(None, name), name,
@@ -109,7 +112,15 @@ class InputDelivery:
             raise
 
     async def _upload(self, gpu: Gpu, ident: str) -> str:
-        entry = self.store.get(ident)
+        # With nodes sharing a database, a file this node's disk lacks is read from there.
+        # Not now is a submission that did not reach ComfyUI (a job from the queue goes
+        # back in line), as when ComfyUI cannot be reached.
+        try:
+            entry = await self.store.obtain(ident)
+        except (StateUnavailable, InputStoreFull) as exc:
+            raise BackendUnavailable(
+                f"The input {ident} is not on this node's disk and cannot be read from the "
+                f"database now: {exc.message}", extra={"input_id": ident}) from None
         if entry is None:
             raise InputGone(f"The input {ident} is no longer stored (it was deleted or "
                             "evicted); upload it again and submit the job anew.",

@@ -209,7 +209,8 @@ async def dispatch_held(jobs: JobsService, timing: Timing) -> None:
         except TimeoutError:
             pass
         jobs.wake.clear()
-        if len(jobs.registry.held):
+        # With nodes sharing a database, any node's held job may come to this node.
+        if len(jobs.registry.held) or jobs.store.clustered:
             await jobs.dispatch()
 
 

@@ -7,8 +7,8 @@ from contextlib import AbstractContextManager, nullcontext
 
 from aiohttp import web
 
-from ..appkeys import GPUS, INPUTS, JOBS, JOURNAL, PEERS, SETTINGS, WAITERS
-from ..core import cancels, elsewhere
+from ..appkeys import CLUSTER, GPUS, INPUTS, JOBS, JOURNAL, PEERS, SETTINGS, WAITERS
+from ..core import cancels, elsewhere, listing
 from ..core.outcomes import Outcome, Verdict
 from ..core.ports import HeldElsewhere
 from ..errors import ApiError, JobFinished, NodeNotAlive
@@ -54,6 +54,14 @@ async def get_serverstatus(request: web.Request) -> web.Response:
 @routes.get("/jobstatus/{job_id}/", name="jobstatus")
 async def get_jobstatus(request: web.Request) -> web.Response:
     job_id = params.job_id(request)
+    if "?" not in request.raw_path:
+        # The usual poll, with no query (so no ?wait=), of a job in memory: what
+        # find_anywhere looks at first, answered without awaiting anything.
+        app = request.app
+        jobs = app[JOBS]
+        job = jobs.registry.get(job_id)
+        if job is not None:
+            return render.status_response(jobs.foresee(job), app.router)
     seconds = params.wait(request.query, request.app[SETTINGS].max_wait)
     hint = f" Submit it with PUT /startjob/{job_id}/ first."
     job = await elsewhere.find_anywhere(request.app[JOBS], job_id, hint)
@@ -62,7 +70,10 @@ async def get_jobstatus(request: web.Request) -> web.Response:
     if seconds is not None and not job.terminal:
         with waiting(request, seconds) as waiter:
             await request.app[WAITERS].until_finished(waiter, job, seconds)
-        job = await request.app[JOBS].find(job_id, hint)
+        # Another node may have taken it from the shared line meanwhile.
+        job = await elsewhere.find_anywhere(request.app[JOBS], job_id, hint)
+        if isinstance(job, HeldElsewhere):
+            return json_response(render.elsewhere_body(job, request.app.router))
     return render.status_response(job, request.app.router)
 
 
@@ -115,6 +126,14 @@ async def put_startjob(request: web.Request) -> web.Response:
 async def get_jobs(request: web.Request) -> web.Response:
     query = request.query
     states = params.states(query)
+    cluster = request.app[CLUSTER]
+    if cluster.enabled:  # every node's jobs, paged by their order across the nodes
+        node = cluster.node.name
+        gpu = params.node_gpu(request, query["gpu"], node) if query.get("gpu") else None
+        limit = params.whole_number(query, "limit", 1, MAX_PAGE) or DEFAULT_PAGE
+        before = params.whole_number(query, "before", 1, None)
+        page = await listing.page_anywhere(request.app[JOBS], states, gpu, before, limit)
+        return render.cluster_jobs_page(page, node, request.app.router)
     gpu_id = params.gpu(request, query["gpu"], "gpu").index if query.get("gpu") else None
     limit = params.whole_number(query, "limit", 1, MAX_PAGE) or DEFAULT_PAGE
     before = params.whole_number(query, "before", 1, None)

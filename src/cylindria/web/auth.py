@@ -166,14 +166,18 @@ def make_auth_middleware(api_key: str, signins: Signins, login: str,
         if level is Access.OPEN or (level is Access.METRICS and metrics_public):
             return await handler(request)
         given = given_key(request)
-        # Behind a trusted proxy, the client it names: each client is throttled alone.
-        address = client_address(request)
         # A cookie of bytes no sign-in ever had is a guess as much as a wrong key is.
         forged = malformed(request.cookies.get(COOKIE))
+        throttle = signins.throttle
         if given or forged:
-            check_throttle(signins.throttle, address, api=True)
+            # No address waits while no wrong key is counted: the right key then costs
+            # no look at the client's address.
+            if len(throttle):
+                check_throttle(throttle, client_address(request), api=True)
             if given and key_matches(given, api_key):
                 return await handler(request)
+        # Behind a trusted proxy, the client it names: each client is throttled alone.
+        address = client_address(request)
         if forged and not given:
             signins.throttle.fail(address, "session cookie")
             raise Unauthorized(

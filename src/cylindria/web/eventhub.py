@@ -166,6 +166,13 @@ class EventHub:
         self._subscribers.add(sub)
         return sub
 
+    def end_job(self, job: Job) -> None:
+        """End the streams of this one job: another node runs it now (nodes sharing a
+        database), and a client that reconnects is passed that node's stream."""
+        for sub in [s for s in self._subscribers
+                    if s.job_id == job.job_id and not s.relayed]:
+            self._end(sub)
+
     def unsubscribe(self, sub: Subscriber) -> None:
         self._subscribers.discard(sub)
 

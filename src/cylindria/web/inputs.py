@@ -26,7 +26,9 @@ async def post_inputs(request: web.Request) -> web.Response:
 @access(Access.READ)
 async def get_input(request: web.Request) -> web.StreamResponse:
     store = request.app[INPUTS]
-    entry = store.find(request.match_info["input_id"])
+    ident = request.match_info["input_id"]
+    # With nodes sharing a database, a file this node's disk lacks is read from there.
+    entry = await store.obtain(ident) or store.find(ident)
     return web.FileResponse(store.path(entry.id), headers=render.input_headers(entry))
 
 

@@ -79,22 +79,33 @@ class Metrics:
             "it holds already is not sent again).", ["gpu"], registry=self.registry)
         self.registry.register(StateCollector(app))
         self._counted: dict[tuple[str, int], None] = {}
-        # Answers by (route, method, status); and by (route, method) the count in each
-        # latency bucket (the last one past every bound), then the sum of seconds.
-        self.request_counts: dict[tuple[str, str, int], int] = {}
-        self.request_times: dict[tuple[str, str], list[float]] = {}
+        # Answers by (route, method, status): the count in each latency bucket (the last
+        # one past every bound), then the sum of seconds. The counts by status and the
+        # histograms by route and method are summed from them at scrape time.
+        self.requests: dict[tuple[str, str, int], list[float]] = {}
 
     def count_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """One answer. Every request passes here, so it is plain counting (exported at
-        scrape time): prometheus-client's instruments cost a third of /jobstatus's
-        throughput when called per request."""
-        key = (route, method, status)
-        self.request_counts[key] = self.request_counts.get(key, 0) + 1
-        timing = self.request_times.get((route, method))
-        if timing is None:
-            timing = self.request_times[route, method] = [0] * (len(SECONDS) + 1) + [0.0]
-        timing[bisect.bisect_left(SECONDS, seconds)] += 1
-        timing[-1] += seconds
+        scrape time), one dictionary look-up: prometheus-client's instruments cost a
+        third of /jobstatus's throughput when called per request."""
+        tally = self.requests.get((route, method, status))
+        if tally is None:
+            tally = self.requests[route, method, status] = [0] * (len(SECONDS) + 1) + [0.0]
+        tally[bisect.bisect_left(SECONDS, seconds)] += 1
+        tally[-1] += seconds
+
+    def request_totals(self) -> tuple[dict[tuple[str, str, int], int],
+                                      dict[tuple[str, str], list[float]]]:
+        """The answers counted by (route, method, status), and by (route, method) the
+        count in each latency bucket then the sum of seconds."""
+        counts: dict[tuple[str, str, int], int] = {}
+        times: dict[tuple[str, str], list[float]] = {}
+        for (route, method, status), tally in self.requests.items():
+            counts[route, method, status] = int(sum(tally[:-1]))
+            timing = times.setdefault((route, method), [0] * len(tally))
+            for n, value in enumerate(tally):
+                timing[n] += value
+        return counts, times
 
     def comfy_timer(self, gpu: int) -> Callable[[str, float], None]:
         """What a GPU's ComfyUI client tells of each REST call."""
@@ -151,14 +162,15 @@ class StateCollector(Collector):
         counts = CounterMetricFamily("cylindria_http_requests",
                                      "HTTP requests answered, by route, method and status.",
                                      labels=["route", "method", "status"])
-        for (route, method, status), count in sorted(metrics.request_counts.items()):
+        request_counts, request_times = metrics.request_totals()
+        for (route, method, status), count in sorted(request_counts.items()):
             counts.add_metric([route, method, str(status)], count)
         yield counts
         seconds = HistogramMetricFamily(
             "cylindria_http_request_duration_seconds",
             "Time to answer, by route and method (route startjob is the submission "
             "latency).", labels=["route", "method"])
-        for (route, method), timing in sorted(metrics.request_times.items()):
+        for (route, method), timing in sorted(request_times.items()):
             running, buckets = 0, []
             for bound, count in zip((*map(str, SECONDS), "+Inf"), timing[:-1], strict=True):
                 running += count

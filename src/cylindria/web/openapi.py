@@ -24,7 +24,6 @@ from . import openapi_dashboard, openapi_inputs, openapi_parts
 from .api import DEFAULT_PAGE, MAX_PAGE
 from .auth import Access, access
 from .openapi_parts import (
-    COUNTING,
     CSRF_HEADER,
     JOB_ID,
     JOB_ID_CHARACTERS,
@@ -332,13 +331,10 @@ def paths(shape: Shape) -> dict[str, Any]:
                  "description": "One state or a comma-separated list (empty: all).",
                  "schema": {"type": "string",
                             "pattern": f"^\\s*{STATES}?\\s*(,\\s*{STATES}?\\s*)*$"}},
-                shape.gpu_parameter("gpu", "query", empty=True),
                 {"name": "limit", "in": "query", "required": False,
                  "description": f"Jobs a page, 1 to {MAX_PAGE} (default {DEFAULT_PAGE}).",
                  "schema": {"type": "string", "pattern": LIMIT}},
-                {"name": "before", "in": "query", "required": False,
-                 "description": "A page's `next_before`: the jobs older than it.",
-                 "schema": {"type": "string", "pattern": optional(COUNTING)}}])},
+                *shape.jobs_filters()])},
         "/gpus/": {"get": op("Every GPU (with PostgreSQL, every node's).",
                              {"200": answer("The GPUs.", "GpuList")}, tags=("gpus",))},
         "/gpus/{gpu_id}/drain": {"post": drain(shape, "Stop automatic placement on a GPU.")},

@@ -87,6 +87,10 @@ def multipart_job() -> dict[str, Any]:
 def paths(shape: Shape) -> dict[str, Any]:
     operation, tags = shape.operation, ("inputs",)
     stored = answer("The files, each with the `ref` to use in a workflow.", "StoredInputs")
+    # With nodes sharing PostgreSQL, the files are kept in the database too.
+    database = {"503": answer("The database that keeps input files for every node cannot "
+                              "be reached (`state_unavailable`).", headers=RETRY_AFTER)
+                } if shape.clustered else {}
     return {
         "/inputs/": {"post": operation(
             "Store input files (images, masks, video, audio) for workflows.",
@@ -101,7 +105,7 @@ def paths(shape: Shape) -> dict[str, Any]:
                            "(`unsupported_media_type`)."),
              "422": answer("A name that is no plain file name (`invalid_input`)."),
              "507": answer("The store is full of inputs that jobs in flight use "
-                           "(`input_store_full`).", headers=RETRY_AFTER)},
+                           "(`input_store_full`).", headers=RETRY_AFTER), **database},
             parameters=[{"name": "name", "in": "query", "required": False,
                          "description": f"The file's name, for a raw body (else its "
                                         f"Content-Disposition filename, else `upload`): "
@@ -121,13 +125,14 @@ def paths(shape: Shape) -> dict[str, Any]:
                 "Read a stored input back.",
                 {"200": {"description": "The file, as uploaded.",
                          "content": {"*/*": {"schema": BINARY}}},
-                 "404": answer("No such input (`input_not_found`).")},
+                 "404": answer("No such input (`input_not_found`)."), **database},
                 parameters=[INPUT_ID], tags=tags),
             "delete": operation(
                 "Delete a stored input.",
                 {"204": {"description": "Deleted."},
                  "404": answer("No such input (`input_not_found`)."),
-                 "409": answer("A job in flight uses it (`input_in_use`).")},
+                 "409": answer("A job in flight uses it (`input_in_use`), on any node "
+                               "sharing the database."), **database},
                 parameters=[INPUT_ID], tags=tags)},
     }
 

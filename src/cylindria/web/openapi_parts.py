@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import Settings
+from ..nodes import NODE_NAME
 
 JSON = "application/json"
 HTML = {"text/html": {"schema": {"type": "string"}}}
@@ -67,19 +68,41 @@ SESSION_REFUSED = answer("A dashboard sign-in without this page's X-CSRF-Token "
 @dataclass(frozen=True, slots=True)
 class Shape:
     """What the contract says that follows from the settings: whether a key guards the
-    API (and /metrics), how many GPUs there are, and how large a workflow may be."""
+    API (and /metrics), how many GPUs there are, how large a workflow may be, and
+    whether nodes share a PostgreSQL database."""
 
     keyed: bool
     metrics_keyed: bool
     gpus: int
     max_nodes: int
     max_wait: int
+    clustered: bool = False
 
     @classmethod
     def of(cls, settings: Settings) -> Shape:
         keyed = bool(settings.api_key)
         return cls(keyed, keyed and not settings.metrics_public, settings.num_gpus,
-                   settings.max_nodes, settings.max_wait)
+                   settings.max_nodes, settings.max_wait, settings.database_url is not None)
+
+    def jobs_filters(self) -> list[dict[str, Any]]:
+        """`gpu` and `before` of GET /jobs/, which mean more with nodes sharing a
+        database: any node's GPU, and the order across the nodes."""
+        gpu = self.gpu_parameter("gpu", "query", empty=True)
+        before = {"name": "before", "in": "query", "required": False,
+                  "description": "A page's `next_before`: the jobs older than it (a job's "
+                                 "number on this server).",
+                  "schema": {"type": "string", "pattern": optional(COUNTING)}}
+        if self.clustered:
+            gpu["description"] += (" Or any node's GPU by its name across the nodes, "
+                                   "NODE:N as GET /gpus/ names it (e.g. gpu-b:0); a bare "
+                                   "number is this node's GPU.")
+            gpu["schema"]["pattern"] = optional(
+                f"[0-{self.gpus - 1}]|{NODE_NAME.pattern}:{NUMBER}")
+            before["description"] = (
+                "A page's `next_before`: the jobs older than it in the order across the "
+                "nodes (a number the database gives each job when it is first written "
+                "and at each new attempt; not a job's number on its node).")
+        return [gpu, before]
 
     def wait_parameter(self) -> dict[str, Any]:
         """`?wait=`: seconds to wait for the job to finish before answering."""
@@ -192,12 +215,13 @@ NODE_SCHEMAS: dict[str, Any] = {
 }
 
 # `GET /jobstatus/` of another node's job (nodes sharing a PostgreSQL database): the
-# status as that node last wrote it, with these fields; a node's own jobs have none.
+# status as that node last wrote it, with these fields; a node's own jobs have none but
+# `node` in `GET /jobs/`.
 ELSEWHERE: dict[str, Any] = {
-    "node": {"type": "string", "description": "With PostgreSQL, only in the answer about "
-             "another node's job: the node that holds it (the status is as that node "
-             "last wrote it; output and input URLs are on its advertise_url, or left out "
-             "when it has none on record)."},
+    "node": {"type": "string", "description": "With PostgreSQL, in the answer about "
+             "another node's job, and on every job GET /jobs/ lists: the node that holds "
+             "it. Another node's job is as that node last wrote it (output and input URLs "
+             "are on its advertise_url, or left out when it has none on record)."},
     "node_alive": {"type": "boolean", "description": "With `node`: its last heartbeat "
                    "is within three of its intervals, and it did not stop."},
     "as_of": {"type": "string", "format": "date-time", "description": "With `node`: "

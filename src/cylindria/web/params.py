@@ -17,7 +17,8 @@ from ..core.answers import Raw
 from ..core.numbers import canonical_int
 from ..core.placement import gpu_number
 from ..core.records import JobState
-from ..errors import BadRequest, BodyTooLarge, UnsupportedEncoding
+from ..errors import BadRequest, BodyTooLarge, UnknownGpu, UnsupportedEncoding
+from ..nodes import node_name_problem
 from ..upstream.gpus import Gpu
 
 # The largest body taken, compressed or not: workflows can embed images as base64
@@ -55,6 +56,20 @@ def _checked_job_id(value: str) -> str:
 def gpu(request: web.Request, raw: str, name: str = "GpuId") -> Gpu:
     gpus = request.app[GPUS]
     return gpus[gpu_number(raw, len(gpus), name)]
+
+
+def node_gpu(request: web.Request, raw: str, node: str, name: str = "gpu") -> tuple[str, int]:
+    """With nodes sharing a database, a GPU of any node, as (node, number): `NODE:N`
+    (as `GET /gpus/` names it), or `N` for this node's GPU N, as elsewhere in the API."""
+    other, colon, number = raw.rpartition(":")
+    if not colon or other == node:
+        return node, gpu(request, number, name).index
+    index = canonical_int(number)
+    if node_name_problem(other) is not None or index is None:
+        raise UnknownGpu(f"{name} must be a GPU of this node by its number, or any node's "
+                         "GPU by its name across the nodes, NODE:N as GET /gpus/ names "
+                         f"it (e.g. gpu-b:0); got {raw[:80]!r}.")
+    return other, index
 
 
 async def callback_url(request: web.Request) -> str | None:

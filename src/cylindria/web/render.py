@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from multidict import CIMultiDict
 
 from ..core.inputs import REF_PREFIX
 from ..core.jobs import Outcome, Verdict
+from ..core.listing import ClusterPage
 from ..core.ports import HeldElsewhere
 from ..core.records import Job, isoformat
 from ..errors import ApiError
@@ -18,6 +21,8 @@ from ..store.inputs import StoredInput
 from ..upstream.gpus import Gpu, Probe
 from ..upstream.heartbeat import Cluster
 from ..upstream.peers import PeerAnswer
+
+T = TypeVar("T")
 
 
 def output_url(router: web.UrlDispatcher, job_id: str, index: int) -> str:
@@ -168,9 +173,22 @@ def status_bytes(job: Job, router: web.UrlDispatcher) -> bytes:
     return job.body
 
 
+class JsonAnswer(web.Response):
+    """A JSON answer made with the headers every JSON answer carries (those
+    `middlewares.answer_headers` would set), which the error middleware then leaves as
+    they are: a poll of `/jobstatus/` costs no header work after it is made."""
+
+    __slots__ = ()
+
+
+# What answer_headers gives a JSON answer of any route but a job's files.
+JSON_HEADERS = CIMultiDict({hdrs.CONTENT_TYPE: "application/json",
+                            "X-Content-Type-Options": "nosniff",
+                            hdrs.CACHE_CONTROL: "no-store"})
+
+
 def status_response(job: Job, router: web.UrlDispatcher, status: int = 200) -> web.Response:
-    return web.Response(body=status_bytes(job, router), status=status,
-                        content_type="application/json")
+    return JsonAnswer(body=status_bytes(job, router), status=status, headers=JSON_HEADERS)
 
 
 def job_reply(job_id: str, accepted: bool, detail: str, gpu_id: int | None,
@@ -299,16 +317,39 @@ def cluster_nodes(cluster: Cluster, own: list[dict[str, Any]],
 def jobs_page(jobs: list[Job], more: bool, router: web.UrlDispatcher) -> web.Response:
     """A page of `GET /jobs/`, joined from each job's serialized status, cut short
     (with a cursor) once it is PAGE_BYTES long."""
+    return _joined([(job.seq, job) for job in jobs],
+                   lambda job: status_bytes(job, router),
+                   jobs[-1].seq if more and jobs else None)
+
+
+def cluster_jobs_page(page: ClusterPage, node: str,
+                      router: web.UrlDispatcher) -> web.Response:
+    """A page of `GET /jobs/` with nodes sharing a database: this node's jobs with
+    `node` (its name), the others' as `/jobstatus/` shows them; the cursor is the key
+    in the order across the nodes."""
+    mine = b',"node":' + dumps(node).encode() + b"}"
+
+    def one(entry: Job | HeldElsewhere) -> bytes:
+        if isinstance(entry, HeldElsewhere):
+            return dumps(elsewhere_body(entry, router)).encode()
+        return status_bytes(entry, router)[:-1] + mine  # the object, with one more key
+
+    return _joined(page.entries, one, page.next_before)
+
+
+def _joined(entries: list[tuple[int, T]], serialized: Callable[[T], bytes],
+            cursor: int | None) -> web.Response:
+    """`{"jobs": [...], "next_before": ...}` of entries (key, item), cut short once it
+    is PAGE_BYTES long, the cursor then the key of the last one in."""
     parts: list[bytes] = []
     size = 0
-    for job in jobs:
+    for _, item in entries:
         if parts and size >= PAGE_BYTES:
-            more = True
+            cursor = entries[len(parts) - 1][0]
             break
-        part = status_bytes(job, router)
+        part = serialized(item)
         parts.append(part)
         size += len(part)
-    cursor = jobs[len(parts) - 1].seq if more and parts else None
     body = (b'{"jobs":[' + b",".join(parts) + b'],"next_before":' + dumps(cursor).encode()
             + b"}")
     return web.Response(body=body, content_type="application/json")

@@ -107,6 +107,12 @@ class Waiters:
             for waiter in self._by_job.pop(job.job_id):
                 waiter.wake()
 
+    def let_go(self, job: Job) -> None:
+        """Another node runs this job now (nodes sharing a database): its waiters here
+        answer at once, with the job as that node has it."""
+        for waiter in self._by_job.pop(job.job_id, ()):
+            waiter.wake()
+
     def left(self, connection: object) -> None:
         """A client connection was lost: its waiter (if any) gives its slot back now."""
         waiter = self._by_connection.get(connection)

@@ -1,0 +1,332 @@
+"""Chaos on a cluster: three nodes sharing one PostgreSQL database, each in front of
+four simulated GPUs of its own, while everything that can go wrong does; then every
+job's final state checked against what the simulated GPUs really ran, with the same
+verdict table as bench/chaos.py.
+
+Run with `.venv/bin/python bench/chaos_cluster.py --jobs 2000` (it starts its own
+PostgreSQL from Debian's postgresql package, unless `--database-url` names an empty
+database). All on loopback. The client spreads its PUTs (GpuId=auto) over the live
+nodes in turn, as a round-robin balancer does, and sends a PUT that got no answer (or a
+5xx) again to the next node: job ids are unique across the nodes, so it never runs
+twice. Meanwhile:
+- each GPU's websocket is dropped about every 5 s, and `/prompt` or `/queue` of a GPU
+  hangs for a few seconds now and then;
+- every simulated ComfyUI restarts (losing its queue) `--comfy-restarts` times;
+- node gpu-b is killed with SIGKILL and started again on its name;
+- node gpu-c is killed with SIGKILL and stays dead: its held jobs run on the others'
+  GPUs, its jobs in flight are settled by a rescuer (lost, or run again elsewhere with
+  `--retry-lost`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import signal
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import ujson
+from chaos import WAIT_AFTER, all_jobs, finished_jobs, judge, plan
+from procs import PYTHON, Process, until_up
+
+from cylindria.addresses import free_port_run
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from pg import PostgresServer, find_binaries  # the tests' own server
+
+NODES = ("gpu-a", "gpu-b", "gpu-c")
+GPUS = 4  # per node
+STEP = 0.005
+IN_FLIGHT = 32
+HEARTBEAT = 0.5
+GRACE = 3.0
+
+
+class Node:
+    """`cylindria serve` as one node, killed and started again at will."""
+
+    def __init__(self, name: str, index: int, work: Path, sim_port: int, url: str | None,
+                 retry_lost: int = 0, **env: str) -> None:
+        self.name, self.work, self.database_url = name, work, url
+        self.env = env
+        self.sim_port = sim_port + index * GPUS
+        self.port = free_port_run(1)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.retry_lost = retry_lost
+        self.starts = 0
+        self.proc: Process | None = None
+        self.alive = False
+
+    async def start(self, session: aiohttp.ClientSession) -> None:
+        self.starts += 1
+        self.proc = Process(
+            [PYTHON, "-m", "cylindria", "serve", "--port", str(self.port), "--numberOfGpus",
+             str(GPUS), "--comfy-url", f"http://127.0.0.1:{self.sim_port}", "--log-level",
+             "warning", "--state-file", str(self.work / f"{self.name}.sqlite3"),
+             *(["--database-url", self.database_url, "--node-name", self.name]
+               if self.database_url else [])],
+            self.work / f"{self.name}-{self.starts}.log",
+            **{"CYLINDRIA_RETRY_LOST": str(self.retry_lost),
+               "CYLINDRIA_POLL_INTERVAL": "0.5", "CYLINDRIA_LOST_GRACE": "3",
+               "CYLINDRIA_HEARTBEAT_INTERVAL": str(HEARTBEAT),
+               "CYLINDRIA_NODE_GRACE": str(GRACE), **self.env})
+        await until_up(session, f"{self.url}/healthz", self.proc)
+        self.alive = True
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.alive = False
+        self.proc.popen.send_signal(signal.SIGKILL)
+        self.proc.popen.wait()
+        self.proc.log.close()
+
+
+async def submit_all(session: aiohttp.ClientSession, nodes: list[Node],
+                     jobs: list[tuple[str, str, dict[str, Any]]],
+                     outcome: dict[str, int]) -> None:
+    """PUT every job (GpuId=auto), IN_FLIGHT at a time, each to the next live node; a
+    PUT that gets no answer, or a 5xx, goes again to the next one."""
+    queue: asyncio.Queue[tuple[str, str, dict[str, Any]]] = asyncio.Queue()
+    for job in jobs:
+        queue.put_nowait(job)
+    turn = 0
+
+    async def worker() -> None:
+        nonlocal turn
+        while not queue.empty():
+            job_id, _, workflow = queue.get_nowait()
+            body = ujson.dumps(workflow)
+            for _ in range(200):
+                live = [node for node in nodes if node.alive] or nodes
+                node = live[turn % len(live)]
+                turn += 1
+                try:
+                    async with session.put(f"{node.url}/startjob/{job_id}/",
+                                           params={"GpuId": "auto"}, data=body,
+                                           timeout=aiohttp.ClientTimeout(total=20)) as resp:
+                        await resp.read()
+                        if resp.status < 500:
+                            outcome[job_id] = resp.status
+                            break
+                except (aiohttp.ClientError, TimeoutError):
+                    pass
+                await asyncio.sleep(0.2)
+
+    await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
+
+
+async def chaos(session: aiohttp.ClientSession, nodes: list[Node], sim_port: int,
+                jobs: int, comfy_restarts: int, done: asyncio.Event,
+                progress: dict[str, int], rng: random.Random) -> Counter[str]:
+    """The faults, spread over the work done; returns what was done."""
+    did: Counter[str] = Counter()
+    count = len(nodes) * GPUS
+    order = ["restart"] * comfy_restarts + ["restart node", "kill node"]
+    rng.shuffle(order)
+    faults_at = [(jobs * (n + 1) // (len(order) + 1), kind) for n, kind in enumerate(order)]
+    next_drop = {gpu: time.monotonic() + rng.uniform(0, 1) for gpu in range(count)}
+    next_hang = time.monotonic() + 1
+
+    async def sim(gpu: int, action: str, body: dict[str, Any] | None = None) -> None:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with session.post(f"http://127.0.0.1:{sim_port + gpu}/_sim/{action}",
+                                    json=body or {},
+                                    timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                await resp.read()
+
+    give_up = None
+    while not done.is_set() or faults_at:
+        now = time.monotonic()
+        if done.is_set():
+            give_up = give_up or now + WAIT_AFTER
+            if now > give_up:
+                did["faults not made (the work stopped)"] += len(faults_at)
+                break
+        for gpu, due in next_drop.items():
+            if now >= due:
+                await sim(gpu, "drop_sockets")
+                did["websocket drops"] += 1
+                next_drop[gpu] = now + rng.uniform(4, 6)
+        if now >= next_hang:
+            gpu, path = rng.randrange(count), rng.choice(["/prompt", "/queue"])
+            await sim(gpu, "hang", {"count": 3, "path": path})
+            did[f"{path} hangs"] += 1
+            asyncio.get_running_loop().call_later(
+                rng.uniform(2, 4), lambda g=gpu: asyncio.ensure_future(sim(g, "release")))
+            next_hang = now + rng.uniform(5, 9)
+        if faults_at and progress["finished"] >= faults_at[0][0]:
+            _, kind = faults_at.pop(0)
+            if kind == "restart":
+                await asyncio.gather(*(sim(gpu, "restart") for gpu in range(count)))
+                did["ComfyUI restarts (all GPUs)"] += 1
+            elif kind == "restart node":
+                nodes[1].kill()
+                did[f"SIGKILL of {nodes[1].name}, started again"] += 1
+                await asyncio.sleep(0.5)
+                await nodes[1].start(session)
+            else:
+                nodes[2].kill()
+                did[f"SIGKILL of {nodes[2].name}, left dead"] += 1
+        await asyncio.sleep(0.1)
+    for gpu in range(count):
+        await sim(gpu, "release")
+    return did
+
+
+async def count_finished(session: aiohttp.ClientSession, nodes: list[Node],
+                         progress: dict[str, int]) -> None:
+    """Jobs in a final state, summed over the live nodes' metrics (each counts the jobs
+    it holds): the faults are spread over the work done."""
+    while True:
+        total = 0
+        for node in nodes:
+            if not node.alive:
+                continue
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+                async with session.get(f"{node.url}/metrics",
+                                       timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                    total += finished_jobs(await resp.text())
+        progress["finished"] = max(progress["finished"], total)
+        await asyncio.sleep(0.2)
+
+
+async def run(count: int, retry_lost: int, comfy_restarts: int, seed: int, work: Path,
+              database_url: str) -> dict[str, Any]:
+    rng = random.Random(seed)
+    jobs = plan(count, rng)
+    kinds = {job_id: kind for job_id, kind, _ in jobs}
+    gpus = len(NODES) * GPUS
+    sim_port = free_port_run(gpus)
+    # A simulator process per node, as each host runs its own ComfyUIs.
+    sims = [Process([PYTHON, "-m", "cylindria", "simulate", "--gpus", str(GPUS),
+                     "--base-port", str(sim_port + n * GPUS), "--step-seconds", str(STEP),
+                     "--output-dir", str(work / f"out-{n}"), "--log-level", "warning"],
+                    work / f"sim-{n}.log") for n in range(len(NODES))]
+    nodes = [Node(name, n, work, sim_port, database_url, retry_lost)
+             for n, name in enumerate(NODES)]
+    started = time.perf_counter()
+    try:
+        async with aiohttp.ClientSession() as session:
+            for gpu in range(gpus):
+                await until_up(session, f"http://127.0.0.1:{sim_port + gpu}/system_stats",
+                               sims[gpu // GPUS])
+            await asyncio.gather(*(node.start(session) for node in nodes))
+            outcome: dict[str, int] = {}
+            progress = {"finished": 0}
+            done = asyncio.Event()
+            counter = asyncio.create_task(count_finished(session, nodes, progress))
+            faults = asyncio.create_task(chaos(session, nodes, sim_port, count,
+                                               comfy_restarts, done, progress, rng))
+            await submit_all(session, nodes, jobs, outcome)
+            done.set()
+            did = await faults
+            counter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await counter
+            submitted = time.perf_counter() - started
+            # The dead node's jobs are settled once its grace is over; then nothing may
+            # stay in flight, read through a live node (every node's jobs).
+            url = nodes[0].url
+            deadline = time.monotonic() + WAIT_AFTER
+            while time.monotonic() < deadline:
+                if not await all_jobs(session, url, "queued,running"):
+                    break
+                await asyncio.sleep(1)
+            settled = time.perf_counter() - started
+            final = await all_jobs(session, url)
+            ledger: dict[str, dict[str, Any]] = {}
+            for gpu in range(gpus):
+                async with session.get(f"http://127.0.0.1:{sim_port + gpu}/_sim/ledger") as r:
+                    ledger.update(await r.json())
+    finally:
+        for node in nodes:
+            if node.proc is not None and node.alive:
+                node.proc.stop()
+        for sim in sims:
+            sim.stop()
+    verdict = judge(final, kinds, ledger)
+    counts = verdict["counts"]
+    listed = {job["job_id"] for job in final}
+    missing = [job_id for job_id, _, _ in jobs
+               if outcome.get(job_id) in (200, 202) and job_id not in listed]
+    ran_by = Counter(job.get("node", NODES[0]) for job in final
+                     if job["state"] == "completed")
+    return {
+        "jobs sent": count,
+        "accepted (200/202)": sum(1 for s in outcome.values() if s in (200, 202)),
+        "refused at submission (4xx)": sum(1 for s in outcome.values() if s >= 400),
+        "completed": counts["completed"],
+        "completed, by node": dict(sorted(ran_by.items())),
+        "failed": counts["failed"],
+        **{k: v for k, v in sorted(counts.items()) if k.startswith("failed: ")},
+        "rejected": counts["rejected"],
+        "cancelled": counts["cancelled"],
+        "lost (failed, type lost)": counts["failed: lost"],
+        "jobs retried after a loss": counts["jobs retried after a loss"],
+        **{k: v for k, v in sorted(counts.items()) if k.startswith("lost attempts: ")},
+        "stuck (not final 60 s after the end)": counts["queued"] + counts["running"],
+        "run twice": len(verdict["twice"]),
+        "wrong state": len(verdict["wrong"]),
+        "completed with outputs other than the GPU's": len(verdict["outputs_differ"]),
+        "accepted but missing": len(missing),
+        "prompts run that no job names": verdict["unknown_runs"],
+        "faults": dict(did),
+        "wall time: submitting / until settled (s)": f"{submitted:.0f} / {settled:.0f}",
+        "examples": {"wrong": verdict["wrong"][:5], "twice": verdict["twice"][:5],
+                     "missing": missing[:5], "outputs": verdict["outputs_differ"][:5]},
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=2000)
+    parser.add_argument("--retry-lost", type=int, default=0)
+    parser.add_argument("--comfy-restarts", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--database-url", help="an empty database (default: a PostgreSQL "
+                                               "server of its own, on loopback)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    server = None
+    url = args.database_url
+    if url is None:
+        binaries = find_binaries()
+        if binaries is None:
+            print("PostgreSQL's programs are missing: apt-get install postgresql, or pass "
+                  "--database-url", file=sys.stderr)
+            return 2
+        server = PostgresServer(binaries, options="-c max_connections=100")
+        server.start()
+        url = server.create_database()
+    try:
+        with tempfile.TemporaryDirectory(prefix="cylindria-chaos-cluster-") as tmp:
+            result = asyncio.run(run(args.jobs, args.retry_lost, args.comfy_restarts,
+                                     args.seed, Path(tmp), url))
+    finally:
+        if server is not None:
+            server.stop()
+    bad = (result["stuck (not final 60 s after the end)"] + result["run twice"]
+           + result["wrong state"] + result["accepted but missing"]
+           + result["completed with outputs other than the GPU's"])
+    if args.json:
+        print(ujson.dumps(result))
+        return 1 if bad else 0
+    print(f"cylindria chaos, cluster of {len(NODES)} nodes x {GPUS} GPUs: {args.jobs} jobs, "
+          f"CYLINDRIA_RETRY_LOST={args.retry_lost}, {args.comfy_restarts} ComfyUI "
+          f"restart(s), seed {args.seed}")
+    for key, value in result.items():
+        print(f"{key:45} {value}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

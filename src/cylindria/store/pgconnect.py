@@ -1,0 +1,86 @@
+"""Connecting to PostgreSQL: the URL read, Cylindria's connection defaults, and the
+errors that name the database (never its password) and say what to do."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from ..errors import StateFileError
+
+# What a connection takes unless the URL says otherwise: seconds to connect, and
+# keepalives, so that a server gone silent fails a statement within about half a
+# minute instead of hanging the journal's thread.
+CLIENT_DEFAULTS = {"connect_timeout": 5, "application_name": "cylindria",
+                   "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5,
+                   "keepalives_count": 3, "tcp_user_timeout": 30_000}
+# And the server's side of the same: when this host dies without closing its
+# connection, PostgreSQL ends the session, and so frees the node's lock, within about
+# half a minute rather than the system's two hours.
+SERVER_KEEPALIVES = ("SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; "
+                     "SET tcp_keepalives_count = 3")
+
+
+def connection_params(url: str) -> dict[str, Any]:
+    """The URL's connection parameters, with Cylindria's defaults where it sets none."""
+    try:
+        params = conninfo_to_dict(url)
+    except psycopg.Error as exc:
+        raise StateFileError(
+            f"--database-url / CYLINDRIA_DATABASE_URL cannot be read ({one_line(exc)}): "
+            "give it as postgresql://USER:PASSWORD@HOST:PORT/DATABASE") from None
+    return {**CLIENT_DEFAULTS, **params}
+
+
+def display_name(params: dict[str, Any]) -> str:
+    """The database as a URL without its password, for messages and logs."""
+    user = f"{quote(str(params['user']), safe='')}@" if params.get("user") else ""
+    host = str(params.get("host") or "")
+    port = f":{params['port']}" if params.get("port") else ""
+    dbname = quote(str(params.get("dbname") or ""), safe="")
+    if host.startswith("/") or "," in host:
+        return f"postgresql://{user}{port}/{dbname}?host={host}"
+    return f"postgresql://{user}{host}{port}/{dbname}"
+
+
+def connect(params: dict[str, Any]) -> psycopg.Connection[Any]:
+    # Autocommit: a read is its own statement and leaves no transaction open; writes
+    # take `conn.transaction()`.
+    conn = psycopg.connect(**params, autocommit=True)
+    try:
+        conn.execute(SERVER_KEEPALIVES)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def one_line(exc: BaseException) -> str:
+    # The server's own sentence when there is one, without the statement it quotes.
+    primary = getattr(getattr(exc, "diag", None), "message_primary", None)
+    return " ".join((primary or str(exc)).split()) or exc.__class__.__name__
+
+
+def unreachable(name: str, exc: psycopg.Error) -> StateFileError:
+    reason = one_line(exc)
+    if "password" in reason or "authentication" in reason or "role" in reason:
+        hint = "check the user and password (in the URL, PGPASSWORD or ~/.pgpass)"
+    elif "does not exist" in reason:
+        hint = "create the database first (createdb), or fix its name in the URL"
+    else:
+        hint = "check that PostgreSQL runs there and takes connections from this host"
+    return StateFileError(f"database {name} cannot be reached ({reason}): {hint}, or pass "
+                          "another --database-url")
+
+
+def unusable(name: str, exc: psycopg.Error) -> StateFileError:
+    reason = one_line(exc)
+    hint = "check the database and this user's rights in it"
+    if "permission denied" in reason:
+        hint = ("let this user create tables in the database (make it the database's "
+                "owner)")
+    return StateFileError(f"database {name} cannot be used ({reason}): {hint}, or pass "
+                          "another --database-url")

@@ -1,0 +1,270 @@
+"""Three nodes sharing one PostgreSQL database and one queue of `GpuId=auto` jobs: a job
+held by one node runs on another node's free GPU; the line's order is the cluster's
+(priority, then age); a killed node's held jobs run elsewhere and never again when it
+comes back; a cancel reaches a held job wherever it waits; nothing runs twice (the
+simulated GPUs' ledgers say what ran)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+import pytest
+from test_cluster_nodes import CYLINDRIA, GPUS, HEARTBEAT, SLOW_STEPS, STEP_SECONDS, Cluster, Node
+
+from cylindria.addresses import free_port_run
+
+import workflows
+from helpers import Proc, clean_env, wait_until
+
+NODES = ("gpu-a", "gpu-b", "gpu-c")
+
+
+class RetryingNode(Node):
+    """A node that settles dead nodes' jobs soon, and runs lost jobs once again."""
+
+    def start(self) -> None:
+        self.starts += 1
+        self.proc = Proc(self.args(), clean_env(
+            CYLINDRIA_HEARTBEAT_INTERVAL=str(HEARTBEAT), CYLINDRIA_POLL_INTERVAL="0.2",
+            CYLINDRIA_LOST_GRACE="0.5", CYLINDRIA_NODE_GRACE="1",
+            CYLINDRIA_RETRY_LOST="1"), self.tmp / f"{self.name}-{self.starts}.log")
+
+
+class ThreeNodes(Cluster):
+    """Nodes gpu-a, gpu-b and gpu-c, each with GPUS simulated GPUs of its own."""
+
+    def __init__(self, tmp: Path, session: aiohttp.ClientSession, url: str,
+                 kind: type[Node] = Node) -> None:
+        super().__init__(tmp, session, url)
+        self.sim_port = free_port_run(len(NODES) * GPUS)
+        self.a, self.b, self.c = (kind(name, tmp, self.sim_port + n * GPUS, url)
+                                  for n, name in enumerate(NODES))
+        self.all = (self.a, self.b, self.c)
+
+    async def start_sim(self) -> None:
+        count = len(NODES) * GPUS
+        self.sim = Proc([*CYLINDRIA, "simulate", "--gpus", str(count), "--base-port",
+                         str(self.sim_port), "--step-seconds", STEP_SECONDS, "--output-dir",
+                         str(self.tmp / "out")], clean_env(), self.tmp / "sim.log")
+        for gpu in range(count):
+            await self.until_up(f"http://127.0.0.1:{self.sim_port + gpu}/system_stats",
+                                self.sim)
+
+    def stop_all(self) -> None:
+        for proc in (*(node.proc for node in self.all), self.sim):
+            if proc is not None:
+                proc.stop()
+
+    async def post(self, node: Node, path: str) -> tuple[int, dict]:
+        async with self.session.post(node.url + path) as resp:
+            return resp.status, await resp.json()
+
+    async def drain(self, node: Node, drained: bool = True) -> None:
+        for gpu in range(GPUS):
+            status, body = await self.post(
+                node, f"/gpus/{gpu}/{'drain' if drained else 'undrain'}")
+            assert status == 200, body
+
+    async def put_auto(self, node: Node, job_id: str, workflow: dict,
+                       priority: int = 0) -> dict:
+        async with self.session.put(f"{node.url}/startjob/{job_id}/", json=workflow,
+                                    params={"GpuId": "auto",
+                                            "priority": str(priority)}) as resp:
+            body = await resp.json()
+            assert resp.status == 202, body
+            return body
+
+    async def ledger(self) -> Counter[str]:
+        """How many times each prompt id ran, over every simulated GPU."""
+        runs: Counter[str] = Counter()
+        for gpu in range(len(NODES) * GPUS):
+            async with self.session.get(
+                    f"http://127.0.0.1:{self.sim_port + gpu}/_sim/ledger") as resp:
+                for prompt_id, entry in (await resp.json()).items():
+                    runs[prompt_id] += entry["runs"]
+        return runs
+
+    async def ran_on(self) -> dict[str, str]:
+        """Each prompt id the simulated GPUs ran, by the node whose GPU ran it."""
+        found: dict[str, str] = {}
+        for gpu in range(len(NODES) * GPUS):
+            async with self.session.get(
+                    f"http://127.0.0.1:{self.sim_port + gpu}/_sim/ledger") as resp:
+                for prompt_id in await resp.json():
+                    found[prompt_id] = NODES[gpu // GPUS]
+        return found
+
+
+@pytest.fixture(params=[Node])
+async def three(request, tmp_path, database_url):
+    async with aiohttp.ClientSession() as session:
+        cluster = ThreeNodes(tmp_path, session, database_url, request.param)
+        try:
+            await cluster.start_sim()
+            await asyncio.gather(*(cluster.start(node) for node in cluster.all))
+            yield cluster
+        finally:
+            cluster.stop_all()
+
+
+async def finished(cluster: ThreeNodes, node: Node, job_ids: list[str],
+                   timeout: float = 20) -> dict[str, dict]:
+    """Every job completed, as `node` answers for it (whichever node holds it)."""
+    return {job_id: await cluster.until_state(node, job_id, "completed", timeout=timeout)
+            for job_id in job_ids}
+
+
+@pytest.mark.slow
+async def test_held_jobs_run_on_any_nodes_free_gpu_in_the_clusters_order(three):
+    a, b, c = three.a, three.b, three.c
+    # Only C's GPUs take jobs: A's and B's are drained.
+    await three.drain(a)
+    await three.drain(b)
+    ids = [f"any-{n}" for n in range(6)]
+    for n, job_id in enumerate(ids):
+        await three.put_auto(a if n % 2 else b, job_id, workflows.quick())
+    done = await finished(three, a, ids)
+    for job_id, body in done.items():
+        assert body["node"] == "gpu-c", body
+        # The same answer through the node that took it, and through C itself.
+        for node in (b, c):
+            status, seen = await three.get(node, f"/jobstatus/{job_id}/")
+            assert (status, seen["state"], seen["prompt_id"]) == (
+                200, "completed", body["prompt_id"])
+    ran = await three.ledger()
+    assert sorted(ran[body["prompt_id"]] for body in done.values()) == [1] * len(ids)
+    where = await three.ran_on()
+    assert {where[body["prompt_id"]] for body in done.values()} == {"gpu-c"}
+    # Claimed by C, each keeps its place in the nodes' one listing: newest first.
+    status, body = await three.get(b, "/jobs/?limit=100")
+    assert status == 200, body
+    assert [job["job_id"] for job in body["jobs"] if job["job_id"] in done] == ids[::-1]
+
+    # Every GPU drained: jobs wait in the one line, whoever took them. A higher
+    # priority taken later by B goes before an older one A took; the oldest of equal
+    # priority first. One GPU of C opens: it takes them in that order.
+    await three.drain(c)
+    await three.put_auto(a, "low-a", workflows.quick(), priority=0)
+    await three.put_auto(a, "low-a2", workflows.quick(), priority=0)
+    await three.put_auto(b, "high-b", workflows.quick(), priority=5)
+    for job_id in ("low-a", "low-a2", "high-b"):
+        status, body = await three.get(c, f"/jobstatus/{job_id}/")
+        assert (status, body["state"], body["gpu_id"]) == (200, "queued", None), body
+    # A stream of low-a on A, and a wait for it there: once C takes it, A ends the
+    # stream (a client that reconnects is passed C's) and answers the wait with the
+    # job as C has it.
+    stream = await three.session.get(f"{a.url}/events/", params={"job_id": "low-a"})
+    assert stream.status == 200
+    waited = asyncio.create_task(three.get(a, "/jobstatus/low-a/?wait=20"))
+    status, body = await three.post(c, "/gpus/0/undrain")
+    assert status == 200, body
+    async with asyncio.timeout(10):
+        while await stream.content.readline():
+            pass
+    stream.release()
+    status, body = await waited
+    assert (status, body["node"]) == (200, "gpu-c"), body
+    done = await finished(three, a, ["low-a", "low-a2", "high-b"])
+    order = sorted(done, key=lambda job_id: done[job_id]["started_at"])
+    assert order == ["high-b", "low-a", "low-a2"]
+    assert {body["node"] for body in done.values()} == {"gpu-c"}
+    ran = await three.ledger()
+    assert all(ran[body["prompt_id"]] == 1 for body in done.values())
+
+
+@pytest.mark.slow
+async def test_a_killed_nodes_held_jobs_run_elsewhere_and_never_twice(three):
+    a, b, c = three.a, three.b, three.c
+    for node in three.all:
+        await three.drain(node)
+    ids = [f"orphan-{n}" for n in range(4)]
+    for job_id in ids:
+        await three.put_auto(a, job_id, workflows.quick())
+    # A cancel through another node reaches a held job where it waits.
+    await three.put_auto(a, "unwanted", workflows.quick())
+    status, body = await three.post(b, "/canceljob/unwanted/")
+    assert status in (200, 202), body
+    await three.until_state(a, "unwanted", "cancelled", timeout=5)
+
+    # A dies with its jobs held: they never depended on it, and B's GPUs take them.
+    assert a.proc.stop(signal.SIGKILL) == -signal.SIGKILL
+    await three.drain(b, drained=False)
+    done = await finished(three, c, ids)
+    assert {body["node"] for body in done.values()} == {"gpu-b"}
+
+    # A comes back: it holds none of them any more, runs none again, and answers
+    # for them as B wrote them.
+    await three.start(a)
+    await three.drain(a, drained=False)
+    for job_id, body in done.items():
+        status, seen = await three.get(a, f"/jobstatus/{job_id}/")
+        assert (status, seen["node"], seen["state"], seen["prompt_id"]) == (
+            200, "gpu-b", "completed", body["prompt_id"])
+    status, body = await three.get(a, "/jobstatus/unwanted/")
+    assert (status, body["state"]) == (200, "cancelled")
+    # A new job through the restarted A runs once, wherever a GPU has room.
+    await three.put_auto(a, "after", workflows.quick())
+    (after,) = (await finished(three, b, ["after"])).values()
+    ran = await three.ledger()
+    prompts = [body["prompt_id"] for body in (*done.values(), after)]
+    assert [ran[p] for p in prompts] == [1] * len(prompts)
+    assert sum(ran.values()) == len(prompts)  # the cancelled job never ran
+
+
+@pytest.mark.slow
+async def test_the_same_id_through_two_nodes_at_once_runs_once(three):
+    """Ids are unique across nodes: the same PUT sent to every node at the same moment
+    is one job (the others answer as repeats of it, or 409 when they lost the race)."""
+    a, b, c = three.a, three.b, three.c
+    workflow = workflows.quick()
+
+    async def put(node: Node) -> tuple[int, dict]:
+        async with three.session.put(f"{node.url}/startjob/once/", json=workflow,
+                                     params={"GpuId": "0"}) as resp:
+            return resp.status, await resp.json()
+
+    answers = await asyncio.gather(*(put(node) for node in (a, b, c)))
+    assert sum(status == 202 for status, _ in answers) == 1, answers
+    assert all(status in (200, 202, 409) for status, _ in answers), answers
+    body = await three.until_state(a, "once", "completed")
+    ran = await three.ledger()
+    assert ran[body["prompt_id"]] == 1 and sum(ran.values()) == 1
+    await wait_until(lambda: _all_answer(three, body["prompt_id"]), 5,
+                     "every node to answer for the one job")
+
+
+async def _all_answer(three: ThreeNodes, prompt_id: str) -> bool:
+    for node in three.all:
+        status, body = await three.get(node, "/jobstatus/once/")
+        if status != 200 or body["prompt_id"] != prompt_id:
+            return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("three", [RetryingNode], indirect=True)
+async def test_a_killed_nodes_running_job_runs_again_elsewhere(three):
+    """With CYLINDRIA_RETRY_LOST, a job running on a node that died goes back in the
+    shared line as its next attempt, and another node's GPU runs it."""
+    a, b, c = three.a, three.b, three.c
+    await three.drain(b)
+    await three.drain(c)
+    await three.put_auto(a, "survivor", workflows.txt2img(steps=SLOW_STEPS))
+    first = await three.until_state(a, "survivor", "running")
+    assert a.proc.stop(signal.SIGKILL) == -signal.SIGKILL
+    await three.drain(c, drained=False)
+    done = await three.until_state(b, "survivor", "completed", timeout=30)
+    assert (done["node"], done["attempt"]) == ("gpu-c", 2), done
+    assert done["prompt_id"] != first["prompt_id"]
+    lost = done["attempts"][0]
+    assert (lost["prompt_id"], lost["state"], lost["error"]["type"]) == (
+        first["prompt_id"], "failed", "lost")
+    assert "Node gpu-a stopped answering" in lost["error"]["message"]
+    ran = await three.ledger()
+    assert ran[done["prompt_id"]] == 1
+    assert "put back in the shared line to run again" in (b.proc.output()
+                                                          + c.proc.output())

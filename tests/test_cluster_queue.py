@@ -7,15 +7,18 @@ simulated GPUs' ledgers say what ran)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from collections import Counter
 from pathlib import Path
 
 import aiohttp
+import psycopg
 import pytest
 from test_cluster_nodes import CYLINDRIA, GPUS, HEARTBEAT, SLOW_STEPS, STEP_SECONDS, Cluster, Node
 
 from cylindria.addresses import free_port_run
+from cylindria.store.postgres import node_lock
 
 import workflows
 from helpers import Proc, clean_env, wait_until
@@ -26,12 +29,20 @@ NODES = ("gpu-a", "gpu-b", "gpu-c")
 class RetryingNode(Node):
     """A node that settles dead nodes' jobs soon, and runs lost jobs once again."""
 
+    retry_lost = "1"
+
     def start(self) -> None:
         self.starts += 1
         self.proc = Proc(self.args(), clean_env(
             CYLINDRIA_HEARTBEAT_INTERVAL=str(HEARTBEAT), CYLINDRIA_POLL_INTERVAL="0.2",
             CYLINDRIA_LOST_GRACE="0.5", CYLINDRIA_NODE_GRACE="1",
-            CYLINDRIA_RETRY_LOST="1"), self.tmp / f"{self.name}-{self.starts}.log")
+            CYLINDRIA_RETRY_LOST=self.retry_lost), self.tmp / f"{self.name}-{self.starts}.log")
+
+
+class RescuingNode(RetryingNode):
+    """A node that settles dead nodes' jobs soon, as lost."""
+
+    retry_lost = "0"
 
 
 class ThreeNodes(Cluster):
@@ -268,3 +279,39 @@ async def test_a_killed_nodes_running_job_runs_again_elsewhere(three):
     assert ran[done["prompt_id"]] == 1
     assert "put back in the shared line to run again" in (b.proc.output()
                                                           + c.proc.output())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("three", [RescuingNode], indirect=True)
+async def test_a_node_back_late_cannot_write_over_what_was_settled(three, database_url):
+    """A node frozen (SIGSTOP) with its database session gone looks dead: its running
+    job is settled as lost. When it wakes, its job runs to its end on its ComfyUI, and
+    its writes of it change nothing: the node lets the job go and answers it as
+    settled."""
+    a = three.a
+    await three.put(a, "late", workflows.txt2img(steps=SLOW_STEPS), gpu=0)
+    running = await three.until_state(a, "late", "running")
+    assert running.get("node") is None  # A's own
+    os.kill(a.proc.popen.pid, signal.SIGSTOP)
+    try:
+        # Its session holding its lock ends, as when the server gives up on a host.
+        class_id, object_id = node_lock("gpu-a")
+        with psycopg.connect(database_url, autocommit=True) as admin:
+            ended = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND classid = %s AND objid = %s", (class_id, object_id & 0xFFFFFFFF)
+            ).fetchall()
+        assert ended == [(True,)]
+        lost = await three.until_state(three.b, "late", "failed", timeout=15)
+        assert (lost["node"], lost["error"]["type"]) == ("gpu-a", "lost")
+    finally:
+        os.kill(a.proc.popen.pid, signal.SIGCONT)
+    # A wakes, hears its job finish on its ComfyUI, and writes it: fenced, let go.
+    seen = await three.until_state(a, "late", "failed", timeout=20)
+    assert seen["error"]["type"] == "lost"
+    ran = await three.ledger()
+    assert ran[running["prompt_id"]] == 1
+    with psycopg.connect(database_url) as conn:
+        (state,) = conn.execute("SELECT state FROM jobs WHERE job_id = 'late'").fetchone()
+    assert state == "failed"
+    assert "so this node lets it go" in a.proc.output()

@@ -218,7 +218,8 @@ class Holding:
         """This node's jobs whose rows another node took (a held job it claimed, or an
         id it wrote first): forgotten here; that node answers for them."""
         for job in jobs:
-            log.info("job %s: taken by another node, which runs it and answers for it",
+            log.info("job %s: its row is no longer this node's (another node took it, or "
+                     "settled it while this node was away), so this node lets it go",
                      job.job_id)
             self.registry.let_go(job)
 

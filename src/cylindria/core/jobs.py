@@ -76,7 +76,8 @@ class JobsService(Holding, Recovery, Carrying):
         forecast unless `foresee` is False (a queued job's forecast walks its GPU's
         line, which is wasted on a job about to change)."""
         job = self.registry.get(job_id)
-        if job is None and self.registry.evicted_through:
+        # With nodes sharing a database, memory also lets go of jobs it was overruled on.
+        if job is None and (self.registry.evicted_through or self.store.clustered):
             job = await self.store.fetch(job_id)
         return None if job is None else self.foresee(job) if foresee else job
 
@@ -152,7 +153,12 @@ class JobsService(Holding, Recovery, Carrying):
     async def _place(self, job_id: str, gpu_choice: str | None, workflow: Workflow,
                      callback: str | None, priority: int,
                      inputs: list[dict[str, Any]]) -> Outcome:
-        existing = await self.lookup(job_id)
+        try:
+            existing = await self.lookup(job_id)
+        except StateUnavailable:
+            # Nodes sharing a database that cannot be read: the write of the new job
+            # says why it cannot be kept (with its own sentence).
+            existing = self.registry.get(job_id)
         if existing is not None and existing.state is not JobState.REJECTED:
             if existing.held:
                 return repeat_of(existing, workflow.fingerprint)

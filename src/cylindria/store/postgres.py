@@ -129,7 +129,7 @@ WITH upserted AS (
     ON CONFLICT (job_id) DO UPDATE SET seq = excluded.seq, state = excluded.state,
         gpu_id = excluded.gpu_id, finished_at = excluded.finished_at,
         record = excluded.record, queue_key = excluded.queue_key, models = excluded.models
-    WHERE jobs.node = excluded.node
+    WHERE jobs.node = excluded.node AND NOT jobs.fenced
     RETURNING job_id, queue_key),
 written AS (
     INSERT INTO workflows (node, job_id, workflow)

@@ -10,8 +10,9 @@ window, the first whose models the GPU holds, else the first), and its row becom
 the claimer's (node, a number of its own, the GPU), its workflow with it.
 
 Job ids are unique across nodes (a unique index), and every write of a job is fenced
-by its node: a node's write of a job that another node has taken changes nothing, and
-the journal tells the node, which lets the job go. A notification on one channel tells
+by its node: a node's write of a job that another node has taken, or that the rescuer
+settled while the node seemed dead, changes nothing, and the journal tells the node,
+which lets the job go. A notification on one channel tells
 the nodes that a job was put in line (any may take it) or that one was taken (its old
 node lets it go); polling covers every lost notification."""
 
@@ -37,6 +38,9 @@ MIGRATION = (
     "CREATE UNIQUE INDEX jobs_unique_job_id ON jobs (job_id)",
     "DROP INDEX jobs_by_job_id",
     "ALTER TABLE jobs ADD COLUMN queue_key double precision, ADD COLUMN models text",
+    # Set on a row the rescuer settled for a dead node: that node's writes of it change
+    # nothing from then on (it may only be late, not dead), until it starts again.
+    "ALTER TABLE jobs ADD COLUMN fenced boolean NOT NULL DEFAULT false",
     "UPDATE jobs SET queue_key = seq WHERE state = 'queued' AND gpu_id IS NULL",
     # The line: only held jobs no GPU was given have a key here.
     "CREATE INDEX jobs_queue ON jobs (queue_key) "
@@ -63,7 +67,7 @@ WITH head AS (
     UPDATE workflows w SET node = %(me)s FROM pick
     WHERE w.node = pick.node AND w.job_id = pick.job_id AND pick.node <> %(me)s
 )
-UPDATE jobs j SET node = %(me)s, gpu_id = %(gpu)s,
+UPDATE jobs j SET node = %(me)s, gpu_id = %(gpu)s, fenced = false,
     seq = CASE WHEN j.node = %(me)s THEN j.seq ELSE %(seq)s END
 FROM pick WHERE j.node = pick.node AND j.job_id = pick.job_id
 RETURNING pick.node, j.record,
@@ -79,6 +83,9 @@ STILL_MINE = "SELECT job_id FROM jobs WHERE node = %s AND job_id = ANY(%s)"
 BACK_IN_LINE = ("UPDATE jobs SET gpu_id = NULL WHERE node = %s AND job_id = ANY(%s) "
                 "AND queue_key IS NOT NULL AND gpu_id IS NOT NULL")
 NOTIFY = "SELECT pg_notify(%s, %s)"
+# At start-up, what the rescuer settled while this node was away is what it loads: its
+# writes count again.
+UNFENCE = "UPDATE jobs SET fenced = false WHERE node = %s AND fenced"
 
 
 def queue_key(record: dict[str, Any], state: str, gpu_id: int | None,
@@ -136,8 +143,11 @@ def gone(db: PostgresDatabase, job_ids: list[str]) -> list[str]:
 
 
 def back_in_line(conn: psycopg.Connection[Any], node: str, held: list[str]) -> None:
+    """At start-up: the node's claimed jobs not yet written as sent go back in line,
+    and the rows the rescuer settled while it was away are its own to write again."""
     if held:
         conn.execute(BACK_IN_LINE, (node, held))
+    conn.execute(UNFENCE, (node,))
 
 
 def announce(conn: psycopg.Connection[Any]) -> None:

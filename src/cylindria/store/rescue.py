@@ -50,10 +50,11 @@ ITS_JOBS = ("SELECT record FROM jobs WHERE node = %s AND state = ANY(%s) "
             "AND queue_key IS NULL")
 # Each row rewritten only where its record is still the one read.
 # A job run again (CYLINDRIA_RETRY_LOST) goes back in the nodes' one line: no GPU, a
-# key in the line.
+# key in the line. Every row settled is fenced: the node, if it was only late, cannot
+# write over it (until it starts again, and loads it as settled).
 SETTLE = """
 UPDATE jobs j SET state = u.state, gpu_id = u.gpu_id, finished_at = u.finished_at,
-    record = u.record, queue_key = u.queue_key, models = u.models
+    record = u.record, queue_key = u.queue_key, models = u.models, fenced = true
 FROM unnest(%s::text[], %s::text[], %s::text[], %s::integer[], %s::double precision[],
             %s::text[], %s::double precision[], %s::text[])
      AS u(job_id, old, state, gpu_id, finished_at, record, queue_key, models)

@@ -155,18 +155,19 @@ async def status_rate(work: Path, url: str, seconds: float) -> dict[str, Any]:
 
 async def main_async(args: argparse.Namespace, url_for: Any, work: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for label, count, url in (("one node, state file", 1, None),
-                              ("one node, PostgreSQL", 1, url_for()),
-                              ("three nodes, PostgreSQL", 3, url_for())):
-        out[f"jobs/s: {label}"] = await throughput(work / f"t-{label[:3]}{count}", count,
-                                                   url, args.jobs)
-    for label, count, url in (("one node, state file", 1, None),
-                              ("one node, PostgreSQL", 1, url_for()),
-                              ("three nodes, PostgreSQL", 3, url_for())):
-        out[f"GPU free -> next job: {label}"] = await next_job(
-            work / f"g-{label[:3]}{count}", count, url, args.jobs)
-    out["GET /jobstatus on gpu-a, wrk -c32"] = await status_rate(work / "s", url_for(),
-                                                                 args.seconds)
+    kinds = (("one node, state file", 1, False), ("one node, PostgreSQL", 1, True),
+             ("three nodes, PostgreSQL", 3, True))
+    if "jobs" in args.only:
+        for label, count, pg in kinds:
+            out[f"jobs/s: {label}"] = await throughput(
+                work / f"t-{label[:3]}{count}", count, url_for() if pg else None, args.jobs)
+    if "next" in args.only:
+        for label, count, pg in kinds:
+            out[f"GPU free -> next job: {label}"] = await next_job(
+                work / f"g-{label[:3]}{count}", count, url_for() if pg else None, args.jobs)
+    if "status" in args.only:
+        out["GET /jobstatus on gpu-a, wrk -c32"] = await status_rate(
+            work / "s", url_for(), args.seconds)
     return out
 
 
@@ -174,6 +175,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=600)
     parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--only", default="jobs,next,status",
+                        help="the rows to run, of jobs, next and status (comma-separated)")
     args = parser.parse_args()
     binaries = find_binaries()
     if binaries is None:

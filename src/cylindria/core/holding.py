@@ -197,12 +197,12 @@ class Holding:
                         return started
                     if claimed is None:
                         return started
-                    node, job = self._claimed(*claimed)
+                    node, job = self._claimed(claimed[0], claimed[1])
                     reason = ("its models are loaded there" if models and job.models
                               and set(job.models) & set(models) else "first in line")
                     if node != self.store.node_name:
                         reason += f", from node {node}'s place in the shared line"
-                    self._start_on(job, gpu, reason, fresh, started)
+                    self._start_on(job, gpu, reason, fresh, started, claimed[2])
         return started
 
     def _claimed(self, node: str, job: Job) -> tuple[str, Job]:
@@ -260,11 +260,11 @@ class Holding:
         return started
 
     def _start_on(self, job: Job, gpu: GpuPort, reason: str, fresh: dict[str, Workflow],
-                  started: dict[str, asyncio.Task[Any]]) -> None:
+                  started: dict[str, asyncio.Task[Any]], stored: bytes | None = None) -> None:
         self.registry.dispatch(job, gpu.index, reason)
         self.models.used(gpu.index, job.models or ())
         task = asyncio.get_running_loop().create_task(
-            self._send(job, gpu, fresh.get(job.job_id)), name=f"send-{job.job_id}")
+            self._send(job, gpu, fresh.get(job.job_id), stored), name=f"send-{job.job_id}")
         self._background.add(task)
         task.add_done_callback(self._sent)
         started[job.job_id] = task
@@ -277,7 +277,11 @@ class Holding:
             if not isinstance(exc, ApiError):
                 log.error("dispatch failed unexpectedly", exc_info=exc)
 
-    async def _send(self, job: Job, gpu: GpuPort, workflow: Workflow | None) -> Any:
+    async def _send(self, job: Job, gpu: GpuPort, workflow: Workflow | None,
+                    stored: bytes | None = None) -> Any:
+        if workflow is None and stored is not None:
+            # Claimed from the nodes' line with its workflow: read it, no second trip.
+            workflow = await self.reader.read(stored)
         if workflow is None:
             # Another request may have put it in line a moment ago: its workflow is
             # written with it, so wait for that first.

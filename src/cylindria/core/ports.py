@@ -117,7 +117,7 @@ class Store(Protocol):
         """This node's name among nodes sharing the database ("" without nodes)."""
 
     async def claim(self, gpu: int, models: Iterable[str], window: int,
-                    seq: int) -> tuple[str, Job] | None:
+                    seq: int) -> tuple[str, Job, bytes | None] | None:
         """The first job of the nodes' shared line for this node's GPU `gpu`, now this
         node's, with the node that held it (its number here is `seq` if it comes from
         another); None when the line is empty."""

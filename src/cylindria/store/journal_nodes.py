@@ -100,7 +100,7 @@ class NodesJournal:
             self._database.aging = seconds  # type: ignore[attr-defined]
 
     async def claim(self, gpu: int, models: Iterable[str], window: int,
-                    seq: int) -> tuple[str, Job] | None:
+                    seq: int) -> tuple[str, Job, bytes | None] | None:
         """The first job of the shared line for this node's GPU `gpu`, now this node's,
         with the node that held it (see queue.claim); StateUnavailable when the database
         fails."""

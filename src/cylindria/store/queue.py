@@ -51,7 +51,8 @@ MIGRATION = (
 SHARED_IDS = ("SELECT job_id, string_agg(node, ', ' ORDER BY node) FROM jobs "
               "GROUP BY job_id HAVING COUNT(*) > 1 ORDER BY job_id LIMIT 5")
 # The claim, one statement: the head of the line locked, skipping rows other claimers
-# hold; one picked; its workflow and row moved to the claimer.
+# hold; one picked; its workflow and row moved to the claimer, the workflow returned
+# with the record (as the statement found it), so sending it takes no second read.
 CLAIM = """
 WITH head AS (
     SELECT node, job_id, queue_key, models FROM jobs
@@ -71,7 +72,8 @@ UPDATE jobs j SET node = %(me)s, gpu_id = %(gpu)s, fenced = false,
     seq = CASE WHEN j.node = %(me)s THEN j.seq ELSE %(seq)s END
 FROM pick WHERE j.node = pick.node AND j.job_id = pick.job_id
 RETURNING pick.node, j.record,
-    CASE WHEN pick.node <> %(me)s THEN pg_notify(%(channel)s, pick.node) END
+    CASE WHEN pick.node <> %(me)s THEN pg_notify(%(channel)s, pick.node) END,
+    (SELECT w.workflow FROM workflows w WHERE w.node = pick.node AND w.job_id = pick.job_id)
 """
 # A node's own held job taken out of the line (it is being cancelled), if still there.
 TAKE_BACK = ("UPDATE jobs SET queue_key = NULL WHERE node = %s AND job_id = %s "
@@ -114,10 +116,10 @@ def check_ids(conn: psycopg.Connection[Any], name: str) -> str | None:
 
 
 def claim(db: PostgresDatabase, gpu: int, models: Iterable[str], window: int,
-          seq: int) -> tuple[str, Job] | None:
+          seq: int) -> tuple[str, Job, bytes | None] | None:
     """The first job of the line for this node's GPU `gpu`, now this node's, with the
-    node that held it; None when the line is empty (or every head row is being taken).
-    `seq`: its number here if it comes from another node."""
+    node that held it and its workflow; None when the line is empty (or every head row
+    is being taken). `seq`: its number here if it comes from another node."""
     args = {"window": max(1, window), "models": sorted(models), "me": db.node.name,
             "gpu": gpu, "seq": seq, "channel": CHANNEL}
     row = db._run(lambda conn: conn.execute(CLAIM, args).fetchone())
@@ -126,7 +128,7 @@ def claim(db: PostgresDatabase, gpu: int, models: Iterable[str], window: int,
     job = decode_job(row[1])
     if row[0] != db.node.name:
         job.seq = seq
-    return row[0], job
+    return row[0], job, None if row[3] is None else bytes(row[3])
 
 
 def take_back(db: PostgresDatabase, job_id: str) -> bool:

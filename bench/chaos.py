@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -119,11 +120,12 @@ class Service:
         self.proc.log.close()
 
 
-async def submit_all(session: aiohttp.ClientSession, service: Service,
+async def submit_all(session: aiohttp.ClientSession, url: Callable[[], str],
                      jobs: list[tuple[str, str, dict[str, Any]]],
                      outcome: dict[str, int]) -> None:
-    """PUT every job (GpuId=auto), IN_FLIGHT at a time; a PUT that gets no answer, or a
-    5xx, is sent again (the same job id: never submitted twice)."""
+    """PUT every job (GpuId=auto), IN_FLIGHT at a time, each try to the service `url()`
+    names then; a PUT that gets no answer, or a 5xx, is sent again (the same job id:
+    never submitted twice)."""
     queue: asyncio.Queue[tuple[str, str, dict[str, Any]]] = asyncio.Queue()
     for job in jobs:
         queue.put_nowait(job)
@@ -134,7 +136,7 @@ async def submit_all(session: aiohttp.ClientSession, service: Service,
             body = ujson.dumps(workflow)
             for _ in range(200):
                 try:
-                    async with session.put(f"{service.url}/startjob/{job_id}/",
+                    async with session.put(f"{url()}/startjob/{job_id}/",
                                            params={"GpuId": "auto"}, data=body,
                                            timeout=aiohttp.ClientTimeout(total=20)) as resp:
                         await resp.read()
@@ -148,6 +150,49 @@ async def submit_all(session: aiohttp.ClientSession, service: Service,
     await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
 
 
+class Noise:
+    """The faults that never stop: each GPU's websocket dropped every 4 to 6 s, and
+    `/prompt` or `/queue` of one GPU hung for 2 to 4 s every 5 to 9 s."""
+
+    def __init__(self, session: aiohttp.ClientSession, sim_port: int, gpus: int,
+                 rng: random.Random, did: Counter[str]) -> None:
+        self.session, self.sim_port, self.gpus = session, sim_port, gpus
+        self.rng, self.did = rng, did
+        self.next_drop = {gpu: time.monotonic() + rng.uniform(0, 1) for gpu in range(gpus)}
+        self.next_hang = time.monotonic() + 1
+
+    async def sim(self, gpu: int, action: str, body: dict[str, Any] | None = None) -> None:
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with self.session.post(
+                    f"http://127.0.0.1:{self.sim_port + gpu}/_sim/{action}", json=body or {},
+                    timeout=aiohttp.ClientTimeout(total=10)) as resp:
+                await resp.read()
+
+    async def restart_all(self) -> None:
+        await asyncio.gather(*(self.sim(gpu, "restart") for gpu in range(self.gpus)))
+
+    async def tick(self) -> None:
+        """Make the drops and hangs that are due."""
+        now = time.monotonic()
+        for gpu, due in self.next_drop.items():
+            if now >= due:
+                await self.sim(gpu, "drop_sockets")
+                self.did["websocket drops"] += 1
+                self.next_drop[gpu] = now + self.rng.uniform(4, 6)
+        if now >= self.next_hang:
+            gpu, path = self.rng.randrange(self.gpus), self.rng.choice(["/prompt", "/queue"])
+            await self.sim(gpu, "hang", {"count": 3, "path": path})
+            self.did[f"{path} hangs"] += 1
+            asyncio.get_running_loop().call_later(
+                self.rng.uniform(2, 4),
+                lambda g=gpu: asyncio.ensure_future(self.sim(g, "release")))
+            self.next_hang = now + self.rng.uniform(5, 9)
+
+    async def release_all(self) -> None:
+        for gpu in range(self.gpus):
+            await self.sim(gpu, "release")
+
+
 async def chaos(session: aiohttp.ClientSession, service: Service, sim_port: int,
                 jobs: int, comfy_restarts: int, kills: int, done: asyncio.Event,
                 progress: dict[str, int], rng: random.Random) -> Counter[str]:
@@ -159,15 +204,7 @@ async def chaos(session: aiohttp.ClientSession, service: Service, sim_port: int,
     for n in range(max(comfy_restarts, kills)):
         order += ["restart"] * (n < comfy_restarts) + ["kill"] * (n < kills)
     faults_at = [(jobs * (n + 1) // (len(order) + 1), kind) for n, kind in enumerate(order)]
-    next_drop = {gpu: time.monotonic() + rng.uniform(0, 1) for gpu in range(GPUS)}
-    next_hang = time.monotonic() + 1
-
-    async def sim(gpu: int, action: str, body: dict[str, Any] | None = None) -> None:
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            async with session.post(f"http://127.0.0.1:{sim_port + gpu}/_sim/{action}",
-                                    json=body or {},
-                                    timeout=aiohttp.ClientTimeout(total=10)) as resp:
-                await resp.read()
+    noise = Noise(session, sim_port, GPUS, rng, did)
 
     # Until every job is submitted and every planned restart and kill was made (or the
     # work stopped moving: what is left is then judged as it stands).
@@ -179,22 +216,11 @@ async def chaos(session: aiohttp.ClientSession, service: Service, sim_port: int,
             if now > give_up:
                 did["faults not made (the work stopped)"] += len(faults_at)
                 break
-        for gpu, due in next_drop.items():
-            if now >= due:
-                await sim(gpu, "drop_sockets")
-                did["websocket drops"] += 1
-                next_drop[gpu] = now + rng.uniform(4, 6)
-        if now >= next_hang:
-            gpu, path = rng.randrange(GPUS), rng.choice(["/prompt", "/queue"])
-            await sim(gpu, "hang", {"count": 3, "path": path})
-            did[f"{path} hangs"] += 1
-            asyncio.get_running_loop().call_later(
-                rng.uniform(2, 4), lambda g=gpu: asyncio.ensure_future(sim(g, "release")))
-            next_hang = now + rng.uniform(5, 9)
+        await noise.tick()
         if faults_at and progress["finished"] >= faults_at[0][0]:
             _, kind = faults_at.pop(0)
             if kind == "restart":
-                await asyncio.gather(*(sim(gpu, "restart") for gpu in range(GPUS)))
+                await noise.restart_all()
                 did["ComfyUI restarts (all GPUs)"] += 1
             else:
                 service.kill()
@@ -202,8 +228,7 @@ async def chaos(session: aiohttp.ClientSession, service: Service, sim_port: int,
                 await asyncio.sleep(0.5)
                 await service.start(session)
         await asyncio.sleep(0.1)
-    for gpu in range(GPUS):
-        await sim(gpu, "release")
+    await noise.release_all()
     return did
 
 
@@ -332,7 +357,7 @@ async def run(count: int, retry_lost: int, comfy_restarts: int, kills: int,
             counter = asyncio.create_task(count_finished())
             faults = asyncio.create_task(chaos(session, service, sim_port, count,
                                                comfy_restarts, kills, done, progress, rng))
-            await submit_all(session, service, jobs, outcome)
+            await submit_all(session, lambda: service.url, jobs, outcome)
             done.set()
             did = await faults
             counter.cancel()

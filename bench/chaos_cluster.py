@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import random
 import signal
 import sys
@@ -34,7 +35,7 @@ from typing import Any
 
 import aiohttp
 import ujson
-from chaos import WAIT_AFTER, all_jobs, finished_jobs, judge, plan
+from chaos import WAIT_AFTER, Noise, all_jobs, finished_jobs, judge, plan, submit_all
 from procs import PYTHON, Process, until_up
 
 from cylindria.addresses import free_port_run
@@ -45,7 +46,6 @@ from pg import PostgresServer, find_binaries  # the tests' own server
 NODES = ("gpu-a", "gpu-b", "gpu-c")
 GPUS = 4  # per node
 STEP = 0.005
-IN_FLIGHT = 32
 HEARTBEAT = 0.5
 GRACE = 3.0
 
@@ -89,59 +89,15 @@ class Node:
         self.proc.log.close()
 
 
-async def submit_all(session: aiohttp.ClientSession, nodes: list[Node],
-                     jobs: list[tuple[str, str, dict[str, Any]]],
-                     outcome: dict[str, int]) -> None:
-    """PUT every job (GpuId=auto), IN_FLIGHT at a time, each to the next live node; a
-    PUT that gets no answer, or a 5xx, goes again to the next one."""
-    queue: asyncio.Queue[tuple[str, str, dict[str, Any]]] = asyncio.Queue()
-    for job in jobs:
-        queue.put_nowait(job)
-    turn = 0
-
-    async def worker() -> None:
-        nonlocal turn
-        while not queue.empty():
-            job_id, _, workflow = queue.get_nowait()
-            body = ujson.dumps(workflow)
-            for _ in range(200):
-                live = [node for node in nodes if node.alive] or nodes
-                node = live[turn % len(live)]
-                turn += 1
-                try:
-                    async with session.put(f"{node.url}/startjob/{job_id}/",
-                                           params={"GpuId": "auto"}, data=body,
-                                           timeout=aiohttp.ClientTimeout(total=20)) as resp:
-                        await resp.read()
-                        if resp.status < 500:
-                            outcome[job_id] = resp.status
-                            break
-                except (aiohttp.ClientError, TimeoutError):
-                    pass
-                await asyncio.sleep(0.2)
-
-    await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
-
-
 async def chaos(session: aiohttp.ClientSession, nodes: list[Node], sim_port: int,
                 jobs: int, comfy_restarts: int, done: asyncio.Event,
                 progress: dict[str, int], rng: random.Random) -> Counter[str]:
     """The faults, spread over the work done; returns what was done."""
     did: Counter[str] = Counter()
-    count = len(nodes) * GPUS
     order = ["restart"] * comfy_restarts + ["restart node", "kill node"]
     rng.shuffle(order)
     faults_at = [(jobs * (n + 1) // (len(order) + 1), kind) for n, kind in enumerate(order)]
-    next_drop = {gpu: time.monotonic() + rng.uniform(0, 1) for gpu in range(count)}
-    next_hang = time.monotonic() + 1
-
-    async def sim(gpu: int, action: str, body: dict[str, Any] | None = None) -> None:
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-            async with session.post(f"http://127.0.0.1:{sim_port + gpu}/_sim/{action}",
-                                    json=body or {},
-                                    timeout=aiohttp.ClientTimeout(total=10)) as resp:
-                await resp.read()
-
+    noise = Noise(session, sim_port, len(nodes) * GPUS, rng, did)
     give_up = None
     while not done.is_set() or faults_at:
         now = time.monotonic()
@@ -150,22 +106,11 @@ async def chaos(session: aiohttp.ClientSession, nodes: list[Node], sim_port: int
             if now > give_up:
                 did["faults not made (the work stopped)"] += len(faults_at)
                 break
-        for gpu, due in next_drop.items():
-            if now >= due:
-                await sim(gpu, "drop_sockets")
-                did["websocket drops"] += 1
-                next_drop[gpu] = now + rng.uniform(4, 6)
-        if now >= next_hang:
-            gpu, path = rng.randrange(count), rng.choice(["/prompt", "/queue"])
-            await sim(gpu, "hang", {"count": 3, "path": path})
-            did[f"{path} hangs"] += 1
-            asyncio.get_running_loop().call_later(
-                rng.uniform(2, 4), lambda g=gpu: asyncio.ensure_future(sim(g, "release")))
-            next_hang = now + rng.uniform(5, 9)
+        await noise.tick()
         if faults_at and progress["finished"] >= faults_at[0][0]:
             _, kind = faults_at.pop(0)
             if kind == "restart":
-                await asyncio.gather(*(sim(gpu, "restart") for gpu in range(count)))
+                await noise.restart_all()
                 did["ComfyUI restarts (all GPUs)"] += 1
             elif kind == "restart node":
                 nodes[1].kill()
@@ -176,8 +121,7 @@ async def chaos(session: aiohttp.ClientSession, nodes: list[Node], sim_port: int
                 nodes[2].kill()
                 did[f"SIGKILL of {nodes[2].name}, left dead"] += 1
         await asyncio.sleep(0.1)
-    for gpu in range(count):
-        await sim(gpu, "release")
+    await noise.release_all()
     return did
 
 
@@ -225,7 +169,15 @@ async def run(count: int, retry_lost: int, comfy_restarts: int, seed: int, work:
             counter = asyncio.create_task(count_finished(session, nodes, progress))
             faults = asyncio.create_task(chaos(session, nodes, sim_port, count,
                                                comfy_restarts, done, progress, rng))
-            await submit_all(session, nodes, jobs, outcome)
+            # Each PUT (and each one sent again) to the next live node, as a balancer's
+            # round robin does.
+            turn = itertools.count()
+
+            def next_node() -> str:
+                live = [node for node in nodes if node.alive] or nodes
+                return live[next(turn) % len(live)].url
+
+            await submit_all(session, next_node, jobs, outcome)
             done.set()
             did = await faults
             counter.cancel()

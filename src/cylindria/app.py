@@ -43,7 +43,18 @@ from .upstream.inputs import InputDelivery
 from .upstream.listeners import cancel_and_wait, dispatch_held, listen, poll, retry_owed
 from .upstream.peers import PeerClient
 from .upstream.webhooks import WebhookSender
-from .web import api, events, gpus, inputs, metrics, openapi, outputs, params, render
+from .web import (
+    api,
+    clusterevents,
+    events,
+    gpus,
+    inputs,
+    metrics,
+    openapi,
+    outputs,
+    params,
+    render,
+)
 from .web.auth import make_auth_middleware
 from .web.clients import TRUSTED_PROXIES, TrustedProxies
 from .web.eventhub import EventHub
@@ -67,7 +78,8 @@ def create_app(settings: Settings) -> web.Application:
     registry = Registry(memory_jobs=settings.memory_jobs)
     app[REGISTRY] = registry
     app[EVENTS] = EventHub(settings.event_buffer,
-                           functools.partial(render.status_bytes, router=app.router))
+                           functools.partial(render.status_bytes, router=app.router),
+                           clustered=settings.database_url is not None)
     registry.subscribe(app[EVENTS].publish)
     # A held job another node took (nodes sharing a database): its streams end here.
     registry.on_leave(app[EVENTS].end_job)
@@ -230,6 +242,8 @@ async def housekeep(registry: Registry, journal: Journal, store: InputStore,
     while True:
         cutoff = registry.retention_cutoff(settings.retention_days)
         pruned = await journal.prune(cutoff)
+        # With nodes sharing a database, their job events past the retention too.
+        await journal.prune_events(cutoff.timestamp())
         dropped = await store.prune(cutoff.timestamp())
         if dropped:
             log.info("dropped %d input file(s) no job has used for %g day(s)", dropped,
@@ -295,6 +309,9 @@ async def nodes_ctx(app: web.Application) -> AsyncIterator[None]:
 
     listener = journal.cancel_listener(wake.set, on_queue)
     listener.start()
+    # Every node's job events, read from the database into this node's streams.
+    reader = journal.events_reader(clusterevents.feeder(app))
+    reader.start()
     relay = asyncio.create_task(cancels.follow_cancels(
         jobs, app[CLUSTER].node.heartbeat_seconds, wake), name="cancel-relay")
     letting_go = asyncio.create_task(jobs.follow_taken(
@@ -304,4 +321,5 @@ async def nodes_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         await cancel_and_wait([task, relay, rescuing, letting_go])
         await listener.stop()
+        await reader.stop()
         await journal.leave()

@@ -152,3 +152,38 @@ class NodesJournal:
         return CancelListener(db._params, db.node.name, asyncio.get_running_loop(), wake,
                               on_queue)
 
+    # -- every node's job events (PostgreSQL; see events.py) -----------------------
+
+    def events_reader(self, deliver: Callable[[int, list[Any]], None]) -> Any:
+        """An EventsReader that hands every node's new job events to `deliver` (not
+        started); None without nodes."""
+        if not self._database.clustered:
+            return None
+        from .events import EventsReader
+        db: Any = self._database
+        return EventsReader(db._params, asyncio.get_running_loop(), deliver)
+
+    async def event_history(self, after: int, through: int, job_id: str | None,
+                            limit: int) -> tuple[int, list[tuple[int, str, Job]]]:
+        """The events in (after, through] (see events.history), on the journal's
+        thread; StateUnavailable when the database fails."""
+        from .events import history
+        return await self._read(lambda db: history(db, after, through,  # type: ignore[arg-type]
+                                                   job_id, limit))
+
+    async def prune_events(self, before: float) -> int:
+        """Delete the events older than `before` (a timestamp), a batch at a time, so
+        that commits go in between; none without nodes, or when the database fails."""
+        if not self._database.clustered:
+            return 0
+        from .events import PRUNE_BATCH, prune
+        total = 0
+        while True:
+            try:
+                count = await self._run(lambda db: prune(db, before))  # type: ignore[arg-type]
+            except self._database.errors as exc:
+                log.warning("%s: dropping old job events failed (%s)", self.label, exc)
+                return total
+            total += count
+            if count < PRUNE_BATCH:
+                return total

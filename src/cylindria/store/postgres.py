@@ -16,6 +16,7 @@ from ..nodes import GRACE_BEATS, NodeInfo
 from . import listing, queue
 from .backend import IN_FLIGHT_STATES, Loaded, Row, decode_job, decode_run_times, encode_record
 from .cancels import MIGRATION as CANCEL_REQUESTS
+from .events import MIGRATION as JOB_EVENTS
 from .pgconnect import connect, connection_params, display_name, unreachable, unusable
 from .shared_inputs import MIGRATION as INPUT_FILES
 
@@ -94,6 +95,8 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     (6, listing.MIGRATION),
     # Input files every node reads, in parts (see shared_inputs.py).
     (7, INPUT_FILES),
+    # Every lasting change of every node's jobs, for event streams (see events.py).
+    (8, JOB_EVENTS),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

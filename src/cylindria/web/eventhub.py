@@ -46,6 +46,9 @@ class Subscriber:
     dropped: bool = False
     # Another node's stream passed through (web/events.py): counted, never fed.
     relayed: bool = False
+    # The hub's last id when it subscribed: with nodes sharing a database, a resume
+    # reads up to it, and every later event comes through the queue.
+    since: int = 0
 
     async def get(self) -> Event | None:
         """The next event, or None once the stream is ended."""
@@ -61,7 +64,11 @@ class EventHub:
     changes for resume: a client that comes back gets, for every job that changed
     since its last event, the job's state now (one event per job, in order)."""
 
-    def __init__(self, buffer: int, render: Callable[[Job], bytes]) -> None:
+    def __init__(self, buffer: int, render: Callable[[Job], bytes],
+                 clustered: bool = False) -> None:
+        # With nodes sharing a database, ids are the database's (see feed) and a resume
+        # reads what was missed from there (web/clusterevents.py), not from memory.
+        self.clustered = clustered
         self._recent: deque[tuple[int, Job]] = deque(maxlen=buffer)
         self._subscribers: set[Subscriber] = set()
         self._next_id = 1
@@ -91,18 +98,38 @@ class EventHub:
         return self._next_id - 1
 
     def publish(self, job: Job) -> None:
+        if self.clustered:
+            # The database brings every lasting change, with its id (feed); a passing
+            # one of this node's job (progress, a place in line) goes out at once,
+            # without an id: a stream resumed anywhere does not miss it.
+            if job.version != job.lasting_version:
+                self._fan_out(0, job.job_id, lambda: self._render(job))
+            return
         event_id = self._next_id
         self._next_id += 1
         self._recent.append((event_id, job))
+        self._fan_out(event_id, job.job_id, lambda: self._render(job))
+
+    def feed(self, last: int, events: list[tuple[int, str, Callable[[], bytes]]]) -> None:
+        """With nodes sharing a database: the events the database holds up to `last`,
+        in id order, each (id, job id, its body when asked), fanned out with their
+        ids; `last` is the newest id a resume reads up to."""
+        for event_id, job_id, body in events:
+            self._fan_out(event_id, job_id, body)
+        self._next_id = max(self._next_id, last + 1)
+
+    def _fan_out(self, event_id: int, job_id: str, body: Callable[[], bytes]) -> None:
         event = None
         for sub in list(self._subscribers):
-            if sub.relayed or (sub.job_id is not None and sub.job_id != job.job_id):
+            if sub.relayed or (sub.job_id is not None and sub.job_id != job_id):
                 continue
+            if 0 < event_id <= sub.since:
+                continue  # replayed to it already, or had by its client from another node
             if not sub.alive():
                 self._end(sub)
                 continue
             if event is None:
-                event = (event_id, job.job_id, self._render(job))
+                event = (event_id, job_id, body())
             size = len(event[2])
             if sub.queue.full():
                 self.dropped += 1
@@ -134,11 +161,13 @@ class EventHub:
         """A new subscriber, what it missed (each job that changed since
         `last_event_id`, as it is now), and whether that is the whole gap: not when
         the gap is older than the buffer, nor when its bodies pass REPLAY_BYTES (the
-        replay is then empty, and the client should re-read the state)."""
-        sub = Subscriber(job_id, alive, address)
+        replay is then empty, and the client should re-read the state).
+        With nodes sharing a database, the replay is the caller's to read (see
+        web/clusterevents.py), up to `sub.since`."""
+        sub = Subscriber(job_id, alive, address, since=self.last_id)
         replay: list[Event] = []
         complete = True
-        if last_event_id is not None:
+        if last_event_id is not None and not self.clustered:
             oldest = self._recent[0][0] if self._recent else self._next_id
             # An id above the last one sent comes from before a restart: resync too.
             complete = oldest - 1 <= last_event_id <= self.last_id

@@ -1,5 +1,7 @@
 """`GET /events/`: live job changes as server-sent events, with resume; with nodes sharing
-a database, another node's job's events, passed through from that node."""
+a database, every node's jobs' lasting changes with the database's ids (resumed from
+the database, on any node), and a stream of another node's one job passed through from
+that node."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from ..core.ports import HeldElsewhere
 from ..errors import BackendError, TooManyStreams
 from ..jsonio import dumps
 from ..upstream.peers import FORWARDED, holder_url, read_answer
-from . import params, render
+from . import clusterevents, params, render
 from .clients import client_address
 from .eventhub import Event, Subscriber
 from .middlewares import answer_headers
@@ -39,6 +41,10 @@ STREAM_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cach
 
 
 def sse(event_id: int, data: bytes, event: str = "job") -> bytes:
+    if not event_id:
+        # With nodes sharing a database, a passing change (progress) has no id: the
+        # client's last id stays that of the last lasting change.
+        return f"event: {event}\ndata: ".encode() + data + b"\n\n"
     return f"id: {event_id}\nevent: {event}\ndata: ".encode() + data + b"\n\n"
 
 
@@ -76,14 +82,22 @@ async def get_events(request: web.Request) -> web.StreamResponse:
                                           alive=lambda: request.transport is not None,
                                           address=address)
     resp = web.StreamResponse(headers=STREAM_HEADERS)
+    through = sub.since
     try:
+        if hub.clustered and last_id is not None:
+            # Read from the database up to where the stream's own events begin; later
+            # events the client had (from another node) are skipped.
+            replay, complete = await clusterevents.history(request.app, job_id, last_id,
+                                                           through)
+            sub.since = max(through, last_id)
         answer_headers(request, resp)
         await resp.prepare(request)
         await resp.write(b"retry: 2000\n\n")
         if not complete:
             # The gap is older than the buffer, or too large to replay: tell the client
             # to re-read state.
-            await resp.write(sse(hub.last_id, RESYNC, event="resync"))
+            await resp.write(sse(through if hub.clustered else hub.last_id, RESYNC,
+                                 event="resync"))
         await write_replay(resp, replay)
         # A stream can live for hours: it must not keep the replayed bodies alive.
         replay.clear()

@@ -181,11 +181,14 @@ def schemas(shape: Shape) -> dict[str, Any]:
                 "properties": {"class_type": {"type": "string"},
                                "inputs": {"type": "object"}}}},
         "Event": {
-            "type": "object", "required": ["event", "data", "id"],
+            "type": "object", "required": ["event", "data"],
             "description": "One server-sent event.",
             "properties": {
                 "event": {"type": "string", "enum": ["job", "resync"]},
-                "id": {"type": "string", "pattern": f"^{NUMBER}$"},
+                "id": {"type": "string", "pattern": f"^{NUMBER}$",
+                       "description": "Increasing. With PostgreSQL, the database's, the "
+                                      "same on every node; a passing change (progress) "
+                                      "of the node's own job comes without one."},
                 "data": {"type": "string", "contentMediaType": JSON,
                          "description": "`job`: the job's status, as GET /jobstatus/ "
                                         "answers it; `resync`: what to do when events "
@@ -343,7 +346,9 @@ def paths(shape: Shape) -> dict[str, Any]:
             "A server-sent event stream of job changes.",
             {"200": {"description": "Events `job` (data: the job's status JSON) and "
                                     "`resync` (data: what to do), each with an "
-                                    "increasing id.",
+                                    "increasing id. With PostgreSQL, every node's jobs "
+                                    "(another node's with `node`), with ids every node "
+                                    "shares, so a stream resumes on any node.",
                      "content": {"text/event-stream": {"schema": ref("Event")}}},
              "400": answer("A bad job_id or Last-Event-ID."),
              "429": answer("Too many open streams (`too_many_streams`), in all or "

@@ -270,13 +270,16 @@ def passed_on(answers: dict[str, Any]) -> dict[str, Any]:
             for code, body in answers.items()}
 
 
-# GET /events/?job_id= of another node's job: that node's stream, passed through.
+# GET /events/ with PostgreSQL: ?job_id= of another node's job is that node's stream,
+# passed through; a resume reads the database.
 EVENTS_ELSEWHERE = {
     "409": answer("With PostgreSQL: several other nodes hold a job of that id "
                   "(`ambiguous_job_id`)."),
     "502": answer("With PostgreSQL: the node that holds the job cannot be reached "
                   "(`backend_unavailable`, `error.node` names it); said before the "
                   "stream starts."),
+    "503": answer("With PostgreSQL: a resume (Last-Event-ID) cannot read the database "
+                  "now (`state_unavailable`).", headers=RETRY_AFTER),
     "504": answer("With PostgreSQL: the node that holds the job did not answer in time.")}
 EVENTS_RESUME = [
     {"name": "last_event_id", "in": "query", "required": False,

@@ -314,6 +314,19 @@ def cluster_nodes(cluster: Cluster, own: list[dict[str, Any]],
     return nodes
 
 
+def event_body(job: Job, node: str, cluster: Cluster, now: float,
+               router: web.UrlDispatcher) -> bytes:
+    """An event of the nodes' database, as `/jobstatus/` shows the job through this
+    node: its status as the row was written when it is this node's, else as another
+    node's (`elsewhere_body`), that node's URL and liveness from its last heartbeat."""
+    if node == cluster.node.name:
+        return status_bytes(job, router)
+    seen = next((other for other in cluster.others if other.name == node), None)
+    held = HeldElsewhere(node, None if seen is None else seen.advertise_url,
+                         seen is not None and seen.alive(now), job)
+    return dumps(elsewhere_body(held, router)).encode()
+
+
 def jobs_page(jobs: list[Job], more: bool, router: web.UrlDispatcher) -> web.Response:
     """A page of `GET /jobs/`, joined from each job's serialized status, cut short
     (with a cursor) once it is PAGE_BYTES long."""

@@ -379,15 +379,26 @@ async def run(count: int, retry_lost: int, comfy_restarts: int, kills: int,
         if service.proc is not None:
             service.proc.stop()
         sim.stop()
+    return report(jobs, outcome, final, kinds, ledger, did, submitted, settled)
+
+
+def report(jobs: list[tuple[str, str, dict[str, Any]]], outcome: dict[str, int],
+           final: list[dict[str, Any]], kinds: dict[str, str],
+           ledger: dict[str, dict[str, Any]], did: Counter[str], submitted: float,
+           settled: float, **extra: Any) -> dict[str, Any]:
+    """The verdict table: what was sent, how it ended, and what went wrong (`extra`
+    rows go after `completed`)."""
     verdict = judge(final, kinds, ledger)
     counts = verdict["counts"]
+    listed = {j["job_id"] for j in final}
     missing = [job_id for job_id, _, _ in jobs
-               if outcome.get(job_id) in (200, 202) and job_id not in {j["job_id"] for j in final}]
+               if outcome.get(job_id) in (200, 202) and job_id not in listed]
     return {
-        "jobs sent": count,
+        "jobs sent": len(jobs),
         "accepted (200/202)": sum(1 for s in outcome.values() if s in (200, 202)),
         "refused at submission (4xx)": sum(1 for s in outcome.values() if s >= 400),
         "completed": counts["completed"],
+        **extra,
         "failed": counts["failed"],
         **{k: v for k, v in sorted(counts.items()) if k.startswith("failed: ")},
         "rejected": counts["rejected"],
@@ -408,6 +419,13 @@ async def run(count: int, retry_lost: int, comfy_restarts: int, kills: int,
     }
 
 
+def bad(result: dict[str, Any]) -> int:
+    """How many jobs the verdict holds against the service."""
+    return (result["stuck (not final 60 s after the end)"] + result["run twice"]
+            + result["wrong state"] + result["accepted but missing"]
+            + result["completed with outputs other than the GPU's"])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=10_000)
@@ -422,17 +440,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cylindria-chaos-") as tmp:
         result = asyncio.run(run(args.jobs, args.retry_lost, args.comfy_restarts, args.kills,
                                  args.seed, Path(tmp)))
-    bad = (result["stuck (not final 60 s after the end)"] + result["run twice"]
-           + result["wrong state"] + result["accepted but missing"]
-           + result["completed with outputs other than the GPU's"])
     if args.json:
         print(ujson.dumps(result))
-        return 1 if bad else 0
+        return 1 if bad(result) else 0
     print(f"cylindria chaos: {args.jobs} jobs, CYLINDRIA_RETRY_LOST={args.retry_lost}, "
           f"{args.comfy_restarts} ComfyUI restarts, {args.kills} SIGKILL(s), seed {args.seed}")
     for key, value in result.items():
         print(f"{key:45} {value}")
-    return 1 if bad else 0
+    return 1 if bad(result) else 0
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from typing import Any
 
 import aiohttp
 import ujson
-from chaos import WAIT_AFTER, Noise, all_jobs, finished_jobs, judge, plan, submit_all
+from chaos import WAIT_AFTER, Noise, all_jobs, bad, finished_jobs, plan, report, submit_all
 from procs import PYTHON, Process, until_up
 
 from cylindria.addresses import free_port_run
@@ -204,37 +204,10 @@ async def run(count: int, retry_lost: int, comfy_restarts: int, seed: int, work:
                 node.proc.stop()
         for sim in sims:
             sim.stop()
-    verdict = judge(final, kinds, ledger)
-    counts = verdict["counts"]
-    listed = {job["job_id"] for job in final}
-    missing = [job_id for job_id, _, _ in jobs
-               if outcome.get(job_id) in (200, 202) and job_id not in listed]
     ran_by = Counter(job.get("node", NODES[0]) for job in final
                      if job["state"] == "completed")
-    return {
-        "jobs sent": count,
-        "accepted (200/202)": sum(1 for s in outcome.values() if s in (200, 202)),
-        "refused at submission (4xx)": sum(1 for s in outcome.values() if s >= 400),
-        "completed": counts["completed"],
-        "completed, by node": dict(sorted(ran_by.items())),
-        "failed": counts["failed"],
-        **{k: v for k, v in sorted(counts.items()) if k.startswith("failed: ")},
-        "rejected": counts["rejected"],
-        "cancelled": counts["cancelled"],
-        "lost (failed, type lost)": counts["failed: lost"],
-        "jobs retried after a loss": counts["jobs retried after a loss"],
-        **{k: v for k, v in sorted(counts.items()) if k.startswith("lost attempts: ")},
-        "stuck (not final 60 s after the end)": counts["queued"] + counts["running"],
-        "run twice": len(verdict["twice"]),
-        "wrong state": len(verdict["wrong"]),
-        "completed with outputs other than the GPU's": len(verdict["outputs_differ"]),
-        "accepted but missing": len(missing),
-        "prompts run that no job names": verdict["unknown_runs"],
-        "faults": dict(did),
-        "wall time: submitting / until settled (s)": f"{submitted:.0f} / {settled:.0f}",
-        "examples": {"wrong": verdict["wrong"][:5], "twice": verdict["twice"][:5],
-                     "missing": missing[:5], "outputs": verdict["outputs_differ"][:5]},
-    }
+    return report(jobs, outcome, final, kinds, ledger, did, submitted, settled,
+                  **{"completed, by node": dict(sorted(ran_by.items()))})
 
 
 def main() -> int:
@@ -266,18 +239,15 @@ def main() -> int:
     finally:
         if server is not None:
             server.stop()
-    bad = (result["stuck (not final 60 s after the end)"] + result["run twice"]
-           + result["wrong state"] + result["accepted but missing"]
-           + result["completed with outputs other than the GPU's"])
     if args.json:
         print(ujson.dumps(result))
-        return 1 if bad else 0
+        return 1 if bad(result) else 0
     print(f"cylindria chaos, cluster of {len(NODES)} nodes x {GPUS} GPUs: {args.jobs} jobs, "
           f"CYLINDRIA_RETRY_LOST={args.retry_lost}, {args.comfy_restarts} ComfyUI "
           f"restart(s), seed {args.seed}")
     for key, value in result.items():
         print(f"{key:45} {value}")
-    return 1 if bad else 0
+    return 1 if bad(result) else 0
 
 
 if __name__ == "__main__":

@@ -118,9 +118,10 @@ def _error(code: str, message: str) -> dict[str, Any]:
 
 def answer_headers(request: web.Request, response: web.StreamResponse) -> None:
     """The headers every answer carries, set before it is prepared: by the error
-    middleware on every answer it passes, and by the handlers that prepare a streamed
-    answer themselves. (Not an `on_response_prepare` hook: a signal costs every answer
-    a coroutine and a dispatch, a tenth of a cheap one's time.)
+    middleware on every answer it passes (a `render.JsonAnswer` is made with them), and
+    by the handlers that prepare a streamed answer themselves. (Not an
+    `on_response_prepare` hook: a signal costs every answer a coroutine and a dispatch,
+    a tenth of a cheap one's time.)
 
     JSON answers (the API and its errors) describe state that changes and may carry
     what a key opened: never stored by browsers or proxies. Every answer says its

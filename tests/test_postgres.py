@@ -52,8 +52,8 @@ async def test_an_empty_database_gets_every_migration_once(database_url):
     install_id = loaded.install_id
     await first.close()
     assert tables(database_url) == {
-        "tables": ["cancel_requests", "input_files", "input_parts", "jobs", "meta", "nodes",
-                   "schema_migrations", "workflows"],
+        "tables": ["cancel_requests", "input_files", "input_parts", "job_events", "jobs",
+                   "meta", "nodes", "schema_migrations", "workflows"],
         "versions": [version for version, _ in MIGRATIONS]}
     again, loaded = await postgres_journal(database_url, registry)
     await again.close()

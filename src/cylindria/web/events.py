@@ -87,9 +87,9 @@ async def get_events(request: web.Request) -> web.StreamResponse:
         if hub.clustered and last_id is not None:
             # Read from the database up to where the stream's own events begin; later
             # events the client had (from another node) are skipped.
+            sub.since = max(through, last_id)
             replay, complete = await clusterevents.history(request.app, job_id, last_id,
                                                            through)
-            sub.since = max(through, last_id)
         answer_headers(request, resp)
         await resp.prepare(request)
         await resp.write(b"retry: 2000\n\n")

@@ -261,9 +261,9 @@ def test_the_policy_caps_each_address_but_not_a_proxy_and_all_together():
 def test_the_default_limits_follow_the_descriptor_limit():
     one, eight = Settings(), Settings(num_gpus=8)
     # 64 for the service's own files, 128 for a burst of accepts, 33 per GPU for ComfyUI.
-    assert connection_limits(one, 1024) == ConnectionLimits(799, 99, 1024)
-    assert connection_limits(eight, 1024) == ConnectionLimits(568, 71, 1024)
-    assert connection_limits(one, 256) == ConnectionLimits(31, 8, 256)
+    assert connection_limits(one, 1024) == ConnectionLimits(671, 83, 1024)
+    assert connection_limits(eight, 1024) == ConnectionLimits(440, 55, 1024)
+    assert connection_limits(one, 384) == ConnectionLimits(31, 8, 384)
     assert connection_limits(one, 1_048_576).total == connections.MOST_CONNECTIONS
     assert connection_limits(eight, 300) == ConnectionLimits(16, 8, 300)
     given = Settings(max_connections=50, max_connections_per_address=0)
@@ -399,7 +399,7 @@ async def test_accept_running_out_of_descriptors_is_one_line_a_window(caplog):
 
 # -- out of file descriptors, as a process --------------------------------------------
 
-DESCRIPTORS = 256
+DESCRIPTORS = 384
 ATTACKERS = 300
 
 

@@ -34,8 +34,11 @@ log = logging.getLogger(__name__)
 RESERVED_DESCRIPTORS = 64
 # The listening socket's backlog, which is also how many connections asyncio accepts
 # in one go before any is handled (or refused and closed): a burst of descriptors
-# on top of those held.
+# on top of those held. A refused connection's descriptor is closed two turns of the
+# loop after its accept, by when the next batch may be accepted too: two batches are
+# kept free.
 BACKLOG = 128
+ACCEPT_BURST = 2 * BACKLOG
 # Bounds of the derived total: a large descriptor limit does not stand for more
 # connections than one process on one event loop serves well.
 MOST_CONNECTIONS = 10_000
@@ -106,7 +109,7 @@ def room_for_clients(num_gpus: int, descriptors: int) -> int:
     """The descriptors left for client connections once the service's own files,
     ComfyUI's connections (a websocket and a REST pool per GPU) and a burst of accepted
     connections not yet refused are counted."""
-    return (descriptors - RESERVED_DESCRIPTORS - BACKLOG
+    return (descriptors - RESERVED_DESCRIPTORS - ACCEPT_BURST
             - (REST_CONNECTIONS_PER_GPU + 1) * num_gpus)
 
 

@@ -540,8 +540,9 @@ async def test_accept_out_of_descriptors_logs_a_line_not_a_traceback_each(servic
     connector = aiohttp.TCPConnector(force_close=True)
     async with aiohttp.ClientSession(connector=connector) as session:
         await ready(session, served)
+        # More than the descriptors hold, from 20 addresses.
         writers = await slow_bodies(served.port, [f"127.0.0.{n}" for n in range(2, 22)],
-                                    ATTACKERS // 20)
+                                    DESCRIPTORS // 20 + 5)
         assert await answered(session, served, "after-emfile", 8) < 8
         for writer in writers:
             writer.close()

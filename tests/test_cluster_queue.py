@@ -315,3 +315,31 @@ async def test_a_node_back_late_cannot_write_over_what_was_settled(three, databa
         (state,) = conn.execute("SELECT state FROM jobs WHERE job_id = 'late'").fetchone()
     assert state == "failed"
     assert "so this node lets it go" in a.proc.output()
+
+
+@pytest.mark.slow
+async def test_a_gpu_of_another_node_by_its_name(three):
+    """GpuId=NODE:N pins a job to that node's GPU N whichever node takes the PUT (it is
+    passed on); this node's own name is its own GPU; a node no heartbeat names is a 409,
+    and a name that is no GPU's a 400."""
+    a, c = three.a, three.c
+    for job_id, gpu in (("far", "gpu-c:1"), ("near", "gpu-a:0")):
+        async with three.session.put(f"{a.url}/startjob/{job_id}/", json=workflows.quick(),
+                                     params={"GpuId": gpu}) as resp:
+            body = await resp.json()
+            assert (resp.status, body["gpu_id"]) == (202, int(gpu[-1])), body
+    far = await three.until_state(a, "far", "completed")
+    assert (far["node"], far["gpu_id"]) == ("gpu-c", 1)
+    assert "node" not in await three.until_state(c, "far", "completed")
+    near = await three.until_state(a, "near", "completed")
+    assert (near.get("node"), near["gpu_id"]) == (None, 0)
+    where = await three.ran_on()
+    assert (where[far["prompt_id"]], where[near["prompt_id"]]) == ("gpu-c", "gpu-a")
+    for gpu, status, code in (("gpu-z:0", 409, "node_not_alive"),
+                              ("gpu-b:x", 400, "unknown_gpu"), ("gpu-a:7", 400, "unknown_gpu")):
+        async with three.session.put(f"{a.url}/startjob/nowhere/", json=workflows.quick(),
+                                     params={"GpuId": gpu}) as resp:
+            body = await resp.json()
+            assert (resp.status, body["error"]["code"]) == (status, code), body
+    status, body = await three.get(a, "/jobstatus/nowhere/")
+    assert status == 404, body

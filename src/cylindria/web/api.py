@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from contextlib import AbstractContextManager, nullcontext
 
 from aiohttp import web
@@ -11,7 +12,7 @@ from ..appkeys import CLUSTER, GPUS, INPUTS, JOBS, JOURNAL, PEERS, SETTINGS, WAI
 from ..core import cancels, elsewhere, listing
 from ..core.outcomes import Outcome, Verdict
 from ..core.ports import HeldElsewhere
-from ..errors import ApiError, JobFinished, NodeNotAlive
+from ..errors import ApiError, JobFinished, NodeNotAlive, UnknownGpu
 from ..jsonio import json_response
 from ..upstream.peers import FORWARDED, holder_url
 from . import intake, params, render
@@ -95,6 +96,11 @@ async def started(request: web.Request, outcome: Outcome, waiter: Waiter | None,
     return render.startjob_reply(outcome)
 
 
+# What a PUT passed to another node keeps of the client's headers (the body's kind and
+# encoding, its callback), besides the key and X-Cylindria-Forwarded the node adds.
+PASSED_HEADERS = frozenset({"content-type", "content-encoding", "x-callback-url"})
+
+
 @routes.put("/startjob/{job_id}/", name="startjob")
 async def put_startjob(request: web.Request) -> web.Response:
     job_id = request.match_info["job_id"]
@@ -102,6 +108,14 @@ async def put_startjob(request: web.Request) -> web.Response:
     try:
         job_id = params.job_id(request)
         seconds = params.wait(request.query, settings.max_wait)
+        gpu_choice = request.query.get("GpuId")
+        cluster = request.app[CLUSTER]
+        if cluster.enabled and gpu_choice and ":" in gpu_choice:
+            # Nodes sharing a database: a GPU by its name across the nodes, NODE:N.
+            node, index = params.node_gpu(request, gpu_choice, cluster.node.name, "GpuId")
+            if node != cluster.node.name:
+                return await pinned_elsewhere(request, node, index, seconds or 0)
+            gpu_choice = str(index)
         # The slot is taken before the job is: a 429 then leaves nothing submitted.
         with waiting(request, seconds) as waiter:
             callback = await params.callback_url(request)
@@ -115,8 +129,8 @@ async def put_startjob(request: web.Request) -> web.Response:
             else:
                 raw, attached = await params.body(request), {}
             workflow = await jobs.read(job_id, raw, attached)
-            outcome = await jobs.start(job_id, request.query.get("GpuId"), workflow,
-                                       callback, priority, attached)
+            outcome = await jobs.start(job_id, gpu_choice, workflow, callback, priority,
+                                       attached)
             return await started(request, outcome, waiter, seconds)
     except ApiError as exc:
         raise render.startjob_refusal(job_id, exc) from None
@@ -169,6 +183,31 @@ async def post_retryjob(request: web.Request) -> web.Response:
             return await started(request, outcome, waiter, seconds)
     except ApiError as exc:
         raise render.startjob_refusal(job_id, exc) from None
+
+
+async def pinned_elsewhere(request: web.Request, node: str, index: int,
+                           seconds: float) -> web.Response:
+    """A PUT pinned to another node's GPU (GpuId=NODE:N), passed to that node as it came
+    with GpuId=N, and that node's answer passed back. A node unknown or not alive: 409
+    `node_not_alive`, and nothing is recorded anywhere."""
+    if FORWARDED in request.headers:  # passed on once at most
+        raise UnknownGpu(f"GpuId {node}:{index} is not a GPU of this node.")
+    cluster = request.app[CLUSTER]
+    seen = next((other for other in cluster.others if other.name == node), None)
+    if seen is None or not seen.alive(time.monotonic()):
+        raise NodeNotAlive(None, f"GPU {node}:{index} is a GPU of node {node}, which "
+                           f"{'no heartbeat names' if seen is None else 'is not alive'}; "
+                           "pick another GPU (GET /gpus/ lists every node's), or "
+                           "GpuId=auto.", node)
+    query = request.rel_url.query.copy()
+    query["GpuId"] = str(index)
+    body = await request.read() if request.can_read_body else None
+    headers = {name: value for name, value in request.headers.items()
+               if name.lower() in PASSED_HEADERS}
+    answer = await request.app[PEERS].call(
+        "PUT", node, seen.advertise_url, request.rel_url.with_query(query).raw_path_qs,
+        headers, body, wait=seconds)
+    return render.passed_back(answer)
 
 
 async def passed_on(request: web.Request, held: HeldElsewhere, action: str,

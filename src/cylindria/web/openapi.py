@@ -271,7 +271,7 @@ def paths(shape: Shape) -> dict[str, Any]:
             {"202": answer("Accepted by ComfyUI, or held in Cylindria's queue until a "
                            "GPU frees (GpuId=auto; `held` is true).", "StartReply"),
              **shape.waited(finished=True, repeat=True), **start_errors()},
-            parameters=[JOB_ID, shape.gpu_parameter("GpuId", "query", auto=True),
+            parameters=[JOB_ID, shape.start_gpu(),
                         {"name": "priority", "in": "query", "required": False,
                          "description": f"For GpuId=auto: higher leaves Cylindria's queue "
                                         f"first (-{PRIORITY_RANGE} to {PRIORITY_RANGE}, "

@@ -84,6 +84,17 @@ class Shape:
         return cls(keyed, keyed and not settings.metrics_public, settings.num_gpus,
                    settings.max_nodes, settings.max_wait, settings.database_url is not None)
 
+    def start_gpu(self) -> dict[str, Any]:
+        """GpuId of a submission: with nodes sharing a database, also any node's GPU."""
+        gpu = self.gpu_parameter("GpuId", "query", auto=True)
+        if self.clustered:
+            gpu["description"] += (" Or any node's GPU by its name across the nodes, "
+                                   "NODE:N as GET /gpus/ names it (e.g. gpu-b:0): the "
+                                   "submission is passed to that node.")
+            gpu["schema"]["pattern"] = (f"^([0-{self.gpus - 1}]|auto|"
+                                        f"{NODE_NAME.pattern}:{NUMBER})$")
+        return gpu
+
     def jobs_filters(self) -> list[dict[str, Any]]:
         """`gpu` and `before` of GET /jobs/, which mean more with nodes sharing a
         database: any node's GPU, and the order across the nodes."""

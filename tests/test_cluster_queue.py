@@ -135,6 +135,9 @@ async def test_held_jobs_run_on_any_nodes_free_gpu_in_the_clusters_order(three):
     # Only C's GPUs take jobs: A's and B's are drained.
     await three.drain(a)
     await three.drain(b)
+    # A's own GPUs take nothing, but the line takes its auto jobs to C's: ready.
+    status, body = await three.get(a, "/readyz")
+    assert (status, body["usable_gpus"], body["usable_elsewhere"]) == (200, [], GPUS), body
     ids = [f"any-{n}" for n in range(6)]
     for n, job_id in enumerate(ids):
         await three.put_auto(a if n % 2 else b, job_id, workflows.quick())
@@ -159,6 +162,10 @@ async def test_held_jobs_run_on_any_nodes_free_gpu_in_the_clusters_order(three):
     # priority taken later by B goes before an older one A took; the oldest of equal
     # priority first. One GPU of C opens: it takes them in that order.
     await three.drain(c)
+
+    async def not_ready() -> bool:  # once a heartbeat of C shows its GPUs drained
+        return (await three.get(a, "/readyz"))[0] == 503
+    await wait_until(not_ready, 5, "A to be not ready with every GPU drained")
     await three.put_auto(a, "low-a", workflows.quick(), priority=0)
     await three.put_auto(a, "low-a2", workflows.quick(), priority=0)
     await three.put_auto(b, "high-b", workflows.quick(), priority=5)
@@ -343,3 +350,12 @@ async def test_a_gpu_of_another_node_by_its_name(three):
             assert (resp.status, body["error"]["code"]) == (status, code), body
     status, body = await three.get(a, "/jobstatus/nowhere/")
     assert status == 404, body
+    # Any node's GPU by its name: as its node's last heartbeat showed it.
+    status, body = await three.get(a, "/serverstatus?GpuId=gpu-c:1")
+    assert (status, body["node"], body["gpu_id"], body["reachable"], body["node_alive"]) == (
+        200, "gpu-c", 1, True, True), body
+    status, body = await three.get(a, "/serverstatus?GpuId=gpu-a:1")
+    assert (status, body["gpu_id"], body.get("node")) == (200, 1, None), body
+    for gpu in ("gpu-z:0", "gpu-c:7"):
+        status, body = await three.get(a, f"/serverstatus?GpuId={gpu}")
+        assert (status, body["error"]["code"]) == (400, "unknown_gpu"), body

@@ -42,13 +42,34 @@ async def get_healthz(request: web.Request) -> web.Response:
 async def get_readyz(request: web.Request) -> web.Response:
     gpus = request.app[GPUS]
     probes = await asyncio.gather(*(gpu.probe() for gpu in gpus))
-    body = render.readiness(gpus, probes, request.app[JOURNAL].writable)
+    cluster = request.app[CLUSTER]
+    elsewhere = None
+    if cluster.enabled:  # the shared queue takes this node's auto jobs to them too
+        now = time.monotonic()
+        elsewhere = sum(1 for other in cluster.others if other.alive(now)
+                        for entry in other.gpus
+                        if entry.get("reachable") and not entry.get("drained"))
+    body = render.readiness(gpus, probes, request.app[JOURNAL].writable, elsewhere)
     return json_response(body, status=200 if body["status"] == "ready" else 503)
 
 
 @routes.get("/serverstatus", name="serverstatus")
 async def get_serverstatus(request: web.Request) -> web.Response:
-    gpu = params.gpu(request, request.query.get("GpuId", "0"))
+    raw = request.query.get("GpuId", "0")
+    cluster = request.app[CLUSTER]
+    if cluster.enabled and ":" in raw:  # any node's GPU, as its last heartbeat showed it
+        node, index = params.node_gpu(request, raw, cluster.node.name, "GpuId")
+        if node != cluster.node.name:
+            now = time.monotonic()
+            for other in cluster.others:
+                entry = next((g for g in other.gpus if g.get("gpu_id") == index), None)
+                if other.name == node and entry is not None:
+                    return json_response(render.seen_gpu_status(
+                        entry, node, other.alive(now), other.last_seen(now)))
+            raise UnknownGpu(f"No heartbeat names a GPU {node}:{index}; GET /gpus/ lists "
+                             "every node's GPUs.")
+        raw = str(index)
+    gpu = params.gpu(request, raw)
     return json_response(render.gpu_status(gpu, await gpu.probe()))
 
 

@@ -167,6 +167,7 @@ def schemas(shape: Shape) -> dict[str, Any]:
                                                 "enum": ["ready", "not_ready"]},
                                      "usable_gpus": {"type": "array",
                                                      "items": {"type": "integer"}},
+                                     "usable_elsewhere": {"type": "integer"},
                                      "reasons": {"type": "object"}}},
         "Workflow": {
             "type": "object", "minProperties": 1,
@@ -264,14 +265,13 @@ def paths(shape: Shape) -> dict[str, Any]:
             {"200": answer("The GPU (`degraded` when ComfyUI or the listener is down).",
                            "GpuStatus"),
              "400": answer("A GpuId that is no GPU (`unknown_gpu`).")},
-            parameters=[shape.gpu_parameter("GpuId", "query", default="0")],
-            tags=("gpus",))},
+            parameters=[shape.named_gpu(default="0")], tags=("gpus",))},
         "/startjob/{job_id}/": {"put": op(
             "Submit a workflow under your job id.",
             {"202": answer("Accepted by ComfyUI, or held in Cylindria's queue until a "
                            "GPU frees (GpuId=auto; `held` is true).", "StartReply"),
              **shape.waited(finished=True, repeat=True), **start_errors()},
-            parameters=[JOB_ID, shape.start_gpu(),
+            parameters=[JOB_ID, shape.named_gpu(auto=True),
                         {"name": "priority", "in": "query", "required": False,
                          "description": f"For GpuId=auto: higher leaves Cylindria's queue "
                                         f"first (-{PRIORITY_RANGE} to {PRIORITY_RANGE}, "

@@ -84,14 +84,16 @@ class Shape:
         return cls(keyed, keyed and not settings.metrics_public, settings.num_gpus,
                    settings.max_nodes, settings.max_wait, settings.database_url is not None)
 
-    def start_gpu(self) -> dict[str, Any]:
-        """GpuId of a submission: with nodes sharing a database, also any node's GPU."""
-        gpu = self.gpu_parameter("GpuId", "query", auto=True)
+    def named_gpu(self, auto: bool = False, default: str | None = None) -> dict[str, Any]:
+        """GpuId of a submission or /serverstatus: with nodes sharing a database, also
+        any node's GPU by its name."""
+        gpu = self.gpu_parameter("GpuId", "query", auto=auto, default=default)
         if self.clustered:
             gpu["description"] += (" Or any node's GPU by its name across the nodes, "
-                                   "NODE:N as GET /gpus/ names it (e.g. gpu-b:0): the "
-                                   "submission is passed to that node.")
-            gpu["schema"]["pattern"] = (f"^([0-{self.gpus - 1}]|auto|"
+                                   "NODE:N as GET /gpus/ names it (e.g. gpu-b:0): a "
+                                   "submission is passed to that node; its status is "
+                                   "its node's last heartbeat.")
+            gpu["schema"]["pattern"] = (f"^([0-{self.gpus - 1}]{'|auto' if auto else ''}|"
                                         f"{NODE_NAME.pattern}:{NUMBER})$")
         return gpu
 

@@ -237,6 +237,19 @@ def error_body(exc: ApiError) -> dict[str, Any]:
     return {**exc.reply, "error": {"code": exc.code, "message": exc.message, **exc.extra}}
 
 
+def seen_gpu_status(entry: dict[str, Any], node: str, alive: bool,
+                    last_seen: float) -> dict[str, Any]:
+    """`/serverstatus` of another node's GPU: as that node's last heartbeat showed it."""
+    body = {key: entry[key] for key in ("status", "gpu_id", "reachable", "queue_remaining",
+                                        "drained", "queue_depth", "load", "devices")
+            if key in entry}
+    running = entry.get("running_job")
+    body.update(running_job=None if running is None else {"job_id": running},
+                name=entry.get("name"), node=node, node_alive=alive,
+                last_seen_seconds=round(last_seen, 3))
+    return body
+
+
 def gpu_status(gpu: Gpu, probe: Probe) -> dict[str, Any]:
     """The `/serverstatus` body for one GPU."""
     reachable = probe.reachable
@@ -263,9 +276,12 @@ def gpu_status(gpu: Gpu, probe: Probe) -> dict[str, Any]:
     return body
 
 
-def readiness(gpus: list[Gpu], probes: list[Probe], writable: bool) -> dict[str, Any]:
+def readiness(gpus: list[Gpu], probes: list[Probe], writable: bool,
+              elsewhere: int | None = None) -> dict[str, Any]:
     """The `/readyz` body: ready while some GPU can take a job and jobs can be kept.
-    Open to anyone, so the reasons say what, not where."""
+    Open to anyone, so the reasons say what, not where. `elsewhere`: with nodes sharing
+    a database, how many of the other alive nodes' GPUs take jobs (this node's
+    GpuId=auto jobs go to them too), counted, not named."""
     usable: list[int] = []
     reasons: dict[str, str] = {}
     for gpu, probe in zip(gpus, probes, strict=True):
@@ -279,7 +295,10 @@ def readiness(gpus: list[Gpu], probes: list[Probe], writable: bool) -> dict[str,
             usable.append(gpu.index)
     if not writable:
         reasons["state"] = "the job store (state file or database) cannot be written"
-    ready = bool(usable) and writable
+    ready = bool(usable or elsewhere) and writable
+    if elsewhere is not None:
+        return {"status": "ready" if ready else "not_ready", "usable_gpus": usable,
+                "usable_elsewhere": elsewhere, "reasons": reasons}
     return {"status": "ready" if ready else "not_ready", "usable_gpus": usable,
             "reasons": reasons}
 

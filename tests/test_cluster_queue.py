@@ -117,6 +117,12 @@ async def three(request, tmp_path, database_url):
         try:
             await cluster.start_sim()
             await asyncio.gather(*(cluster.start(node) for node in cluster.all))
+            # Each node has read the others' heartbeats: it knows their GPUs.
+            for node in cluster.all:
+                async def all_seen(node: Node = node) -> bool:
+                    seen = await cluster.nodes(node)
+                    return set(seen) == set(NODES) and all(n["alive"] for n in seen.values())
+                await wait_until(all_seen, 10, f"{node.name} to see every node")
             yield cluster
         finally:
             cluster.stop_all()
@@ -135,9 +141,13 @@ async def test_held_jobs_run_on_any_nodes_free_gpu_in_the_clusters_order(three):
     # Only C's GPUs take jobs: A's and B's are drained.
     await three.drain(a)
     await three.drain(b)
-    # A's own GPUs take nothing, but the line takes its auto jobs to C's: ready.
-    status, body = await three.get(a, "/readyz")
-    assert (status, body["usable_gpus"], body["usable_elsewhere"]) == (200, [], GPUS), body
+    # A's own GPUs take nothing, but the line takes its auto jobs to C's: ready (once
+    # a heartbeat of B shows its GPUs drained too).
+    async def only_c() -> dict | None:
+        status, body = await three.get(a, "/readyz")
+        return body if status == 200 and body["usable_elsewhere"] == GPUS else None
+    body = await wait_until(only_c, 5, "A to count C's GPUs only")
+    assert body["usable_gpus"] == [], body
     ids = [f"any-{n}" for n in range(6)]
     for n, job_id in enumerate(ids):
         await three.put_auto(a if n % 2 else b, job_id, workflows.quick())

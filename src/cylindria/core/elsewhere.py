@@ -6,15 +6,11 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import TYPE_CHECKING
 
 from ..errors import AmbiguousJobId, JobNotFound, JobTakenElsewhere, NodeNotAlive
-from .ports import HeldElsewhere
+from .ports import HeldElsewhere, JobLookup
 from .records import Job, isoformat
 from .registry import Registry
-
-if TYPE_CHECKING:
-    from .jobs import JobsService
 
 
 def not_found(job_id: str, advice: str = "") -> JobNotFound:
@@ -22,7 +18,7 @@ def not_found(job_id: str, advice: str = "") -> JobNotFound:
                        extra={"job_id": job_id})
 
 
-async def find_anywhere(jobs: JobsService, job_id: str,
+async def find_anywhere(jobs: JobLookup, job_id: str,
                         advice: str = "") -> Job | HeldElsewhere:
     """This node's job (as `jobs.find` gives it), else the one other node's that holds
     the id. Several other nodes holding it: AmbiguousJobId (409), since ids are each
@@ -33,7 +29,7 @@ async def find_anywhere(jobs: JobsService, job_id: str,
     return await held_elsewhere(jobs, job_id, advice)
 
 
-async def held_elsewhere(jobs: JobsService, job_id: str, advice: str) -> HeldElsewhere:
+async def held_elsewhere(jobs: JobLookup, job_id: str, advice: str) -> HeldElsewhere:
     """The one other node's job of this id (not looking at this node's)."""
     found = await jobs.store.elsewhere(job_id)
     if len(found) > 1:
@@ -47,7 +43,7 @@ async def held_elsewhere(jobs: JobsService, job_id: str, advice: str) -> HeldEls
     return found[0]
 
 
-async def other_holder(jobs: JobsService, job_id: str) -> HeldElsewhere | None:
+async def other_holder(jobs: JobLookup, job_id: str) -> HeldElsewhere | None:
     """The one other node's job of this id when this node holds none; None when this
     node holds it or no node does. Several other nodes: AmbiguousJobId (409)."""
     if await jobs.lookup(job_id, foresee=False) is not None:
@@ -58,7 +54,7 @@ async def other_holder(jobs: JobsService, job_id: str) -> HeldElsewhere | None:
         return None
 
 
-async def id_holder(jobs: JobsService, job_id: str) -> Job:
+async def id_holder(jobs: JobLookup, job_id: str) -> Job:
     """The job of this id another node wrote first (ids are unique across the nodes)."""
     found = await jobs.store.elsewhere(job_id)
     if not found:  # it went again meanwhile (pruned): say what happened

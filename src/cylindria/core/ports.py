@@ -180,3 +180,13 @@ class Inputs(Protocol):
 
     def forget(self, gpu: int, idents: Iterable[str] | None = None) -> None:
         """This GPU's ComfyUI may have lost these files: upload them again."""
+
+
+class JobLookup(Protocol):
+    """What the parts of the core that look beyond this node use of the jobs service:
+    its own look-up, and the journal behind it."""
+
+    store: Store
+
+    async def lookup(self, job_id: str, foresee: bool = True) -> Job | None:
+        """This node's job, from memory or the journal; None if it holds none."""

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import ujson
 
 from ..core.records import Job, from_record
+from ..nodes import NodeInfo
 
 IN_FLIGHT_STATES = ("queued", "running")
 
@@ -144,3 +145,22 @@ def _encode_into(value: Any, pieces: list[str], long_string: int) -> None:
         pieces.append("]")
     else:
         pieces.append(ujson.dumps(value))
+
+
+T = TypeVar("T")
+
+
+class SharedDatabase(Protocol):
+    """The database nodes share (PostgreSQL), as the modules of its own tables (the
+    queue, cancels, events) use it: on the journal's thread, as this node."""
+
+    node: NodeInfo
+    # Seconds of waiting worth one priority level in the shared queue.
+    aging: float
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """How to open a connection of one's own (a listener's)."""
+
+    def run(self, work: Callable[[Any], T]) -> T:
+        """`work` on the journal's connection, once more on a new one if it was lost."""

@@ -8,14 +8,12 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 
+from .backend import SharedDatabase
 from .queue import CHANNEL as QUEUE_CHANNEL
-
-if TYPE_CHECKING:
-    from .postgres import PostgresDatabase
 
 log = logging.getLogger(__name__)
 
@@ -50,22 +48,22 @@ STOP_CHECK = 0.5
 RECONNECT = 5.0
 
 
-def request(db: PostgresDatabase, node: str, job_id: str) -> None:
+def request(db: SharedDatabase, node: str, job_id: str) -> None:
     """Ask node `node` to cancel its job `job_id`, and wake it."""
     args = (node, job_id, db.node.name, CHANNEL, node)
-    db._run(lambda conn: conn.execute(REQUEST, args))
+    db.run(lambda conn: conn.execute(REQUEST, args))
 
 
-def pending(db: PostgresDatabase) -> list[str]:
+def pending(db: SharedDatabase) -> list[str]:
     """The ids of this node's jobs that other nodes asked it to cancel, oldest first."""
     args = (db.node.name, PENDING_LIMIT)
-    return [row[0] for row in db._run(lambda conn: conn.execute(PENDING, args).fetchall())]
+    return [row[0] for row in db.run(lambda conn: conn.execute(PENDING, args).fetchall())]
 
 
-def drop(db: PostgresDatabase, job_ids: list[str]) -> None:
+def drop(db: SharedDatabase, job_ids: list[str]) -> None:
     """The requests handled: deleted."""
     args = (db.node.name, job_ids)
-    db._run(lambda conn: conn.execute(DROP, args))
+    db.run(lambda conn: conn.execute(DROP, args))
 
 
 class CancelListener:

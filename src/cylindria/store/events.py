@@ -18,15 +18,12 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 
 from ..core.records import Job
-from .backend import decode_job
-
-if TYPE_CHECKING:
-    from .postgres import PostgresDatabase
+from .backend import SharedDatabase, decode_job
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +89,7 @@ RECONNECT = 2.0
 Read = tuple[int, str, str, Job]
 
 
-def history(db: PostgresDatabase, after: int, through: int, job_id: str | None,
+def history(db: SharedDatabase, after: int, through: int, job_id: str | None,
             limit: int) -> tuple[int, list[tuple[int, str, Job]]]:
     """The oldest id kept (0: none), and the events in (after, through], oldest first,
     of `job_id` or of every job, `limit` at most: (id, node, job)."""
@@ -100,12 +97,12 @@ def history(db: PostgresDatabase, after: int, through: int, job_id: str | None,
         oldest = conn.execute(OLDEST).fetchone()[0] or 0
         rows = conn.execute(HISTORY, (after, through, job_id, job_id, limit)).fetchall()
         return oldest, [(event_id, node, decode_job(record)) for event_id, node, record in rows]
-    return db._run(read)
+    return db.run(read)
 
 
-def prune(db: PostgresDatabase, before: float) -> int:
+def prune(db: SharedDatabase, before: float) -> int:
     """Delete one batch of events older than `before` (a timestamp) or beyond KEEP."""
-    return db._run(lambda conn: conn.execute(PRUNE, (PRUNE_BATCH, before, KEEP)).rowcount)
+    return db.run(lambda conn: conn.execute(PRUNE, (PRUNE_BATCH, before, KEEP)).rowcount)
 
 
 class Cursor:

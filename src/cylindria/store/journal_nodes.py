@@ -149,7 +149,7 @@ class NodesJournal:
             return None
         from .cancels import CancelListener
         db: Any = self._database
-        return CancelListener(db._params, db.node.name, asyncio.get_running_loop(), wake,
+        return CancelListener(db.params, db.node.name, asyncio.get_running_loop(), wake,
                               on_queue)
 
     # -- every node's job events (PostgreSQL; see events.py) -----------------------
@@ -161,7 +161,7 @@ class NodesJournal:
             return None
         from .events import EventsReader
         db: Any = self._database
-        return EventsReader(db._params, asyncio.get_running_loop(), deliver)
+        return EventsReader(db.params, asyncio.get_running_loop(), deliver)
 
     async def event_history(self, after: int, through: int, job_id: str | None,
                             limit: int) -> tuple[int, list[tuple[int, str, Job]]]:

@@ -312,6 +312,13 @@ class PostgresDatabase:
             self._conn = conn
         return self._conn
 
+    @property
+    def params(self) -> dict[str, Any]:
+        return self._params
+
+    def run(self, work: Callable[[psycopg.Connection[Any]], T]) -> T:
+        return self._run(work)
+
     def _run(self, work: Callable[[psycopg.Connection[Any]], T]) -> T:
         try:
             return work(self._connection())

@@ -19,15 +19,12 @@ node lets it go); polling covers every lost notification."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import psycopg
 
 from ..core.records import Job
-from .backend import decode_job
-
-if TYPE_CHECKING:
-    from .postgres import PostgresDatabase
+from .backend import SharedDatabase, decode_job
 
 # Notifications: the payload is empty for a job put in line, else the name of the node
 # whose job another node took.
@@ -115,14 +112,14 @@ def check_ids(conn: psycopg.Connection[Any], name: str) -> str | None:
             "(DELETE FROM jobs WHERE node = '...' AND job_id = '...'), then start again")
 
 
-def claim(db: PostgresDatabase, gpu: int, models: Iterable[str], window: int,
+def claim(db: SharedDatabase, gpu: int, models: Iterable[str], window: int,
           seq: int) -> tuple[str, Job, bytes | None] | None:
     """The first job of the line for this node's GPU `gpu`, now this node's, with the
     node that held it and its workflow; None when the line is empty (or every head row
     is being taken). `seq`: its number here if it comes from another node."""
     args = {"window": max(1, window), "models": sorted(models), "me": db.node.name,
             "gpu": gpu, "seq": seq, "channel": CHANNEL}
-    row = db._run(lambda conn: conn.execute(CLAIM, args).fetchone())
+    row = db.run(lambda conn: conn.execute(CLAIM, args).fetchone())
     if row is None:
         return None
     job = decode_job(row[1])
@@ -131,16 +128,16 @@ def claim(db: PostgresDatabase, gpu: int, models: Iterable[str], window: int,
     return row[0], job, None if row[3] is None else bytes(row[3])
 
 
-def take_back(db: PostgresDatabase, job_id: str) -> bool:
+def take_back(db: SharedDatabase, job_id: str) -> bool:
     """Take this node's held job out of the line; False when another node has it."""
     args = (db.node.name, job_id)
-    return db._run(lambda conn: conn.execute(TAKE_BACK, args).fetchone()) is not None
+    return db.run(lambda conn: conn.execute(TAKE_BACK, args).fetchone()) is not None
 
 
-def gone(db: PostgresDatabase, job_ids: list[str]) -> list[str]:
+def gone(db: SharedDatabase, job_ids: list[str]) -> list[str]:
     """Of these jobs of this node, the ones the database says are no longer its."""
     args = (db.node.name, job_ids)
-    mine = {row[0] for row in db._run(lambda conn: conn.execute(STILL_MINE, args))}
+    mine = {row[0] for row in db.run(lambda conn: conn.execute(STILL_MINE, args))}
     return [job_id for job_id in job_ids if job_id not in mine]
 
 

@@ -36,7 +36,7 @@ from support import txt2img
 from cylindria.addresses import free_port_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from pg import PostgresServer, find_binaries  # the tests' own server
+from pg import PostgresMissing, running_server  # the tests' own server
 
 STEP = 0.01
 STEPS = 4
@@ -178,18 +178,13 @@ def main() -> int:
     parser.add_argument("--only", default="jobs,next,status",
                         help="the rows to run, of jobs, next and status (comma-separated)")
     args = parser.parse_args()
-    binaries = find_binaries()
-    if binaries is None:
-        print("PostgreSQL's programs are missing: apt-get install postgresql",
-              file=sys.stderr)
-        return 2
-    server = PostgresServer(binaries, options="-c max_connections=100")
-    server.start()
     try:
-        with tempfile.TemporaryDirectory(prefix="cylindria-cluster-bench-") as tmp:
+        with running_server("-c max_connections=100") as server, \
+                tempfile.TemporaryDirectory(prefix="cylindria-cluster-bench-") as tmp:
             result = asyncio.run(main_async(args, server.create_database, Path(tmp)))
-    finally:
-        server.stop()
+    except PostgresMissing as exc:
+        print(exc, file=sys.stderr)
+        return 2
     print(f"cylindria cluster: {args.jobs} jobs of {STEPS} steps x {STEP} s, "
           f"{GPUS} simulated GPUs per node")
     for key, value in result.items():

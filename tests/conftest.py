@@ -23,7 +23,7 @@ from cylindria.store.journal import open_journal
 from cylindria.web.serving import server_options, start_server
 
 from helpers import FAST, wait_until
-from pg import MISSING, PostgresServer, find_binaries
+from pg import PostgresMissing, PostgresServer, running_server
 
 
 @dataclass
@@ -148,17 +148,13 @@ async def start_cylindria(start_sims, aiohttp_client):
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
-    """One PostgreSQL server for the whole run, started when a test first needs it."""
-    binaries = find_binaries()
-    if binaries is None:
-        # CI installs it; a missing server must fail the run, never skip these tests.
-        pytest.fail(MISSING)
-    server = PostgresServer(binaries)
+    """One PostgreSQL server for the whole run, started when a test first needs it. CI
+    installs PostgreSQL; a missing one fails the run, never skips these tests."""
     try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+        with running_server() as server:
+            yield server
+    except PostgresMissing as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture

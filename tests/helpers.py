@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import ujson
 from aiohttp import web
@@ -127,6 +128,19 @@ class Proc:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+    async def until_up(self, session: aiohttp.ClientSession, url: str, timeout: float = 20) -> None:
+        """Wait until `url` answers 200 (an aiohttp `session` asks); fail at once, with
+        the output, if the command exits first."""
+        async def up() -> bool:
+            if self.popen.poll() is not None:
+                raise AssertionError(f"process exited early:\n{self.output()}")
+            try:
+                async with session.get(url) as resp:
+                    return resp.status == 200
+            except aiohttp.ClientError:
+                return False
+        await wait_until(up, timeout, f"{url} to answer")
 
 
 # -- webhooks ------------------------------------------------------------------------

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -95,3 +97,22 @@ class PostgresServer:
         with psycopg.connect(self.admin_url, autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {name} TEMPLATE template0")
         return self.url(name)
+
+
+class PostgresMissing(RuntimeError):
+    """Debian's postgresql package is not installed (the message says what to do)."""
+
+
+@contextlib.contextmanager
+def running_server(options: str = TEST_OPTIONS) -> Iterator[PostgresServer]:
+    """A server started for the caller and stopped (its folder removed) after;
+    PostgresMissing when PostgreSQL's programs are not installed."""
+    binaries = find_binaries()
+    if binaries is None:
+        raise PostgresMissing(MISSING)
+    server = PostgresServer(binaries, options)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()

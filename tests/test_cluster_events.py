@@ -4,14 +4,13 @@ the database's ids, and a stream resumes on another node with `Last-Event-ID`.""
 from __future__ import annotations
 
 import asyncio
-import json
 from datetime import UTC, datetime
 
-import aiohttp
 import psycopg
 import pytest
 from test_cluster_nodes import Cluster, column
 from test_cluster_nodes import cluster as cluster  # the fixture
+from test_cluster_ops import read_events
 
 from cylindria.core.records import Job, to_record
 from cylindria.core.registry import Registry
@@ -22,31 +21,6 @@ from cylindria.store.journal import open_journal
 
 import workflows
 from helpers import wait_until
-
-
-async def frames(resp: aiohttp.ClientResponse, until, timeout: float = 15) -> list[dict]:
-    """The stream's events, parsed (`id` None when an event has none), up to the first
-    for which `until` holds."""
-    events: list[dict] = []
-    current: dict = {}
-    async with asyncio.timeout(timeout):
-        while True:
-            line = (await resp.content.readline()).decode()
-            assert line, f"the stream ended after {events}"
-            line = line.rstrip("\n")
-            if line.startswith(":"):
-                continue
-            if line:
-                key, _, value = line.partition(": ")
-                current[key] = value
-                continue
-            if "data" in current:
-                event = {"id": int(current["id"]) if "id" in current else None,
-                         "event": current["event"], "data": json.loads(current["data"])}
-                events.append(event)
-                if until(event):
-                    return events
-            current = {}
 
 
 def done(job_id: str):
@@ -63,7 +37,8 @@ async def test_every_nodes_jobs_on_one_stream_resumed_on_another_node(cluster: C
     async with cluster.session.get(a.url + "/events/") as resp:
         assert resp.status == 200
         await cluster.put(b, "ev-b", workflows.txt2img(steps=6), gpu=1)
-        seen = [e for e in await frames(resp, done("ev-b")) if e["data"]["job_id"] == "ev-b"]
+        seen = [e for e in await read_events(resp, done("ev-b"), timeout=15)
+                if e["data"]["job_id"] == "ev-b"]
     ids = [e["id"] for e in seen]
     assert None not in ids and ids == sorted(set(ids)), ids
     assert {e["data"]["node"] for e in seen} == {"gpu-b"}
@@ -75,12 +50,13 @@ async def test_every_nodes_jobs_on_one_stream_resumed_on_another_node(cluster: C
 
     # The client read the first events on A and comes back on B: B replays exactly the
     # ones after, its own job as its rows were written (no node: B holds it).
-    cut = ids[0]
+    cut, last = ids[0], ids[-1]
     for path in ("/events/?job_id=ev-b", "/events/"):
         async with cluster.session.get(b.url + path,
                                        headers={"Last-Event-ID": str(cut)}) as resp:
             assert resp.status == 200
-            again = [e for e in await frames(resp, lambda e, last=ids[-1]: e["id"] == last)
+            again = [e for e in await read_events(resp, lambda e: e["id"] == last,
+                                                  timeout=15)
                      if e["data"]["job_id"] == "ev-b"]
         assert [e["id"] for e in again] == ids[1:], (path, again)
         assert [e["data"]["state"] for e in again] == [e["data"]["state"] for e in seen[1:]]
@@ -89,24 +65,24 @@ async def test_every_nodes_jobs_on_one_stream_resumed_on_another_node(cluster: C
     # And the other way: A's job on B's stream, resumed on A from B's last id.
     async with cluster.session.get(b.url + "/events/") as resp:
         await cluster.put(a, "ev-a", workflows.quick(), gpu=0)
-        first = await frames(resp, lambda e: e["data"].get("job_id") == "ev-a")
+        first = await read_events(resp, lambda e: e["data"].get("job_id") == "ev-a", timeout=15)
     last = first[-1]["id"]
     assert first[-1]["data"]["node"] == "gpu-a"
     async with cluster.session.get(a.url + "/events/?job_id=ev-a",
                                    headers={"Last-Event-ID": str(last)}) as resp:
-        rest = await frames(resp, done("ev-a"))
+        rest = await read_events(resp, done("ev-a"), timeout=15)
         # A's own job is shown as A has it now: its last rows may follow "completed".
         expected = column(a.database_url, "SELECT id FROM job_events WHERE job_id = %s "
                           "AND id > %s ORDER BY id", "ev-a", last)
         if rest[-1]["id"] != expected[-1]:
-            rest += await frames(resp, lambda e: e["id"] == expected[-1])
+            rest += await read_events(resp, lambda e: e["id"] == expected[-1], timeout=15)
     assert [e["id"] for e in rest if e["id"] is not None] == expected
     # An id older than any event kept: the client is told to re-read the state.
     with psycopg.connect(a.database_url) as conn:
         conn.execute("DELETE FROM job_events WHERE id <= %s", (ids[1],))
     async with cluster.session.get(b.url + "/events/",
                                    headers={"Last-Event-ID": str(cut - 1)}) as resp:
-        resync = await frames(resp, lambda e: True)
+        resync = await read_events(resp, lambda e: True, timeout=15)
     assert resync[0]["event"] == "resync"
 
 

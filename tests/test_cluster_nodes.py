@@ -85,27 +85,17 @@ class Cluster:
                          str(self.sim_port), "--step-seconds", STEP_SECONDS, "--output-dir",
                          str(self.tmp / "out")], clean_env(), self.tmp / "sim.log")
         for gpu in range(2 * GPUS):
-            await self.until_up(f"http://127.0.0.1:{self.sim_port + gpu}/system_stats",
-                                self.sim)
+            await self.sim.until_up(self.session,
+                                    f"http://127.0.0.1:{self.sim_port + gpu}/system_stats")
 
     async def start(self, node: Node) -> None:
         node.start()
-        await self.until_up(f"{node.url}/healthz", node.proc)
+        await node.proc.until_up(self.session, f"{node.url}/healthz")
 
         async def connected():
             return (await self.get(node, "/healthz"))[1]["listeners_connected"] == GPUS
         await wait_until(connected, 10, f"{node.name}'s listeners to connect")
 
-    async def until_up(self, url: str, proc: Proc) -> None:
-        async def up():
-            if proc.popen.poll() is not None:
-                raise AssertionError(f"process exited early:\n{proc.output()}")
-            try:
-                async with self.session.get(url) as resp:
-                    return resp.status == 200
-            except aiohttp.ClientError:
-                return False
-        await wait_until(up, 20, f"{url} to answer")
 
     async def get(self, node: Node, path: str) -> tuple[int, dict]:
         async with self.session.get(node.url + path) as resp:

@@ -62,8 +62,8 @@ class ThreeNodes(Cluster):
                          str(self.sim_port), "--step-seconds", STEP_SECONDS, "--output-dir",
                          str(self.tmp / "out")], clean_env(), self.tmp / "sim.log")
         for gpu in range(count):
-            await self.until_up(f"http://127.0.0.1:{self.sim_port + gpu}/system_stats",
-                                self.sim)
+            await self.sim.until_up(self.session,
+                                    f"http://127.0.0.1:{self.sim_port + gpu}/system_stats")
 
     def stop_all(self) -> None:
         for proc in (*(node.proc for node in self.all), self.sim):

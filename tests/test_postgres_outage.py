@@ -17,7 +17,7 @@ from cylindria.addresses import free_port_run
 
 import workflows
 from helpers import Proc, clean_env, wait_until
-from pg import MISSING, PostgresServer, find_binaries
+from pg import PostgresMissing, PostgresServer, running_server
 
 CYLINDRIA = [sys.executable, "-m", "cylindria"]
 # One step of a simulated sampler: a 40-step job runs for about two seconds.
@@ -30,15 +30,11 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresServer]:
     """A PostgreSQL server for this test alone: it is stopped and started again."""
-    binaries = find_binaries()
-    if binaries is None:
-        pytest.fail(MISSING)
-    server = PostgresServer(binaries)
     try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+        with running_server() as server:
+            yield server
+    except PostgresMissing as exc:
+        pytest.fail(str(exc))
 
 
 class Service:
@@ -61,7 +57,7 @@ class Service:
                      "--step-seconds", STEP_SECONDS, "--output-dir", str(self.tmp / "out")],
                     clean_env(), self.tmp / "sim.log")
         self.procs.append(proc)
-        await self.until_up(f"http://127.0.0.1:{self.sim_port}/system_stats", proc)
+        await proc.until_up(self.session, f"http://127.0.0.1:{self.sim_port}/system_stats")
 
     async def start_serve(self) -> Proc:
         proc = Proc([*CYLINDRIA, "serve", "--port", str(self.port), "--numberOfGpus", "1",
@@ -72,23 +68,13 @@ class Service:
                               CYLINDRIA_HEARTBEAT_INTERVAL="0.5"),
                     self.tmp / f"serve-{len(self.procs)}.log")
         self.procs.append(proc)
-        await self.until_up(f"{self.url}/healthz", proc)
+        await proc.until_up(self.session, f"{self.url}/healthz")
 
         async def connected():
             return (await self.get("/healthz"))[1]["listeners_connected"] == 1
         await wait_until(connected, 10, "the listener to connect")
         return proc
 
-    async def until_up(self, url: str, proc: Proc) -> None:
-        async def up():
-            if proc.popen.poll() is not None:
-                raise AssertionError(f"process exited early:\n{proc.output()}")
-            try:
-                async with self.session.get(url) as resp:
-                    return resp.status == 200
-            except aiohttp.ClientError:
-                return False
-        await wait_until(up, 20, f"{url} to answer")
 
     async def get(self, path: str) -> tuple[int, dict]:
         async with self.session.get(self.url + path) as resp:

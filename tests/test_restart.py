@@ -55,7 +55,7 @@ class Rig:
                      str(self.tmp / "out")], clean_env(), self.tmp / "sim.log")
         self.procs.append(proc)
         for gpu in range(GPUS):
-            await self.until_up(f"{self.sim_url(gpu)}/system_stats", proc)
+            await proc.until_up(self.session, f"{self.sim_url(gpu)}/system_stats")
 
     async def start_serve(self, **env: str) -> Proc:
         self.serves += 1
@@ -65,23 +65,13 @@ class Rig:
                               **env),
                     self.tmp / f"serve-{self.serves}.log")
         self.procs.append(proc)
-        await self.until_up(f"{self.url}/healthz", proc)
+        await proc.until_up(self.session, f"{self.url}/healthz")
 
         async def connected():
             return (await self.get("/healthz"))[1]["listeners_connected"] == GPUS
         await wait_until(connected, 10, "listeners to connect")
         return proc
 
-    async def until_up(self, url: str, proc: Proc) -> None:
-        async def up():
-            if proc.popen.poll() is not None:
-                raise AssertionError(f"process exited early:\n{proc.output()}")
-            try:
-                async with self.session.get(url) as resp:
-                    return resp.status == 200
-            except aiohttp.ClientError:
-                return False
-        await wait_until(up, 20, f"{url} to answer")
 
     async def get(self, path: str, base: str | None = None) -> tuple[int, dict]:
         async with self.session.get((base or self.url) + path) as resp:

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -203,33 +203,42 @@ async def chaos(session: aiohttp.ClientSession, service: Service, sim_port: int,
     order: list[str] = []
     for n in range(max(comfy_restarts, kills)):
         order += ["restart"] * (n < comfy_restarts) + ["kill"] * (n < kills)
-    faults_at = [(jobs * (n + 1) // (len(order) + 1), kind) for n, kind in enumerate(order)]
     noise = Noise(session, sim_port, GPUS, rng, did)
 
-    # Until every job is submitted and every planned restart and kill was made (or the
-    # work stopped moving: what is left is then judged as it stands).
+    async def make(kind: str) -> None:
+        if kind == "restart":
+            await noise.restart_all()
+            did["ComfyUI restarts (all GPUs)"] += 1
+        else:
+            service.kill()
+            did["Cylindria SIGKILLs"] += 1
+            await asyncio.sleep(0.5)
+            await service.start(session)
+
+    await spread(order, jobs, done, progress, noise, make)
+    return did
+
+
+async def spread(order: list[str], jobs: int, done: asyncio.Event,
+                 progress: dict[str, int], noise: Noise,
+                 make: Callable[[str], Awaitable[None]]) -> None:
+    """Make the faults of `order` (by `make`), evenly spread over the jobs finished,
+    with the noise all along; until every job is submitted and every fault was made (or
+    the work stopped moving: what is left is then judged as it stands)."""
+    faults_at = [(jobs * (n + 1) // (len(order) + 1), kind) for n, kind in enumerate(order)]
     give_up = None
     while not done.is_set() or faults_at:
         now = time.monotonic()
         if done.is_set():
             give_up = give_up or now + WAIT_AFTER
             if now > give_up:
-                did["faults not made (the work stopped)"] += len(faults_at)
+                noise.did["faults not made (the work stopped)"] += len(faults_at)
                 break
         await noise.tick()
         if faults_at and progress["finished"] >= faults_at[0][0]:
-            _, kind = faults_at.pop(0)
-            if kind == "restart":
-                await noise.restart_all()
-                did["ComfyUI restarts (all GPUs)"] += 1
-            else:
-                service.kill()
-                did["Cylindria SIGKILLs"] += 1
-                await asyncio.sleep(0.5)
-                await service.start(session)
+            await make(faults_at.pop(0)[1])
         await asyncio.sleep(0.1)
     await noise.release_all()
-    return did
 
 
 async def all_jobs(session: aiohttp.ClientSession, url: str,

@@ -35,13 +35,13 @@ from typing import Any
 
 import aiohttp
 import ujson
-from chaos import WAIT_AFTER, Noise, all_jobs, bad, finished_jobs, plan, report, submit_all
+from chaos import WAIT_AFTER, Noise, all_jobs, bad, finished_jobs, plan, report, spread, submit_all
 from procs import PYTHON, Process, until_up
 
 from cylindria.addresses import free_port_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from pg import PostgresServer, find_binaries  # the tests' own server
+from pg import PostgresMissing, running_server  # the tests' own server
 
 NODES = ("gpu-a", "gpu-b", "gpu-c")
 GPUS = 4  # per node
@@ -96,32 +96,22 @@ async def chaos(session: aiohttp.ClientSession, nodes: list[Node], sim_port: int
     did: Counter[str] = Counter()
     order = ["restart"] * comfy_restarts + ["restart node", "kill node"]
     rng.shuffle(order)
-    faults_at = [(jobs * (n + 1) // (len(order) + 1), kind) for n, kind in enumerate(order)]
     noise = Noise(session, sim_port, len(nodes) * GPUS, rng, did)
-    give_up = None
-    while not done.is_set() or faults_at:
-        now = time.monotonic()
-        if done.is_set():
-            give_up = give_up or now + WAIT_AFTER
-            if now > give_up:
-                did["faults not made (the work stopped)"] += len(faults_at)
-                break
-        await noise.tick()
-        if faults_at and progress["finished"] >= faults_at[0][0]:
-            _, kind = faults_at.pop(0)
-            if kind == "restart":
-                await noise.restart_all()
-                did["ComfyUI restarts (all GPUs)"] += 1
-            elif kind == "restart node":
-                nodes[1].kill()
-                did[f"SIGKILL of {nodes[1].name}, started again"] += 1
-                await asyncio.sleep(0.5)
-                await nodes[1].start(session)
-            else:
-                nodes[2].kill()
-                did[f"SIGKILL of {nodes[2].name}, left dead"] += 1
-        await asyncio.sleep(0.1)
-    await noise.release_all()
+
+    async def make(kind: str) -> None:
+        if kind == "restart":
+            await noise.restart_all()
+            did["ComfyUI restarts (all GPUs)"] += 1
+        elif kind == "restart node":
+            nodes[1].kill()
+            did[f"SIGKILL of {nodes[1].name}, started again"] += 1
+            await asyncio.sleep(0.5)
+            await nodes[1].start(session)
+        else:
+            nodes[2].kill()
+            did[f"SIGKILL of {nodes[2].name}, left dead"] += 1
+
+    await spread(order, jobs, done, progress, noise, make)
     return did
 
 
@@ -221,24 +211,16 @@ def main() -> int:
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    server = None
-    url = args.database_url
-    if url is None:
-        binaries = find_binaries()
-        if binaries is None:
-            print("PostgreSQL's programs are missing: apt-get install postgresql, or pass "
-                  "--database-url", file=sys.stderr)
-            return 2
-        server = PostgresServer(binaries, options="-c max_connections=100")
-        server.start()
-        url = server.create_database()
     try:
-        with tempfile.TemporaryDirectory(prefix="cylindria-chaos-cluster-") as tmp:
-            result = asyncio.run(run(args.jobs, args.retry_lost, args.comfy_restarts,
-                                     args.seed, Path(tmp), url))
-    finally:
-        if server is not None:
-            server.stop()
+        with contextlib.ExitStack() as stack:
+            url = args.database_url or stack.enter_context(
+                running_server("-c max_connections=100")).create_database()
+            with tempfile.TemporaryDirectory(prefix="cylindria-chaos-cluster-") as tmp:
+                result = asyncio.run(run(args.jobs, args.retry_lost, args.comfy_restarts,
+                                         args.seed, Path(tmp), url))
+    except PostgresMissing as exc:
+        print(f"{exc} Or pass --database-url.", file=sys.stderr)
+        return 2
     if args.json:
         print(ujson.dumps(result))
         return 1 if bad(result) else 0

@@ -45,45 +45,22 @@ MIGRATION = (
 )
 # Above every number the sequence gives: the first page.
 NEWEST = 2**63 - 1
+# Whether a job's node is alive (`n` its row in `nodes`, `grace` its beats), by the
+# database's clock.
+NODE_ALIVE = ("COALESCE(n.stopped_at IS NULL AND n.heartbeat_at > now() - "
+              "make_interval(secs => {grace} * n.heartbeat_seconds), false)")
 # A page of every node's jobs, newest first, by which filters it has (states; a GPU,
 # which is one node's), one statement each so that each is planned on the index that
 # fits it. Each row has what `/jobstatus/` shows of another node's job: the URL its node
-# advertises, and whether that node is alive (by the database's clock).
-PAGES = {
-    (False, False): """
-SELECT j.listed, j.node, n.advertise_url,
-       COALESCE(n.stopped_at IS NULL AND n.heartbeat_at
-                > now() - make_interval(secs => %(grace)s * n.heartbeat_seconds), false),
-       j.record
-FROM jobs j LEFT JOIN nodes n ON n.name = j.node
-WHERE j.listed < %(before)s
-ORDER BY j.listed DESC LIMIT %(limit)s""",
-    (True, False): """
-SELECT j.listed, j.node, n.advertise_url,
-       COALESCE(n.stopped_at IS NULL AND n.heartbeat_at
-                > now() - make_interval(secs => %(grace)s * n.heartbeat_seconds), false),
-       j.record
-FROM jobs j LEFT JOIN nodes n ON n.name = j.node
-WHERE j.listed < %(before)s AND j.state = ANY(%(states)s)
-ORDER BY j.listed DESC LIMIT %(limit)s""",
-    (False, True): """
-SELECT j.listed, j.node, n.advertise_url,
-       COALESCE(n.stopped_at IS NULL AND n.heartbeat_at
-                > now() - make_interval(secs => %(grace)s * n.heartbeat_seconds), false),
-       j.record
-FROM jobs j LEFT JOIN nodes n ON n.name = j.node
-WHERE j.listed < %(before)s AND j.node = %(node)s AND j.gpu_id = %(gpu)s
-ORDER BY j.listed DESC LIMIT %(limit)s""",
-    (True, True): """
-SELECT j.listed, j.node, n.advertise_url,
-       COALESCE(n.stopped_at IS NULL AND n.heartbeat_at
-                > now() - make_interval(secs => %(grace)s * n.heartbeat_seconds), false),
-       j.record
-FROM jobs j LEFT JOIN nodes n ON n.name = j.node
-WHERE j.listed < %(before)s AND j.state = ANY(%(states)s)
-  AND j.node = %(node)s AND j.gpu_id = %(gpu)s
-ORDER BY j.listed DESC LIMIT %(limit)s""",
-}
+# advertises, and whether that node is alive.
+_PAGE = ("SELECT j.listed, j.node, n.advertise_url, "
+         + NODE_ALIVE.format(grace="%(grace)s") + ", j.record "
+         "FROM jobs j LEFT JOIN nodes n ON n.name = j.node "
+         "WHERE j.listed < %(before)s{states}{gpu} ORDER BY j.listed DESC LIMIT %(limit)s")
+PAGES = {(states, gpu): _PAGE.format(
+             states=" AND j.state = ANY(%(states)s)" if states else "",
+             gpu=" AND j.node = %(node)s AND j.gpu_id = %(gpu)s" if gpu else "")
+         for states in (False, True) for gpu in (False, True)}
 
 
 def page(conn: psycopg.Connection[Any], states: Iterable[str] | None,

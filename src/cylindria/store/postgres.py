@@ -164,10 +164,7 @@ ONE_WORKFLOW = "SELECT workflow FROM workflows WHERE node = %s AND job_id = %s"
 # The other nodes' jobs of one id (a few at most), with what their rows in `nodes` say:
 # the URL each advertises, and whether it is alive (by the database's clock).
 ELSEWHERE_JOB = """
-SELECT j.node, n.advertise_url,
-       COALESCE(n.stopped_at IS NULL AND n.heartbeat_at
-                > now() - make_interval(secs => %s * n.heartbeat_seconds), false),
-       j.record
+SELECT j.node, n.advertise_url, """ + listing.NODE_ALIVE.format(grace="%s") + """, j.record
 FROM jobs j LEFT JOIN nodes n ON n.name = j.node
 WHERE j.job_id = %s AND j.node <> %s ORDER BY j.node LIMIT %s
 """

@@ -5,17 +5,14 @@ node it waits for), and a notification on one channel wakes that node at once.""
 from __future__ import annotations
 
 import asyncio
-import logging
-import threading
 from collections.abc import Callable
 from typing import Any
 
 import psycopg
 
 from .backend import SharedDatabase
+from .pgconnect import ConnectionThread
 from .queue import CHANNEL as QUEUE_CHANNEL
-
-log = logging.getLogger(__name__)
 
 # Every node listens on this channel; a notification's payload is the name of the node
 # asked to cancel something.
@@ -66,62 +63,38 @@ def drop(db: SharedDatabase, job_ids: list[str]) -> None:
     db.run(lambda conn: conn.execute(DROP, args))
 
 
-class CancelListener:
-    """A thread of its own, on a connection of its own, that LISTENs on the channel and
-    calls `wake` (on the event loop) when a notification names this node, and once each
-    time it (re)connects, since a request may have come while it was not listening.
-    Its failures are logged once; the journal's polling covers what it misses."""
+class CancelListener(ConnectionThread):
+    """LISTENs on the channel and calls `wake` (on the event loop) when a notification
+    names this node, and once each time it (re)connects, since a request may have come
+    while it was not listening. Its failures are logged once; the journal's polling
+    covers what it misses."""
+
+    name = "cancel-listener"
+    doing = "listening for cancels from other nodes"
+    meanwhile = "they are read at each heartbeat meanwhile"
+    reconnect = RECONNECT
+    longest_wait = STOP_CHECK
 
     def __init__(self, params: dict[str, Any], node: str,
                  loop: asyncio.AbstractEventLoop, wake: Callable[[], None],
                  on_queue: Callable[[str], None] | None = None) -> None:
-        self._params = params
+        super().__init__(params, loop)
         self._node = node
-        self._loop = loop
         self._wake = wake
         # Called with the payload of each notification of the shared queue (queue.py).
         self._on_queue = on_queue
-        self._stop = threading.Event()
-        self._failing = False
-        self._thread = threading.Thread(target=self._listen, name="cancel-listener",
-                                        daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    async def stop(self) -> None:
-        self._stop.set()
-        await asyncio.to_thread(self._thread.join, STOP_CHECK + RECONNECT)
-
-    def _notify(self, call: Callable[..., None] | None = None, *args: Any) -> None:
-        try:
-            self._loop.call_soon_threadsafe(call or self._wake, *args)
-        except RuntimeError:  # the loop is closed: the process is stopping
-            self._stop.set()
-
-    def _listen(self) -> None:
-        while not self._stop.is_set():
-            try:
-                with psycopg.connect(**self._params, autocommit=True) as conn:
-                    conn.execute(f"LISTEN {CHANNEL}")
+    def _session(self, conn: psycopg.Connection[Any]) -> None:
+        conn.execute(f"LISTEN {CHANNEL}")
+        if self._on_queue is not None:
+            conn.execute(f"LISTEN {QUEUE_CHANNEL}")
+            self._call(self._on_queue, "")
+        self._recovered()
+        self._call(self._wake)
+        while not self._stopping.is_set():
+            for note in conn.notifies(timeout=STOP_CHECK):
+                if note.channel == QUEUE_CHANNEL:
                     if self._on_queue is not None:
-                        conn.execute(f"LISTEN {QUEUE_CHANNEL}")
-                        self._notify(self._on_queue, "")
-                    if self._failing:
-                        log.warning("listening for cancels from other nodes works again")
-                        self._failing = False
-                    self._notify()
-                    while not self._stop.is_set():
-                        for note in conn.notifies(timeout=STOP_CHECK):
-                            if note.channel == QUEUE_CHANNEL:
-                                if self._on_queue is not None:
-                                    self._notify(self._on_queue, note.payload)
-                            elif note.payload == self._node:
-                                self._notify()
-            except psycopg.Error as exc:
-                if not self._failing:
-                    log.warning("listening for cancels from other nodes failed (%s); they "
-                                "are read at each heartbeat meanwhile",
-                                " ".join(str(exc).split()))
-                self._failing = True
-                self._stop.wait(RECONNECT)
+                        self._call(self._on_queue, note.payload)
+                elif note.payload == self._node:
+                    self._call(self._wake)

@@ -15,8 +15,6 @@ snapshot's xmin passed its xmax), and is then final (a rolled back write)."""
 from __future__ import annotations
 
 import asyncio
-import logging
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -24,8 +22,7 @@ import psycopg
 
 from ..core.records import Job
 from .backend import SharedDatabase, decode_job
-
-log = logging.getLogger(__name__)
+from .pgconnect import ConnectionThread
 
 CHANNEL = "cylindria_events"
 # Migration 8.
@@ -137,56 +134,33 @@ class Cursor:
         return out
 
 
-class EventsReader:
-    """A thread of its own, on a connection of its own: LISTENs on CHANNEL, reads the
-    new rows when notified (and every POLL seconds all the same), decodes them, and
-    hands them to `deliver` on the event loop, in id order. `deliver` is called once
-    with no rows as it starts, after `last` is set: the newest id then."""
+class EventsReader(ConnectionThread):
+    """LISTENs on CHANNEL, reads the new rows when notified (and every POLL seconds all
+    the same), decodes them, and hands them to `deliver` on the event loop, in id
+    order. `deliver` is called once with no rows as it starts, after `last` is set: the
+    newest id then."""
+
+    name = "events-reader"
+    doing = "reading the nodes' job events"
+    reconnect = RECONNECT
+    longest_wait = POLL + 5
 
     def __init__(self, params: dict[str, Any], loop: asyncio.AbstractEventLoop,
                  deliver: Callable[[int, list[Read]], None]) -> None:
-        self._params = params
-        self._loop = loop
+        super().__init__(params, loop)
         self._deliver = deliver
-        self._stop = threading.Event()
-        self._failing = False
         self._cursor: Cursor | None = None
-        self._thread = threading.Thread(target=self._run, name="events-reader", daemon=True)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    async def stop(self) -> None:
-        self._stop.set()
-        await asyncio.to_thread(self._thread.join, POLL + RECONNECT + 5)
-
-    def _hand(self, last: int, rows: list[Read]) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._deliver, last, rows)
-        except RuntimeError:  # the loop is closed: the process is stopping
-            self._stop.set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                with psycopg.connect(**self._params, autocommit=True) as conn:
-                    conn.execute(f"LISTEN {CHANNEL}")
-                    if self._cursor is None:
-                        self._cursor = Cursor(conn.execute(LATEST).fetchone()[0])
-                        self._hand(self._cursor.last, [])
-                    if self._failing:
-                        log.warning("reading the nodes' job events works again")
-                        self._failing = False
-                    self._follow(conn, self._cursor)
-            except psycopg.Error as exc:
-                if not self._failing:
-                    log.warning("reading the nodes' job events failed (%s); retrying",
-                                " ".join(str(exc).split()))
-                self._failing = True
-                self._stop.wait(RECONNECT)
+    def _session(self, conn: psycopg.Connection[Any]) -> None:
+        conn.execute(f"LISTEN {CHANNEL}")
+        if self._cursor is None:
+            self._cursor = Cursor(conn.execute(LATEST).fetchone()[0])
+            self._call(self._deliver, self._cursor.last, [])
+        self._recovered()
+        self._follow(conn, self._cursor)
 
     def _follow(self, conn: psycopg.Connection[Any], cursor: Cursor) -> None:
-        while not self._stop.is_set():
+        while not self._stopping.is_set():
             rows = conn.execute(READ, (cursor.last, READ_LIMIT)).fetchall()
             xmin, xmax = rows[0][0], rows[0][1]
             found = [(row[2], row[3:]) for row in rows if row[2] is not None]
@@ -194,7 +168,7 @@ class EventsReader:
             before = cursor.last
             taken = cursor.take(xmin, xmax, found, full)
             if cursor.last != before:
-                self._hand(cursor.last, [(event_id, job_id, node, decode_job(record))
+                self._call(self._deliver, cursor.last, [(event_id, job_id, node, decode_job(record))
                                          for event_id, (job_id, node, record) in taken])
             if full and taken:
                 continue

@@ -3,6 +3,10 @@ errors that name the database (never its password) and say what to do."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
@@ -84,3 +88,60 @@ def unusable(name: str, exc: psycopg.Error) -> StateFileError:
                 "owner)")
     return StateFileError(f"database {name} cannot be used ({reason}): {hint}, or pass "
                           "another --database-url")
+
+
+class ConnectionThread:
+    """A thread of its own, on a connection of its own, which hands what it finds to the
+    event loop: connected again `reconnect` seconds after a failure, each failure logged
+    once (`doing` failed, then what covers it `meanwhile`) and the recovery too. A
+    subclass's `_session` works on the connection until `_stopping` is set."""
+
+    name = "connection"
+    doing = "working on the database"
+    meanwhile = "retrying"
+    reconnect = 5.0
+    # How long stopping waits for the thread: its longest wait on the connection, then.
+    longest_wait = 1.0
+
+    def __init__(self, params: dict[str, Any], loop: asyncio.AbstractEventLoop) -> None:
+        self._params = params
+        self._loop = loop
+        self._stopping = threading.Event()
+        self._failing = False
+        self._log = logging.getLogger(type(self).__module__)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        await asyncio.to_thread(self._thread.join, self.longest_wait + self.reconnect)
+
+    def _call(self, call: Callable[..., None], *args: Any) -> None:
+        """`call(*args)` on the event loop."""
+        try:
+            self._loop.call_soon_threadsafe(call, *args)
+        except RuntimeError:  # the loop is closed: the process is stopping
+            self._stopping.set()
+
+    def _recovered(self) -> None:
+        """Say, once, that the connection works again after a failure."""
+        if self._failing:
+            self._log.warning("%s works again", self.doing)
+            self._failing = False
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                with psycopg.connect(**self._params, autocommit=True) as conn:
+                    self._session(conn)
+            except psycopg.Error as exc:
+                if not self._failing:
+                    self._log.warning("%s failed (%s); %s", self.doing,
+                                      " ".join(str(exc).split()), self.meanwhile)
+                self._failing = True
+                self._stopping.wait(self.reconnect)
+
+    def _session(self, conn: psycopg.Connection[Any]) -> None:
+        raise NotImplementedError

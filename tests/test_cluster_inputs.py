@@ -16,10 +16,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
 
-import aiohttp
 import psycopg
 import pytest
 from test_cluster_nodes import GPUS, Cluster
+from test_cluster_nodes import cluster as cluster  # the fixture
 
 from cylindria.addresses import free_port_run
 from cylindria.errors import BackendUnavailable, InputInUse, StateUnavailable
@@ -31,17 +31,6 @@ from cylindria.upstream.inputs import InputDelivery
 import workflows
 
 MIB = 1 << 20
-
-
-@pytest.fixture
-async def cluster(tmp_path, database_url):
-    async with aiohttp.ClientSession() as session:
-        cluster = Cluster(tmp_path, session, database_url)
-        try:
-            await cluster.start_sim()
-            yield cluster
-        finally:
-            cluster.stop_all()
 
 
 def sha(data: bytes) -> str:

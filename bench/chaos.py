@@ -428,6 +428,18 @@ def report(jobs: list[tuple[str, str, dict[str, Any]]], outcome: dict[str, int],
     }
 
 
+def show(result: dict[str, Any], as_json: bool, title: str) -> int:
+    """Print the verdict table (or its JSON); the exit status: 1 when it holds anything
+    against the service."""
+    if as_json:
+        print(ujson.dumps(result))
+    else:
+        print(title)
+        for key, value in result.items():
+            print(f"{key:45} {value}")
+    return 1 if bad(result) else 0
+
+
 def bad(result: dict[str, Any]) -> int:
     """How many jobs the verdict holds against the service."""
     return (result["stuck (not final 60 s after the end)"] + result["run twice"]
@@ -449,14 +461,10 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="cylindria-chaos-") as tmp:
         result = asyncio.run(run(args.jobs, args.retry_lost, args.comfy_restarts, args.kills,
                                  args.seed, Path(tmp)))
-    if args.json:
-        print(ujson.dumps(result))
-        return 1 if bad(result) else 0
-    print(f"cylindria chaos: {args.jobs} jobs, CYLINDRIA_RETRY_LOST={args.retry_lost}, "
-          f"{args.comfy_restarts} ComfyUI restarts, {args.kills} SIGKILL(s), seed {args.seed}")
-    for key, value in result.items():
-        print(f"{key:45} {value}")
-    return 1 if bad(result) else 0
+    return show(result, args.json,
+                f"cylindria chaos: {args.jobs} jobs, CYLINDRIA_RETRY_LOST={args.retry_lost}, "
+                f"{args.comfy_restarts} ComfyUI restarts, {args.kills} SIGKILL(s), "
+                f"seed {args.seed}")
 
 
 if __name__ == "__main__":

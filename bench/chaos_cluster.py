@@ -34,8 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import ujson
-from chaos import WAIT_AFTER, Noise, all_jobs, bad, finished_jobs, plan, report, spread, submit_all
+from chaos import WAIT_AFTER, Noise, all_jobs, finished_jobs, plan, report, show, spread, submit_all
 from procs import PYTHON, Process, until_up
 
 from cylindria.addresses import free_port_run
@@ -221,15 +220,10 @@ def main() -> int:
     except PostgresMissing as exc:
         print(f"{exc} Or pass --database-url.", file=sys.stderr)
         return 2
-    if args.json:
-        print(ujson.dumps(result))
-        return 1 if bad(result) else 0
-    print(f"cylindria chaos, cluster of {len(NODES)} nodes x {GPUS} GPUs: {args.jobs} jobs, "
-          f"CYLINDRIA_RETRY_LOST={args.retry_lost}, {args.comfy_restarts} ComfyUI "
-          f"restart(s), seed {args.seed}")
-    for key, value in result.items():
-        print(f"{key:45} {value}")
-    return 1 if bad(result) else 0
+    return show(result, args.json,
+                f"cylindria chaos, cluster of {len(NODES)} nodes x {GPUS} GPUs: {args.jobs} "
+                f"jobs, CYLINDRIA_RETRY_LOST={args.retry_lost}, {args.comfy_restarts} "
+                f"ComfyUI restart(s), seed {args.seed}")
 
 
 if __name__ == "__main__":
